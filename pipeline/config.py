@@ -1,0 +1,189 @@
+"""Typed configuration: `MoEConfig` for the model, `Settings` for the running system.
+
+`MoEConfig` is a plain dataclass validated once in `__post_init__`; every invalid value raises
+`ConfigError` (a `ValueError`) naming the field, the bad value and what is allowed.
+`Settings` is the one place the environment is read (pydantic-settings), and only when it is
+constructed, never at import time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+EXPERT_TYPES = ("standard", "gated", "cur")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+GATE_TYPES = ("topk", "switch", "noisy_topk", "expert_choice", "soft", "hash", "random")
+# Gates that choose experts per token from learned router logits: the only ones a bias can steer.
+ROUTER_GATES = ("topk", "switch", "noisy_topk")
+# Gates that produce (token -> k experts) assignments and so go through token-choice dispatch.
+TOKEN_CHOICE_GATES = ("topk", "switch", "noisy_topk", "hash", "random")
+BALANCE_LOSSES = ("none", "switch", "group", "aux_free")
+DISPATCH_MODES = ("dropless", "capacity")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(field, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _positive_int(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(field, value, "a positive integer")
+
+
+def _non_negative(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(field, value, "a finite number >= 0")
+    if math.isinf(value):
+        raise ConfigError(field, value, "a finite number >= 0")
+
+
+@dataclass
+class MoEConfig:
+    """Hyperparameters of a mixture-of-experts layer (and, in later modules, the system).
+
+    Dimensions: experts map ``input_dim -> hidden_dim -> output_dim``.
+
+    Routing: ``gate_type`` picks the scheme; ``top_k_experts`` is the number of experts per
+    token for token-choice gates and the average number per token for expert choice (its
+    capacity is ``capacity_factor * tokens * top_k / num_experts``). Soft MoE uses
+    ``slots_per_expert`` instead of k. ``num_shared_experts`` adds DeepSeek-style experts that
+    every token passes through, beside any token-choice gate.
+
+    Balance: ``balance_loss`` with weight ``load_balance_weight`` (the name the original
+    framework used), plus the router z-loss with ``z_loss_weight``. ``"aux_free"`` adds no
+    loss; it steers selection with a per-expert bias that `MoELayer.update_balance_bias`
+    moves by ``aux_free_update_rate`` against the observed load.
+
+    Dispatch: ``"dropless"`` runs every assignment (grouped GEMM on CUDA); ``"capacity"`` keeps
+    static shapes (for ``torch.compile(fullgraph=True)`` and CUDA graphs) and drops what exceeds
+    ``capacity_factor`` times the balanced load.
+    """
+
+    input_dim: int = 512
+    hidden_dim: int = 2048
+    output_dim: int = 512
+    num_experts: int = 32
+    top_k_experts: int = 3
+
+    expert_type: str = "standard"
+    activation: str = "gelu"
+    cur_rank: int = 64
+    dropout: float = 0.0
+
+    gate_type: str = "topk"
+    num_shared_experts: int = 0
+    jitter_noise: float = 0.0
+    capacity_factor: float = 1.25
+    slots_per_expert: int = 1
+
+    balance_loss: str = "switch"
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    num_expert_groups: int = 1
+    aux_free_update_rate: float = 0.001
+
+    dispatch: str = "dropless"
+    dtype: str = "float32"
+    router_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts",
+                     "cur_rank", "slots_per_expert", "num_expert_groups"):
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.num_shared_experts, bool) or not isinstance(
+            self.num_shared_experts, int
+        ) or self.num_shared_experts < 0:
+            raise ConfigError("num_shared_experts", self.num_shared_experts,
+                              "an integer >= 0")
+        _choice("expert_type", self.expert_type, EXPERT_TYPES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("gate_type", self.gate_type, GATE_TYPES)
+        _choice("balance_loss", self.balance_loss, BALANCE_LOSSES)
+        _choice("dispatch", self.dispatch, DISPATCH_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("router_dtype", self.router_dtype, DTYPES)
+        for name in ("jitter_noise", "load_balance_weight", "z_loss_weight",
+                     "aux_free_update_rate", "dropout"):
+            _non_negative(name, getattr(self, name))
+        if self.dropout >= 1:
+            raise ConfigError("dropout", self.dropout, "a probability in [0, 1)")
+        if self.jitter_noise >= 1:
+            raise ConfigError("jitter_noise", self.jitter_noise, "a value in [0, 1)")
+        _non_negative("capacity_factor", self.capacity_factor)
+        if self.capacity_factor <= 0:
+            raise ConfigError("capacity_factor", self.capacity_factor, "a number > 0")
+        if self.top_k_experts > self.num_experts:
+            raise ConfigError("top_k_experts", self.top_k_experts,
+                              f"at most num_experts={self.num_experts}")
+        if self.gate_type == "switch" and self.top_k_experts != 1:
+            raise ConfigError("top_k_experts", self.top_k_experts,
+                              "1 with gate_type='switch' (switch routing is top-1)")
+        if self.jitter_noise > 0 and self.gate_type != "switch":
+            raise ConfigError("jitter_noise", self.jitter_noise,
+                              "0 unless gate_type='switch' (jitter is switch routing's noise)")
+        if self.cur_rank > min(self.input_dim, self.hidden_dim, self.output_dim) and (
+            self.expert_type == "cur"
+        ):
+            raise ConfigError("cur_rank", self.cur_rank,
+                              "at most min(input_dim, hidden_dim, output_dim) for 'cur' experts")
+        if self.num_experts % self.num_expert_groups:
+            raise ConfigError("num_expert_groups", self.num_expert_groups,
+                              f"a divisor of num_experts={self.num_experts}")
+        if self.num_expert_groups > 1 and self.balance_loss != "group":
+            raise ConfigError("num_expert_groups", self.num_expert_groups,
+                              "1 unless balance_loss='group'")
+        if self.balance_loss == "aux_free" and self.gate_type not in ROUTER_GATES:
+            raise ConfigError("balance_loss", self.balance_loss,
+                              "a loss other than 'aux_free' with gate_type="
+                              f"{self.gate_type!r}: the bias steers only "
+                              + ", ".join(ROUTER_GATES))
+        if self.num_shared_experts and self.gate_type not in TOKEN_CHOICE_GATES:
+            raise ConfigError("num_shared_experts", self.num_shared_experts,
+                              "0 with gate_type=" + repr(self.gate_type)
+                              + "; shared experts sit beside a token-choice gate")
+
+    @property
+    def is_token_choice(self) -> bool:
+        return self.gate_type in TOKEN_CHOICE_GATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], data[unknown[0]], "a known MoEConfig field")
+        return cls(**data)
+
+
+class Settings(BaseSettings):
+    """The running system's settings, read from the environment (and `.env`) when built.
+
+    Later modules add the graph, SQL and broker URLs here; everything that reads the
+    environment goes through this one object.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MOE_", env_file=".env", extra="ignore")
+
+    state_dir: Path = Path(".state")
+    device: str = "auto"
+    seed: int = 0
+
+    def torch_device(self) -> str:
+        """The device to run on: ``device`` itself, or CUDA when present for ``"auto"``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,146 @@
+"""Dispatch: move tokens to their experts, run the experts in batched kernels, combine.
+
+Legend: T tokens, D input dim, O output dim, E experts, K experts per token, A = K*T
+assignments, C capacity (slots per expert), B sequences, N tokens per sequence, S soft slots.
+
+Assignments are flattened k-major (``a = k * T + t``): a stable sort by expert then keeps
+every token's first choice ahead of anyone's second choice, so when capacity runs short the
+dropped assignments are the least preferred ones (GShard's priority, arXiv:2006.16668).
+
+Nothing here reads a tensor's value on the host except `dropless` on the CPU (see
+`_dropless_split`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from pipeline.moe.experts import Experts
+from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice
+from pipeline.moe.grouped_mm import ExpertSlices
+
+
+def _flatten(routing: TokenChoice) -> tuple[Tensor, Tensor]:
+    """k-major flat expert ids and weights: ``(A,)`` each."""
+    return routing.expert_ids.t().reshape(-1), routing.weights.t().reshape(-1)
+
+
+def _combine(y_AO: Tensor, w_A: Tensor, num_tokens: int) -> Tensor:
+    """Weighted sum of each token's K expert outputs: ``(A, O) -> (T, O)``."""
+    y_AO = y_AO * w_A.to(y_AO.dtype).unsqueeze(-1)
+    return y_AO.view(-1, num_tokens, y_AO.shape[-1]).sum(0)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ``ceil(capacity_factor * T * K / E)``, at most T."""
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+_grouped_mm_failed = False  # set once if this CUDA build's grouped GEMM refuses our dtype
+
+
+def dropless(x_TD: Tensor, routing: TokenChoice, experts: Experts,
+             counts_E: Tensor) -> Tensor:
+    """Every assignment runs. CUDA: sort by expert, grouped GEMM, unsort, weighted sum.
+
+    Elsewhere (and on CUDA builds whose grouped GEMM lacks the dtype) see `_dropless_split`.
+    """
+    global _grouped_mm_failed
+    if not (x_TD.is_cuda and not _grouped_mm_failed):
+        return _dropless_split(x_TD, routing, experts, counts_E)
+    T = x_TD.shape[0]
+    ids_A, w_A = _flatten(routing)
+    order_A = torch.argsort(ids_A, stable=True)
+    x_sorted = x_TD.index_select(0, order_A.remainder(T))
+    try:
+        y_sorted = experts.forward_sorted(x_sorted, counts_E.to(torch.int64))
+    except RuntimeError as err:
+        _grouped_mm_failed = True
+        warnings.warn(f"torch._grouped_mm failed ({err}); falling back to a host-side split, "
+                      "which waits on the device", stacklevel=2)
+        return _dropless_split(x_TD, routing, experts, counts_E)
+    y_AO = torch.empty_like(y_sorted).index_copy(0, order_A, y_sorted)
+    return _combine(y_AO, w_A, T)
+
+
+def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
+                    counts_E: Tensor) -> Tensor:
+    """The CPU's dropless path: group sizes on the host, one GEMM chain per expert.
+
+    Each expert gathers its rows, runs, and adds its weighted output into ``y`` in place.
+    Measured here (fp32, 2 cores): working expert by expert keeps every temporary at one
+    expert's size, which the allocator recycles; the sort-everything layout of the CUDA
+    path allocates several (K*T, D) buffers per call, and at 8,192 tokens their page faults
+    cost about a fifth of the forward.
+    """
+    T = x_TD.shape[0]
+    ids_A, w_A = _flatten(routing)
+    order_A = torch.argsort(ids_A, stable=True)
+    # The one host sync of dropless dispatch: the CPU has no device to wait for.
+    sizes = counts_E.to(torch.int64).tolist()
+    slices = ExpertSlices()
+    y_TO = x_TD.new_zeros(T, experts.output_dim)
+    tokens_A = order_A.remainder(T).split(sizes)
+    weights_A = w_A.index_select(0, order_A).to(x_TD.dtype).unsqueeze(-1).split(sizes)
+    for e in range(len(sizes)):
+        if sizes[e]:
+            out = experts.forward_one(e, x_TD.index_select(0, tokens_A[e]), slices)
+            y_TO.index_add_(0, tokens_A[e], out * weights_A[e])
+    return y_TO
+
+
+def fixed_capacity(x_TD: Tensor, routing: TokenChoice, experts: Experts,
+                   capacity_factor: float) -> tuple[Tensor, Tensor]:
+    """Static-shape dispatch through an ``(E, C, D)`` buffer; returns (y_TO, dropped).
+
+    Assignments past an expert's C slots are dropped (their contribution is zero) and
+    counted in ``dropped``, a 0-dim int64 tensor. Every shape depends only on T, K, E and
+    the capacity factor, so this compiles with ``fullgraph=True``.
+    """
+    T, D = x_TD.shape
+    E, K = experts.num_experts, routing.expert_ids.shape[1]
+    C = capacity(T, K, E, capacity_factor)
+    ids_A, w_A = _flatten(routing)
+    # Position of each assignment among those of its expert, in priority order.
+    onehot_AE = torch.nn.functional.one_hot(ids_A, E).to(torch.int32)
+    pos_A = (torch.cumsum(onehot_AE, 0) * onehot_AE).sum(-1) - 1
+    kept_A = pos_A < C
+    # Slot E*C is a trash row: dropped assignments write there and read zeros back.
+    slot_A = torch.where(kept_A, ids_A * C + pos_A, E * C)
+    token_of_slot = torch.full((E * C + 1,), T, dtype=torch.int64, device=x_TD.device)
+    token_of_slot.scatter_(0, slot_A, torch.arange(ids_A.numel(), device=x_TD.device) % T)
+    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, D)])  # row T is the zero row
+    x_ECD = x_pad.index_select(0, token_of_slot[: E * C]).view(E, C, D)
+    y_ECO = experts.forward_padded(x_ECD.to(experts.dtype))
+    y_pad = torch.cat([y_ECO.reshape(E * C, -1), y_ECO.new_zeros(1, y_ECO.shape[-1])])
+    y_AO = y_pad.index_select(0, slot_A)
+    return _combine(y_AO, w_A, T), (~kept_A).sum()
+
+
+def expert_choice(x_TD: Tensor, routing: ExpertChoice, experts: Experts) -> Tensor:
+    """Each expert runs on the C tokens it chose; outputs scatter-add back weighted."""
+    tok_EC, w_EC = routing.token_ids, routing.weights
+    E, C = tok_EC.shape
+    x_ECD = x_TD.index_select(0, tok_EC.reshape(-1)).view(E, C, -1)
+    y_ECO = experts.forward_padded(x_ECD.to(experts.dtype))
+    y_ECO = y_ECO * w_EC.to(y_ECO.dtype).unsqueeze(-1)
+    y_TO = y_ECO.new_zeros(x_TD.shape[0], y_ECO.shape[-1])
+    return y_TO.index_add(0, tok_EC.reshape(-1), y_ECO.reshape(E * C, -1))
+
+
+def soft(x_BND: Tensor, routing: SoftRouting, experts: Experts) -> Tensor:
+    """Soft MoE: slots are convex mixes of tokens; expert e owns slots ``e*s .. e*s+s-1``."""
+    B = x_BND.shape[0]
+    E = experts.num_experts
+    dispatch = routing.dispatch.to(experts.dtype)
+    slots_BSD = torch.einsum("bns,bnd->bsd", dispatch, x_BND.to(experts.dtype))
+    per_expert = slots_BSD.shape[1] // E
+    # (B, E*s, D) -> (E, B*s, D): each expert sees its s slots of every sequence.
+    x_EMD = slots_BSD.view(B, E, per_expert, -1).transpose(0, 1).reshape(E, B * per_expert, -1)
+    y_EMO = experts.forward_padded(x_EMD)
+    y_BSO = y_EMO.view(E, B, per_expert, -1).transpose(0, 1).reshape(B, E * per_expert, -1)
+    return torch.einsum("bns,bso->bno", routing.combine.to(y_BSO.dtype), y_BSO)

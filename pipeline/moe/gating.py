@@ -1,0 +1,239 @@
+"""Gates: router logits in, routing decisions out.
+
+Legend: T tokens, D model dim, E experts, K experts per token, C tokens per expert (expert
+choice), B sequences, N tokens per sequence, S slots (soft MoE: E * slots_per_expert).
+
+Three shapes of decision, one NamedTuple each (NamedTuples trace cleanly under torch.compile):
+
+* `TokenChoice` — each token picks K experts (top-k, switch, noisy top-k, hash, random).
+* `ExpertChoice` — each expert picks C tokens (Zhou et al. 2022, arXiv:2202.09368).
+* `SoftRouting` — each slot is a weighted average of a sequence's tokens and each token a
+  weighted average of slot outputs (Puigcerver et al. 2023, arXiv:2308.00951).
+
+The router runs in float32 whatever the model's dtype (softmax over low-precision logits
+loses the small differences routing depends on; torchtitan and DeepSeek-V3 do the same).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import MoEConfig
+
+
+class TokenChoice(NamedTuple):
+    expert_ids: Tensor  # (T, K) int64, distinct per token
+    weights: Tensor  # (T, K) combine weights, float32
+    probs: Tensor  # (T, E) float32 router probabilities (balance losses, entropy)
+    logits: Tensor | None  # (T, E) float32 raw logits (z-loss); None without a router
+
+
+class ExpertChoice(NamedTuple):
+    token_ids: Tensor  # (E, C) int64, distinct per expert
+    weights: Tensor  # (E, C) float32
+    probs: Tensor  # (T, E) float32
+    logits: Tensor  # (T, E) float32
+
+
+class SoftRouting(NamedTuple):
+    dispatch: Tensor  # (B, N, S) float32, softmax over N: slot = sum_n dispatch * x
+    combine: Tensor  # (B, N, S) float32, softmax over S: y = sum_s combine * slot_out
+    logits: Tensor  # (B, N, S) float32
+
+
+Routing = TokenChoice | ExpertChoice | SoftRouting
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+class Router(nn.Module):
+    """A bias-free linear map from tokens to one logit per expert: ``(T, D) -> (T, E)``."""
+
+    def __init__(self, dim: int, num_experts: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.compute_dtype = dtype
+        self.weight = nn.Parameter(torch.empty(num_experts, dim, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=dim ** -0.5)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.to(self.compute_dtype), self.weight.to(self.compute_dtype)).float()
+
+
+def _select(scores_TE: Tensor, k: int, bias_E: Tensor | None) -> Tensor:
+    """Top-k expert ids; the aux-free bias shifts the choice, never the weights."""
+    if bias_E is not None:
+        scores_TE = scores_TE + bias_E
+    return torch.topk(scores_TE, k, dim=-1, sorted=False).indices
+
+
+class TopKGate(nn.Module):
+    """Softmax over all experts, keep the top k, renormalise their weights to sum to 1."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.k = cfg.top_k_experts
+        self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
+
+    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None) -> TokenChoice:
+        logits_TE = self.router(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        ids_TK = _select(probs_TE, self.k, bias_E)
+        w_TK = probs_TE.gather(1, ids_TK)
+        return TokenChoice(ids_TK, w_TK / w_TK.sum(-1, keepdim=True), probs_TE, logits_TE)
+
+
+class SwitchGate(nn.Module):
+    """Top-1 routing weighted by the chosen probability (Fedus et al., arXiv:2101.03961).
+
+    Training multiplies the router's input by ``U(1 - eps, 1 + eps)`` noise when
+    ``jitter_noise = eps > 0``, as the Switch Transformer does.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.jitter = cfg.jitter_noise
+        self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
+
+    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None) -> TokenChoice:
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * noise
+        logits_TE = self.router(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        ids_T1 = _select(probs_TE, 1, bias_E)
+        return TokenChoice(ids_T1, probs_TE.gather(1, ids_T1), probs_TE, logits_TE)
+
+
+class NoisyTopKGate(nn.Module):
+    """Noisy top-k gating (Shazeer et al. 2017, arXiv:1701.06538).
+
+    Training adds ``N(0, 1) * softplus(x W_noise)`` to the logits; the weights are a softmax
+    over the k kept (noisy) logits. In eval it is plain top-k.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.k = cfg.top_k_experts
+        self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
+        self.noise = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
+        nn.init.zeros_(self.noise.weight)  # starts at softplus(0) = 0.69 noise everywhere
+
+    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None) -> TokenChoice:
+        logits_TE = self.router(x_TD)
+        if self.training:
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.noise(x_TD))
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        ids_TK = _select(probs_TE, self.k, bias_E)
+        w_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
+        return TokenChoice(ids_TK, w_TK, probs_TE, logits_TE)
+
+
+class ExpertChoiceGate(nn.Module):
+    """Experts pick tokens: each expert takes the C tokens that score it highest.
+
+    ``C = ceil(capacity_factor * T * k / E)`` (at most T), so on average a token is processed
+    by ``capacity_factor * k`` experts; load is balanced by construction.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.k, self.capacity_factor = cfg.top_k_experts, cfg.capacity_factor
+        self.num_experts = cfg.num_experts
+        self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.k
+                                         / self.num_experts))
+
+    def forward(self, x_TD: Tensor) -> ExpertChoice:
+        logits_TE = self.router(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        w_EC, tok_EC = torch.topk(probs_TE.t(), self.capacity(x_TD.shape[0]), dim=-1)
+        return ExpertChoice(tok_EC, w_EC, probs_TE, logits_TE)
+
+
+class SoftMoEGate(nn.Module):
+    """Soft MoE slots: per-slot softmax over a sequence's tokens, per-token softmax over slots.
+
+    Inputs and slot parameters are L2-normalised with a learned scale, as the paper
+    recommends for stable logits at large widths.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.num_slots = cfg.num_experts * cfg.slots_per_expert
+        self.phi = nn.Parameter(torch.randn(self.num_slots, cfg.input_dim) * cfg.input_dim ** -0.5)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x_BND: Tensor) -> SoftRouting:
+        x = F.normalize(x_BND.float(), dim=-1)
+        phi = F.normalize(self.phi, dim=-1) * self.scale
+        logits_BNS = torch.einsum("bnd,sd->bns", x, phi)
+        return SoftRouting(torch.softmax(logits_BNS, dim=1), torch.softmax(logits_BNS, dim=2),
+                           logits_BNS)
+
+
+def _uniform_weights(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    k = ids_TK.shape[1]
+    w_TK = torch.full(ids_TK.shape, 1.0 / k, device=ids_TK.device)
+    probs_TE = torch.zeros(ids_TK.shape[0], num_experts, device=ids_TK.device)
+    return w_TK, probs_TE.scatter_(1, ids_TK, 1.0 / k)
+
+
+class HashGate(nn.Module):
+    """Hash routing (Roller et al. 2021, arXiv:2106.04426): experts fixed by the token's id.
+
+    A table, drawn once from a fixed seed and saved with the model, gives each of 65,536
+    buckets k distinct experts; a token goes to its id's bucket (its position when no ids are
+    given). No parameters are learned, so it has no balance loss; weights are 1/k.
+    """
+
+    NUM_BUCKETS = 65536
+
+    def __init__(self, cfg: MoEConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        gen = torch.Generator().manual_seed(seed)
+        table = torch.rand(self.NUM_BUCKETS, cfg.num_experts, generator=gen)
+        self.register_buffer("table", table.topk(cfg.top_k_experts, dim=-1).indices)
+
+    def forward(self, keys_T: Tensor) -> TokenChoice:
+        ids_TK = self.table[keys_T.remainder(self.NUM_BUCKETS)]
+        w_TK, probs_TE = _uniform_weights(ids_TK, self.num_experts)
+        return TokenChoice(ids_TK, w_TK, probs_TE, None)
+
+
+class RandomGate(nn.Module):
+    """k distinct experts drawn uniformly per token, weights 1/k: a baseline for ablations."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.num_experts, self.k = cfg.num_experts, cfg.top_k_experts
+
+    def forward(self, x_TD: Tensor) -> TokenChoice:
+        scores = torch.rand(x_TD.shape[0], self.num_experts, device=x_TD.device)
+        ids_TK = scores.topk(self.k, dim=-1).indices
+        w_TK, probs_TE = _uniform_weights(ids_TK, self.num_experts)
+        return TokenChoice(ids_TK, w_TK, probs_TE, None)
+
+
+GATES: dict[str, type[nn.Module]] = {
+    "topk": TopKGate,
+    "switch": SwitchGate,
+    "noisy_topk": NoisyTopKGate,
+    "expert_choice": ExpertChoiceGate,
+    "soft": SoftMoEGate,
+    "hash": HashGate,
+    "random": RandomGate,
+}
+
+
+def build_gate(cfg: MoEConfig) -> nn.Module:
+    return GATES[cfg.gate_type](cfg)

@@ -1,0 +1,170 @@
+"""`MoELayer`: gate + experts + dispatch, returning the output and its routing statistics.
+
+Legend: T tokens, D input dim, O output dim, E experts, B batch, N sequence length.
+
+``MoELayer(config)(x)`` takes ``(T, D)`` or ``(B, N, D)`` and returns ``(y, aux)`` with ``y``
+of the same leading shape and width O, and ``aux`` a `MoEAux` of tensors only: nothing in
+the forward reads a value back to the host (except the CPU's dropless split).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import MoEConfig
+from pipeline.errors import InputShapeError
+from pipeline.moe import dispatch
+from pipeline.moe.balancing import (
+    aux_free_bias_update,
+    expert_counts,
+    group_balance_loss,
+    router_z_loss,
+    routing_entropy,
+    switch_balance_loss,
+)
+from pipeline.moe.experts import Experts
+from pipeline.moe.gating import (
+    HashGate,
+    SoftMoEGate,
+    SoftRouting,
+    TokenChoice,
+    build_gate,
+)
+
+
+class MoEAux(NamedTuple):
+    """What a forward learned about its routing, all tensors on the layer's device."""
+
+    loss: Tensor  # () weighted sum to add to the task loss: balance * w_b + z * w_z
+    balance_loss: Tensor  # () unweighted balance loss (0 where balance holds by construction)
+    z_loss: Tensor  # () unweighted router z-loss (0 without router logits)
+    counts: Tensor  # (E,) float32 work routed to each expert (assignments, or soft mass)
+    load: Tensor  # (E,) float32 counts / counts.sum()
+    router_entropy: Tensor  # () mean per-token routing entropy, nats
+    dropped: Tensor  # () int64 assignments dropped for lack of capacity
+
+
+def _experts(cfg: MoEConfig, num_experts: int, hidden_dim: int) -> Experts:
+    return Experts(num_experts, cfg.input_dim, hidden_dim, cfg.output_dim,
+                   expert_type=cfg.expert_type, activation=cfg.activation,
+                   dropout=cfg.dropout, cur_rank=cfg.cur_rank, dtype=getattr(torch, cfg.dtype))
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts feed-forward layer for every routing scheme in `gating`."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = build_gate(config)
+        self.experts = _experts(config, config.num_experts, config.hidden_dim)
+        # DeepSeekMoE's shared experts (arXiv:2401.06066): n of them are one FFN of n times
+        # the width, run densely on every token.
+        self.shared = (_experts(config, 1, config.hidden_dim * config.num_shared_experts)
+                       if config.num_shared_experts else None)
+        bias = torch.zeros(config.num_experts) if config.balance_loss == "aux_free" else None
+        self.register_buffer("balance_bias", bias)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """``x`` (T, D) or (B, N, D); ``token_ids`` (T,) or (B, N) int, for hash routing.
+
+        Returns ``y`` (T, O) or (B, N, O) in ``x``'s dtype, and a `MoEAux`.
+        """
+        cfg = self.config
+        self._check(x, token_ids)
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, cfg.input_dim)
+        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        if isinstance(self.gate, SoftMoEGate):
+            x_BND = x if x.dim() == 3 else x.unsqueeze(0)
+            soft = self.gate(x_BND)
+            y_TO = dispatch.soft(x_BND, soft, self.experts).reshape(-1, cfg.output_dim)
+            probs_TE, counts_E = self._soft_usage(soft)
+            logits = soft.logits
+        elif cfg.gate_type == "expert_choice":
+            routing = self.gate(x_TD)
+            y_TO = dispatch.expert_choice(x_TD, routing, self.experts)
+            probs_TE, logits = routing.probs, routing.logits
+            counts_E = torch.full((cfg.num_experts,), float(routing.token_ids.shape[1]),
+                                  device=x.device)
+        else:
+            routing = self._route_tokens(x, x_TD, token_ids)
+            counts_E = expert_counts(routing.expert_ids, cfg.num_experts)
+            if cfg.dispatch == "capacity":
+                y_TO, dropped = dispatch.fixed_capacity(x_TD, routing, self.experts,
+                                                        cfg.capacity_factor)
+            else:
+                y_TO = dispatch.dropless(x_TD.to(self.experts.dtype), routing, self.experts,
+                                         counts_E)
+            probs_TE, logits = routing.probs, routing.logits
+        if self.shared is not None:
+            y_TO = y_TO + self.shared.forward_padded(x_TD.to(self.shared.dtype).unsqueeze(0))[0]
+        aux = self._aux(routing_kind=cfg.gate_type, probs_TE=probs_TE, logits=logits,
+                        counts_E=counts_E, dropped=dropped)
+        return y_TO.to(x.dtype).reshape(*lead, cfg.output_dim), aux
+
+    def _route_tokens(self, x: Tensor, x_TD: Tensor, token_ids: Tensor | None) -> TokenChoice:
+        if isinstance(self.gate, HashGate):
+            if token_ids is None:  # hash by position within the sequence
+                n = x.shape[-2] if x.dim() == 3 else x.shape[0]
+                token_ids = torch.arange(n, device=x.device).expand(x.shape[:-1])
+            return self.gate(token_ids.reshape(-1))
+        if self.config.gate_type in ("topk", "switch", "noisy_topk"):
+            return self.gate(x_TD, self.balance_bias)
+        return self.gate(x_TD)
+
+    @staticmethod
+    def _soft_usage(soft: SoftRouting) -> tuple[Tensor, Tensor]:
+        """Per-token distribution over experts and per-expert mass, from combine weights."""
+        B, N, S = soft.combine.shape
+        return soft.combine.reshape(B * N, S), soft.combine.reshape(B * N, S).sum(0)
+
+    def _aux(self, routing_kind: str, probs_TE: Tensor, logits: Tensor | None,
+             counts_E: Tensor, dropped: Tensor) -> MoEAux:
+        cfg = self.config
+        zero = counts_E.new_zeros(())
+        learned_router = routing_kind in ("topk", "switch", "noisy_topk")
+        if not learned_router or cfg.balance_loss in ("none", "aux_free"):
+            balance = zero
+        elif cfg.balance_loss == "group":
+            balance = group_balance_loss(probs_TE, counts_E, cfg.num_expert_groups)
+        else:
+            balance = switch_balance_loss(probs_TE, counts_E)
+        z = router_z_loss(logits.reshape(-1, logits.shape[-1])) if logits is not None else zero
+        if probs_TE.shape[-1] != cfg.num_experts:  # soft MoE: slots -> experts
+            probs_TE = probs_TE.view(probs_TE.shape[0], cfg.num_experts, -1).sum(-1)
+            counts_E = counts_E.view(cfg.num_experts, -1).sum(-1)
+        loss = cfg.load_balance_weight * balance + cfg.z_loss_weight * z
+        return MoEAux(loss=loss, balance_loss=balance, z_loss=z, counts=counts_E,
+                      load=counts_E / counts_E.sum().clamp_min(1e-12),
+                      router_entropy=routing_entropy(probs_TE), dropped=dropped)
+
+    def update_balance_bias(self, counts_E: Tensor) -> None:
+        """Auxiliary-loss-free balancing step from the counts of one (or several) batches.
+
+        Call between optimizer steps; a no-op unless ``balance_loss == "aux_free"``.
+        """
+        if self.balance_bias is not None:
+            aux_free_bias_update(self.balance_bias, counts_E.to(self.balance_bias.device),
+                                 self.config.aux_free_update_rate)
+
+    def _check(self, x: Tensor, token_ids: Tensor | None) -> None:
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.input_dim:
+            raise InputShapeError("x", tuple(x.shape),
+                                  f"(tokens, {cfg.input_dim}) or (batch, seq, {cfg.input_dim})")
+        if not x.is_floating_point():
+            raise InputShapeError("x", tuple(x.shape), f"a floating-point tensor, not {x.dtype}")
+        if token_ids is not None:
+            if tuple(token_ids.shape) != tuple(x.shape[:-1]):
+                raise InputShapeError("token_ids", tuple(token_ids.shape),
+                                      f"x's leading shape {tuple(x.shape[:-1])}")
+            if token_ids.is_floating_point():
+                raise InputShapeError("token_ids", tuple(token_ids.shape),
+                                      "an integer tensor")
+            if cfg.gate_type != "hash":
+                raise InputShapeError("token_ids", tuple(token_ids.shape),
+                                      "None unless gate_type='hash'")

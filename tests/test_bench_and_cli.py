@@ -1,0 +1,47 @@
+"""The benchmark scripts and the CLI run end to end (shape of output, never timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def test_moe_layer_bench_quick_prints_the_shared_json_shape():
+    proc = _run("bench/moe_layer.py", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "moe_layer"
+    assert set(record) >= {"device", "config", "results", "references", "ratios", "targets"}
+    assert record["device"]["kind"] == "cpu" and record["device"]["threads"] >= 1
+    assert record["results"]["ours_fwd_tokens_per_s_small"] > 0
+    assert record["references"]["loop_over_experts_fwd_tokens_per_s_large"] > 0
+    assert record["references"]["masked_dense_fwd_tokens_per_s_small"] > 0
+    for name, t in record["targets"].items():
+        assert set(t) == {"goal", "value", "met"}, name
+        assert t["met"] == (t["value"] >= t["goal"])
+
+
+def test_cli_demo_trains_and_reports_usage():
+    proc = _run("-m", "pipeline.cli", "demo", "--steps", "30", "--experts", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "expert usage" in proc.stdout and "routing entropy" in proc.stdout
+    first, last = proc.stdout.split("loss ")[-1].split(" in ")[0].split(" -> ")
+    assert float(last) < float(first)
+
+
+def test_cli_turns_config_errors_into_one_line_and_exit_1():
+    proc = _run("-m", "pipeline.cli", "demo", "--experts", "4", "--top-k", "5")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: top_k_experts=5 is invalid: expected at most num_experts=4")

@@ -1,0 +1,248 @@
+"""The layer against a plain reference: routing recomputed here, then a loop over experts.
+
+Each reference routing is written from the paper's definition, independently of
+`pipeline.moe.gating`; the reference experts apply each expert's own weights with
+`F.linear`. Forward outputs and gradients (input, expert weights, router) must match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import MoEConfig, MoELayer
+from pipeline.moe.grouped_mm import activation_fn
+
+D, H, O, E = 12, 20, 10, 6
+
+
+def make(**kw) -> MoELayer:
+    base = dict(input_dim=D, hidden_dim=H, output_dim=O, num_experts=E, top_k_experts=2,
+                cur_rank=4)
+    return MoELayer(MoEConfig(**{**base, **kw}))
+
+
+def expert_fn(experts, e: int, h: torch.Tensor) -> torch.Tensor:
+    """Expert e of a stack applied to rows h, written out with F.linear."""
+    act = experts.activation
+    if experts.expert_type == "standard":
+        return F.linear(activation_fn(act, F.linear(h, experts.w1[e])), experts.w2[e])
+    if experts.expert_type == "gated":
+        inner = F.silu(F.linear(h, experts.w1[e])) * F.linear(h, experts.w3[e])
+        return F.linear(inner, experts.w2[e])
+    w1 = experts.w1_c[e] @ experts.w1_u[e] @ experts.w1_r[e]
+    w2 = experts.w2_c[e] @ experts.w2_u[e] @ experts.w2_r[e]
+    return F.linear(activation_fn(act, F.linear(h, w1)), w2)
+
+
+def reference_topk(layer, x_TD, renormalize=True, k=None):
+    logits = F.linear(x_TD, layer.gate.router.weight)
+    probs = logits.softmax(-1)
+    k = k or layer.config.top_k_experts
+    w, ids = probs.topk(k, dim=-1)
+    return ids, (w / w.sum(-1, keepdim=True) if renormalize else w)
+
+
+def reference_token_choice(layer, x_TD, ids, w, capacity=None):
+    """Loop over experts; with a capacity, keep assignments in (k, then token) order."""
+    T, K = ids.shape
+    y = torch.zeros(T, O)
+    for e in range(E):
+        taken = 0
+        for k in range(K):
+            for t in range(T):
+                if ids[t, k] != e:
+                    continue
+                taken += 1
+                if capacity is not None and taken > capacity:
+                    continue
+                y[t] += w[t, k] * expert_fn(layer.experts, e, x_TD[t : t + 1])[0]
+    if layer.shared is not None:
+        y = y + expert_fn(layer.shared, 0, x_TD)
+    return y
+
+
+def reference(layer, x, token_ids=None):
+    cfg = layer.config
+    x_TD = x.reshape(-1, D)
+    gate = cfg.gate_type
+    if gate in ("topk", "noisy_topk"):  # noisy top-k is top-k in eval
+        y = reference_token_choice(layer, x_TD, *reference_topk(layer, x_TD))
+    elif gate == "switch":
+        y = reference_token_choice(layer, x_TD, *reference_topk(layer, x_TD, False, k=1))
+    elif gate == "hash":
+        keys = token_ids.reshape(-1)
+        ids = layer.gate.table[keys % layer.gate.NUM_BUCKETS]
+        y = reference_token_choice(layer, x_TD, ids, torch.full(ids.shape, 1 / ids.shape[1]))
+    elif gate == "random":
+        torch.manual_seed(123)
+        ids = torch.rand(x_TD.shape[0], E).topk(cfg.top_k_experts, -1).indices
+        y = reference_token_choice(layer, x_TD, ids, torch.full(ids.shape, 1 / ids.shape[1]))
+    elif gate == "expert_choice":
+        probs = F.linear(x_TD, layer.gate.router.weight).softmax(-1)
+        C = min(x_TD.shape[0], math.ceil(cfg.capacity_factor * x_TD.shape[0]
+                                         * cfg.top_k_experts / E))
+        y = torch.zeros(x_TD.shape[0], O)
+        for e in range(E):
+            w, toks = probs[:, e].topk(C)
+            for weight, t in zip(w, toks, strict=True):
+                y[t] += weight * expert_fn(layer.experts, e, x_TD[t : t + 1])[0]
+    elif gate == "soft":
+        phi = F.normalize(layer.gate.phi, dim=-1) * layer.gate.scale
+        outs = []
+        for seq in x.reshape(-1, x.shape[-2], D):  # one sequence at a time
+            logits = F.normalize(seq, dim=-1) @ phi.t()  # (N, S)
+            dispatch, combine = logits.softmax(0), logits.softmax(1)
+            slots = dispatch.t() @ seq  # (S, D)
+            per = cfg.slots_per_expert
+            slot_out = torch.stack([expert_fn(layer.experts, s // per, slots[s : s + 1])[0]
+                                    for s in range(slots.shape[0])])
+            outs.append(combine @ slot_out)
+        y = torch.cat(outs)
+    else:
+        raise AssertionError(gate)
+    return y.reshape(*x.shape[:-1], O)
+
+
+CASES = [
+    dict(gate_type="topk"),
+    dict(gate_type="topk", expert_type="gated"),
+    dict(gate_type="topk", expert_type="cur"),
+    dict(gate_type="topk", activation="relu", top_k_experts=3),
+    dict(gate_type="topk", num_shared_experts=2),
+    dict(gate_type="topk", dispatch="capacity", capacity_factor=4.0),
+    dict(gate_type="topk", dispatch="capacity", capacity_factor=4.0, expert_type="gated"),
+    dict(gate_type="switch", top_k_experts=1),
+    dict(gate_type="switch", top_k_experts=1, dispatch="capacity", capacity_factor=8.0),
+    dict(gate_type="noisy_topk"),
+    dict(gate_type="expert_choice"),
+    dict(gate_type="expert_choice", capacity_factor=0.5, expert_type="gated"),
+    dict(gate_type="soft"),
+    dict(gate_type="soft", slots_per_expert=2, expert_type="cur"),
+    dict(gate_type="hash"),
+    dict(gate_type="hash", num_shared_experts=1, dispatch="capacity", capacity_factor=8.0),
+    dict(gate_type="random"),
+]
+
+
+def _ids(case):
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_layer_matches_reference_forward_and_gradients(case):
+    layer = make(**case).eval()
+    x = torch.randn(3, 7, D)
+    token_ids = torch.randint(0, 50_000, (3, 7)) if case["gate_type"] == "hash" else None
+    grad_out = torch.randn(3, 7, O)
+
+    x1 = x.clone().requires_grad_()
+    torch.manual_seed(123)
+    y, aux = layer(x1, token_ids=token_ids)
+    (y * grad_out).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+
+    x2 = x.clone().requires_grad_()
+    y_ref = reference(layer, x2, token_ids)
+    (y_ref * grad_out).sum().backward()
+
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=2e-5, rtol=1e-4)
+    assert grads, "no parameter received a gradient"
+    for name, p in layer.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], p.grad, atol=5e-5, rtol=1e-4, msg=name)
+    assert int(aux.dropped) == 0
+
+
+def test_routers_learn_through_combine_weights():
+    """Top-k and switch weights carry the router's gradient (the router is trained)."""
+    for case in (dict(gate_type="topk"), dict(gate_type="switch", top_k_experts=1)):
+        layer = make(**case)
+        y, _ = layer(torch.randn(16, D))
+        y.sum().backward()
+        assert layer.gate.router.weight.grad.abs().sum() > 0
+
+
+def test_capacity_drops_the_least_preferred_assignments_and_counts_them():
+    layer = make(gate_type="topk", dispatch="capacity", capacity_factor=0.5).eval()
+    x = torch.randn(20, D)
+    with torch.no_grad():
+        y, aux = layer(x)
+        ids, w = reference_topk(layer, x)
+        C = math.ceil(0.5 * 20 * 2 / E)
+        y_ref = reference_token_choice(layer, x, ids, w, capacity=C)
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    assert int(aux.dropped) == int((counts - C).clamp_min(0).sum()) > 0
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_dropless_and_capacity_agree_when_nothing_is_dropped():
+    torch.manual_seed(1)
+    a = make(gate_type="topk", expert_type="gated")
+    b = make(gate_type="topk", expert_type="gated", dispatch="capacity", capacity_factor=E / 2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 9, D)
+    torch.testing.assert_close(a(x)[0], b(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_hash_routing_is_deterministic_by_token_id_and_position():
+    layer = make(gate_type="hash").eval()
+    ids = torch.tensor([[5, 9, 5, 70_000]])
+    a = layer.gate(ids.reshape(-1)).expert_ids
+    assert torch.equal(a[0], a[2])  # same token id -> same experts
+    assert torch.equal(a, make(gate_type="hash").gate(ids.reshape(-1)).expert_ids)
+    assert all(len(set(row.tolist())) == 2 for row in a)  # k distinct experts
+    x = torch.randn(2, 4, D)
+    y1, _ = layer(x)
+    y2, _ = layer(x.flip(0))  # without ids, routing depends on position only
+    torch.testing.assert_close(y1.flip(0), y2)
+
+
+def test_switch_jitter_only_in_training():
+    layer = make(gate_type="switch", top_k_experts=1, jitter_noise=0.5)
+    x = torch.randn(64, D)
+    layer.eval()
+    assert torch.equal(layer(x)[0], layer(x)[0])
+    layer.train()
+    w1 = layer.gate(x).weights
+    w2 = layer.gate(x).weights
+    assert not torch.equal(w1, w2)
+
+
+def test_noisy_topk_is_noisy_in_training_only():
+    layer = make(gate_type="noisy_topk")
+    x = torch.randn(64, D)
+    layer.train()
+    assert not torch.equal(layer.gate(x).expert_ids, layer.gate(x).expert_ids)
+    layer.eval()
+    assert torch.equal(layer.gate(x).expert_ids, layer.gate(x).expert_ids)
+
+
+def test_bfloat16_layer_is_close_to_float32():
+    a = make(gate_type="topk", expert_type="gated")
+    b = make(gate_type="topk", expert_type="gated", dtype="bfloat16")
+    b.load_state_dict({k: v.to(b.state_dict()[k].dtype) for k, v in a.state_dict().items()})
+    x = torch.randn(32, D)
+    ya, yb = a(x)[0], b(x)[0]
+    assert yb.dtype == torch.float32
+    assert F.cosine_similarity(ya, yb, dim=-1).min() > 0.99
+
+
+@pytest.mark.gpu
+def test_cuda_dropless_matches_cpu_and_never_syncs():
+    layer = make(gate_type="topk", expert_type="gated").eval()
+    x = torch.randn(4, 16, D)
+    with torch.no_grad():
+        y_cpu = layer(x)[0]
+        gpu = layer.cuda()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y_gpu = gpu(x.cuda())[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-3, rtol=1e-3)
