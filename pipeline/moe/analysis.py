@@ -104,6 +104,6 @@ def compare(a: nn.Module, b: nn.Module, x: Tensor) -> dict[str, Any]:
         "relative_l2": float(diff.norm() / yb.double().norm().clamp_min(1e-30)),
         "mean_cosine": float(torch.nn.functional.cosine_similarity(rows_a, rows_b, dim=-1).mean()),
         "parameters": {"a": parameter_counts(a), "b": parameter_counts(b)},
-        "expert_usage": {"a": [expert_usage(x)["percent"] for x in aux_a],
-                         "b": [expert_usage(x)["percent"] for x in aux_b]},
+        "expert_usage": {"a": [expert_usage(aux)["percent"] for aux in aux_a],
+                         "b": [expert_usage(aux)["percent"] for aux in aux_b]},
     }

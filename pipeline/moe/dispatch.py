@@ -13,14 +13,13 @@ Nothing here reads a tensor's value on the host except `dropless` on the CPU (se
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import Tensor
 
 from pipeline.moe.experts import Experts
-from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice
+from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, capacity
 from pipeline.moe.grouped_mm import ExpertSlices
 
 
@@ -33,11 +32,6 @@ def _combine(y_AO: Tensor, w_A: Tensor, num_tokens: int) -> Tensor:
     """Weighted sum of each token's K expert outputs: ``(A, O) -> (T, O)``."""
     y_AO = y_AO * w_A.to(y_AO.dtype).unsqueeze(-1)
     return y_AO.view(-1, num_tokens, y_AO.shape[-1]).sum(0)
-
-
-def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots per expert: ``ceil(capacity_factor * T * K / E)``, at most T."""
-    return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
 _grouped_mm_failed = False  # set once if this CUDA build's grouped GEMM refuses our dtype
@@ -106,7 +100,8 @@ def fixed_capacity(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     C = capacity(T, K, E, capacity_factor)
     ids_A, w_A = _flatten(routing)
     # Position of each assignment among those of its expert, in priority order.
-    onehot_AE = torch.nn.functional.one_hot(ids_A, E).to(torch.int32)
+    # A comparison, not F.one_hot: on CUDA one_hot checks its input's range on the host.
+    onehot_AE = (ids_A.unsqueeze(1) == torch.arange(E, device=ids_A.device)).to(torch.int32)
     pos_A = (torch.cumsum(onehot_AE, 0) * onehot_AE).sum(-1) - 1
     kept_A = pos_A < C
     # Slot E*C is a trash row: dropped assignments write there and read zeros back.

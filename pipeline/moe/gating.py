@@ -49,6 +49,11 @@ class SoftRouting(NamedTuple):
 Routing = TokenChoice | ExpertChoice | SoftRouting
 
 
+def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens per expert at ``capacity_factor`` times the even share: ``ceil(f T k / E)``, <= T."""
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
@@ -148,14 +153,11 @@ class ExpertChoiceGate(nn.Module):
         self.num_experts = cfg.num_experts
         self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
 
-    def capacity(self, num_tokens: int) -> int:
-        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.k
-                                         / self.num_experts))
-
     def forward(self, x_TD: Tensor) -> ExpertChoice:
         logits_TE = self.router(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        w_EC, tok_EC = torch.topk(probs_TE.t(), self.capacity(x_TD.shape[0]), dim=-1)
+        C = capacity(x_TD.shape[0], self.k, self.num_experts, self.capacity_factor)
+        w_EC, tok_EC = torch.topk(probs_TE.t(), C, dim=-1)
         return ExpertChoice(tok_EC, w_EC, probs_TE, logits_TE)
 
 
