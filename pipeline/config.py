@@ -27,6 +27,10 @@ TOKEN_CHOICE_GATES = ("topk", "switch", "noisy_topk", "hash", "random")
 BALANCE_LOSSES = ("none", "switch", "group", "aux_free")
 DISPATCH_MODES = ("dropless", "capacity")
 DTYPES = ("float32", "bfloat16", "float16")
+AMP_DTYPES = ("bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Gates that can be confined to the experts of an input's chosen constellations.
+CONSTRAINABLE_GATES = ("topk", "switch", "noisy_topk", "random")
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -66,6 +70,17 @@ class MoEConfig:
     Dispatch: ``"dropless"`` runs every assignment (grouped GEMM on CUDA); ``"capacity"`` keeps
     static shapes (for ``torch.compile(fullgraph=True)`` and CUDA graphs) and drops what exceeds
     ``capacity_factor`` times the balanced load.
+
+    System: ``num_layers`` MoE blocks behind a supervisor. ``constellations`` names groups of
+    experts (``{"mathematics": [0, 3, 7], ...}``, overlaps allowed, every expert in one at
+    least); the supervisor picks ``top_k_constellations`` of them per input (default 1) and
+    that input's tokens route among their members only. With none given, each expert is its
+    own constellation, named by ``expert_specializations`` when given, tokens route over all
+    experts (a flat top-k MoE) and ``top_k_constellations`` defaults to ``top_k_experts``.
+
+    Optimizations (read by `FullyOptimizedMoESystem`; the base system runs without them):
+    ``use_compile`` with ``compile_mode``, ``use_amp`` with ``amp_dtype`` (float16 brings a
+    gradient scaler), ``use_gradient_checkpointing``.
     """
 
     input_dim: int = 512
@@ -94,6 +109,19 @@ class MoEConfig:
     dispatch: str = "dropless"
     dtype: str = "float32"
     router_dtype: str = "float32"
+
+    num_layers: int = 2
+    constellations: dict[str, list[int]] | None = None
+    expert_specializations: list[str] | None = None
+    top_k_constellations: int | None = None
+    supervisor_heads: int = 4
+    constellation_balance_weight: float = 0.01
+
+    use_compile: bool = True
+    compile_mode: str = "default"
+    use_amp: bool = True
+    amp_dtype: str = "bfloat16"
+    use_gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts",
@@ -150,6 +178,91 @@ class MoEConfig:
             raise ConfigError("num_shared_experts", self.num_shared_experts,
                               "0 with gate_type=" + repr(self.gate_type)
                               + "; shared experts sit beside a token-choice gate")
+
+        _positive_int("num_layers", self.num_layers)
+        _positive_int("supervisor_heads", self.supervisor_heads)
+        if self.input_dim % self.supervisor_heads:
+            raise ConfigError("supervisor_heads", self.supervisor_heads,
+                              f"a divisor of input_dim={self.input_dim}")
+        _non_negative("constellation_balance_weight", self.constellation_balance_weight)
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        for name in ("use_compile", "use_amp", "use_gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "True or False")
+        self._check_specializations()
+        self._check_constellations()
+        groups = len(self.constellation_members())
+        if self.top_k_constellations is not None:
+            _positive_int("top_k_constellations", self.top_k_constellations)
+            if self.top_k_constellations > groups:
+                raise ConfigError("top_k_constellations", self.top_k_constellations,
+                                  f"at most the number of constellations, {groups}")
+
+    def _check_specializations(self) -> None:
+        names = self.expert_specializations
+        if names is None:
+            return
+        if (not isinstance(names, list | tuple) or len(names) != self.num_experts
+                or not all(isinstance(n, str) and n for n in names)):
+            raise ConfigError("expert_specializations", names,
+                              f"a list of {self.num_experts} non-empty names, one per expert")
+        if len(set(names)) != len(names):
+            raise ConfigError("expert_specializations", names, "distinct names")
+
+    def _check_constellations(self) -> None:
+        groups = self.constellations
+        if groups is None:
+            return
+        field = "constellations"
+        if not isinstance(groups, dict) or not groups:
+            raise ConfigError(field, groups, "a non-empty mapping of name to expert indices")
+        for name, members in groups.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(field, name, "non-empty string names")
+            ok = (isinstance(members, list | tuple) and members and len(set(members)) ==
+                  len(members) and all(isinstance(m, int) and not isinstance(m, bool)
+                                       and 0 <= m < self.num_experts for m in members))
+            if not ok:
+                raise ConfigError(f"{field}[{name!r}]", members,
+                                  f"distinct expert indices in [0, {self.num_experts})")
+        covered = {m for members in groups.values() for m in members}
+        missing = sorted(set(range(self.num_experts)) - covered)
+        if missing:
+            raise ConfigError(field, groups, f"every expert in a constellation; expert "
+                              f"{missing[0]} is in none")
+        smallest = min(len(m) for m in groups.values())
+        if self.top_k_experts > smallest:
+            raise ConfigError("top_k_experts", self.top_k_experts,
+                              f"at most the smallest constellation's size, {smallest}")
+        if self.gate_type not in CONSTRAINABLE_GATES:
+            raise ConfigError("gate_type", self.gate_type, "one of "
+                              + ", ".join(repr(g) for g in CONSTRAINABLE_GATES)
+                              + " when constellations are given")
+
+    def constellation_members(self) -> list[tuple[str, list[int]]]:
+        """(name, expert indices) of every constellation, configured or derived."""
+        if self.constellations is not None:
+            return [(name, list(members)) for name, members in self.constellations.items()]
+        return [(name, [e]) for e, name in enumerate(self.expert_names())]
+
+    def expert_names(self) -> list[str]:
+        """A name per expert: its specialization, or ``expert_<i>``."""
+        if self.expert_specializations is not None:
+            return list(self.expert_specializations)
+        return [f"expert_{e}" for e in range(self.num_experts)]
+
+    @property
+    def constellations_constrain_routing(self) -> bool:
+        """Whether tokens route only among their input's chosen constellations' members."""
+        return self.constellations is not None
+
+    @property
+    def chosen_per_input(self) -> int:
+        """How many constellations the supervisor picks per input."""
+        if self.top_k_constellations is not None:
+            return self.top_k_constellations
+        return 1 if self.constellations is not None else self.top_k_experts
 
     @property
     def is_token_choice(self) -> bool:

@@ -1,5 +1,7 @@
 """Dispatch: move tokens to their experts, run the experts in batched kernels, combine.
 
+Inputs arrive in the experts' working dtype (the layer casts once); outputs keep it.
+
 Legend: T tokens, D input dim, O output dim, E experts, K experts per token, A = K*T
 assignments, C capacity (slots per expert), B sequences, N tokens per sequence, S soft slots.
 
@@ -14,6 +16,7 @@ Nothing here reads a tensor's value on the host except `dropless` on the CPU (se
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,14 +26,34 @@ from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, capacity
 from pipeline.moe.grouped_mm import ExpertSlices
 
 
+class Pool(NamedTuple):
+    """Where to also sum each input's weighted expert outputs, expert by expert.
+
+    ``input_T`` (T,) int64 names each token's input (its row of the batch); ``out_EBO``
+    (E, B, O) starts at zero and receives, in place, ``sum_t w[t, e] * expert_e(x_t)`` over
+    the tokens of each input: the raw material of draft reports.
+    """
+
+    input_T: Tensor
+    out_EBO: Tensor
+
+    def add(self, ids_A: Tensor, tokens_A: Tensor, weighted_AO: Tensor) -> None:
+        E, B, O = self.out_EBO.shape
+        self.out_EBO.view(E * B, O).index_add_(0, ids_A * B + self.input_T[tokens_A],
+                                                weighted_AO.to(self.out_EBO.dtype))
+
+
 def _flatten(routing: TokenChoice) -> tuple[Tensor, Tensor]:
     """k-major flat expert ids and weights: ``(A,)`` each."""
     return routing.expert_ids.t().reshape(-1), routing.weights.t().reshape(-1)
 
 
-def _combine(y_AO: Tensor, w_A: Tensor, num_tokens: int) -> Tensor:
+def _combine(y_AO: Tensor, ids_A: Tensor, w_A: Tensor, num_tokens: int,
+             pool: Pool | None) -> Tensor:
     """Weighted sum of each token's K expert outputs: ``(A, O) -> (T, O)``."""
     y_AO = y_AO * w_A.to(y_AO.dtype).unsqueeze(-1)
+    if pool is not None:
+        pool.add(ids_A, torch.arange(ids_A.numel(), device=ids_A.device) % num_tokens, y_AO)
     return y_AO.view(-1, num_tokens, y_AO.shape[-1]).sum(0)
 
 
@@ -38,14 +61,14 @@ _grouped_mm_failed = False  # set once if this CUDA build's grouped GEMM refuses
 
 
 def dropless(x_TD: Tensor, routing: TokenChoice, experts: Experts,
-             counts_E: Tensor) -> Tensor:
+             counts_E: Tensor, pool: Pool | None = None) -> Tensor:
     """Every assignment runs. CUDA: sort by expert, grouped GEMM, unsort, weighted sum.
 
     Elsewhere (and on CUDA builds whose grouped GEMM lacks the dtype) see `_dropless_split`.
     """
     global _grouped_mm_failed
     if not (x_TD.is_cuda and not _grouped_mm_failed):
-        return _dropless_split(x_TD, routing, experts, counts_E)
+        return _dropless_split(x_TD, routing, experts, counts_E, pool)
     T = x_TD.shape[0]
     ids_A, w_A = _flatten(routing)
     order_A = torch.argsort(ids_A, stable=True)
@@ -56,13 +79,13 @@ def dropless(x_TD: Tensor, routing: TokenChoice, experts: Experts,
         _grouped_mm_failed = True
         warnings.warn(f"torch._grouped_mm failed ({err}); falling back to a host-side split, "
                       "which waits on the device", stacklevel=2)
-        return _dropless_split(x_TD, routing, experts, counts_E)
+        return _dropless_split(x_TD, routing, experts, counts_E, pool)
     y_AO = torch.empty_like(y_sorted).index_copy(0, order_A, y_sorted)
-    return _combine(y_AO, w_A, T)
+    return _combine(y_AO, ids_A, w_A, T, pool)
 
 
 def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
-                    counts_E: Tensor) -> Tensor:
+                    counts_E: Tensor, pool: Pool | None) -> Tensor:
     """The CPU's dropless path: group sizes on the host, one GEMM chain per expert.
 
     Each expert gathers its rows, runs, and adds its weighted output into ``y`` in place.
@@ -83,12 +106,16 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     for e in range(len(sizes)):
         if sizes[e]:
             out = experts.forward_one(e, x_TD.index_select(0, tokens_A[e]), slices)
-            y_TO.index_add_(0, tokens_A[e], out * weights_A[e])
+            weighted = out * weights_A[e]
+            y_TO.index_add_(0, tokens_A[e], weighted)
+            if pool is not None:
+                pool.out_EBO[e].index_add_(0, pool.input_T[tokens_A[e]],
+                                           weighted.to(pool.out_EBO.dtype))
     return y_TO
 
 
 def fixed_capacity(x_TD: Tensor, routing: TokenChoice, experts: Experts,
-                   capacity_factor: float) -> tuple[Tensor, Tensor]:
+                   capacity_factor: float, pool: Pool | None = None) -> tuple[Tensor, Tensor]:
     """Static-shape dispatch through an ``(E, C, D)`` buffer; returns (y_TO, dropped).
 
     Assignments past an expert's C slots are dropped (their contribution is zero) and
@@ -110,10 +137,10 @@ def fixed_capacity(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     token_of_slot.scatter_(0, slot_A, torch.arange(ids_A.numel(), device=x_TD.device) % T)
     x_pad = torch.cat([x_TD, x_TD.new_zeros(1, D)])  # row T is the zero row
     x_ECD = x_pad.index_select(0, token_of_slot[: E * C]).view(E, C, D)
-    y_ECO = experts.forward_padded(x_ECD.to(experts.dtype))
+    y_ECO = experts.forward_padded(x_ECD)
     y_pad = torch.cat([y_ECO.reshape(E * C, -1), y_ECO.new_zeros(1, y_ECO.shape[-1])])
     y_AO = y_pad.index_select(0, slot_A)
-    return _combine(y_AO, w_A, T), (~kept_A).sum()
+    return _combine(y_AO, ids_A, w_A, T, pool), (~kept_A).sum()
 
 
 def expert_choice(x_TD: Tensor, routing: ExpertChoice, experts: Experts) -> Tensor:
@@ -121,7 +148,7 @@ def expert_choice(x_TD: Tensor, routing: ExpertChoice, experts: Experts) -> Tens
     tok_EC, w_EC = routing.token_ids, routing.weights
     E, C = tok_EC.shape
     x_ECD = x_TD.index_select(0, tok_EC.reshape(-1)).view(E, C, -1)
-    y_ECO = experts.forward_padded(x_ECD.to(experts.dtype))
+    y_ECO = experts.forward_padded(x_ECD)
     y_ECO = y_ECO * w_EC.to(y_ECO.dtype).unsqueeze(-1)
     y_TO = y_ECO.new_zeros(x_TD.shape[0], y_ECO.shape[-1])
     return y_TO.index_add(0, tok_EC.reshape(-1), y_ECO.reshape(E * C, -1))
@@ -131,8 +158,8 @@ def soft(x_BND: Tensor, routing: SoftRouting, experts: Experts) -> Tensor:
     """Soft MoE: slots are convex mixes of tokens; expert e owns slots ``e*s .. e*s+s-1``."""
     B = x_BND.shape[0]
     E = experts.num_experts
-    dispatch = routing.dispatch.to(experts.dtype)
-    slots_BSD = torch.einsum("bns,bnd->bsd", dispatch, x_BND.to(experts.dtype))
+    dispatch = routing.dispatch.to(x_BND.dtype)
+    slots_BSD = torch.einsum("bns,bnd->bsd", dispatch, x_BND)
     per_expert = slots_BSD.shape[1] // E
     # (B, E*s, D) -> (E, B*s, D): each expert sees its s slots of every sequence.
     x_EMD = slots_BSD.view(B, E, per_expert, -1).transpose(0, 1).reshape(E, B * per_expert, -1)

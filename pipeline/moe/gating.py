@@ -68,7 +68,16 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=dim ** -0.5)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        return F.linear(x_TD.to(self.compute_dtype), self.weight.to(self.compute_dtype)).float()
+        with torch.autocast(x_TD.device.type, enabled=False):  # the router stays in its dtype
+            return F.linear(x_TD.to(self.compute_dtype),
+                            self.weight.to(self.compute_dtype)).float()
+
+
+def _confine(logits_TE: Tensor, allowed_TE: Tensor | None) -> Tensor:
+    """Logits of experts outside a token's allowed set become -inf (probability 0)."""
+    if allowed_TE is None:
+        return logits_TE
+    return logits_TE.masked_fill(~allowed_TE, float("-inf"))
 
 
 def _select(scores_TE: Tensor, k: int, bias_E: Tensor | None) -> Tensor:
@@ -86,9 +95,10 @@ class TopKGate(nn.Module):
         self.k = cfg.top_k_experts
         self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
 
-    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None,
+                allowed_TE: Tensor | None = None) -> TokenChoice:
         logits_TE = self.router(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = torch.softmax(_confine(logits_TE, allowed_TE), dim=-1)
         ids_TK = _select(probs_TE, self.k, bias_E)
         w_TK = probs_TE.gather(1, ids_TK)
         return TokenChoice(ids_TK, w_TK / w_TK.sum(-1, keepdim=True), probs_TE, logits_TE)
@@ -106,12 +116,13 @@ class SwitchGate(nn.Module):
         self.jitter = cfg.jitter_noise
         self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
 
-    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None,
+                allowed_TE: Tensor | None = None) -> TokenChoice:
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
         logits_TE = self.router(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = torch.softmax(_confine(logits_TE, allowed_TE), dim=-1)
         ids_T1 = _select(probs_TE, 1, bias_E)
         return TokenChoice(ids_T1, probs_TE.gather(1, ids_T1), probs_TE, logits_TE)
 
@@ -130,11 +141,12 @@ class NoisyTopKGate(nn.Module):
         self.noise = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
         nn.init.zeros_(self.noise.weight)  # starts at softplus(0) = 0.69 noise everywhere
 
-    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None) -> TokenChoice:
+    def forward(self, x_TD: Tensor, bias_E: Tensor | None = None,
+                allowed_TE: Tensor | None = None) -> TokenChoice:
         logits_TE = self.router(x_TD)
         if self.training:
             logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.noise(x_TD))
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = torch.softmax(_confine(logits_TE, allowed_TE), dim=-1)
         ids_TK = _select(probs_TE, self.k, bias_E)
         w_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
         return TokenChoice(ids_TK, w_TK, probs_TE, logits_TE)
@@ -175,9 +187,10 @@ class SoftMoEGate(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x_BND: Tensor) -> SoftRouting:
-        x = F.normalize(x_BND.float(), dim=-1)
-        phi = F.normalize(self.phi, dim=-1) * self.scale
-        logits_BNS = torch.einsum("bnd,sd->bns", x, phi)
+        with torch.autocast(x_BND.device.type, enabled=False):
+            x = F.normalize(x_BND.float(), dim=-1)
+            phi = F.normalize(self.phi, dim=-1) * self.scale
+            logits_BNS = torch.einsum("bnd,sd->bns", x, phi)
         return SoftRouting(torch.softmax(logits_BNS, dim=1), torch.softmax(logits_BNS, dim=2),
                            logits_BNS)
 
@@ -219,8 +232,10 @@ class RandomGate(nn.Module):
         super().__init__()
         self.num_experts, self.k = cfg.num_experts, cfg.top_k_experts
 
-    def forward(self, x_TD: Tensor) -> TokenChoice:
+    def forward(self, x_TD: Tensor, allowed_TE: Tensor | None = None) -> TokenChoice:
         scores = torch.rand(x_TD.shape[0], self.num_experts, device=x_TD.device)
+        if allowed_TE is not None:
+            scores = scores.masked_fill(~allowed_TE, -1.0)
         ids_TK = scores.topk(self.k, dim=-1).indices
         w_TK, probs_TE = _uniform_weights(ids_TK, self.num_experts)
         return TokenChoice(ids_TK, w_TK, probs_TE, None)

@@ -98,8 +98,11 @@ class _OneDnnLinear(torch.autograd.Function):
 def cpu_linear(x: Tensor, w: Tensor, act: str | None = None) -> Tensor:
     """``act(x @ w^T)`` by the fastest kernel this build has for the CPU (``F.linear`` else).
 
-    The activation is fused into the GEMM's epilogue when no gradient is needed.
+    The activation is fused into the GEMM's epilogue when no gradient is needed. Under
+    autocast ``x`` may be narrower than ``w``; ``w`` is cast to match, as autocast would.
     """
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
     if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and onednn_available() and x.shape[0] > 0):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import MoEConfig
-from pipeline.errors import InputShapeError
+from pipeline.config import CONSTRAINABLE_GATES, MoEConfig
+from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe import dispatch
 from pipeline.moe.balancing import (
     aux_free_bias_update,
@@ -45,6 +45,20 @@ class MoEAux(NamedTuple):
     load: Tensor  # (E,) float32 counts / counts.sum()
     router_entropy: Tensor  # () mean per-token routing entropy, nats
     dropped: Tensor  # () int64 assignments dropped for lack of capacity
+    # With pool=True (token-choice gates): per input b and expert e,
+    pooled: Tensor | None = None  # (B, E, O) sum over b's tokens of w[t, e] * expert_e(x_t)
+    input_weights: Tensor | None = None  # (B, E) mean routing weight per token of b
+
+
+class RoutingConstraint(NamedTuple):
+    """Confines each input's tokens to some experts (its chosen constellations' members).
+
+    ``allowed`` (B, E) bool; ``scale`` (B, E) or None multiplies the combine weight of each
+    (input, expert), which is how the supervisor's score reaches the output and its gradient.
+    """
+
+    allowed: Tensor
+    scale: Tensor | None = None
 
 
 def _experts(cfg: MoEConfig, num_experts: int, hidden_dim: int) -> Experts:
@@ -68,18 +82,24 @@ class MoELayer(nn.Module):
         bias = torch.zeros(config.num_experts) if config.balance_loss == "aux_free" else None
         self.register_buffer("balance_bias", bias)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None,
+                constraint: RoutingConstraint | None = None,
+                pool: bool = False) -> tuple[Tensor, MoEAux]:
         """``x`` (T, D) or (B, N, D); ``token_ids`` (T,) or (B, N) int, for hash routing.
+
+        ``constraint`` confines each input's tokens to some experts; ``pool`` also returns
+        per-(input, expert) pooled outputs in ``aux.pooled`` (token-choice gates only; a 2-D
+        ``x`` is one input).
 
         Returns ``y`` (T, O) or (B, N, O) in ``x``'s dtype, and a `MoEAux`.
         """
         cfg = self.config
-        self._check(x, token_ids)
+        self._check(x, token_ids, constraint, pool)
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, cfg.input_dim)
+        x_TD = x.reshape(-1, cfg.input_dim).to(self.compute_dtype(x))
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         if isinstance(self.gate, SoftMoEGate):
-            x_BND = x if x.dim() == 3 else x.unsqueeze(0)
+            x_BND = x_TD.view(x.shape if x.dim() == 3 else (1, *x.shape))
             soft = self.gate(x_BND)
             y_TO = dispatch.soft(x_BND, soft, self.experts).reshape(-1, cfg.output_dim)
             probs_TE, counts_E = self._soft_usage(soft)
@@ -91,30 +111,56 @@ class MoELayer(nn.Module):
             counts_E = torch.full((cfg.num_experts,), float(routing.token_ids.shape[1]),
                                   device=x.device)
         else:
-            routing = self._route_tokens(x, x_TD, token_ids)
+            B = x.shape[0] if x.dim() == 3 else 1
+            input_T = torch.arange(x_TD.shape[0], device=x.device) // (x_TD.shape[0] // B)
+            routing = self._route_tokens(x, x_TD, token_ids, constraint, input_T)
             counts_E = expert_counts(routing.expert_ids, cfg.num_experts)
+            sink = dispatch.Pool(input_T, x_TD.new_zeros(
+                cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype)) if pool else None
             if cfg.dispatch == "capacity":
                 y_TO, dropped = dispatch.fixed_capacity(x_TD, routing, self.experts,
-                                                        cfg.capacity_factor)
+                                                        cfg.capacity_factor, sink)
             else:
-                y_TO = dispatch.dropless(x_TD.to(self.experts.dtype), routing, self.experts,
-                                         counts_E)
+                y_TO = dispatch.dropless(x_TD, routing, self.experts, counts_E, sink)
             probs_TE, logits = routing.probs, routing.logits
         if self.shared is not None:
-            y_TO = y_TO + self.shared.forward_padded(x_TD.to(self.shared.dtype).unsqueeze(0))[0]
+            y_TO = y_TO + self.shared.forward_padded(x_TD.unsqueeze(0))[0]
         aux = self._aux(routing_kind=cfg.gate_type, probs_TE=probs_TE, logits=logits,
                         counts_E=counts_E, dropped=dropped)
+        if pool:
+            aux = aux._replace(pooled=sink.out_EBO.transpose(0, 1),
+                               input_weights=self._input_weights(routing, input_T, B))
         return y_TO.to(x.dtype).reshape(*lead, cfg.output_dim), aux
 
-    def _route_tokens(self, x: Tensor, x_TD: Tensor, token_ids: Tensor | None) -> TokenChoice:
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The experts' working dtype: autocast's when it is on, else the weights' own."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.experts.dtype
+
+    def _route_tokens(self, x: Tensor, x_TD: Tensor, token_ids: Tensor | None,
+                      constraint: RoutingConstraint | None, input_T: Tensor) -> TokenChoice:
         if isinstance(self.gate, HashGate):
             if token_ids is None:  # hash by position within the sequence
                 n = x.shape[-2] if x.dim() == 3 else x.shape[0]
                 token_ids = torch.arange(n, device=x.device).expand(x.shape[:-1])
             return self.gate(token_ids.reshape(-1))
+        allowed_TE = None if constraint is None else constraint.allowed[input_T]
         if self.config.gate_type in ("topk", "switch", "noisy_topk"):
-            return self.gate(x_TD, self.balance_bias)
-        return self.gate(x_TD)
+            routing = self.gate(x_TD, self.balance_bias, allowed_TE)
+        else:
+            routing = self.gate(x_TD, allowed_TE)
+        if constraint is not None and constraint.scale is not None:
+            scale_TK = constraint.scale[input_T].gather(1, routing.expert_ids)
+            routing = routing._replace(weights=routing.weights * scale_TK)
+        return routing
+
+    def _input_weights(self, routing: TokenChoice, input_T: Tensor, B: int) -> Tensor:
+        """Mean routing weight per token of each (input, expert): ``(B, E)``."""
+        E = self.config.num_experts
+        flat = (input_T.unsqueeze(1) * E + routing.expert_ids).reshape(-1)
+        sums = routing.weights.new_zeros(B * E).index_add_(0, flat, routing.weights.reshape(-1))
+        return sums.view(B, E) / (input_T.numel() // B)
 
     @staticmethod
     def _soft_usage(soft: SoftRouting) -> tuple[Tensor, Tensor]:
@@ -151,8 +197,20 @@ class MoELayer(nn.Module):
             aux_free_bias_update(self.balance_bias, counts_E.to(self.balance_bias.device),
                                  self.config.aux_free_update_rate)
 
-    def _check(self, x: Tensor, token_ids: Tensor | None) -> None:
+    def _check(self, x: Tensor, token_ids: Tensor | None,
+               constraint: RoutingConstraint | None, pool: bool) -> None:
         cfg = self.config
+        if constraint is not None and cfg.gate_type not in CONSTRAINABLE_GATES:
+            raise ConfigError("gate_type", cfg.gate_type, "one of " + ", ".join(
+                repr(g) for g in CONSTRAINABLE_GATES) + " to route under constellations")
+        if pool and not cfg.is_token_choice:
+            raise ConfigError("gate_type", cfg.gate_type, "a token-choice gate to pool "
+                              "outputs per input and expert")
+        if constraint is not None:
+            B = x.shape[0] if x.dim() == 3 else 1
+            if tuple(constraint.allowed.shape) != (B, cfg.num_experts):
+                raise InputShapeError("constraint.allowed", tuple(constraint.allowed.shape),
+                                      f"(inputs, num_experts) = ({B}, {cfg.num_experts})")
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.input_dim:
             raise InputShapeError("x", tuple(x.shape),
                                   f"(tokens, {cfg.input_dim}) or (batch, seq, {cfg.input_dim})")
