@@ -1,0 +1,254 @@
+"""The MoE system: supervisor gating over constellations, a stack of MoE blocks, reports.
+
+Legend: B inputs, N tokens per input, D input dim, O output dim, E experts, C constellations
+chosen per input.
+
+``MixtureOfExpertsSystem`` is the plain model, readable and easy to debug;
+``FullyOptimizedMoESystem`` runs the same modules under torch.compile, mixed precision and
+gradient checkpointing as its config asks. Both keep the original framework's API:
+``forward``, ``training_step``, ``save``/``load`` and ``model_info``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import MoEConfig
+from pipeline.errors import ConfigError, InputShapeError
+from pipeline.moe import checkpoint as ckpt
+from pipeline.moe.analysis import parameter_counts
+from pipeline.moe.constellation import ExpertConstellation
+from pipeline.moe.layer import MoEAux, MoELayer, RoutingConstraint
+from pipeline.moe.supervisor import SupervisorDecision, SupervisorGating
+
+
+class DraftReportBatch(NamedTuple):
+    """One draft report per (input, chosen constellation), as tensors."""
+
+    constellation_ids: Tensor  # (B, C) int64, best first
+    scores: Tensor  # (B, C) float32 supervisor probability
+    embeddings: Tensor  # (B, C, D) float32, L2-normalised pooled output of its experts
+    expert_weights: Tensor  # (B, C, E) mean routing weight of each member that fired, else 0
+
+
+class SystemOutput(NamedTuple):
+    output: Tensor  # (B, N, O), or (B, O) for a 2-D input
+    loss: Tensor  # () weighted auxiliary loss to add to the task loss
+    decision: SupervisorDecision
+    aux: tuple[MoEAux, ...]  # one per block
+    reports: DraftReportBatch | None
+
+
+class MoEBlock(nn.Module):
+    """Pre-norm residual MoE block: ``h + moe(norm(h))``."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.input_dim)
+        self.moe = MoELayer(dataclasses.replace(cfg, output_dim=cfg.input_dim))
+
+    def forward(self, h_BND: Tensor, constraint: RoutingConstraint | None,
+                pool: bool) -> tuple[Tensor, MoEAux]:
+        y_BND, aux = self.moe(self.norm(h_BND), constraint=constraint, pool=pool)
+        return h_BND + y_BND, aux
+
+
+def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, dict):
+        for xk, yk in (("x", "y"), ("inputs", "targets")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk]
+        raise InputShapeError("batch", (len(batch),), "a dict with 'x' and 'y' "
+                              "(or 'inputs' and 'targets')")
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise InputShapeError("batch", (), "an (inputs, targets) pair")
+
+
+class MixtureOfExpertsSystem(nn.Module):
+    """Supervisor → constellations → MoE blocks → output head, with draft reports."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if not config.is_token_choice:
+            raise ConfigError("gate_type", config.gate_type, "a token-choice gate (topk, switch,"
+                              " noisy_topk, hash, random): draft reports pool per expert")
+        self.config = config
+        self.constellation = ExpertConstellation(config)
+        self.supervisor = SupervisorGating(config, len(self.constellation))
+        self.blocks = nn.ModuleList(MoEBlock(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.input_dim)
+        self.head = nn.Linear(config.input_dim, config.output_dim)
+
+    # -- forward ---------------------------------------------------------------------------
+    def run(self, x: Tensor, reports: bool = False) -> SystemOutput:
+        """The whole forward. ``x`` is ``(B, N, D)`` or ``(B, D)`` (one token per input)."""
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.input_dim:
+            raise InputShapeError("x", tuple(x.shape), f"(batch, seq, {cfg.input_dim}) or "
+                                  f"(batch, {cfg.input_dim})")
+        x_BND = x if x.dim() == 3 else x.unsqueeze(1)
+        decision = self.supervisor(x_BND)
+        confine = cfg.constellations_constrain_routing
+        constraint = None
+        if confine:
+            constraint = RoutingConstraint(
+                self.constellation.allowed(decision.chosen),
+                self.constellation.expert_scale(decision.chosen, decision.scores))
+        align = self.training and not confine
+        h, auxes = x_BND, []
+        for i, block in enumerate(self.blocks):
+            pool = (reports or align) and i == len(self.blocks) - 1
+            h, aux = self._call_block(block, h, constraint, pool)
+            auxes.append(aux)
+        out = self.head(self.final_norm(h))
+        loss = torch.stack([a.loss for a in auxes]).sum()
+        loss = loss + cfg.constellation_balance_weight * decision.balance_loss()
+        last = auxes[-1]
+        if align:
+            target = self.constellation.mass(last.input_weights)
+            loss = loss + cfg.constellation_balance_weight * self.supervisor.alignment_loss(
+                decision, target)
+        batch = None
+        if reports:
+            emb, weights = self.constellation.reports(last.pooled, last.input_weights,
+                                                      decision.chosen)
+            batch = DraftReportBatch(decision.chosen, decision.scores, emb, weights)
+        if x.dim() == 2:
+            out = out.squeeze(1)
+        return SystemOutput(out, loss, decision, tuple(auxes), batch)
+
+    def _call_block(self, block: MoEBlock, h: Tensor, constraint: RoutingConstraint | None,
+                    pool: bool) -> tuple[Tensor, MoEAux]:
+        return block(h, constraint, pool)
+
+    def _runner(self) -> Callable[..., SystemOutput]:
+        return self.run
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, N, D) -> (B, N, O)``."""
+        with self._autocast():
+            return self._runner()(x).output
+
+    def draft_reports(self, x: Tensor) -> SystemOutput:
+        """Forward that also returns the draft reports (``.reports``)."""
+        with self._autocast():
+            return self._runner()(x, reports=True)
+
+    # -- training --------------------------------------------------------------------------
+    def training_step(self, batch: Any, optimizer: torch.optim.Optimizer,
+                      loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float:
+        """One optimizer step on ``(inputs, targets)``: task loss + weighted aux losses.
+
+        Returns the loss as a float for logging: the one host sync a step is allowed.
+        """
+        x, y = _unpack(batch)
+        device = next(self.parameters()).device
+        x, y = x.to(device), y.to(device)
+        self.train()
+        with self._autocast():
+            out = self._runner()(x)
+            loss = loss_fn(out.output.float(), y) + out.loss
+        optimizer.zero_grad(set_to_none=True)
+        self._step(loss, optimizer)
+        for block, aux in zip(self.blocks, out.aux, strict=True):
+            block.moe.update_balance_bias(aux.counts)
+        return float(loss.detach())
+
+    def _step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        loss.backward()
+        optimizer.step()
+
+    # -- persistence and introspection -----------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Weights (safetensors) and config (JSON) into directory ``path``."""
+        return ckpt.save(self, self.config, path, extra={"class": type(self).__name__})
+
+    def load(self, path: str | Path) -> MixtureOfExpertsSystem:
+        """Load weights saved by `save`; refuses a checkpoint of a different config."""
+        ckpt.load(self, self.config, path)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> MixtureOfExpertsSystem:
+        """A new system built from a checkpoint's own config, its weights loaded."""
+        return cls(ckpt.read_config(path)).load(path)
+
+    def model_info(self) -> dict[str, Any]:
+        p = next(self.parameters())
+        return {
+            "class": type(self).__name__,
+            "parameters": parameter_counts(self),
+            "device": str(p.device),
+            "dtype": str(p.dtype).removeprefix("torch."),
+            "constellations": {name: [self.constellation.expert_names[e]
+                                      for e in self.constellation.members(name)]
+                               for name in self.constellation.names},
+            "config": self.config.to_dict(),
+        }
+
+    def moe_layers(self) -> Iterator[MoELayer]:
+        return (block.moe for block in self.blocks)
+
+
+class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
+    """The same model under torch.compile, autocast and gradient checkpointing.
+
+    Each switch comes from the config: ``use_compile`` (with ``compile_mode``), ``use_amp``
+    (``amp_dtype``; float16 trains with a gradient scaler), ``use_gradient_checkpointing``
+    (blocks recompute their activations in backward). With ``dispatch="capacity"`` and
+    ``compile_mode="reduce-overhead"`` on CUDA, inference replays as a CUDA graph.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self._compiled: Callable[..., SystemOutput] | None = None
+        self._scaler: torch.amp.GradScaler | None = None
+
+    def _runner(self) -> Callable[..., SystemOutput]:
+        if not self.config.use_compile:
+            return self.run
+        if self._compiled is None:
+            self._compiled = torch.compile(self.run, mode=self.config.compile_mode)
+        return self._compiled
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.config.use_amp:
+            return contextlib.nullcontext()
+        device = next(self.parameters()).device.type
+        return torch.autocast(device, dtype=getattr(torch, self.config.amp_dtype))
+
+    def _call_block(self, block: MoEBlock, h: Tensor, constraint: RoutingConstraint | None,
+                    pool: bool) -> tuple[Tensor, MoEAux]:
+        if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, constraint, pool, use_reentrant=False)
+        return block(h, constraint, pool)
+
+    def _step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if not (self.config.use_amp and self.config.amp_dtype == "float16"):
+            super()._step(loss, optimizer)
+            return
+        if self._scaler is None:  # fp16 gradients underflow without loss scaling
+            device = next(self.parameters()).device.type
+            self._scaler = torch.amp.GradScaler(device)
+        self._scaler.scale(loss).backward()
+        self._scaler.step(optimizer)
+        self._scaler.update()
+
+    @torch.inference_mode()
+    def infer(self, x: Tensor, reports: bool = False) -> SystemOutput:
+        """Inference: eval mode, no autograd, the compiled and autocast forward."""
+        self.eval()
+        with self._autocast():
+            return self._runner()(x, reports=reports)
