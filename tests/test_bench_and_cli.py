@@ -45,3 +45,29 @@ def test_cli_turns_config_errors_into_one_line_and_exit_1():
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         "error: top_k_experts=5 is invalid: expected at most num_experts=4")
+
+
+def test_system_bench_quick_compares_base_and_optimized():
+    proc = _run("bench/system.py", "--quick", "--no-compile")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "system"
+    assert record["references"]["base_samples_per_s"] > 0
+    assert record["results"]["optimized_samples_per_s"] > 0
+    assert record["results"]["min_cosine_optimized_vs_base"] > 0.99
+    assert "optimized_vs_base" in record["ratios"]
+
+
+def test_constellation_example_specialises_sub_populations():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_constellations", ROOT / "examples" / "train_constellations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "150"])
+    assert result["last_loss"] < 0.2 * result["first_loss"]
+    # Each sub-population goes mostly to one constellation, and no two share one.
+    favourites = [max(range(4), key=row.__getitem__) for row in result["table"].values()]
+    assert all(max(row) > 0.8 for row in result["table"].values())
+    assert len(set(favourites)) == 4

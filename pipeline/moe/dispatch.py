@@ -84,6 +84,9 @@ def dropless(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     return _combine(y_AO, ids_A, w_A, T, pool)
 
 
+# Eager even under torch.compile: it reads group sizes on the host (a graph break anyway),
+# and inductor cannot lower the oneDNN linear op it calls.
+@torch.compiler.disable
 def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
                     counts_E: Tensor, pool: Pool | None) -> Tensor:
     """The CPU's dropless path: group sizes on the host, one GEMM chain per expert.
