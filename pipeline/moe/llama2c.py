@@ -1,0 +1,251 @@
+"""llama2.c files: model checkpoints (``stories15M.bin`` and kin) and ``tokenizer.bin``.
+
+Checkpoint (llama2.c's original export, version 0): seven int32 — dim, hidden_dim, n_layers,
+n_heads, n_kv_heads, vocab_size (negative when the output matrix is stored separately rather
+than shared with the embedding), max_seq_len — then float32 arrays, each ``nn.Linear``-style
+``(out, in)``: token embedding ``(V, dim)``; per layer, in blocks of all layers: attention
+norm, wq, wk, wv, wo, ffn norm, w1, w2, w3; the final norm; RoPE cos and sin tables
+``(max_seq_len, head_dim / 2)`` (recomputed here, so skipped); the output matrix if unshared.
+
+llama2.c rotates interleaved pairs (2i, 2i+1) of each head; Hugging Face's Llama rotates
+halves (i, i + head_dim/2). `load_llama2c` permutes wq and wk rows accordingly, as Meta's
+checkpoints are converted for Hugging Face.
+
+Tokenizer: uint32 max_token_length, then per token float32 score, uint32 byte length, bytes.
+Encoding is llama2.c's: a leading space (SentencePiece's dummy prefix), one token per UTF-8
+character (bytes ``<0xXX>`` at ids 3 + byte when the character is unknown), then greedy merges
+of the adjacent pair whose concatenation has the highest score.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import PipelineError
+
+HEADER = struct.Struct("<7i")
+BOS, EOS = 1, 2
+
+
+class Llama2cError(PipelineError):
+    """A llama2.c file that cannot be read; names the file and what is wrong."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+def rope_permute(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k projection rows from interleaved-pair to half-split rotary layout."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def rope_unpermute(w: Tensor, n_heads: int) -> Tensor:
+    """The inverse of `rope_permute` (Hugging Face layout back to llama2.c's)."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def read_header(path: Path, data: bytes) -> dict[str, int]:
+    if len(data) < HEADER.size:
+        raise Llama2cError(path, f"truncated: {len(data)} bytes, shorter than the "
+                           f"{HEADER.size}-byte header")
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = HEADER.unpack_from(data)
+    shared = vocab > 0
+    vocab = abs(vocab)
+    fields = dict(dim=dim, hidden_dim=hidden, n_layers=layers, n_heads=heads,
+                  n_kv_heads=kv_heads, vocab_size=vocab, max_seq_len=seq_len)
+    bad = [k for k, v in fields.items() if not 0 < v < 1 << 20]
+    if bad or dim % heads or heads % kv_heads or (dim // heads) % 2:
+        raise Llama2cError(path, f"corrupted header {fields} (is this a llama2.c checkpoint?)")
+    return {**fields, "shared_classifier": int(shared)}
+
+
+def _sizes(h: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
+    L, D, F, V = h["n_layers"], h["dim"], h["hidden_dim"], h["vocab_size"]
+    kv = D // h["n_heads"] * h["n_kv_heads"]
+    half = D // h["n_heads"] // 2
+    parts = [("embed", (V, D)), ("attn_norm", (L, D)), ("wq", (L, D, D)), ("wk", (L, kv, D)),
+             ("wv", (L, kv, D)), ("wo", (L, D, D)), ("ffn_norm", (L, D)), ("w1", (L, F, D)),
+             ("w2", (L, D, F)), ("w3", (L, F, D)), ("norm", (D,)),
+             ("rope_cos", (h["max_seq_len"], half)), ("rope_sin", (h["max_seq_len"], half))]
+    if not h["shared_classifier"]:
+        parts.append(("output", (V, D)))
+    return parts
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """Header and named float32 tensors of a llama2.c checkpoint, checked for size."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise Llama2cError(path, f"cannot read: {err.strerror}") from err
+    header = read_header(path, data)
+    parts = _sizes(header)
+    expected = HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in parts)
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "has trailing bytes"
+        raise Llama2cError(path, f"{what}: {len(data)} bytes where the header "
+                           f"{header} implies {expected}")
+    flat = torch.frombuffer(bytearray(data[HEADER.size:]), dtype=torch.float32)
+    tensors, offset = {}, 0
+    for name, shape in parts:
+        n = torch.Size(shape).numel()
+        tensors[name] = flat[offset: offset + n].view(shape).clone()
+        offset += n
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise Llama2cError(path, "corrupted: weights hold NaN or infinity")
+    return header, tensors
+
+
+def load_llama2c(path: str | Path):
+    """A Hugging Face ``LlamaForCausalLM`` holding a llama2.c checkpoint's weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, t = read_tensors(path)
+    config = LlamaConfig(
+        vocab_size=h["vocab_size"], hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
+        num_hidden_layers=h["n_layers"], num_attention_heads=h["n_heads"],
+        num_key_value_heads=h["n_kv_heads"], max_position_embeddings=h["max_seq_len"],
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=bool(h["shared_classifier"]),
+        bos_token_id=BOS, eos_token_id=EOS)
+    model = LlamaForCausalLM(config)
+    state = {"model.embed_tokens.weight": t["embed"], "model.norm.weight": t["norm"],
+             "lm_head.weight": t.get("output", t["embed"])}
+    for i in range(h["n_layers"]):
+        p = f"model.layers.{i}."
+        state |= {
+            p + "input_layernorm.weight": t["attn_norm"][i],
+            p + "self_attn.q_proj.weight": rope_permute(t["wq"][i], h["n_heads"]),
+            p + "self_attn.k_proj.weight": rope_permute(t["wk"][i], h["n_kv_heads"]),
+            p + "self_attn.v_proj.weight": t["wv"][i],
+            p + "self_attn.o_proj.weight": t["wo"][i],
+            p + "post_attention_layernorm.weight": t["ffn_norm"][i],
+            p + "mlp.gate_proj.weight": t["w1"][i],
+            p + "mlp.down_proj.weight": t["w2"][i],
+            p + "mlp.up_proj.weight": t["w3"][i],
+        }
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def write_llama2c(model, path: str | Path) -> Path:
+    """Write a Hugging Face Llama in llama2.c's format (the inverse of `load_llama2c`)."""
+    c, sd = model.config, model.state_dict()
+    L, D = c.num_hidden_layers, c.hidden_size
+    half = D // c.num_attention_heads // 2
+    shared = bool(c.tie_word_embeddings)
+    header = HEADER.pack(D, c.intermediate_size, L, c.num_attention_heads,
+                         c.num_key_value_heads, c.vocab_size if shared else -c.vocab_size,
+                         c.max_position_embeddings)
+
+    def layers(name: str, fix=lambda w: w) -> list[Tensor]:
+        return [fix(sd[f"model.layers.{i}.{name}"]) for i in range(L)]
+
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, half).float() * 2 / (2 * half))
+    angles = torch.outer(torch.arange(c.max_position_embeddings).float(), freqs)
+    parts = [sd["model.embed_tokens.weight"], *layers("input_layernorm.weight"),
+             *layers("self_attn.q_proj.weight",
+                     lambda w: rope_unpermute(w, c.num_attention_heads)),
+             *layers("self_attn.k_proj.weight",
+                     lambda w: rope_unpermute(w, c.num_key_value_heads)),
+             *layers("self_attn.v_proj.weight"), *layers("self_attn.o_proj.weight"),
+             *layers("post_attention_layernorm.weight"), *layers("mlp.gate_proj.weight"),
+             *layers("mlp.down_proj.weight"), *layers("mlp.up_proj.weight"),
+             sd["model.norm.weight"], angles.cos(), angles.sin()]
+    if not shared:
+        parts.append(sd["lm_head.weight"])
+    path = Path(path)
+    with path.open("wb") as f:
+        f.write(header)
+        for p in parts:
+            f.write(p.detach().float().contiguous().numpy().tobytes())
+    return path
+
+
+class Llama2cTokenizer:
+    """llama2.c's ``tokenizer.bin``: scored vocabulary, BPE merges by score."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise Llama2cError(path, f"cannot read: {err.strerror}") from err
+        self.pieces: list[bytes] = []
+        self.scores: list[float] = []
+        offset = 4
+        try:
+            (self.max_token_length,) = struct.unpack_from("<I", data, 0)
+            while offset < len(data):
+                score, n = struct.unpack_from("<fI", data, offset)
+                piece = data[offset + 8: offset + 8 + n]
+                if len(piece) != n:
+                    raise struct.error("piece runs past the end")
+                self.pieces.append(piece)
+                self.scores.append(score)
+                offset += 8 + n
+        except struct.error as err:
+            raise Llama2cError(path, f"truncated tokenizer at byte {offset}: {err}") from err
+        if len(self.pieces) < 3:
+            raise Llama2cError(path, "a tokenizer needs at least <unk>, <s> and </s>")
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.bos_token_id, self.eos_token_id = BOS, EOS
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        tokens: list[int] = []
+        if text:
+            text = " " + text  # SentencePiece's dummy prefix
+        for ch in text:
+            raw = ch.encode("utf-8")
+            if raw in self.ids:
+                tokens.append(self.ids[raw])
+            else:  # byte fallback: <0xXX> sits at 3 + byte
+                tokens.extend(3 + b for b in raw)
+        while True:
+            best, best_score = -1, float("-inf")
+            for i in range(len(tokens) - 1):
+                merged = self.ids.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
+                if merged is not None and self.scores[merged] > best_score:
+                    best, best_score = i, self.scores[merged]
+            if best < 0:
+                break
+            pair = self.pieces[tokens[best]] + self.pieces[tokens[best + 1]]
+            tokens[best: best + 2] = [self.ids[pair]]
+        return ([BOS] if bos else []) + tokens + ([EOS] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        out = bytearray()
+        prev = BOS
+        for i in ids:
+            if i in (BOS, EOS):
+                prev = i
+                continue
+            piece = self.pieces[i]
+            if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+                piece = bytes([int(piece[3:5], 16)])
+            elif prev == BOS and piece.startswith(b" "):
+                piece = piece[1:]
+            out += piece
+            prev = i
+        return out.decode("utf-8", errors="replace")
+
+
+def write_tokenizer(pieces: list[bytes], scores: list[float], path: str | Path) -> Path:
+    """Write a ``tokenizer.bin`` (for tests and for exporting a vocabulary)."""
+    path = Path(path)
+    with path.open("wb") as f:
+        f.write(struct.pack("<I", max(len(p) for p in pieces)))
+        for piece, score in zip(pieces, scores, strict=True):
+            f.write(struct.pack("<fI", score, len(piece)) + piece)
+    return path

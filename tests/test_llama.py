@@ -1,0 +1,233 @@
+"""Dense → MoE conversion of tiny Llama models made here, llama2.c files, and generation."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the llama extra (transformers) is not installed")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from pipeline import ConfigError  # noqa: E402
+from pipeline.moe.llama import (  # noqa: E402
+    MoEMLP,
+    convert_to_moe,
+    count_active_parameters,
+    count_parameters,
+    generate,
+    generate_batch,
+    moe_mlps,
+)
+from pipeline.moe.llama2c import (  # noqa: E402
+    Llama2cError,
+    Llama2cTokenizer,
+    load_llama2c,
+    read_tensors,
+    write_llama2c,
+    write_tokenizer,
+)
+
+LETTERS = [c.encode() for c in " abcdefghijklmnopqrstuvwxyz.,"]
+MERGES = [b" t", b"he", b" the", b"in", b" a", b"an", b"ing", b"on", b" on"]
+PIECES = ([b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+          + LETTERS + MERGES)
+VOCAB = len(PIECES)
+
+
+def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random weights large enough that every layer matters
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 9))
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [dict(gate_type="topk"), dict(gate_type="noisy_topk"), dict(gate_type="hash"),
+     dict(gate_type="random"), dict(gate_type="topk", num_shared_experts=0, top_k=4),
+     dict(gate_type="expert_choice", capacity_factor=2.0)],
+    ids=lambda g: "-".join(f"{v}" for v in g.values()),
+)
+def test_copy_init_keeps_the_dense_models_logits(gate, ids):
+    dense = tiny_llama()
+    kw = {"top_k": 2, **gate}
+    moe = convert_to_moe(dense, [0, 1], num_experts=4, expert_init_strategy="copy", **kw)
+    assert set(moe_mlps(moe)) == {0, 1}
+    assert not any(isinstance(layer.mlp, MoEMLP) for layer in dense.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_perturb_and_random_init_change_the_model(ids):
+    dense = tiny_llama()
+    perturbed = convert_to_moe(dense, [1], num_experts=4, expert_init_noise=0.05)
+    w1 = perturbed.model.layers[1].mlp.moe.experts.w1
+    assert not torch.equal(w1[0], w1[1])
+    with torch.no_grad():
+        d, p = dense(ids).logits, perturbed(ids).logits
+        assert 0 < (d - p).abs().max() < 0.5 * d.abs().max()
+    rand = convert_to_moe(dense, [1], num_experts=4, expert_init_strategy="random")
+    assert not torch.allclose(rand.model.layers[1].mlp.moe.experts.w1[0],
+                              dense.model.layers[1].mlp.gate_proj.weight)
+
+
+def test_split_init_keeps_the_parameter_count():
+    dense = tiny_llama()
+    moe = convert_to_moe(dense, [0, 1], num_experts=4, top_k=2, expert_init_strategy="split")
+    routers = 2 * 4 * 32
+    assert count_parameters(moe) == count_parameters(dense) + routers
+    experts = moe.model.layers[0].mlp.moe.experts
+    assert experts.w1.shape == (4, 16, 32)
+    # Expert e holds hidden units e*16 .. e*16+15 of the dense MLP.
+    torch.testing.assert_close(experts.w1[2], dense.model.layers[0].mlp.gate_proj.weight[32:48])
+    torch.testing.assert_close(experts.w2[2],
+                               dense.model.layers[0].mlp.down_proj.weight[:, 32:48])
+    active = count_active_parameters(moe)
+    assert active == count_parameters(moe) - 2 * (3 * 64 * 32) // 2
+
+
+def test_conversion_refuses_bad_arguments():
+    dense = tiny_llama()
+    with pytest.raises(ConfigError, match="expert_init_strategy='clone'"):
+        convert_to_moe(dense, [0], expert_init_strategy="clone")
+    with pytest.raises(ConfigError, match="layers=\\[5\\]"):
+        convert_to_moe(dense, [5])
+    with pytest.raises(ConfigError, match="num_experts=3 .* divisor"):
+        convert_to_moe(dense, [0], num_experts=3, expert_init_strategy="split")
+    with pytest.raises(ConfigError, match="top_k_experts=9"):
+        convert_to_moe(dense, [0], num_experts=4, top_k=9)
+
+
+def _tokenizer(tmp_path) -> Llama2cTokenizer:
+    scores = [0.0] * (len(PIECES) - len(MERGES)) + [float(-i) for i in range(len(MERGES))]
+    return Llama2cTokenizer(write_tokenizer(PIECES, scores, tmp_path / "tokenizer.bin"))
+
+
+def test_llama2c_tokenizer_merges_by_score_and_round_trips(tmp_path):
+    tok = _tokenizer(tmp_path)
+    ids = tok.encode("the cat")
+    assert ids[0] == 1 and tok.pieces[ids[1]] == b" the"
+    assert tok.decode(ids) == "the cat"
+    odd = tok.encode("naïve!")  # ï and ! fall back to bytes
+    assert tok.decode(odd) == "naïve!"
+    assert tok.encode("") == [1]
+
+
+def reference_llama2c_logits(path, tokens: list[int]) -> torch.Tensor:
+    """llama2.c's run.c forward, written out: interleaved-pair RoPE, GQA, RMSNorm."""
+    h, t = read_tensors(path)
+    D, H, KV = h["dim"], h["n_heads"], h["n_kv_heads"]
+    hs = D // H
+
+    def rms(x, w):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def rope(v, pos):
+        v = v.clone()
+        for i in range(0, v.shape[0], 2):
+            angle = pos / 10000.0 ** ((i % hs) / hs)
+            c, s = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
+            a, b = v[i].clone(), v[i + 1].clone()
+            v[i], v[i + 1] = a * c - b * s, a * s + b * c
+        return v
+
+    x = t["embed"][tokens]
+    T = len(tokens)
+    for layer in range(h["n_layers"]):
+        xb = rms(x, t["attn_norm"][layer])
+        q = torch.stack([rope(xb[p] @ t["wq"][layer].T, p) for p in range(T)])
+        k = torch.stack([rope(xb[p] @ t["wk"][layer].T, p) for p in range(T)])
+        v = xb @ t["wv"][layer].T
+        att = torch.zeros(T, D)
+        for head in range(H):
+            kvh = head // (H // KV)
+            qh, kh = q[:, head * hs:(head + 1) * hs], k[:, kvh * hs:(kvh + 1) * hs]
+            vh = v[:, kvh * hs:(kvh + 1) * hs]
+            scores = (qh @ kh.T) / hs**0.5
+            scores = scores.masked_fill(torch.triu(torch.ones(T, T), 1).bool(), float("-inf"))
+            att[:, head * hs:(head + 1) * hs] = scores.softmax(-1) @ vh
+        x = x + att @ t["wo"][layer].T
+        xb = rms(x, t["ffn_norm"][layer])
+        hb = torch.nn.functional.silu(xb @ t["w1"][layer].T) * (xb @ t["w3"][layer].T)
+        x = x + hb @ t["w2"][layer].T
+    x = rms(x, t["norm"])
+    return x @ t.get("output", t["embed"]).T
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama2c_checkpoint_loads_with_run_c_semantics(tmp_path, tie):
+    hf = tiny_llama(tie=tie)
+    path = write_llama2c(hf, tmp_path / "model.bin")
+    loaded = load_llama2c(path)
+    tokens = [1, 40, 290, 7, 12, 280]
+    with torch.no_grad():
+        ours = loaded(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(ours, reference_llama2c_logits(path, tokens), atol=1e-4,
+                               rtol=1e-4)
+    with torch.no_grad():  # and it is the model that was written
+        torch.testing.assert_close(ours, hf(torch.tensor([tokens])).logits[0], atol=1e-4,
+                                   rtol=1e-4)
+    # A llama2.c model converts like any other.
+    moe = convert_to_moe(loaded, [1], num_experts=2, top_k=1, expert_init_strategy="copy")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(torch.tensor([tokens])).logits[0], ours, atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_bad_llama2c_files_give_clear_errors(tmp_path):
+    path = write_llama2c(tiny_llama(), tmp_path / "model.bin")
+    data = path.read_bytes()
+    (tmp_path / "short.bin").write_bytes(data[:-100])
+    with pytest.raises(Llama2cError, match="short.bin: truncated: .* implies"):
+        load_llama2c(tmp_path / "short.bin")
+    (tmp_path / "tiny.bin").write_bytes(data[:10])
+    with pytest.raises(Llama2cError, match="shorter than the 28-byte header"):
+        load_llama2c(tmp_path / "tiny.bin")
+    (tmp_path / "bad.bin").write_bytes(struct.pack("<7i", 32, 64, 2, 5, 2, 9, 64) + data[28:])
+    with pytest.raises(Llama2cError, match="corrupted header"):
+        load_llama2c(tmp_path / "bad.bin")
+    nan = bytearray(data)
+    nan[40:44] = struct.pack("<f", float("nan"))
+    (tmp_path / "nan.bin").write_bytes(bytes(nan))
+    with pytest.raises(Llama2cError, match="NaN"):
+        load_llama2c(tmp_path / "nan.bin")
+    with pytest.raises(Llama2cError, match="cannot read"):
+        load_llama2c(tmp_path / "absent.bin")
+    tok = (tmp_path / "tok.bin")
+    write_tokenizer(PIECES, [0.0] * VOCAB, tok)
+    (tmp_path / "tok_short.bin").write_bytes(tok.read_bytes()[:-3])
+    with pytest.raises(Llama2cError, match="truncated tokenizer"):
+        Llama2cTokenizer(tmp_path / "tok_short.bin")
+
+
+def test_generation_reports_expert_usage_and_entropy(tmp_path, capsys):
+    tok = _tokenizer(tmp_path)
+    moe = convert_to_moe(tiny_llama(), [0, 1], num_experts=4, top_k=2)
+    result = generate(moe, tok, "the cat", temperature=0.8, max_new_tokens=12, seed=3,
+                      show_expert_stats=True, show_routing_entropy=True)
+    assert 0 < len(result.token_ids) <= 12
+    assert isinstance(result.text, str)
+    assert set(result.expert_usage) == {0, 1}
+    for layer in (0, 1):
+        assert sum(result.expert_usage[layer]) == pytest.approx(100.0)
+        assert 0 <= result.routing_entropy[layer] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    printed = capsys.readouterr().out
+    assert "layer 0:" in printed and "entropy=" in printed
+    again = generate(moe, tok, "the cat", temperature=0.8, max_new_tokens=12, seed=3)
+    assert again.token_ids == result.token_ids  # seeded sampling is reproducible
+    greedy = generate_batch(moe, tok, ["a", "the"], temperature=0, max_new_tokens=4,
+                            show_progress=False)
+    assert len(greedy) == 2 and all(len(r.token_ids) <= 4 for r in greedy)
