@@ -92,6 +92,62 @@ def demo(gate_type: str, num_experts: int, top_k: int, expert_type: str, steps: 
         click.echo(f"routing entropy {h['entropy']:.3f} nats ({h['normalized']:.0%} of maximum)")
 
 
+def _load_llama(model_path: str, tokenizer_path: str | None):
+    from pathlib import Path
+
+    from pipeline.moe.llama2c import Llama2cTokenizer, load_llama2c
+
+    if Path(model_path).is_dir():  # a Hugging Face checkpoint directory, read offline
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(model_path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path, local_files_only=True)
+        return model.eval(), tok
+    if tokenizer_path is None:
+        raise click.UsageError("a llama2.c checkpoint needs --tokenizer tokenizer.bin")
+    return load_llama2c(model_path), Llama2cTokenizer(tokenizer_path)
+
+
+@cli.command()
+@click.argument("model_path", type=click.Path(exists=True))
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
+              help="llama2.c tokenizer.bin (or a Hugging Face tokenizer directory)")
+@click.option("--layers", default="all", show_default=True,
+              help="decoder layers to convert, 0-based, comma-separated")
+@click.option("--experts", "num_experts", default=8, show_default=True)
+@click.option("--top-k", "top_k", default=2, show_default=True)
+@click.option("--init", "init", default="perturb", show_default=True,
+              type=click.Choice(["copy", "perturb", "split", "random"]))
+@click.option("--gate", "gate_type", default="topk", show_default=True,
+              type=click.Choice(["topk", "switch", "noisy_topk", "hash", "random"]))
+@click.option("--prompt", default="Once upon a time", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.9, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def generate(model_path: str, tokenizer_path: str | None, layers: str, num_experts: int,
+             top_k: int, init: str, gate_type: str, prompt: str, max_new_tokens: int,
+             temperature: float, seed: int) -> None:
+    """Convert a Llama (llama2.c .bin or HF directory) to MoE and generate with stats."""
+    from pipeline.moe.llama import (
+        convert_to_moe,
+        count_active_parameters,
+        count_parameters,
+    )
+    from pipeline.moe.llama import generate as run_generation
+
+    dense, tok = _load_llama(model_path, tokenizer_path)
+    n = len(dense.model.layers)
+    chosen = list(range(n)) if layers == "all" else [int(i) for i in layers.split(",")]
+    moe = convert_to_moe(dense, chosen, num_experts=num_experts, top_k=top_k,
+                         expert_init_strategy=init, gate_type=gate_type, seed=seed)
+    click.echo(f"converted layers {chosen} of {n}: {count_parameters(moe):,} parameters, "
+               f"{count_active_parameters(moe):,} active per token")
+    result = run_generation(moe, tok, prompt, temperature=temperature,
+                            max_new_tokens=max_new_tokens, seed=seed,
+                            show_expert_stats=True, show_routing_entropy=True)
+    click.echo(f"{prompt}{result.text}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -231,3 +231,31 @@ def test_generation_reports_expert_usage_and_entropy(tmp_path, capsys):
     greedy = generate_batch(moe, tok, ["a", "the"], temperature=0, max_new_tokens=4,
                             show_progress=False)
     assert len(greedy) == 2 and all(len(r.token_ids) <= 4 for r in greedy)
+
+
+def test_cli_converts_a_llama2c_checkpoint_and_generates(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = write_llama2c(tiny_llama(), tmp_path / "model.bin")
+    _tokenizer(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", str(model), "--tokenizer",
+         str(tmp_path / "tokenizer.bin"), "--layers", "1", "--experts", "4",
+         "--max-new-tokens", "8", "--prompt", "the"],
+        capture_output=True, text=True, cwd=root, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "converted layers [1] of 2" in proc.stdout
+    assert "layer 1:" in proc.stdout and "entropy=" in proc.stdout
+    truncated = tmp_path / "cut.bin"
+    truncated.write_bytes(model.read_bytes()[:1000])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", str(truncated), "--tokenizer",
+         str(tmp_path / "tokenizer.bin")], capture_output=True, text=True, cwd=root,
+        timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ")
+    assert "cut.bin: truncated" in proc.stderr
