@@ -138,7 +138,8 @@ def generate(model_path: str, tokenizer_path: str | None, layers: str, num_exper
     dense, tok = _load_llama(model_path, tokenizer_path)
     n = len(dense.model.layers)
     chosen = list(range(n)) if layers == "all" else [int(i) for i in layers.split(",")]
-    moe = convert_to_moe(dense, chosen, num_experts=num_experts, top_k=top_k,
+    moe = convert_to_moe(dense, chosen, num_experts=num_experts,
+                         top_k=1 if gate_type == "switch" else top_k,
                          expert_init_strategy=init, gate_type=gate_type, seed=seed)
     click.echo(f"converted layers {chosen} of {n}: {count_parameters(moe):,} parameters, "
                f"{count_active_parameters(moe):,} active per token")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -124,6 +125,12 @@ class MoEConfig:
     use_gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        # JSON has no tuples: keep what a checkpoint's config.json reads back identical.
+        if isinstance(self.constellations, dict):
+            self.constellations = {k: list(v) if isinstance(v, tuple) else v
+                                   for k, v in self.constellations.items()}
+        if isinstance(self.expert_specializations, tuple):
+            self.expert_specializations = list(self.expert_specializations)
         for name in ("input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts",
                      "cur_rank", "slots_per_expert", "num_expert_groups"):
             _positive_int(name, getattr(self, name))
@@ -280,18 +287,34 @@ class MoEConfig:
         return cls(**data)
 
 
+def _env(name: str) -> AliasChoices:
+    """Read from ``NAME`` (the name the stack's services use) or ``MOE_NAME``."""
+    return AliasChoices(name, f"MOE_{name}")
+
+
 class Settings(BaseSettings):
     """The running system's settings, read from the environment (and `.env`) when built.
 
-    Later modules add the graph, SQL and broker URLs here; everything that reads the
-    environment goes through this one object.
+    Everything that reads the environment goes through this one object: the graph driver,
+    SQLAlchemy and Alembic, Celery, the CLI. Unset service URLs mean the embedded default:
+    a local graph server and a SQLite file under ``state_dir``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MOE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MOE_", env_file=".env", extra="ignore",
+                                      populate_by_name=True)
 
-    state_dir: Path = Path(".state")
+    state_dir: Path = Field(Path(".state"), validation_alias=_env("STATE_DIR"))
     device: str = "auto"
     seed: int = 0
+
+    neo4j_uri: str | None = Field(None, validation_alias=_env("NEO4J_URI"))
+    neo4j_username: str = Field("neo4j", validation_alias=_env("NEO4J_USERNAME"))
+    neo4j_password: str | None = Field(None, validation_alias=_env("NEO4J_PASSWORD"))
+    neo4j_database: str | None = Field(None, validation_alias=_env("NEO4J_DATABASE"))
+    graph_vector_index: bool = Field(False, validation_alias=_env("GRAPH_VECTOR_INDEX"))
+    graph_connect_timeout_s: float = 30.0
+
+    database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
 
     def torch_device(self) -> str:
         """The device to run on: ``device`` itself, or CUDA when present for ``"auto"``."""
@@ -300,3 +323,9 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def sql_url(self) -> str:
+        """``DATABASE_URL``, or a SQLite file in the state dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'runs.sqlite3').resolve()}"

@@ -213,6 +213,25 @@ def test_bad_llama2c_files_give_clear_errors(tmp_path):
         Llama2cTokenizer(tmp_path / "tok_short.bin")
 
 
+@pytest.mark.parametrize("gate", ["topk", "hash"])
+def test_cached_decoding_matches_a_full_forward(gate, ids):
+    moe = convert_to_moe(tiny_llama(), [0, 1], num_experts=4, top_k=2, gate_type=gate,
+                         expert_init_noise=0.5)
+    with torch.no_grad():
+        head = moe(ids[:, :-1], use_cache=True)
+        step = moe(ids[:, -1:], past_key_values=head.past_key_values, use_cache=True)
+        full = moe(ids)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_generated_text_keeps_its_spaces(tmp_path):
+    tok = _tokenizer(tmp_path)
+    moe = convert_to_moe(tiny_llama(), [1], num_experts=2, top_k=1)
+    result = generate(moe, tok, "the cat", temperature=0, max_new_tokens=6)
+    prompt_ids = tok.encode("the cat")
+    assert "the cat" + result.text == tok.decode(prompt_ids + result.token_ids)
+
+
 def test_generation_reports_expert_usage_and_entropy(tmp_path, capsys):
     tok = _tokenizer(tmp_path)
     moe = convert_to_moe(tiny_llama(), [0, 1], num_experts=4, top_k=2)

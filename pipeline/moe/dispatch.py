@@ -15,7 +15,6 @@ Nothing here reads a tensor's value on the host except `dropless` on the CPU (se
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from pipeline.moe.experts import Experts
 from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, capacity
-from pipeline.moe.grouped_mm import ExpertSlices
+from pipeline.moe.grouped_mm import ExpertSlices, grouped_mm_supported
 
 
 class Pool(NamedTuple):
@@ -57,31 +56,50 @@ def _combine(y_AO: Tensor, ids_A: Tensor, w_A: Tensor, num_tokens: int,
     return y_AO.view(-1, num_tokens, y_AO.shape[-1]).sum(0)
 
 
-_grouped_mm_failed = False  # set once if this CUDA build's grouped GEMM refuses our dtype
-
-
 def dropless(x_TD: Tensor, routing: TokenChoice, experts: Experts,
              counts_E: Tensor, pool: Pool | None = None) -> Tensor:
-    """Every assignment runs. CUDA: sort by expert, grouped GEMM, unsort, weighted sum.
+    """Every assignment runs. On CUDA: sort by expert, grouped products, unsort, combine.
 
-    Elsewhere (and on CUDA builds whose grouped GEMM lacks the dtype) see `_dropless_split`.
+    The grouped products are ``torch._grouped_mm`` where it runs natively (bf16, Hopper and
+    newer) and `_blocked` otherwise; neither reads anything back to the host. On the CPU
+    see `_dropless_split`.
     """
-    global _grouped_mm_failed
-    if not (x_TD.is_cuda and not _grouped_mm_failed):
+    if not x_TD.is_cuda:
         return _dropless_split(x_TD, routing, experts, counts_E, pool)
     T = x_TD.shape[0]
     ids_A, w_A = _flatten(routing)
     order_A = torch.argsort(ids_A, stable=True)
     x_sorted = x_TD.index_select(0, order_A.remainder(T))
-    try:
-        y_sorted = experts.forward_sorted(x_sorted, counts_E.to(torch.int64))
-    except RuntimeError as err:
-        _grouped_mm_failed = True
-        warnings.warn(f"torch._grouped_mm failed ({err}); falling back to a host-side split, "
-                      "which waits on the device", stacklevel=2)
-        return _dropless_split(x_TD, routing, experts, counts_E, pool)
+    counts_E = counts_E.to(torch.int64)
+    dims = (experts.input_dim, experts.hidden_dim, experts.output_dim)
+    if grouped_mm_supported(x_sorted, dims):
+        y_sorted = experts.forward_sorted(x_sorted, counts_E)
+    else:
+        y_sorted = _blocked(x_sorted, ids_A.index_select(0, order_A), counts_E, experts)
     y_AO = torch.empty_like(y_sorted).index_copy(0, order_A, y_sorted)
     return _combine(y_AO, ids_A, w_A, T, pool)
+
+
+def _blocked(x_NI: Tensor, ids_N: Tensor, counts_E: Tensor, experts: Experts,
+             block: int = 128) -> Tensor:
+    """Grouped products without grouped GEMM and without a sync: ``(N, I) -> (N, O)``.
+
+    Rows (sorted by expert, ``ids_N``) move into a buffer where each expert's group starts
+    on a multiple of ``block``; the buffer's size, ``N + E * (block - 1)`` rounded up, is
+    known without looking at the counts. Every block then belongs to one expert.
+    """
+    N, I = x_NI.shape
+    E = experts.num_experts
+    padded_E = (counts_E + block - 1) // block * block
+    start_E = torch.cumsum(padded_E, 0) - padded_E
+    first_E = torch.cumsum(counts_E, 0) - counts_E
+    rows_N = start_E[ids_N] + torch.arange(N, device=x_NI.device) - first_E[ids_N]
+    R = -(-(N + E * (block - 1)) // block) * block
+    x_RI = x_NI.new_zeros(R, I).index_copy(0, rows_N, x_NI)
+    block_start = torch.arange(0, R, block, device=x_NI.device)
+    owner = torch.searchsorted(start_E + padded_E, block_start, right=True).clamp_max(E - 1)
+    y_RO = experts.forward_blocks(x_RI.view(R // block, block, I), owner)
+    return y_RO.reshape(R, -1).index_select(0, rows_N)
 
 
 # Eager even under torch.compile: it reads group sizes on the host (a graph break anyway),

@@ -110,12 +110,21 @@ class Experts(nn.Module):
     def forward_sorted(self, x_NI: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, ``counts_E[e]`` of them for expert e: ``(N, I) -> (N, O)``.
 
-        CUDA only: one grouped GEMM per weight, the group ends kept on the device (no sync).
-        Raises `RuntimeError` where this build's grouped GEMM lacks the dtype or GPU.
+        CUDA only (see `grouped_mm.grouped_mm_supported`): one grouped GEMM per weight, the
+        group ends kept on the device (no sync).
         """
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return self.ffn(x_NI, lambda h, w, act: activation_fn(
-            act, grouped_linear_cuda(h, w, offsets_E)))
+            act, grouped_linear_cuda(h, w.to(h.dtype), offsets_E)))
+
+    def forward_blocks(self, x_BbI: Tensor, block_expert_B: Tensor) -> Tensor:
+        """Blocks of rows, each block all of one expert: ``(NB, b, I) -> (NB, b, O)``.
+
+        Each product gathers one weight copy per block, then one ``bmm``: static shapes,
+        no sync, at the price of that copy (the CUDA fallback where grouped GEMM is not).
+        """
+        return self.ffn(x_BbI, lambda h, w, act: activation_fn(act, torch.bmm(
+            h, w.index_select(0, block_expert_B).transpose(1, 2).to(h.dtype))))
 
     def forward_one(self, expert: int, rows: Tensor, slices: ExpertSlices) -> Tensor:
         """Expert ``expert`` alone on its rows ``(n, I) -> (n, O)``: the CPU's split path."""

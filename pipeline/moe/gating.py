@@ -80,11 +80,15 @@ def _confine(logits_TE: Tensor, allowed_TE: Tensor | None) -> Tensor:
     return logits_TE.masked_fill(~allowed_TE, float("-inf"))
 
 
-def _select(scores_TE: Tensor, k: int, bias_E: Tensor | None) -> Tensor:
-    """Top-k expert ids; the aux-free bias shifts the choice, never the weights."""
+def _select(scores_TE: Tensor, k: int, bias_E: Tensor | None,
+            allowed_TE: Tensor | None) -> Tensor:
+    """Top-k expert ids; the aux-free bias shifts the choice, never the weights.
+
+    The allowed mask is applied after the bias, so no bias can reach a forbidden expert.
+    """
     if bias_E is not None:
         scores_TE = scores_TE + bias_E
-    return torch.topk(scores_TE, k, dim=-1, sorted=False).indices
+    return torch.topk(_confine(scores_TE, allowed_TE), k, dim=-1, sorted=False).indices
 
 
 class TopKGate(nn.Module):
@@ -99,7 +103,7 @@ class TopKGate(nn.Module):
                 allowed_TE: Tensor | None = None) -> TokenChoice:
         logits_TE = self.router(x_TD)
         probs_TE = torch.softmax(_confine(logits_TE, allowed_TE), dim=-1)
-        ids_TK = _select(probs_TE, self.k, bias_E)
+        ids_TK = _select(probs_TE, self.k, bias_E, allowed_TE)
         w_TK = probs_TE.gather(1, ids_TK)
         return TokenChoice(ids_TK, w_TK / w_TK.sum(-1, keepdim=True), probs_TE, logits_TE)
 
@@ -123,7 +127,7 @@ class SwitchGate(nn.Module):
             x_TD = x_TD * noise
         logits_TE = self.router(x_TD)
         probs_TE = torch.softmax(_confine(logits_TE, allowed_TE), dim=-1)
-        ids_T1 = _select(probs_TE, 1, bias_E)
+        ids_T1 = _select(probs_TE, 1, bias_E, allowed_TE)
         return TokenChoice(ids_T1, probs_TE.gather(1, ids_T1), probs_TE, logits_TE)
 
 
@@ -146,9 +150,10 @@ class NoisyTopKGate(nn.Module):
         logits_TE = self.router(x_TD)
         if self.training:
             logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.noise(x_TD))
-        probs_TE = torch.softmax(_confine(logits_TE, allowed_TE), dim=-1)
-        ids_TK = _select(probs_TE, self.k, bias_E)
-        w_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
+        confined_TE = _confine(logits_TE, allowed_TE)
+        probs_TE = torch.softmax(confined_TE, dim=-1)
+        ids_TK = _select(probs_TE, self.k, bias_E, allowed_TE)
+        w_TK = torch.softmax(confined_TE.gather(1, ids_TK), dim=-1)
         return TokenChoice(ids_TK, w_TK, probs_TE, logits_TE)
 
 

@@ -10,7 +10,8 @@ torchtitan's grouped experts do, so one stacked tensor serves all three paths:
   with ``fullgraph=True`` and replays in CUDA graphs. Used by the fixed-capacity dispatch,
   expert choice and soft MoE.
 * grouped on CUDA (`grouped_linear_cuda`): ``torch._grouped_mm`` with the group ends given as
-  a device tensor of offsets, so the host never learns the group sizes and never waits.
+  a device tensor of offsets, so the host never learns the group sizes and never waits
+  (bf16 on Hopper and newer; elsewhere dispatch pads groups to blocks instead).
 * split on CPU (`ExpertSlices`): the CPU has no device to wait for, so group sizes come to
   the host and each group is one GEMM. On x86 it calls oneDNN's linear kernel (the one inductor
   uses for frozen CPU graphs): measured here on an AMD EPYC (Zen 5), fp32 oneDNN ran at
@@ -54,6 +55,21 @@ def activation_fn(name: str | None, x: Tensor) -> Tensor:
 def padded_linear(x_ECI: Tensor, w_EOI: Tensor) -> Tensor:
     """Per-expert linear on a padded buffer: ``(E, C, I) x (E, O, I) -> (E, C, O)``."""
     return torch.bmm(x_ECI, w_EOI.transpose(1, 2))
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_mm_supported(x: Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether ``torch._grouped_mm`` runs natively, without its syncing fallback.
+
+    Native kernels exist for bf16 on Hopper (sm90) and newer with 16-byte aligned rows;
+    for other dtypes or GPUs torch falls back to a loop that reads the offsets on the host.
+    """
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and _capability(x.device.index or 0) >= (9, 0) and all(d % 8 == 0 for d in dims))
 
 
 def grouped_linear_cuda(x_NI: Tensor, w_EOI: Tensor, offsets_E: Tensor) -> Tensor:

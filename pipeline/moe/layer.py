@@ -96,16 +96,17 @@ class MoELayer(nn.Module):
         cfg = self.config
         self._check(x, token_ids, constraint, pool)
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, cfg.input_dim).to(self.compute_dtype(x))
+        x_in = x.reshape(-1, cfg.input_dim)  # what the router sees: never rounded by AMP
+        x_TD = x_in.to(self.compute_dtype(x))
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         if isinstance(self.gate, SoftMoEGate):
             x_BND = x_TD.view(x.shape if x.dim() == 3 else (1, *x.shape))
-            soft = self.gate(x_BND)
+            soft = self.gate(x_in.view(x_BND.shape))
             y_TO = dispatch.soft(x_BND, soft, self.experts).reshape(-1, cfg.output_dim)
             probs_TE, counts_E = self._soft_usage(soft)
             logits = soft.logits
         elif cfg.gate_type == "expert_choice":
-            routing = self.gate(x_TD)
+            routing = self.gate(x_in)
             y_TO = dispatch.expert_choice(x_TD, routing, self.experts)
             probs_TE, logits = routing.probs, routing.logits
             counts_E = torch.full((cfg.num_experts,), float(routing.token_ids.shape[1]),
@@ -113,7 +114,7 @@ class MoELayer(nn.Module):
         else:
             B = x.shape[0] if x.dim() == 3 else 1
             input_T = torch.arange(x_TD.shape[0], device=x.device) // (x_TD.shape[0] // B)
-            routing = self._route_tokens(x, x_TD, token_ids, constraint, input_T)
+            routing = self._route_tokens(x, x_in, token_ids, constraint, input_T)
             counts_E = expert_counts(routing.expert_ids, cfg.num_experts)
             sink = dispatch.Pool(input_T, x_TD.new_zeros(
                 cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype)) if pool else None

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import MoEConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe.analysis import expert_usage, parameter_counts
 from pipeline.moe.layer import MoEAux, MoELayer
 
@@ -39,6 +39,8 @@ class MoEMLP(nn.Module):
 
     ``last_aux`` holds the latest forward's `MoEAux` (its ``loss`` is what a training loop
     adds for this layer); ``record`` accumulates counts and entropy while it is a list.
+    Hash routing reads ``token_ids``, which `convert_to_moe` keeps set to the model's
+    ``input_ids`` on every forward (so cached decoding hashes the new token, not position 0).
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -46,9 +48,17 @@ class MoEMLP(nn.Module):
         self.moe = MoELayer(config)
         self.last_aux: MoEAux | None = None
         self.record: list[MoEAux] | None = None
+        self.token_ids: Tensor | None = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        y, aux = self.moe(hidden_states)
+        ids = None
+        if self.moe.config.gate_type == "hash":
+            ids = self.token_ids
+            if ids is None or tuple(ids.shape) != tuple(hidden_states.shape[:-1]):
+                raise InputShapeError("input_ids", () if ids is None else tuple(ids.shape),
+                                      "the token ids of this forward: hash routing needs "
+                                      "input_ids, not inputs_embeds")
+        y, aux = self.moe(hidden_states, token_ids=ids)
         self.last_aux = aux
         if self.record is not None:
             self.record.append(aux)
@@ -78,7 +88,7 @@ def _init_experts(layer: MoELayer, mlp: nn.Module, strategy: str, noise: float,
                 stacked = w.to(ex.dtype).unsqueeze(0).expand(E, *w.shape).clone()
                 if strategy == "perturb":
                     stacked += noise * w.float().std() * torch.randn(
-                        stacked.shape, generator=gen).to(stacked.dtype)
+                        stacked.shape, generator=gen).to(stacked)
                 getattr(ex, name).copy_(stacked)
         elif strategy == "split":
             h = gate.shape[0] // E
@@ -126,7 +136,16 @@ def convert_to_moe(model: nn.Module, layers: list[int], num_experts: int = 8, to
         moe = MoEMLP(cfg).to(next(mlp.parameters()).device)
         _init_experts(moe.moe, mlp, expert_init_strategy, expert_init_noise, gen)
         _layers(out)[i].mlp = moe
+    if gate_type == "hash":
+        out.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
     return out
+
+
+def _share_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Hand each forward's input_ids to the hash-routed MoE MLPs."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    for mlp in moe_mlps(model).values():
+        mlp.token_ids = ids
 
 
 def moe_mlps(model: nn.Module) -> dict[int, MoEMLP]:
@@ -194,7 +213,10 @@ def generate(moe_model: nn.Module, tokenizer: Any, prompt: str, temperature: flo
     finally:
         for m in mlps.values():
             m.record = None
-    result = GenerationResult(tokenizer.decode(new), new,
+    # Decode with the prompt in front: tokenizers drop a word's leading space at the start.
+    prefix = tokenizer.decode(ids, skip_special_tokens=True)
+    text = tokenizer.decode(ids + new, skip_special_tokens=True)[len(prefix):]
+    result = GenerationResult(text, new,
                               {i: s[0] for i, s in stats.items()},
                               {i: s[1] for i, s in stats.items()})
     if show_expert_stats or show_routing_entropy:

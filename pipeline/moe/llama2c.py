@@ -224,7 +224,8 @@ class Llama2cTokenizer:
             tokens[best: best + 2] = [self.ids[pair]]
         return ([BOS] if bos else []) + tokens + ([EOS] if eos else [])
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; BOS and EOS are never printed (the flag mirrors HF's API)."""
         out = bytearray()
         prev = BOS
         for i in ids:
