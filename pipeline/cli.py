@@ -149,6 +149,44 @@ def generate(model_path: str, tokenizer_path: str | None, layers: str, num_exper
     click.echo(f"{prompt}{result.text}")
 
 
+@cli.command()
+def up() -> None:
+    """Start the embedded graph server (or find the running one) and print its URI."""
+    from pipeline.storage.local_graph import LocalGraphServer
+
+    settings = Settings()
+    if settings.neo4j_uri:
+        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): no embedded server needed")
+        return
+    info = LocalGraphServer(settings.state_dir).start()
+    click.echo(f"graph server up at {info.uri} (pid {info.pid}, "
+               f"state {settings.state_dir.resolve() / 'graph'})")
+
+
+@cli.command()
+def down() -> None:
+    """Stop the embedded graph server of this state dir."""
+    from pipeline.storage.local_graph import LocalGraphServer
+
+    settings = Settings()
+    stopped = LocalGraphServer(settings.state_dir).stop()
+    click.echo("graph server stopped" if stopped else "no graph server was running")
+
+
+@cli.command()
+def status() -> None:
+    """Where the graph and the SQL database are, and whether the graph answers."""
+    from pipeline.storage.local_graph import LocalGraphServer
+
+    settings = Settings()
+    if settings.neo4j_uri:
+        click.echo(f"graph: {settings.neo4j_uri} (NEO4J_URI)")
+    else:
+        info = LocalGraphServer(settings.state_dir).running()
+        click.echo(f"graph: embedded, {'up at ' + info.uri if info else 'down'}")
+    click.echo(f"sql: {settings.sql_url()}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)

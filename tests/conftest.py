@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import subprocess
 
@@ -9,15 +11,24 @@ import pytest
 import torch
 
 
+@functools.cache
 def _docker_engine() -> bool:
     if shutil.which("docker") is None:
         return False
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    host = os.environ.get("DOCKER_HOST", "")
+    if not host and not os.path.exists("/var/run/docker.sock"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True,
+                              timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
-    no_docker = pytest.mark.skip(reason="needs a Docker engine; `docker info` failed")
+    no_docker = pytest.mark.skip(
+        reason="needs a Docker engine: no socket or DOCKER_HOST, or `docker info` failed")
     gpu = torch.cuda.is_available()
     docker = None
     for item in items:
@@ -32,3 +43,82 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# -- real servers ---------------------------------------------------------------------------
+# The graph: the embedded server (always), Neo4j in a container (where Docker runs) and the
+# server in NEO4J_URI (when set). SQL: a SQLite file, and PostgreSQL from TEST_POSTGRES_URL
+# (default: this project's machines' local server), each test database made fresh.
+
+GRAPH_BACKENDS = ["embedded", "neo4j-container", "neo4j-env"]
+
+
+@pytest.fixture(scope="session", params=GRAPH_BACKENDS)
+def graph(request, tmp_path_factory):
+    """A GraphStore on a real server, with the project's schema."""
+    backend = request.param
+    if backend == "embedded":
+        pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+        from pipeline.storage.local_graph import LocalGraphServer
+
+        server = LocalGraphServer(tmp_path_factory.mktemp("state"))
+        store = server.connect()
+        store.ensure_schema()
+        yield store
+        store.close()
+        server.stop()
+        return
+    from pipeline.storage.graph import GraphStore
+
+    if backend == "neo4j-env":
+        uri = os.environ.get("NEO4J_URI")
+        if not uri:
+            pytest.skip("NEO4J_URI is not set")
+        store = GraphStore.connect(uri, os.environ.get("NEO4J_USERNAME", "neo4j"),
+                                   os.environ.get("NEO4J_PASSWORD"),
+                                   os.environ.get("NEO4J_DATABASE"))
+        store.ensure_schema()
+        yield store
+        store.close()
+        return
+    if not _docker_engine():
+        pytest.skip("needs a Docker engine for a Neo4j container: none reachable here")
+    from testcontainers.neo4j import Neo4jContainer
+
+    with Neo4jContainer("neo4j:5.26") as container:
+        store = GraphStore.connect(container.get_connection_url(), "neo4j",
+                                   container.password)
+        store.ensure_schema()
+        yield store
+        store.close()
+
+
+def _postgres_admin_url() -> str:
+    return os.environ.get("TEST_POSTGRES_URL",
+                          "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_url(request, tmp_path):
+    """A fresh, empty database URL on each SQL backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'runs.sqlite3'}"
+        return
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    admin = create_engine(_postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    name = f"moe_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as err:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL at {_postgres_admin_url()}: {err.orig}")
+    base = admin.url.set(database=name).render_as_string(hide_password=False)
+    yield base
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

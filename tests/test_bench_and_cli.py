@@ -76,3 +76,17 @@ def test_constellation_example_specialises_sub_populations():
     favourites = [max(range(4), key=row.__getitem__) for row in result["table"].values()]
     assert all(max(row) > 0.8 for row in result["table"].values())
     assert len(set(favourites)) == 4
+
+
+def test_graph_ingest_bench_quick_runs_against_the_embedded_server():
+    pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+    proc = _run("bench/graph_ingest.py", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "graph_ingest" and "ArcadeDB" in record["config"]["server"]
+    for key in ("ours_batch_1_per_s", "ours_batch_1000_per_s", "ours_read_shard_per_s",
+                "ours_catch_up_per_s"):
+        assert record["results"][key] > 0, key
+    assert record["references"]["naive_one_at_a_time_per_s"] > 0
+    assert set(record["targets"]) == {"insights_per_s_batched", "ours_1000_vs_one_at_a_time",
+                                      "cache_read_rows_per_s"}

@@ -1,0 +1,219 @@
+"""Benchmark: insights into the graph and embeddings back out for the hot cache.
+
+Each insight comes with a 384-dim embedding and the edges the issue's benchmark names: one
+SUPPORTED_BY (and its Source), one PRODUCED_BY and IN_CONSTELLATION, plus the DISCOVERED_IN
+that every insight has. ``--full`` adds a second PRODUCED_BY and a SIMILAR_TO per insight
+(what a librarian writes for a typical new insight).
+
+* ours: `GraphStore.write_batch` in batches of 1, 100, 1,000 and 10,000 (insights/s), and
+  `read_shard` of a whole shard and of a catch-up by seq (rows/s);
+* references, in the same run against the same server: the straightforward way, one insight
+  per transaction with MERGE statements and the embedding as a list of floats; the same
+  statements batched with UNWIND (1,000 a batch, list embeddings); and a row-per-record read.
+
+The embedded server's JIT makes its first batches slow: a warm-up shard is written first.
+Usage: ``python bench/graph_ingest.py [--quick] [--uri bolt://... --user neo4j --password ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, target  # noqa: E402
+
+from pipeline.reports import CuratedBatch, Insight, Produced, Similar, Support  # noqa: E402
+from pipeline.storage.graph import GraphStore  # noqa: E402
+
+DIM = 384
+
+NAIVE_ONE = """
+MERGE (i:Insight {id: $id}) SET i.shard = $shard, i.seq = $seq, i.embedding = $embedding
+MERGE (c:Constellation {id: $shard}) MERGE (i)-[:IN_CONSTELLATION]->(c)
+MERGE (run:Run {id: $run}) MERGE (i)-[:DISCOVERED_IN]->(run)
+MERGE (s:Source {id: $source}) MERGE (i)-[e:SUPPORTED_BY {report_id: $report}]->(s)
+SET e.weight = 0.5
+"""
+NAIVE_PRODUCED = """
+MATCH (i:Insight {id: $id}) MERGE (x:Expert {id: $expert})
+MERGE (i)-[e:PRODUCED_BY]->(x) SET e.weight = $weight
+"""
+NAIVE_BATCH = """
+UNWIND $rows AS r
+MERGE (i:Insight {id: r.id}) SET i.shard = r.shard, i.seq = r.seq, i.embedding = r.embedding
+MERGE (c:Constellation {id: r.shard}) MERGE (i)-[:IN_CONSTELLATION]->(c)
+MERGE (run:Run {id: r.run}) MERGE (i)-[:DISCOVERED_IN]->(run)
+MERGE (s:Source {id: r.source}) MERGE (i)-[e:SUPPORTED_BY {report_id: r.report}]->(s)
+SET e.weight = 0.5
+WITH i, r UNWIND r.produced AS p
+MERGE (x:Expert {id: p.expert}) MERGE (i)-[e:PRODUCED_BY]->(x) SET e.weight = p.weight
+"""
+NAIVE_READ = """
+MATCH (i:Insight) WHERE i.shard = $shard AND i.seq > $after
+RETURN i.id AS id, i.seq AS seq, i.embedding AS embedding ORDER BY i.seq
+"""
+
+
+class Source:
+    """Insights with their edges, numbered per shard."""
+
+    def __init__(self, seed: int = 0, full: bool = False) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.next: dict[str, int] = {}
+        self.full = full
+
+    def batch(self, shard: str, n: int) -> CuratedBatch:
+        start = self.next.get(shard, 0)
+        self.next[shard] = start + n
+        emb = self.rng.standard_normal((n, DIM)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        b = CuratedBatch("bench-run")
+        for k in range(n):
+            seq = start + k
+            iid = f"{shard}-{seq}"
+            b.insights.append(Insight(iid, shard, seq, emb[k], "bench-run"))
+            b.supports.append(Support(iid, f"{shard}-src-{seq}", f"{shard}-rep-{seq}", "job",
+                                      0.5))
+            b.produced.append(Produced(iid, f"expert_{seq % 8}", 0.7))
+            if self.full:
+                b.produced.append(Produced(iid, f"expert_{(seq + 1) % 8}", 0.3))
+                if seq:
+                    b.similar.append(Similar(iid, f"{shard}-{seq - 1}", 0.8))
+        return b
+
+    def naive_rows(self, shard: str, n: int) -> list[dict]:
+        start = self.next.get(shard, 0)
+        self.next[shard] = start + n
+        return [{"id": f"{shard}-{start + k}", "shard": shard, "seq": start + k,
+                 "embedding": self.rng.standard_normal(DIM).astype(np.float32).tolist(),
+                 "run": "bench-run", "source": f"{shard}-src-{start + k}",
+                 "report": f"{shard}-rep-{start + k}",
+                 "produced": [{"expert": f"expert_{k % 8}", "weight": 0.7}]}
+                for k in range(n)]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def naive_one_at_a_time(graph: GraphStore, rows: list[dict]) -> None:
+    for r in rows:
+        def work(tx, r=r):
+            tx.run(NAIVE_ONE, **{k: v for k, v in r.items() if k != "produced"}).consume()
+            for p in r["produced"]:
+                tx.run(NAIVE_PRODUCED, id=r["id"], **p).consume()
+        with graph.driver.session(database=graph.database) as s:
+            s.execute_write(work)
+
+
+def naive_batch(graph: GraphStore, rows: list[dict]) -> None:
+    with graph.driver.session(database=graph.database) as s:
+        s.execute_write(lambda tx: tx.run(NAIVE_BATCH, rows=rows).consume())
+
+
+def naive_read(graph: GraphStore, shard: str, after: int = -1) -> int:
+    n = 0
+    with graph.driver.session(database=graph.database) as s:
+        for record in s.run(NAIVE_READ, shard=shard, after=after):
+            np.frombuffer(record["embedding"], dtype="<f2")
+            n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
+    p.add_argument("--uri", help="a Bolt URI (Neo4j); default: the embedded server")
+    p.add_argument("--user", default="neo4j")
+    p.add_argument("--password", default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--full", action="store_true", help="6 edges per insight, not 4")
+    args = p.parse_args(argv)
+    server = None
+    if args.uri:
+        graph = GraphStore.connect(args.uri, args.user, args.password)
+    else:
+        from pipeline.storage.local_graph import LocalGraphServer
+
+        server = LocalGraphServer(tempfile.mkdtemp(prefix="moe-bench-graph-"))
+        graph = server.connect()
+    try:
+        return run(graph, args)
+    finally:
+        graph.close()
+        if server is not None:
+            server.stop()
+
+
+def run(graph: GraphStore, args: argparse.Namespace) -> dict:
+    graph.ensure_schema()
+    tag = uuid.uuid4().hex[:6]
+    src = Source(full=args.full)
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 3)
+    sizes = {1: 20, 100: 200, 1000: 1000, 10000: 2000} if quick else \
+        {1: 200, 100: 2000, 1000: 5000, 10000: 20000}
+    naive_n = (20, 200) if quick else (200, 2000)
+    for _ in range(1 if quick else 8):  # warm the server's JIT on a shard of its own
+        graph.write_batch(src.batch(f"warm-{tag}", 200 if quick else 1000))
+
+    rates: dict[str, list[float]] = {}
+    for rnd in range(rounds):
+        for size, total in sizes.items():
+            shard = f"ours{size}-{tag}-{rnd}"
+            batches = [src.batch(shard, size) for _ in range(max(1, total // size))]
+            secs = sum(timed(lambda b=b: graph.write_batch(b)) for b in batches)
+            rates.setdefault(f"ours_batch_{size}", []).append(len(batches) * size / secs)
+        rows = src.naive_rows(f"naive1-{tag}-{rnd}", naive_n[0])
+        rates.setdefault("naive_one_at_a_time", []).append(
+            len(rows) / timed(lambda r=rows: naive_one_at_a_time(graph, r)))
+        rows = src.naive_rows(f"naiveB-{tag}-{rnd}", naive_n[1])
+        rates.setdefault("naive_batch_1000_list", []).append(
+            len(rows) / timed(lambda r=rows: [naive_batch(graph, r[i:i + 1000])
+                                              for i in range(0, len(r), 1000)]))
+    big = f"ours10000-{tag}-0"
+    n_big = src.next[big]
+    reads: dict[str, list[float]] = {}
+    for _ in range(3):
+        reads.setdefault("ours_read_shard", []).append(
+            n_big / timed(lambda: graph.read_shard(big, DIM)))
+        after = n_big - max(1, n_big // 10) - 1
+        caught = n_big - after - 1
+        reads.setdefault("ours_catch_up", []).append(
+            caught / timed(lambda a=after: graph.read_shard(big, DIM, after=a)))
+        reads.setdefault("naive_read_rows", []).append(
+            n_big / timed(lambda: naive_read(graph, big)))
+    med = {k: statistics.median(v) for k, v in {**rates, **reads}.items()}
+    results = {f"{k}_per_s": round(v, 1) for k, v in med.items() if k.startswith("ours")}
+    references = {f"{k}_per_s": round(v, 1) for k, v in med.items()
+                  if k.startswith("naive")}
+    best_batched = max(med["ours_batch_1000"], med["ours_batch_10000"])
+    ratios = {"ours_1000_vs_one_at_a_time": med["ours_batch_1000"] / med["naive_one_at_a_time"],
+              "ours_1000_vs_naive_batch": med["ours_batch_1000"] / med["naive_batch_1000_list"],
+              "ours_read_vs_naive_read": med["ours_read_shard"] / med["naive_read_rows"]}
+    targets = {"insights_per_s_batched": target(8000.0, best_batched),
+               "ours_1000_vs_one_at_a_time": target(15.0, ratios["ours_1000_vs_one_at_a_time"]),
+               "cache_read_rows_per_s": target(40000.0, med["ours_read_shard"])}
+    agent = graph.driver.get_server_info().agent
+    return emit("graph_ingest", torch.device("cpu"),
+                {"server": agent, "dim": DIM, "edges_per_insight": 6 if args.full else 4,
+                 "sizes": sizes,
+                 "rounds": rounds, "read_rows": n_big, "quick": quick},
+                results, references, ratios, targets,
+                note="insights/s count nodes written with all their edges; medians of rounds")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,107 @@
+"""Draft reports and insights as the pipeline's host-side records.
+
+A `DraftReport` is one (input item, chosen constellation) pair coming out of the model; an
+`Insight` is a deduplicated report persisted in the graph. A `CuratedBatch` is everything one
+librarian decision writes, in one transaction: new insights, and the edges of both new and
+merged reports. Ids are deterministic so that a retried task writes the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def stable_id(*parts: str, length: int = 24) -> str:
+    """A deterministic id from its parts (sha256, hex, ``length`` characters)."""
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+    return digest[:length]
+
+
+def report_id(job_id: str, item_id: str, constellation: str) -> str:
+    return stable_id("report", job_id, item_id, constellation)
+
+
+def encode_embedding(vector: np.ndarray) -> bytes:
+    """An embedding as compact little-endian float16 bytes (how the graph stores it)."""
+    return np.asarray(vector, dtype="<f2").tobytes()
+
+
+def decode_embeddings(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Many encoded embeddings at once: ``(n, dim)`` float16."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float16)
+    flat = np.frombuffer(b"".join(blobs), dtype="<f2")
+    if flat.size != len(blobs) * dim:
+        raise ValueError(f"embeddings hold {flat.size} values, expected {len(blobs)} x {dim}")
+    return flat.reshape(len(blobs), dim)
+
+
+@dataclass(frozen=True)
+class DraftReport:
+    """One input item's report for one chosen constellation."""
+
+    id: str
+    job_id: str
+    item_id: str
+    constellation: str
+    embedding: np.ndarray  # (dim,) float32, L2-normalised
+    score: float  # the supervisor's probability for this constellation
+    experts: dict[str, float]  # expert name -> mean routing weight, experts that fired
+    text: str = ""  # the item's text span, if it had one
+
+
+@dataclass(frozen=True)
+class Insight:
+    """A new insight node: its deterministic id, shard, sequence number and embedding."""
+
+    id: str
+    shard: str  # the constellation name
+    seq: int  # per-shard, monotonically increasing
+    embedding: np.ndarray  # (dim,) float32
+    run_id: str
+    summary: str = ""
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Support:
+    """SUPPORTED_BY: a report's source item backs an insight (new or merged into)."""
+
+    insight_id: str
+    source_id: str
+    report_id: str
+    job_id: str
+    weight: float
+    source_text: str = ""
+
+
+@dataclass(frozen=True)
+class Produced:
+    """PRODUCED_BY: an expert contributed to an insight with this (max) weight."""
+
+    insight_id: str
+    expert: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Similar:
+    """SIMILAR_TO: a near neighbour below the dedup threshold."""
+
+    insight_id: str
+    other_id: str
+    score: float
+
+
+@dataclass
+class CuratedBatch:
+    """Everything one librarian decision writes, in one graph transaction."""
+
+    run_id: str
+    insights: list[Insight] = field(default_factory=list)
+    supports: list[Support] = field(default_factory=list)
+    produced: list[Produced] = field(default_factory=list)
+    similar: list[Similar] = field(default_factory=list)

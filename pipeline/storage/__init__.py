@@ -1,0 +1,1 @@
+"""Persistence: the insight graph (Bolt), the embedded graph server, SQL run metadata."""

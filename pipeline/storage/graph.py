@@ -1,0 +1,237 @@
+"""The insight graph over Bolt, with the official neo4j driver only.
+
+`GraphStore` writes one transaction per curated batch (``UNWIND $rows`` + ``MERGE`` on
+deterministic ids, so a replayed batch changes nothing), reads a shard's embeddings into a
+preallocated array for the hot cache, and runs users' Cypher read-only unless a write is
+asked for explicitly. Writes go through the driver's managed transactions, which retry
+transient errors (deadlock, leader switch, session expiry) with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from neo4j import Driver, GraphDatabase, ManagedTransaction
+from neo4j.exceptions import AuthError, ServiceUnavailable, SessionExpired
+
+from pipeline.errors import PipelineError
+from pipeline.reports import CuratedBatch
+from pipeline.storage import cypher, rows
+
+
+class GraphUnavailable(PipelineError):
+    """The graph server cannot be reached; names the URI."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri = uri
+        super().__init__(f"graph at {uri} is unavailable: {reason}")
+
+
+class ReadOnlyQueryError(PipelineError):
+    """A query sent as read-only would write; names the clause."""
+
+    def __init__(self, clause: str) -> None:
+        self.clause = clause
+        super().__init__(f"query contains the writing clause {clause}; run it with "
+                         "write=True to change the graph")
+
+
+@dataclass
+class ShardRows:
+    """A shard's insights as arrays: what the hot cache loads."""
+
+    ids: list[str]
+    seqs: np.ndarray  # (n,) int64, ascending
+    embeddings: np.ndarray  # (n, dim) float16
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class GraphStore:
+    """The project's graph: schema, batched writes, cache reads, user queries."""
+
+    def __init__(self, driver: Driver, database: str | None = None, uri: str = "",
+                 vector_index: bool = False) -> None:
+        self.driver, self.database, self.uri = driver, database, uri
+        self.dialect = cypher.Dialect.for_agent(driver.get_server_info().agent)
+        self.with_vector = vector_index and self.dialect.vector_index
+
+    @classmethod
+    def connect(cls, uri: str, username: str, password: str | None,
+                database: str | None = None, timeout_s: float = 30.0,
+                vector_index: bool = False) -> GraphStore:
+        """Open a driver and wait (up to ``timeout_s``) until the server answers."""
+        driver = GraphDatabase.driver(uri, auth=(username, password or ""),
+                                      max_transaction_retry_time=timeout_s,
+                                      connection_acquisition_timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                driver.verify_connectivity()
+                return cls(driver, database, uri, vector_index)
+            except AuthError as err:
+                driver.close()
+                raise GraphUnavailable(uri, f"authentication failed ({err.message})") from err
+            except (ServiceUnavailable, SessionExpired, OSError) as err:
+                if time.monotonic() >= deadline:
+                    driver.close()
+                    raise GraphUnavailable(uri, f"no answer within {timeout_s:.0f} s "
+                                           f"({err})") from err
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self.driver.close()
+
+    def __enter__(self) -> GraphStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _session(self, read: bool = False):
+        mode = "READ" if read else "WRITE"
+        return self.driver.session(database=self.database, default_access_mode=mode)
+
+    # -- schema and model ------------------------------------------------------------------
+    def ensure_schema(self, vector_dim: int | None = None) -> None:
+        """Constraints and indexes, created if missing (safe to call at every start)."""
+        with self._session() as session:
+            for statement in self.dialect.schema(vector_dim if self.with_vector else None):
+                session.run(statement).consume()
+
+    def ensure_run(self, run_id: str, config: dict[str, Any],
+                   constellations: dict[str, list[str]]) -> None:
+        """The Run node and the model's experts and constellations (MEMBER_OF)."""
+        def work(tx: ManagedTransaction) -> None:
+            tx.run(cypher.MERGE_RUN, id=run_id, created_at=time.time(),
+                   config=json.dumps(config, sort_keys=True)).consume()
+            tx.run(cypher.MERGE_MODEL, rows=rows.model_rows(constellations)).consume()
+
+        self._write(work)
+
+    # -- writes ----------------------------------------------------------------------------
+    def write_batch(self, batch: CuratedBatch) -> dict[str, int]:
+        """Everything of one curated batch in one transaction; returns the row counts.
+
+        Call it under the shard's lock: which insights are new is read inside the same
+        transaction, and new ones are created rather than merged.
+        """
+        ids = [i.id for i in batch.insights] + [s.insight_id for s in batch.supports]
+        shards = sorted({i.shard for i in batch.insights})
+        experts = sorted({p.expert for p in batch.produced})
+
+        def work(tx: ManagedTransaction) -> dict[str, int]:
+            found = tx.run(cypher.EXISTING_INSIGHTS, ids=sorted(set(ids))).single()
+            params = rows.batch_rows(batch, set(found["ids"]), self.with_vector)
+            if params["insights"]:
+                tx.run(cypher.MERGE_HUBS, shards=shards, run=batch.run_id).consume()
+            if experts:
+                tx.run(cypher.MERGE_EXPERTS, experts=experts).consume()
+            for statement, key in ((cypher.CREATE_INSIGHTS, "insights"),
+                                   (cypher.MERGE_SUPPORTS, "old_supports"),
+                                   (cypher.MERGE_PRODUCED, "old_produced"),
+                                   (cypher.MERGE_SIMILAR, "old_similar")):
+                if params[key]:
+                    tx.run(statement, rows=params[key]).consume()
+            return {k: len(v) for k, v in params.items()}
+
+        return self._write(work)
+
+    def _write(self, work) -> Any:
+        try:
+            with self._session() as session:
+                return session.execute_write(work)
+        except (ServiceUnavailable, SessionExpired) as err:
+            raise GraphUnavailable(self.uri, str(err)) from err
+
+    # -- reads for the cache ---------------------------------------------------------------
+    def max_seq(self, shard: str) -> int:
+        """The highest ``seq`` of a shard, -1 when it is empty."""
+        record = self._read_one(cypher.MAX_SEQ, shard=shard)
+        return -1 if record["seq"] is None else int(record["seq"])
+
+    def count_after(self, shard: str, after: int = -1) -> int:
+        return int(self._read_one(cypher.COUNT_AFTER, shard=shard, after=after)["n"])
+
+    def read_shard(self, shard: str, dim: int, after: int = -1,
+                   page: int = 5000) -> ShardRows:
+        """Insights of ``shard`` with ``seq > after``, in seq order, into preallocated arrays.
+
+        Pages are seq ranges up to the shard's current maximum; each page's embeddings are
+        decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
+        """
+        top = self.max_seq(shard)
+        expected = self.count_after(shard, after)
+        ids: list[str] = []
+        seqs = np.empty(expected, dtype=np.int64)
+        emb = np.empty((expected, dim), dtype=np.float16)
+        n, lo = 0, after
+        with self._session(read=True) as session:
+            while lo < top:
+                rec = session.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page).single()
+                got = len(rec["ids"])
+                if n + got > len(seqs):  # rows landed since the count: grow by doubling
+                    size = max(2 * len(seqs), n + got)
+                    seqs, emb = np.resize(seqs, size), np.resize(emb, (size, dim))
+                if got:
+                    ids.extend(rec["ids"])
+                    seqs[n:n + got] = rec["seqs"]
+                    emb[n:n + got] = np.frombuffer(b"".join(rec["embeddings"]),
+                                                   dtype="<f2").reshape(got, dim)
+                    n += got
+                lo += page
+        order = np.argsort(seqs[:n], kind="stable")
+        return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order])
+
+    def _read_one(self, query: str, **params: Any) -> dict[str, Any]:
+        try:
+            with self._session(read=True) as session:
+                return session.run(query, **params).single().data()
+        except (ServiceUnavailable, SessionExpired) as err:
+            raise GraphUnavailable(self.uri, str(err)) from err
+
+    # -- user queries ----------------------------------------------------------------------
+    def run_cypher(self, query: str, params: dict[str, Any] | None = None,
+                   write: bool = False) -> list[dict[str, Any]]:
+        """Run a user's Cypher; read-only unless ``write=True``.
+
+        A read-only query is refused before sending if it holds a writing clause, and runs
+        in an explicit transaction that is always rolled back, so that nothing it does can
+        persist on any server (the driver's READ mode alone is not enforced by every one).
+        """
+        params = params or {}
+        if write:
+            def work(tx: ManagedTransaction) -> list[dict[str, Any]]:
+                return [r.data() for r in tx.run(query, params)]
+            return self._write(work)
+        clause = cypher.writing_clause(query)
+        if clause is not None:
+            raise ReadOnlyQueryError(clause)
+        try:
+            with self._session(read=True) as session:
+                tx = session.begin_transaction()
+                try:
+                    result = tx.run(query, params)
+                    data = [r.data() for r in result]
+                    summary = result.consume()
+                finally:
+                    tx.rollback()
+        except (ServiceUnavailable, SessionExpired) as err:
+            raise GraphUnavailable(self.uri, str(err)) from err
+        if summary.query_type in ("w", "rw", "s") or summary.counters.contains_updates:
+            raise ReadOnlyQueryError(f"(query type {summary.query_type!r}, rolled back)")
+        return data
+
+    def labels(self) -> list[str]:
+        return sorted(r["label"] for r in self.run_cypher("CALL db.labels()"))
+
+    def delete_shards(self, shards: Iterable[str]) -> None:
+        """Remove a set of shards' insights (tests and resets; never the pipeline itself)."""
+        self.run_cypher(f"MATCH (i:{cypher.INSIGHT}) WHERE i.shard IN $shards DETACH DELETE i",
+                        {"shards": list(shards)}, write=True)

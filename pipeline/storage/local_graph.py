@@ -1,0 +1,213 @@
+"""The embedded graph server: ArcadeDB (pip package ``arcadedb-embedded``) speaking Bolt.
+
+For users with neither Docker nor a Neo4j install. `LocalGraphServer` runs the server as a
+separate process bound to 127.0.0.1 on free ports, keeps its data, password, ports and pid
+under ``<state_dir>/graph``, waits until Bolt answers, and reuses a server that is already
+running. The official neo4j driver talks to it like to Neo4j (see `graph.GraphStore`).
+
+The server's own process is this module run as ``python -m pipeline.storage.local_graph
+ROOT BOLT_PORT HTTP_PORT``: it starts ArcadeDB with the Bolt plugin, creates the database on
+first use, and stops cleanly when a ``stop`` file appears in ROOT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.storage.graph import GraphStore, GraphUnavailable
+
+DATABASE = "insights"
+USERNAME = "root"
+BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
+
+
+class LocalGraphError(PipelineError):
+    """The embedded graph server could not start or stop; names its state dir."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:  # reap it if it is our own exited child: a zombie still answers kill(pid, 0)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class ServerInfo:
+    pid: int
+    bolt_port: int
+    http_port: int
+
+    @property
+    def uri(self) -> str:
+        return f"bolt://127.0.0.1:{self.bolt_port}"
+
+
+class LocalGraphServer:
+    """Start, find, and stop the embedded graph server of one state dir."""
+
+    def __init__(self, state_dir: str | Path, start_timeout_s: float = 90.0) -> None:
+        self.root = Path(state_dir).resolve() / "graph"
+        self.start_timeout_s = start_timeout_s
+
+    @property
+    def _info_file(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "server.log"
+
+    def password(self) -> str:
+        """The server's root password, generated once and kept owner-only."""
+        path = self.root / "password"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def running(self) -> ServerInfo | None:
+        """The live server of this state dir, if any."""
+        try:
+            info = ServerInfo(**json.loads(self._info_file.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+        if _alive(info.pid) and _answers(info.bolt_port):
+            return info
+        return None
+
+    def start(self) -> ServerInfo:
+        """Reuse the running server or start one; returns once Bolt answers."""
+        info = self.running()
+        if info is not None:
+            return info
+        self.password()
+        info = ServerInfo(pid=0, bolt_port=_free_port(), http_port=_free_port())
+        log = self.log_file.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.storage.local_graph", str(self.root),
+             str(info.bolt_port), str(info.http_port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # survives the CLI that started it; stop() ends it
+        log.close()
+        info.pid = proc.pid
+        deadline = time.monotonic() + self.start_timeout_s
+        while not (self.root / "ready").exists() or not _answers(info.bolt_port):
+            if proc.poll() is not None:
+                raise LocalGraphError(f"graph server in {self.root} exited with "
+                                      f"{proc.returncode}; see {self.log_file}:\n"
+                                      + self._log_tail())
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise LocalGraphError(f"graph server in {self.root} did not answer within "
+                                      f"{self.start_timeout_s:.0f} s; see {self.log_file}")
+            time.sleep(0.1)
+        self._info_file.write_text(json.dumps(info.__dict__))
+        return info
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the running server (SIGTERM, then SIGKILL); False if none was running."""
+        try:
+            info = ServerInfo(**json.loads(self._info_file.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return False
+        stopped = False
+        if _alive(info.pid):
+            # A stop file, not only SIGTERM: the JVM inside the server process installs its
+            # own signal handlers, and a clean stop lets ArcadeDB flush and close its files.
+            (self.root / "stop").write_text("")
+            deadline = time.monotonic() + timeout_s
+            while _alive(info.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(info.pid):
+                os.kill(info.pid, signal.SIGKILL)
+            stopped = True
+        (self.root / "stop").unlink(missing_ok=True)
+        self._info_file.unlink(missing_ok=True)
+        (self.root / "ready").unlink(missing_ok=True)
+        return stopped
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def connect(self, timeout_s: float = 30.0) -> GraphStore:
+        info = self.start()
+        return GraphStore.connect(info.uri, USERNAME, self.password(), DATABASE, timeout_s)
+
+
+def open_graph(settings: Settings | None = None) -> GraphStore:
+    """The graph the settings name: ``NEO4J_URI`` if set, else the embedded server."""
+    settings = settings or Settings()
+    if settings.neo4j_uri:
+        store = GraphStore.connect(settings.neo4j_uri, settings.neo4j_username,
+                                   settings.neo4j_password, settings.neo4j_database,
+                                   settings.graph_connect_timeout_s,
+                                   settings.graph_vector_index)
+    else:
+        store = LocalGraphServer(settings.state_dir).connect(settings.graph_connect_timeout_s)
+    return store
+
+
+def _serve(root: Path, bolt_port: int, http_port: int) -> None:
+    """The server process: run ArcadeDB until SIGTERM."""
+    import arcadedb_embedded
+
+    password = (root / "password").read_text().strip()
+    server = arcadedb_embedded.ArcadeDBServer(
+        str(root / "server"), root_password=password,
+        config={"server_plugins": BOLT_PLUGIN, "bolt_port": bolt_port, "http_port": http_port,
+                "host": "127.0.0.1"})
+    server.start()
+    if not (root / "server" / "databases" / DATABASE).exists():
+        server.create_database(DATABASE)
+    (root / "stop").unlink(missing_ok=True)
+    (root / "ready").write_text(str(os.getpid()))
+    while not (root / "stop").exists():
+        time.sleep(0.1)
+    server.stop()
+    # The JVM's own non-daemon threads would keep the process alive after a clean stop.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    try:
+        _serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    except GraphUnavailable as err:  # pragma: no cover - reported through the log
+        print(err, file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,83 @@
+"""Pure functions from the pipeline's records to the parameter rows Cypher statements take.
+
+Every value a statement needs arrives as a parameter built here; nothing is formatted into
+query text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.reports import (
+    CuratedBatch,
+    Insight,
+    Produced,
+    Similar,
+    Support,
+    encode_embedding,
+)
+
+Row = dict[str, Any]
+
+
+def insight_row(insight: Insight, with_vector: bool = False) -> Row:
+    props: Row = {"id": insight.id, "shard": insight.shard, "seq": insight.seq,
+                  "run_id": insight.run_id, "embedding": encode_embedding(insight.embedding),
+                  "dim": int(insight.embedding.shape[-1]), "summary": insight.summary,
+                  "created_at": insight.created_at}
+    if with_vector:  # a list-of-floats copy, for servers with a vector index
+        props["embedding_vector"] = [float(v) for v in insight.embedding]
+    return {"id": insight.id, "shard": insight.shard, "props": props}
+
+
+def support_row(s: Support) -> Row:
+    return {"insight": s.insight_id, "source": s.source_id, "report": s.report_id,
+            "job": s.job_id, "weight": float(s.weight), "text": s.source_text}
+
+
+def produced_row(p: Produced) -> Row:
+    return {"insight": p.insight_id, "expert": p.expert, "weight": float(p.weight)}
+
+
+def similar_row(s: Similar) -> Row:
+    return {"insight": s.insight_id, "b": s.other_id, "score": float(s.score)}
+
+
+def batch_rows(batch: CuratedBatch, existing: set[str],
+               with_vector: bool = False) -> dict[str, list[Row]]:
+    """The parameter rows of one curated batch, keyed by statement.
+
+    ``existing`` holds the ids of the batch's insights already in the graph. A new insight's
+    row carries its supports, producing experts and similar neighbours (written in one pass
+    with the node); edges of existing insights become rows of the MERGE statements.
+    Raises `ValueError` for a new insight without a support or a producing expert.
+    """
+    new_ids = {i.id for i in batch.insights if i.id not in existing}
+    nested: dict[str, Row] = {}
+    for insight in batch.insights:
+        if insight.id in new_ids:
+            row = insight_row(insight, with_vector)
+            row.update(run_id=batch.run_id, supports=[], produced=[], similar=[])
+            nested[insight.id] = row
+    old: dict[str, list[Row]] = {"supports": [], "produced": [], "similar": []}
+    for key, items, make in (("supports", batch.supports, support_row),
+                             ("produced", batch.produced, produced_row),
+                             ("similar", batch.similar, similar_row)):
+        for item in items:
+            row = make(item)
+            if item.insight_id in nested:
+                nested[item.insight_id][key].append(row)
+            else:
+                old[key].append(row)
+    for key in ("supports", "produced"):
+        empty = [i for i, row in nested.items() if not row[key]]
+        if empty:
+            raise ValueError(f"insight {empty[0]} is new but has no {key} rows")
+    return {"insights": list(nested.values()), "old_supports": old["supports"],
+            "old_produced": old["produced"], "old_similar": old["similar"]}
+
+
+def model_rows(constellations: dict[str, list[str]]) -> list[Row]:
+    """MEMBER_OF rows: one per (expert, constellation)."""
+    return [{"expert": e, "constellation": c} for c, experts in constellations.items()
+            for e in experts]

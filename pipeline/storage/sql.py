@@ -1,0 +1,191 @@
+"""Run metadata in SQL: runs, jobs, batches, their metrics, and item errors.
+
+SQLAlchemy 2.0 typed models. Alembic owns the schema (`migrate` applies it at start); the
+same models run on SQLite (the embedded default, a file in the state dir) and PostgreSQL
+(the stack), selected by ``DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+# Named constraints, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+    def __init__(self, **kwargs: Any) -> None:
+        # String ids are known from construction (a job's id goes back to the user before
+        # the row is flushed), not only after the INSERT as a column default would be.
+        columns = type(self).__table__.c
+        if "id" in columns and columns.id.type.python_type is str and kwargs.get("id") is None:
+            kwargs["id"] = new_id()
+        for key, value in kwargs.items():  # what SQLAlchemy's default constructor does
+            if not hasattr(type(self), key):
+                raise TypeError(f"{key!r} is not an attribute of {type(self).__name__}")
+            setattr(self, key, value)
+
+
+class Run(Base):
+    """One model configuration at work: the graph's Run node has the same id."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    model_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    code_version: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32), default="running")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="run")
+
+
+class Job(Base):
+    """A user's submission: items split into batches."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    submitted_items: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32), default="queued")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+    run: Mapped[Run] = relationship(back_populates="jobs")
+    batches: Mapped[list[Batch]] = relationship(back_populates="job",
+                                                order_by="Batch.index")
+    item_errors: Mapped[list[ItemError]] = relationship(back_populates="job")
+
+
+class Batch(Base):
+    """A slice of a job's items, the unit a GPU task works on."""
+
+    __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    item_ids: Mapped[list[str]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(32), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(64))
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)  # stage -> seconds
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
+
+    job: Mapped[Job] = relationship(back_populates="batches")
+    metrics: Mapped[BatchMetrics | None] = relationship(back_populates="batch")
+
+
+class BatchMetrics(Base):
+    """What a batch did to the model and the graph."""
+
+    __tablename__ = "batch_metrics"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    balance_loss: Mapped[float] = mapped_column(Float)
+    routing_entropy: Mapped[float] = mapped_column(Float)
+    expert_usage: Mapped[dict[str, float]] = mapped_column(JSON)  # expert -> share
+    reports: Mapped[int] = mapped_column(Integer)
+    new_insights: Mapped[int] = mapped_column(Integer)
+    merged: Mapped[int] = mapped_column(Integer)
+    dedup_rate: Mapped[float] = mapped_column(Float)
+
+    batch: Mapped[Batch] = relationship(back_populates="metrics")
+
+
+class ItemError(Base):
+    """A bad input item: which one, which field, what was wrong."""
+
+    __tablename__ = "item_errors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    item_id: Mapped[str | None] = mapped_column(String(255))
+    line: Mapped[int | None] = mapped_column(Integer)
+    field: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+
+    job: Mapped[Job] = relationship(back_populates="item_errors")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets foreign keys on and a busy timeout for workers."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn, _record) -> None:  # noqa: ANN001
+            cur = conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def alembic_config(url: str):
+    """An Alembic config for ``url`` that finds the migrations inside the package."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision`` (applied by the application at start)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def session_factory(url: str, run_migrations: bool = True) -> sessionmaker:
+    """Migrate (by default) and return a session factory bound to ``url``."""
+    if run_migrations:
+        migrate(url)
+    return sessionmaker(make_engine(url), expire_on_commit=False)
