@@ -172,3 +172,20 @@ def test_dialect_comes_from_the_servers_agent():
     (vector,) = [s for s in neo4j.schema(vector_dim=384) if "VECTOR" in s]
     assert "`vector.dimensions`: 384" in vector and "'cosine'" in vector
     assert len(neo4j.schema()) == 6  # five uniqueness constraints and (shard, seq)
+
+
+def test_concurrent_writers_on_different_shards_both_land(graph):
+    """Two librarians at once: page conflicts on the server are transient and retried."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = [_shard(), _shard()]
+
+    def write(shard: str) -> None:
+        for k in range(4):
+            graph.write_batch(make_batch(shard, 50, start=50 * k, seed=k)[0])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write, shards))
+    for shard in shards:
+        assert graph.max_seq(shard) == 199
+        assert counts(graph, shard)["SUPPORTED_BY"] == 200

@@ -10,6 +10,7 @@ transient errors (deadlock, leader switch, session expiry) with backoff.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from neo4j import Driver, GraphDatabase, ManagedTransaction
-from neo4j.exceptions import AuthError, ServiceUnavailable, SessionExpired
+from neo4j.exceptions import AuthError, ConstraintError, ServiceUnavailable, SessionExpired
 
 from pipeline.errors import PipelineError
 from pipeline.reports import CuratedBatch
@@ -143,12 +144,25 @@ class GraphStore:
 
         return self._write(work)
 
-    def _write(self, work) -> Any:
-        try:
-            with self._session() as session:
-                return session.execute_write(work)
-        except (ServiceUnavailable, SessionExpired) as err:
-            raise GraphUnavailable(self.uri, str(err)) from err
+    def _write(self, work, conflict_retries: int = 5) -> Any:
+        """Run ``work`` in a managed write transaction (which retries transient errors).
+
+        Two writers MERGEing the same shared node (a Run, an Expert, a Source) at once can
+        both try to create it; Neo4j serialises that with locks, the embedded server reports a
+        uniqueness violation instead. Every write here is idempotent, so such a conflict is
+        retried from the start, after a jittered backoff, a few times.
+        """
+        for attempt in range(conflict_retries + 1):
+            try:
+                with self._session() as session:
+                    return session.execute_write(work)
+            except ConstraintError:
+                if attempt == conflict_retries:
+                    raise
+                time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+            except (ServiceUnavailable, SessionExpired) as err:
+                raise GraphUnavailable(self.uri, str(err)) from err
+        raise AssertionError("unreachable")
 
     # -- reads for the cache ---------------------------------------------------------------
     def max_seq(self, shard: str) -> int:
@@ -209,7 +223,7 @@ class GraphStore:
         if write:
             def work(tx: ManagedTransaction) -> list[dict[str, Any]]:
                 return [r.data() for r in tx.run(query, params)]
-            return self._write(work)
+            return self._write(work, conflict_retries=0)  # a user's write is not ours to retry
         clause = cypher.writing_clause(query)
         if clause is not None:
             raise ReadOnlyQueryError(clause)
