@@ -1,0 +1,95 @@
+"""The hot embedding cache: exact top-k, growth, eviction, snapshots, graph catch-up."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import EmbeddingCache
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(("row_chunk", "query_chunk"), [(1 << 18, 4096), (7, 3)])
+def test_search_matches_a_float64_brute_force(row_chunk, query_chunk):
+    rng = np.random.default_rng(0)
+    data, queries = _unit(rng, 500, 32), rng.standard_normal((20, 32))
+    cache = EmbeddingCache(32, capacity=8)
+    cache.add([f"r{i}" for i in range(500)], (data * 3).astype(np.float32), range(500))
+    scores, rows = cache.search(queries.astype(np.float32), k=5, row_chunk=row_chunk,
+                                query_chunk=query_chunk)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = q @ data.T
+    want = np.argsort(-sims, axis=1)[:, :5]
+    assert rows.tolist() == want.tolist()
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(sims, want, 1), atol=1e-5)
+    assert cache.ids_at(rows[:1]) == [[f"r{i}" for i in want[0]]]
+
+
+def test_grows_by_doubling_and_keeps_rows():
+    cache = EmbeddingCache(4, capacity=2)
+    vecs = np.eye(4, dtype=np.float32)
+    cache.add(["a", "b"], vecs[:2] * 5, [0, 1])
+    assert cache.capacity == 2
+    cache.add(["c"], vecs[2:3], [2])
+    assert cache.capacity == 4 and len(cache) == 3
+    cache.add(["d", "e"], np.ones((2, 4), np.float32), [3, 4])
+    assert cache.capacity == 8
+    torch.testing.assert_close(cache.embeddings[:3], torch.eye(4)[:3])  # normalised
+    torch.testing.assert_close(cache.embeddings.norm(dim=1), torch.ones(5))
+    assert cache.watermark == 4
+    scores, rows = cache.search(np.array([0, 0, 1, 0], np.float32), k=10)
+    assert rows.shape == (1, 5) and cache.ids_at(rows)[0][0] == "c"
+    with pytest.raises(ValueError, match="expected \\(1, 4\\)"):
+        cache.add(["x"], np.ones((1, 3), np.float32), [9])
+
+
+def test_empty_cache_answers_nothing():
+    scores, rows = EmbeddingCache(8).search(np.ones((3, 8), np.float32), k=4)
+    assert scores.shape == (3, 0) and rows.shape == (3, 0)
+
+
+def test_eviction_drops_least_supported_then_oldest():
+    cache = EmbeddingCache(4, max_rows=3)
+    cache.add(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3], [0, 1, 2])
+    cache.add_support([0], 5)  # a is well supported
+    cache.add(["d"], np.eye(4, dtype=np.float32)[3:], [3])  # over the bound: b leaves
+    assert cache.ids == ["a", "c", "d"] and cache.watermark == 3
+    _, rows = cache.search(np.eye(4, dtype=np.float32), k=1)
+    found = cache.ids_at(rows)
+    assert found[0] == ["a"] and found[2:] == [["c"], ["d"]]  # b's query ties: no check
+
+
+def test_snapshot_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    cache = EmbeddingCache(16)
+    cache.add([f"i{k}" for k in range(50)], _unit(rng, 50, 16).astype(np.float32), range(50),
+              support=range(50))
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    again = EmbeddingCache.load(cache.save(tmp_path / "snap"))
+    assert again.ids == cache.ids and again.watermark == 49
+    assert np.array_equal(again.seqs, cache.seqs)
+    for a, b in zip(cache.search(q, 3), again.search(q, 3), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_warm_and_catch_up_from_the_graph(graph):
+    from tests.test_graph import make_batch
+
+    shard = f"cache-{uuid.uuid4().hex[:8]}"
+    first, emb1 = make_batch(shard, 40, dim=16)
+    graph.write_batch(first)
+    cache = EmbeddingCache(16)
+    assert cache.warm(graph, shard) == 40 and cache.watermark == 39
+    second, emb2 = make_batch(shard, 10, start=40, dim=16, seed=2)
+    graph.write_batch(second)
+    assert cache.catch_up(graph, shard) == 10 and cache.catch_up(graph, shard) == 0
+    assert cache.ids[-1] == f"{shard}-i49"
+    _, rows = cache.search(emb2[3:4], k=1)
+    assert cache.ids_at(rows) == [[f"{shard}-i43"]]
