@@ -79,6 +79,12 @@ class MoEConfig:
     own constellation, named by ``expert_specializations`` when given, tokens route over all
     experts (a flat top-k MoE) and ``top_k_constellations`` defaults to ``top_k_experts``.
 
+    Knowledge graph (the librarian): reports at cosine >= ``dedup_threshold`` are one insight;
+    new insights link to neighbours with ``related_threshold <= cosine < dedup_threshold``
+    (SIMILAR_TO). ``max_kg_nodes`` bounds each shard's hot cache (the least-supported, oldest
+    insights leave it first and stay in the graph); with ``kg_checkpoint_dir`` the caches are
+    snapshotted every ``kg_save_interval`` added insights.
+
     Optimizations (read by `FullyOptimizedMoESystem`; the base system runs without them):
     ``use_compile`` with ``compile_mode``, ``use_amp`` with ``amp_dtype`` (float16 brings a
     gradient scaler), ``use_gradient_checkpointing``.
@@ -117,6 +123,12 @@ class MoEConfig:
     top_k_constellations: int | None = None
     supervisor_heads: int = 4
     constellation_balance_weight: float = 0.01
+
+    dedup_threshold: float = 0.85
+    related_threshold: float = 0.7
+    max_kg_nodes: int = 100_000
+    kg_checkpoint_dir: str | None = None
+    kg_save_interval: int = 1000
 
     use_compile: bool = True
     compile_mode: str = "default"
@@ -186,6 +198,16 @@ class MoEConfig:
                               "0 with gate_type=" + repr(self.gate_type)
                               + "; shared experts sit beside a token-choice gate")
 
+        for name in ("dedup_threshold", "related_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    -1.0 <= value <= 1.0):
+                raise ConfigError(name, value, "a cosine similarity in [-1, 1]")
+        if self.related_threshold > self.dedup_threshold:
+            raise ConfigError("related_threshold", self.related_threshold,
+                              f"at most dedup_threshold={self.dedup_threshold}")
+        _positive_int("max_kg_nodes", self.max_kg_nodes)
+        _positive_int("kg_save_interval", self.kg_save_interval)
         _positive_int("num_layers", self.num_layers)
         _positive_int("supervisor_heads", self.supervisor_heads)
         if self.input_dim % self.supervisor_heads:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import MoEConfig
-from pipeline.errors import ConfigError, InputShapeError
+from pipeline.errors import ConfigError, InputShapeError, PipelineError
 from pipeline.moe import checkpoint as ckpt
 from pipeline.moe.analysis import parameter_counts
 from pipeline.moe.constellation import ExpertConstellation
@@ -87,6 +87,24 @@ class MixtureOfExpertsSystem(nn.Module):
         self.blocks = nn.ModuleList(MoEBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.input_dim)
         self.head = nn.Linear(config.input_dim, config.output_dim)
+        self.knowledge: Any = None  # a Librarian, once attached
+
+    def attach_knowledge_graph(self, librarian: Any) -> None:
+        """Serve `query_knowledge_graph` from this librarian's hot caches."""
+        self.knowledge = librarian
+
+    def query_knowledge_graph(self, query_embedding: Tensor, top_k: int = 5,
+                              shards: list[str] | None = None) -> list[dict[str, Any]]:
+        """The insights most similar to ``query_embedding`` ``(input_dim,)``, best first:
+        ``[{"node_id", "similarity", "shard"}, ...]`` from the hot caches."""
+        if self.knowledge is None:
+            raise PipelineError("no knowledge graph attached: call attach_knowledge_graph("
+                                "librarian) first")
+        if query_embedding.shape[-1] != self.config.input_dim:
+            raise InputShapeError("query_embedding", tuple(query_embedding.shape),
+                                  f"({self.config.input_dim},)")
+        return self.knowledge.search(query_embedding.detach().float().reshape(1, -1).cpu(),
+                                     top_k, shards)
 
     # -- forward ---------------------------------------------------------------------------
     def run(self, x: Tensor, reports: bool = False) -> SystemOutput:

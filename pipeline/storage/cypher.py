@@ -134,6 +134,14 @@ MERGE (run:{RUN} {{id: $id}})
 ON CREATE SET run.created_at = $created_at, run.config = $config
 """
 
+# Reports already curated: found from their Source nodes (indexed), not by scanning edges.
+SUPPORTED_REPORTS = f"""
+UNWIND $rows AS r
+MATCH (s:{SOURCE} {{id: r.source}})<-[e:{SUPPORTED_BY}]-(i:{INSIGHT})
+WHERE e.report_id = r.report
+RETURN e.report_id AS report, i.id AS insight
+"""
+
 MAX_SEQ = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard
 RETURN max(i.seq) AS seq

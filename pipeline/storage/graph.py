@@ -62,6 +62,7 @@ class GraphStore:
         self.driver, self.database, self.uri = driver, database, uri
         self.dialect = cypher.Dialect.for_agent(driver.get_server_info().agent)
         self.with_vector = vector_index and self.dialect.vector_index
+        self.auth: tuple[str, str | None] | None = None
 
     @classmethod
     def connect(cls, uri: str, username: str, password: str | None,
@@ -75,7 +76,9 @@ class GraphStore:
         while True:
             try:
                 driver.verify_connectivity()
-                return cls(driver, database, uri, vector_index)
+                store = cls(driver, database, uri, vector_index)
+                store.auth = (username, password)  # for helpers that open their own driver
+                return store
             except AuthError as err:
                 driver.close()
                 raise GraphUnavailable(uri, f"authentication failed ({err.message})") from err
@@ -163,6 +166,15 @@ class GraphStore:
             except (ServiceUnavailable, SessionExpired) as err:
                 raise GraphUnavailable(self.uri, str(err)) from err
         raise AssertionError("unreachable")
+
+    def supported_reports(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Of (source id, report id) pairs, the reports already in the graph: report -> insight."""
+        rows_ = [{"source": s, "report": r} for s, r in pairs]
+        if not rows_:
+            return {}
+        with self._session(read=True) as session:
+            return {rec["report"]: rec["insight"]
+                    for rec in session.run(cypher.SUPPORTED_REPORTS, rows=rows_)}
 
     # -- reads for the cache ---------------------------------------------------------------
     def max_seq(self, shard: str) -> int:

@@ -65,7 +65,9 @@ def batch_rows(batch: CuratedBatch, existing: set[str],
                              ("similar", batch.similar, similar_row)):
         for item in items:
             row = make(item)
-            if item.insight_id in nested:
+            # A similar edge between two new insights waits for both nodes: MERGE, after.
+            late = key == "similar" and item.other_id in new_ids
+            if item.insight_id in nested and not late:
                 nested[item.insight_id][key].append(row)
             else:
                 old[key].append(row)

@@ -1,0 +1,200 @@
+"""The librarian's decisions and its invariants, pure and against the real graph and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.cache import EmbeddingCache
+from pipeline.librarian import Librarian, decide, dedup_in_batch
+from pipeline.locks import LocalShardLock
+from pipeline.reports import DraftReport, report_id
+
+ROOT = Path(__file__).resolve().parents[1]
+THRESHOLD, RELATED = 0.85, 0.5
+
+
+def clustered(rng: np.random.Generator, n: int, centres: int, dim: int = 16,
+              noise: float = 0.15) -> np.ndarray:
+    """Unit vectors around a few centres: many near-duplicates, some strangers."""
+    c = rng.standard_normal((centres, dim))
+    x = c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def reports_for(emb: np.ndarray, job: str, shard: str, start: int = 0) -> list[DraftReport]:
+    return [DraftReport(report_id(job, f"item{start + k}", shard), job, f"item{start + k}",
+                        shard, emb[k], 0.9, {f"{shard}-e{k % 3}": 0.6, f"{shard}-e3": 0.2},
+                        f"text {start + k}") for k in range(len(emb))]
+
+
+def test_in_batch_dedup_joins_the_most_similar_earlier_leader():
+    e = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.96, 0.28], [0.7, 0.71]])
+    e = torch.nn.functional.normalize(e, dim=-1)
+    assert dedup_in_batch(e, 0.9).tolist() == [0, 0, 2, 0, 4]
+
+
+def test_decide_merges_into_the_cache_and_links_related_inserts():
+    cache = EmbeddingCache(2)
+    cache.add(["old"], np.array([[1.0, 0.0]], np.float32), [0])
+    batch = torch.tensor([[0.99, 0.1], [0.6, 0.8], [0.0, 1.0]])
+    d = decide(batch, cache, dedup_threshold=0.9, related_threshold=0.5)
+    assert d.target_row.tolist() == [0, -1, -1] and d.inserts == [1, 2] and d.merged == 1
+    assert [r for r, _ in d.related_cached[1]] == [0]  # cos 0.6 with "old"
+    assert d.related_cached[2] == []  # orthogonal to "old"
+    assert d.related_new[2][0][0] == 1  # cos 0.8 between the two inserts
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 40), min_size=1,
+                                                   max_size=5))
+def test_no_two_insights_are_duplicates_and_every_report_has_one(seed, sizes):
+    """Any sequence of batches, decided against a cache that takes each batch's inserts."""
+    rng = np.random.default_rng(seed)
+    cache = EmbeddingCache(16)
+    owner: dict[int, str] = {}
+    seen = 0
+    for size in sizes:
+        emb = clustered(rng, size, centres=3)
+        d = decide(torch.from_numpy(emb), cache, THRESHOLD, RELATED)
+        new_ids = {li: f"n{seen + li}" for li in d.inserts}
+        for k in range(size):
+            row = d.target_row[k]
+            owner[seen + k] = cache.ids[row] if row >= 0 else new_ids[int(d.leader[k])]
+        cache.add([new_ids[li] for li in d.inserts], emb[d.inserts], range(
+            cache.watermark + 1, cache.watermark + 1 + len(d.inserts)))
+        seen += size
+    e = cache.embeddings.double()
+    sims = e @ e.t() - 2 * torch.eye(len(cache), dtype=torch.float64)
+    assert len(cache) == 0 or sims.max() < THRESHOLD
+    assert len(owner) == seen and set(owner.values()) <= set(cache.ids)
+
+
+def _librarian(graph, **kw) -> Librarian:
+    return Librarian(graph, LocalShardLock(), dim=16, run_id="run-lib",
+                     dedup_threshold=THRESHOLD, related_threshold=RELATED, **kw)
+
+
+def _shard_state(graph, shard: str) -> tuple[np.ndarray, dict[str, int]]:
+    rows = graph.read_shard(shard, dim=16)
+    per_report = graph.run_cypher(
+        "MATCH (i:Insight {shard: $s})-[e:SUPPORTED_BY]->() "
+        "RETURN e.report_id AS report, count(DISTINCT i) AS n", {"s": shard})
+    return rows.embeddings.astype(np.float64), {r["report"]: r["n"] for r in per_report}
+
+
+def _max_pair(emb: np.ndarray) -> float:
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = emb @ emb.T - 2 * np.eye(len(emb))
+    return float(sims.max()) if len(emb) > 1 else -1.0
+
+
+def test_curate_keeps_the_invariants_in_the_graph_and_replays_as_a_no_op(graph):
+    shard = f"lib-{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(3)
+    lib = _librarian(graph)
+    emb = clustered(rng, 90, 4)  # the same clusters recur across batches
+    batches = [reports_for(emb[30 * b: 30 * b + 30], "job-1", shard, 30 * b)
+               for b in range(3)]
+    results = [lib.curate(shard, b) for b in batches]
+    assert results[0].inserted >= 1 and sum(r.merged for r in results) > 0
+    emb, per_report = _shard_state(graph, shard)
+    assert _max_pair(emb) < THRESHOLD
+    assert len(per_report) == 90 and set(per_report.values()) == {1}
+    before = graph.run_cypher("MATCH (i:Insight {shard: $s})-[e]->() RETURN count(e) AS n",
+                              {"s": shard})
+    again = lib.curate(shard, batches[1])  # a redelivered task
+    assert again.skipped == 30 and again.inserted == 0
+    fresh = _librarian(graph).curate(shard, batches[2])  # another process, cold cache
+    assert fresh.skipped == 30
+    assert graph.run_cypher("MATCH (i:Insight {shard: $s})-[e]->() RETURN count(e) AS n",
+                            {"s": shard}) == before
+    assert again.insight_of_report == results[1].insight_of_report
+
+
+def test_snapshots_bound_and_restore_the_cache(graph, tmp_path):
+    shard = f"snap-{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(5)
+    lib = _librarian(graph, max_kg_nodes=5, kg_checkpoint_dir=tmp_path, kg_save_interval=3)
+    lib.curate(shard, reports_for(clustered(rng, 40, 12, noise=0.01), "job-s", shard))
+    assert len(lib.cache(shard)) == 5  # bounded; the rest stay in the graph
+    assert graph.count_after(shard) > 5
+    snaps = list(tmp_path.iterdir())
+    assert len(snaps) == 1 and (snaps[0] / "cache.json").exists()
+    restored = _librarian(graph, max_kg_nodes=5, kg_checkpoint_dir=tmp_path).cache(shard)
+    assert restored.watermark == lib.cache(shard).watermark
+
+
+def test_query_knowledge_graph_on_the_system(graph):
+    from pipeline import MoEConfig
+    from pipeline.moe.system import MixtureOfExpertsSystem
+
+    shard = f"q-{uuid.uuid4().hex[:8]}"
+    emb = clustered(np.random.default_rng(7), 10, 10, noise=0.0)
+    lib = _librarian(graph)
+    lib.curate(shard, reports_for(emb, "job-q", shard))
+    system = MixtureOfExpertsSystem(MoEConfig(input_dim=16, hidden_dim=16, output_dim=16,
+                                              num_experts=4, top_k_experts=2))
+    with pytest.raises(Exception, match="no knowledge graph attached"):
+        system.query_knowledge_graph(torch.from_numpy(emb[0]))
+    system.attach_knowledge_graph(lib)
+    hits = system.query_knowledge_graph(torch.from_numpy(emb[4]), top_k=3)
+    assert len(hits) == 3 and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0]["shard"] == shard and set(hits[0]) == {"node_id", "similarity", "shard"}
+    assert hits[0]["similarity"] >= hits[1]["similarity"] >= hits[2]["similarity"]
+
+
+WORKER = """
+import json, sys
+import numpy as np
+from pipeline.librarian import Librarian
+from pipeline.locks import RedisShardLock
+from pipeline.storage.graph import GraphStore
+sys.path.insert(0, {tests!r})
+from test_librarian import clustered, reports_for
+cfg = json.loads(sys.argv[1])
+graph = GraphStore.connect(cfg["uri"], cfg["user"], cfg["password"], cfg["database"])
+lib = Librarian(graph, RedisShardLock(cfg["redis"]), dim=16, run_id="run-two",
+                dedup_threshold=0.85, related_threshold=0.5)
+rng = np.random.default_rng(cfg["seed"])
+for b in range(4):
+    emb = clustered(np.random.default_rng(100 + b), 25, 5)  # both see the same clusters
+    emb = emb + 0.02 * rng.standard_normal(emb.shape).astype(np.float32)
+    lib.curate(cfg["shard"], reports_for(emb, "job-" + str(cfg["seed"]), cfg["shard"], 25 * b))
+graph.close()
+"""
+
+
+def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
+    redis = pytest.importorskip("redis")
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.exceptions.ConnectionError as err:
+        pytest.skip(f"no Redis at {url}: {err}")
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials to pass to a second process")
+    shard = f"two-{uuid.uuid4().hex[:8]}"
+    code = WORKER.format(tests=str(ROOT / "tests"))
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(
+            {"uri": graph.uri, "user": graph.auth[0], "password": graph.auth[1],
+             "database": graph.database, "redis": url, "seed": seed, "shard": shard})],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
+        text=True) for seed in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    emb, per_report = _shard_state(graph, shard)
+    assert len(per_report) == 200 and set(per_report.values()) == {1}
+    assert _max_pair(emb) < THRESHOLD
