@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pipeline.moe.grouped_mm import cpu_linear
+
 
 class ShardReader(Protocol):
     """What the cache needs from the graph (`GraphStore` provides it)."""
@@ -33,6 +35,13 @@ class ShardReader(Protocol):
 def _as_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     return t.to(device=device, dtype=torch.float32)
+
+
+def _scores(q_QD: Tensor, rows_ND: Tensor) -> Tensor:
+    """``q @ rows^T`` in float32; on the CPU by oneDNN, twice MKL's rate on AMD here."""
+    if q_QD.device.type == "cpu":
+        return cpu_linear(q_QD, rows_ND).float()
+    return (q_QD @ rows_ND.t()).float()
 
 
 class EmbeddingCache:
@@ -121,16 +130,22 @@ class EmbeddingCache:
         return evicted
 
     @torch.no_grad()
-    def search(self, queries: Tensor | np.ndarray, k: int, row_chunk: int = 1 << 18,
-               query_chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor | np.ndarray, k: int, query_chunk: int = 512,
+               score_budget: int | None = None) -> tuple[Tensor, Tensor]:
         """Top-``k`` cosine similarities of each query: ``(Q, D) -> scores, rows (Q, K)``.
 
-        Scores are float32, rows index `ids`; ``K = min(k, N)``. Chunked over rows and queries
-        so that memory stays bounded (``query_chunk * row_chunk`` scores at a time). Exact.
+        Scores are float32, rows index `ids`; ``K = min(k, N)``. Chunked over queries and
+        rows so that at most ``score_budget`` scores exist at a time, whatever the sizes.
+        Exact: a brute-force scan. The default budget is 2^22 scores (16 MiB) on the CPU,
+        where blocks that small are recycled by the allocator instead of page-faulted in
+        afresh (measured here: 3,700 against 2,250 queries/s at 2^25), and 2^28 on a GPU.
         """
+        if score_budget is None:
+            score_budget = 1 << 28 if self.device.type == "cuda" else 1 << 22
         q = _as_tensor(queries, self.device)
         q = torch.nn.functional.normalize(q.reshape(-1, self.dim), dim=-1).to(self.dtype)
         n, k = len(self), min(k, len(self))
+        row_chunk = max(k, 1, score_budget // max(1, min(query_chunk, q.shape[0])))
         scores = torch.empty(q.shape[0], k, dtype=torch.float32, device=self.device)
         rows = torch.empty(q.shape[0], k, dtype=torch.int64, device=self.device)
         if k == 0:
@@ -139,7 +154,7 @@ class EmbeddingCache:
             block = q[qs: qs + query_chunk]
             best_s = best_i = None
             for rs in range(0, n, row_chunk):
-                sims = (block @ self._emb[rs: min(n, rs + row_chunk)].t()).float()
+                sims = _scores(block, self._emb[rs: min(n, rs + row_chunk)])
                 s, i = torch.topk(sims, min(k, sims.shape[1]), dim=1)
                 i += rs
                 if best_s is not None:
@@ -175,7 +190,10 @@ class EmbeddingCache:
                    "support": torch.from_numpy(self._support.copy())},
                   str(path / "cache.safetensors"))
         (path / "cache.json").write_text(json.dumps(
-            {"dim": self.dim, "watermark": self.watermark, "ids": self.ids}))
+            {"dim": self.dim, "watermark": self.watermark, "rows": len(self)}))
+        # Ids one per line: splitting text reads a million of them several times faster
+        # than parsing a JSON list.
+        (path / "ids.txt").write_text("\n".join(self.ids))
         return path
 
     @classmethod
@@ -184,12 +202,16 @@ class EmbeddingCache:
         """A cache from a snapshot; `catch_up` then brings it level with the graph."""
         path = Path(path)
         meta = json.loads((path / "cache.json").read_text())
+        n = meta["rows"]
+        ids = (path / "ids.txt").read_text().split("\n") if n else []
+        if len(ids) != n:
+            raise ValueError(f"snapshot {path}: {len(ids)} ids for {n} rows")
         tensors = load_file(str(path / "cache.safetensors"))
-        cache = cls(meta["dim"], device, dtype, capacity=max(1, len(meta["ids"])),
+        # Headroom for the catch-up that follows, so it does not double a large buffer.
+        cache = cls(meta["dim"], device, dtype, capacity=max(1024, n + n // 8),
                     max_rows=max_rows)
-        n = len(meta["ids"])
         cache._emb[:n] = tensors["embeddings"].to(device=cache.device, dtype=cache.dtype)
-        cache.ids = meta["ids"]
+        cache.ids = ids
         cache._seqs = tensors["seqs"].numpy().copy()
         cache._support = tensors["support"].numpy().copy()
         cache.watermark = meta["watermark"]

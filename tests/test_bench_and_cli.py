@@ -90,3 +90,16 @@ def test_graph_ingest_bench_quick_runs_against_the_embedded_server():
     assert record["references"]["naive_one_at_a_time_per_s"] > 0
     assert set(record["targets"]) == {"insights_per_s_batched", "ours_1000_vs_one_at_a_time",
                                       "cache_read_rows_per_s"}
+
+
+def test_similarity_bench_quick_compares_against_faiss_and_numpy():
+    proc = _run("bench/similarity.py", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "similarity"
+    assert record["results"]["ours_batched_qps_random_2000"] > 0
+    assert record["references"]["numpy_batched_qps_random_2000"] > 0
+    agreement = record["results"]["top_k_agreement"]
+    assert agreement["ours_vs_numpy_random_2000"] == 1.0  # random data: no ties, same top-k
+    assert record["results"]["snapshot_ready_seconds_20000"] > 0
+    assert record["results"]["librarian_decisions_reports_per_s_2000"] > 0

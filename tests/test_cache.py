@@ -16,13 +16,13 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize(("row_chunk", "query_chunk"), [(1 << 18, 4096), (7, 3)])
-def test_search_matches_a_float64_brute_force(row_chunk, query_chunk):
+@pytest.mark.parametrize(("budget", "query_chunk"), [(1 << 25, 256), (21, 3)])
+def test_search_matches_a_float64_brute_force(budget, query_chunk):
     rng = np.random.default_rng(0)
     data, queries = _unit(rng, 500, 32), rng.standard_normal((20, 32))
     cache = EmbeddingCache(32, capacity=8)
     cache.add([f"r{i}" for i in range(500)], (data * 3).astype(np.float32), range(500))
-    scores, rows = cache.search(queries.astype(np.float32), k=5, row_chunk=row_chunk,
+    scores, rows = cache.search(queries.astype(np.float32), k=5, score_budget=budget,
                                 query_chunk=query_chunk)
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     sims = q @ data.T
