@@ -337,6 +337,7 @@ class Settings(BaseSettings):
     graph_connect_timeout_s: float = 30.0
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
 
     def torch_device(self) -> str:
         """The device to run on: ``device`` itself, or CUDA when present for ``"auto"``."""

@@ -11,6 +11,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
 
@@ -66,3 +67,9 @@ class RedisShardLock:
             yield
         finally:
             lock.release()
+
+
+def shard_locks(settings: Settings | None = None) -> LocalShardLock | RedisShardLock:
+    """Redis locks when ``REDIS_URL`` is set (the stack), in-process ones otherwise."""
+    settings = settings or Settings()
+    return RedisShardLock(settings.redis_url) if settings.redis_url else LocalShardLock()

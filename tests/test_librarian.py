@@ -198,3 +198,38 @@ def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
     emb, per_report = _shard_state(graph, shard)
     assert len(per_report) == 200 and set(per_report.values()) == {1}
     assert _max_pair(emb) < THRESHOLD
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_a_held_shard_lock_times_out_with_the_shards_name(kind):
+    import threading
+
+    from pipeline.locks import LocalShardLock, LockTimeout, RedisShardLock
+
+    if kind == "redis":
+        redis = pytest.importorskip("redis")
+        url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        try:
+            redis.Redis.from_url(url).ping()
+        except redis.exceptions.ConnectionError as err:
+            pytest.skip(f"no Redis at {url}: {err}")
+        holder, waiter = RedisShardLock(url, wait_s=0.3), RedisShardLock(url, wait_s=0.3)
+    else:
+        holder = waiter = LocalShardLock(wait_s=0.3)
+    shard = f"lock-{uuid.uuid4().hex[:8]}"
+    errors = []
+
+    def contend() -> None:
+        try:
+            with waiter(shard):
+                pass
+        except LockTimeout as err:
+            errors.append(err)
+
+    with holder(shard):
+        t = threading.Thread(target=contend)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and errors[0].shard == shard and shard in str(errors[0])
+    with waiter(shard):  # released: free again
+        pass
