@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache import EmbeddingCache
+from pipeline.config import MoEConfig
 from pipeline.reports import (
     CuratedBatch,
     DraftReport,
@@ -167,6 +168,18 @@ class Librarian:
         self.save_interval = kg_save_interval
         self.caches: dict[str, EmbeddingCache] = {}
         self._saved_at: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, graph: GraphStore, locks: ShardLocks, config: MoEConfig,
+                    run_id: str, device: str = "cpu") -> Librarian:
+        """A librarian with the knowledge-graph settings of a model's config (the original
+        framework's names: ``dedup_threshold``, ``max_kg_nodes``, ``kg_checkpoint_dir``,
+        ``kg_save_interval``); report embeddings are ``input_dim`` wide."""
+        return cls(graph, locks, config.input_dim, run_id,
+                   dedup_threshold=config.dedup_threshold,
+                   related_threshold=config.related_threshold, device=device,
+                   max_kg_nodes=config.max_kg_nodes, kg_checkpoint_dir=config.kg_checkpoint_dir,
+                   kg_save_interval=config.kg_save_interval)
 
     def cache(self, shard: str) -> EmbeddingCache:
         """The shard's cache: from its snapshot if there is one, else warmed from the graph.

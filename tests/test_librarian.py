@@ -122,6 +122,17 @@ def test_curate_keeps_the_invariants_in_the_graph_and_replays_as_a_no_op(graph):
     assert again.insight_of_report == results[1].insight_of_report
 
 
+def test_knowledge_graph_settings_come_from_the_model_config(graph, tmp_path):
+    from pipeline import MoEConfig
+
+    cfg = MoEConfig(input_dim=16, hidden_dim=16, output_dim=16, num_experts=4,
+                    top_k_experts=2, dedup_threshold=0.9, related_threshold=0.6,
+                    max_kg_nodes=7, kg_checkpoint_dir=str(tmp_path), kg_save_interval=2)
+    lib = Librarian.from_config(graph, LocalShardLock(), cfg, run_id="run-cfg")
+    assert (lib.dim, lib.dedup_threshold, lib.related_threshold) == (16, 0.9, 0.6)
+    assert (lib.max_kg_nodes, lib.checkpoint_dir, lib.save_interval) == (7, tmp_path, 2)
+
+
 def test_snapshots_bound_and_restore_the_cache(graph, tmp_path):
     shard = f"snap-{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(5)
