@@ -14,6 +14,8 @@ restart need not re-read every insight through Cypher.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -89,7 +91,19 @@ class EmbeddingCache:
 
     def add(self, ids: Sequence[str], embeddings: Tensor | np.ndarray, seqs: Sequence[int],
             support: Sequence[int] | None = None) -> None:
-        """Append rows (normalised here); ``support`` counts default to 1."""
+        """Append rows (normalised here); ``support`` counts default to 1.
+
+        Rows whose seq is not above the watermark are already here (or were evicted) and are
+        skipped, so a catch-up that races a writer's own append adds nothing twice.
+        """
+        seq_arr = np.asarray(seqs, dtype=np.int64)
+        fresh = seq_arr > self.watermark
+        if len(ids) and not fresh.all():
+            ids = [i for i, keep in zip(ids, fresh, strict=True) if keep]
+            embeddings = embeddings[torch.from_numpy(fresh) if isinstance(embeddings, Tensor)
+                                    else fresh]
+            support = None if support is None else np.asarray(support)[fresh]
+            seq_arr = seq_arr[fresh]
         n = len(ids)
         if n == 0:
             return
@@ -101,7 +115,6 @@ class EmbeddingCache:
         self._reserve(start + n)
         self._emb[start: start + n] = torch.nn.functional.normalize(emb, dim=-1).to(self.dtype)
         self.ids.extend(ids)
-        seq_arr = np.asarray(seqs, dtype=np.int64)
         self._seqs = np.concatenate([self._seqs, seq_arr])
         self._support = np.concatenate([self._support, np.ones(n, np.int64) if support is None
                                         else np.asarray(support, np.int64)])
@@ -182,9 +195,24 @@ class EmbeddingCache:
         return len(fresh.ids)
 
     def save(self, path: str | Path) -> Path:
-        """Snapshot rows, ids, seqs, support and watermark into directory ``path``."""
+        """Snapshot rows, ids, seqs, support and watermark into directory ``path``.
+
+        Written to a sibling directory first and swapped in by renames, so a crash leaves
+        either the old snapshot or the new one, never a mix.
+        """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._write_snapshot(tmp)
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _write_snapshot(self, path: Path) -> None:
         save_file({"embeddings": self.embeddings.contiguous().cpu(),
                    "seqs": torch.from_numpy(self._seqs.copy()),
                    "support": torch.from_numpy(self._support.copy())},
@@ -194,7 +222,6 @@ class EmbeddingCache:
         # Ids one per line: splitting text reads a million of them several times faster
         # than parsing a JSON list.
         (path / "ids.txt").write_text("\n".join(self.ids))
-        return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -207,6 +234,10 @@ class EmbeddingCache:
         if len(ids) != n:
             raise ValueError(f"snapshot {path}: {len(ids)} ids for {n} rows")
         tensors = load_file(str(path / "cache.safetensors"))
+        shape = tuple(tensors["embeddings"].shape)
+        if shape != (n, meta["dim"]) or len(tensors["seqs"]) != n or len(tensors["support"]) != n:
+            raise ValueError(f"snapshot {path}: embeddings {shape}, {len(tensors['seqs'])} seqs "
+                             f"and {len(tensors['support'])} support counts for {n} rows")
         # Headroom for the catch-up that follows, so it does not double a large buffer.
         cache = cls(meta["dim"], device, dtype, capacity=max(1024, n + n // 8),
                     max_rows=max_rows)

@@ -40,7 +40,7 @@ from pipeline.reports import (
     Support,
     stable_id,
 )
-from pipeline.storage.graph import GraphStore
+from pipeline.storage.graph import GraphStore, StaleWriteError
 
 ShardLocks = Callable[[str], AbstractContextManager]
 
@@ -138,13 +138,16 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
                         summary=reports[li].text[:280], created_at=now)
                 for k, li in enumerate(decision.inserts)]
     batch = CuratedBatch(run_id, insights=insights)
+    produced: dict[tuple[str, str], float] = {}  # one edge per (insight, expert): max weight
     for i, report in enumerate(reports):
         row = decision.target_row[i]
         target = cache.ids[row] if row >= 0 else new_ids[int(decision.leader[i])]
         batch.supports.append(Support(target, report.item_id, report.id, report.job_id,
                                       report.score, report.text))
-        batch.produced.extend(Produced(target, expert, weight)
-                              for expert, weight in report.experts.items())
+        for expert, weight in report.experts.items():
+            key = (target, expert)
+            produced[key] = max(weight, produced.get(key, weight))
+    batch.produced = [Produced(t, e, w) for (t, e), w in produced.items()]
     for li in decision.inserts:
         batch.similar.extend(Similar(new_ids[li], cache.ids[row], score)
                              for row, score in decision.related_cached.get(li, []))
@@ -191,36 +194,58 @@ class Librarian:
             if snap is not None and (snap / "cache.json").exists():
                 cache = EmbeddingCache.load(snap, self.device, max_rows=self.max_kg_nodes)
             else:
-                cache = EmbeddingCache(self.dim, self.device, max_rows=self.max_kg_nodes)
-                cache.warm(self.graph, shard)
+                cache = self._warmed(shard)
             self.caches[shard] = cache
             self._saved_at[shard] = cache.updates
         return self.caches[shard]
 
+    def _warmed(self, shard: str) -> EmbeddingCache:
+        cache = EmbeddingCache(self.dim, self.device, max_rows=self.max_kg_nodes)
+        cache.warm(self.graph, shard)
+        self._saved_at[shard] = cache.updates
+        return cache
+
     def curate(self, shard: str, reports: Sequence[DraftReport]) -> CurateResult:
-        """Deduplicate and persist one shard's reports (under the shard's lock)."""
+        """Deduplicate and persist one shard's reports (under the shard's lock).
+
+        A report id repeated in the batch counts once. If the write finds the shard moved
+        (`StaleWriteError`), the cache is rebuilt from the graph and the batch decided again.
+        """
+        unique = list({r.id: r for r in reversed(reports)}.values())[::-1]  # first wins
         with self.locks(shard):
-            done = self.graph.supported_reports((r.item_id, r.id) for r in reports)
-            todo = [r for r in reports if r.id not in done]
-            cache = self.cache(shard)
-            cache.catch_up(self.graph, shard)
-            if not todo:
-                return CurateResult(shard, len(reports), len(reports), 0, 0, 0, dict(done))
-            emb = torch.from_numpy(np.stack([np.asarray(r.embedding, np.float32)
-                                             for r in todo]))
-            decision = decide(emb, cache, self.dedup_threshold, self.related_threshold)
-            batch, new = build_batch(shard, todo, decision, cache, self.run_id,
-                                     cache.watermark + 1)
-            self.graph.write_batch(batch)
-            merged_rows = decision.target_row[decision.target_row >= 0]
-            if merged_rows.size:
-                cache.add_support(merged_rows)
-            cache.add([i.id for i in new], np.stack([i.embedding for i in new])
-                      if new else np.zeros((0, self.dim), np.float32), [i.seq for i in new])
-            self._maybe_snapshot(shard, cache)
+            for attempt in range(3):
+                try:
+                    return self._curate_locked(shard, reports, unique)
+                except StaleWriteError:
+                    if attempt == 2:
+                        raise
+                    self.caches[shard] = self._warmed(shard)  # from the graph, the truth
+        raise AssertionError("unreachable")
+
+    def _curate_locked(self, shard: str, reports: Sequence[DraftReport],
+                       unique: list[DraftReport]) -> CurateResult:
+        done = self.graph.supported_reports((r.item_id, r.id) for r in unique)
+        todo = [r for r in unique if r.id not in done]
+        cache = self.cache(shard)
+        cache.catch_up(self.graph, shard)
+        if not todo:
+            return CurateResult(shard, len(reports), len(reports), 0, 0, 0, dict(done))
+        # Decide on what the graph will hold: embeddings are stored as float16.
+        emb = torch.from_numpy(np.stack([np.asarray(r.embedding, np.float16)
+                                         for r in todo]).astype(np.float32))
+        decision = decide(emb, cache, self.dedup_threshold, self.related_threshold)
+        batch, new = build_batch(shard, todo, decision, cache, self.run_id,
+                                 cache.watermark + 1)
+        self.graph.write_batch(batch, expect_max_seq={shard: cache.watermark})
+        merged_rows = decision.target_row[decision.target_row >= 0]
+        if merged_rows.size:
+            cache.add_support(merged_rows)
+        cache.add([i.id for i in new], np.stack([i.embedding for i in new])
+                  if new else np.zeros((0, self.dim), np.float32), [i.seq for i in new])
+        self._maybe_snapshot(shard, cache)
         mapping = {**done, **{s.report_id: s.insight_id for s in batch.supports}}
-        return CurateResult(shard, len(reports), len(done), len(new), decision.merged,
-                            len(batch.similar), mapping)
+        return CurateResult(shard, len(reports), len(reports) - len(todo), len(new),
+                            decision.merged, len(batch.similar), mapping)
 
     def _snapshot_dir(self, shard: str) -> Path | None:
         if self.checkpoint_dir is None:

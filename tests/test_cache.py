@@ -93,3 +93,28 @@ def test_warm_and_catch_up_from_the_graph(graph):
     assert cache.ids[-1] == f"{shard}-i49"
     _, rows = cache.search(emb2[3:4], k=1)
     assert cache.ids_at(rows) == [[f"{shard}-i43"]]
+
+
+def test_rows_at_or_below_the_watermark_are_not_added_twice():
+    cache = EmbeddingCache(4)
+    cache.add(["a", "b"], np.eye(4, dtype=np.float32)[:2], [0, 1])
+    cache.add(["b", "c"], np.eye(4, dtype=np.float32)[1:3], [1, 2])  # a racing catch-up
+    assert cache.ids == ["a", "b", "c"] and cache.seqs.tolist() == [0, 1, 2]
+
+
+def test_snapshot_keeps_rows_aligned_after_eviction_and_refuses_a_mixed_one(tmp_path):
+    cache = EmbeddingCache(4, max_rows=3)
+    vecs = np.eye(4, dtype=np.float32)
+    cache.add(["a", "b", "c"], vecs[:3], [0, 1, 2])
+    cache.add_support([1], 3)
+    cache.add(["d"], vecs[3:], [3])  # a leaves
+    path = cache.save(tmp_path / "snap")
+    again = EmbeddingCache.load(path)
+    assert again.ids == ["b", "c", "d"] and again.seqs.tolist() == [1, 2, 3]
+    assert np.array_equal(again._support, cache._support)
+    _, rows = again.search(vecs, k=1)
+    assert again.ids_at(rows)[1:] == [["b"], ["c"], ["d"]]
+    cache.save(path)  # replaced whole
+    (path / "ids.txt").write_text("b\nc")
+    with pytest.raises(ValueError, match="2 ids for 3 rows"):
+        EmbeddingCache.load(path)

@@ -119,7 +119,9 @@ def test_user_queries_are_read_only_unless_asked(graph):
     assert [r["id"] for r in rows] == [f"{shard}-i0", f"{shard}-i1", f"{shard}-i2"]
     for query in ("CREATE (:Probe {shard: $s})", "MATCH (i:Insight {shard: $s}) SET i.x = 1",
                   "MATCH (i:Insight {shard: $s}) DETACH DELETE i",
-                  "MERGE (p:Probe {shard: $s}) RETURN p"):
+                  "MERGE (p:Probe {shard: $s}) RETURN p",
+                  "CALL `apoc`.`merge`.`node`(['Probe'], {shard: $s})",
+                  "CALL apoc.cypher.runSchema('CREATE INDEX x FOR (n:Probe) ON (n.a)', {})"):
         with pytest.raises(ReadOnlyQueryError):
             graph.run_cypher(query, {"s": shard})
     assert graph.run_cypher("MATCH (p:Probe {shard: $s}) RETURN count(p) AS n",

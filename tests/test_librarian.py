@@ -244,3 +244,44 @@ def test_a_held_shard_lock_times_out_with_the_shards_name(kind):
     assert len(errors) == 1 and errors[0].shard == shard and shard in str(errors[0])
     with waiter(shard):  # released: free again
         pass
+
+
+def test_repeated_reports_and_shared_experts_make_one_edge_each(graph):
+    shard = f"dup-{uuid.uuid4().hex[:8]}"
+    base = clustered(np.random.default_rng(11), 1, 1)[0]
+    r1, r2 = reports_for(np.stack([base, base]), "job-d", shard)
+    lib = _librarian(graph)
+    result = lib.curate(shard, [r1, r1, r2])  # r1 twice; r2 a duplicate with the same experts
+    assert result.inserted == 1 and result.reports == 3
+    edges = graph.run_cypher(
+        "MATCH (i:Insight {shard: $s})-[e]->(n) RETURN type(e) AS t, n.id AS n, "
+        "count(*) AS c ORDER BY t, n", {"s": shard})
+    assert all(e["c"] == 1 for e in edges), edges
+    produced = [e for e in edges if e["t"] == "PRODUCED_BY"]
+    assert len(produced) == 3  # e0, e1 (from r2) and e3: one edge per expert
+    assert lib.cache(shard).seqs.tolist() == [0]
+
+
+def test_a_stale_cache_is_rebuilt_instead_of_losing_reports(graph):
+    shard = f"stale-{uuid.uuid4().hex[:8]}"
+    emb = clustered(np.random.default_rng(12), 1, 1)
+    lib = _librarian(graph)
+    cache = lib.cache(shard)
+    cache.add(["ghost"], emb, [0])  # a row the graph never had (a snapshot of another graph)
+    result = lib.curate(shard, reports_for(emb, "job-g", shard))
+    assert result.inserted == 1 and result.merged == 0
+    _, per_report = _shard_state(graph, shard)
+    assert list(per_report.values()) == [1]
+    assert "ghost" not in lib.cache(shard).ids
+
+
+def test_the_seq_fence_refuses_a_write_after_another_writer(graph):
+    from pipeline.storage.graph import StaleWriteError
+    from tests.test_graph import make_batch
+
+    shard = f"fence-{uuid.uuid4().hex[:8]}"
+    graph.write_batch(make_batch(shard, 2)[0], expect_max_seq={shard: -1})
+    late, _ = make_batch(shard, 2, start=2)
+    with pytest.raises(StaleWriteError, match="max seq is 1, the writer saw -1"):
+        graph.write_batch(late, expect_max_seq={shard: -1})
+    assert graph.max_seq(shard) == 1  # nothing of the refused batch landed

@@ -166,15 +166,20 @@ RETURN collect(i.id) AS ids, collect(i.seq) AS seqs, collect(i.embedding) AS emb
 _WRITE = re.compile(
     r"(?<![.:$\w])(CREATE|MERGE|DELETE|DETACH|SET|REMOVE|DROP|FOREACH|LOAD\s+CSV|"
     r"IN\s+TRANSACTIONS|GRANT|REVOKE|DENY|ALTER|RENAME)\b"
-    r"|\bCALL\s+(apoc\.(create|merge|refactor|periodic|nodes\.delete|atomic)|db\.create|"
-    r"dbms\.|gds\.[\w.]*\.(write|mutate))",
+    r"|\bCALL\s+(apoc\.(create|merge|refactor|periodic|nodes\.delete|atomic|trigger|cypher|"
+    r"export|import|load|schema|lock|do|custom|uuid|ttl)|db\.create|dbms\.|"
+    r"gds\.[\w.]*\.(write|mutate))",
     re.IGNORECASE,
 )
-_LITERALS = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|`[^`]*`|//[^\n]*|/\*.*?\*/",
+_LITERALS = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|//[^\n]*|/\*.*?\*/",
                        re.DOTALL)
 
 
 def writing_clause(query: str) -> str | None:
-    """The first writing clause in ``query`` (ignoring strings and comments), or None."""
-    match = _WRITE.search(_LITERALS.sub(" ", query))
+    """The first writing clause in ``query`` (ignoring strings and comments), or None.
+
+    Backtick quotes are dropped but their names kept: ``CALL `apoc`.`merge`.`node` `` is
+    still a call of apoc.merge.node.
+    """
+    match = _WRITE.search(_LITERALS.sub(" ", query).replace("`", ""))
     return None if match is None else match.group(0).upper()

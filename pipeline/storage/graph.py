@@ -33,6 +33,20 @@ class GraphUnavailable(PipelineError):
         super().__init__(f"graph at {uri} is unavailable: {reason}")
 
 
+class StaleWriteError(PipelineError):
+    """A curated batch was decided against a view of its shard that is no longer true.
+
+    Raised, with nothing written, when the shard's max seq moved since the writer caught up
+    (another writer got in: an expired lock) or when an insight the batch merges into is not
+    in the graph (a cache from another graph or a stale snapshot). The writer should catch
+    up (or re-warm) and decide again.
+    """
+
+    def __init__(self, shard: str, reason: str) -> None:
+        self.shard = shard
+        super().__init__(f"shard {shard!r}: {reason}")
+
+
 class ReadOnlyQueryError(PipelineError):
     """A query sent as read-only would write; names the clause."""
 
@@ -120,19 +134,38 @@ class GraphStore:
         self._write(work)
 
     # -- writes ----------------------------------------------------------------------------
-    def write_batch(self, batch: CuratedBatch) -> dict[str, int]:
+    def write_batch(self, batch: CuratedBatch,
+                    expect_max_seq: dict[str, int] | None = None) -> dict[str, int]:
         """Everything of one curated batch in one transaction; returns the row counts.
 
         Call it under the shard's lock: which insights are new is read inside the same
-        transaction, and new ones are created rather than merged.
+        transaction, and new ones are created rather than merged. ``expect_max_seq`` fences
+        the write: if a shard's max seq is not what the writer saw, or an insight the batch
+        only adds edges to is missing, `StaleWriteError` is raised and nothing is written.
         """
-        ids = [i.id for i in batch.insights] + [s.insight_id for s in batch.supports]
+        new_ids = {i.id for i in batch.insights}
+        referenced = ({s.insight_id for s in batch.supports}
+                      | {p.insight_id for p in batch.produced}
+                      | {s.insight_id for s in batch.similar}
+                      | {s.other_id for s in batch.similar})
         shards = sorted({i.shard for i in batch.insights})
         experts = sorted({p.expert for p in batch.produced})
 
         def work(tx: ManagedTransaction) -> dict[str, int]:
-            found = tx.run(cypher.EXISTING_INSIGHTS, ids=sorted(set(ids))).single()
-            params = rows.batch_rows(batch, set(found["ids"]), self.with_vector)
+            for shard, expected in (expect_max_seq or {}).items():
+                seq = tx.run(cypher.MAX_SEQ, shard=shard).single()["seq"]
+                if (-1 if seq is None else int(seq)) != expected:
+                    raise StaleWriteError(shard, f"max seq is {seq}, the writer saw "
+                                          f"{expected}: another writer got in")
+            found = set(tx.run(cypher.EXISTING_INSIGHTS,
+                               ids=sorted(new_ids | referenced)).single()["ids"])
+            missing = sorted(referenced - new_ids - found)
+            if missing:
+                shard = next(iter(expect_max_seq or {}), None) or (
+                    batch.insights[0].shard if batch.insights else "(unknown)")
+                raise StaleWriteError(shard, f"insight {missing[0]} is not in the graph "
+                                      "(a stale cache?)")
+            params = rows.batch_rows(batch, found, self.with_vector)
             if params["insights"]:
                 tx.run(cypher.MERGE_HUBS, shards=shards, run=batch.run_id).consume()
             if experts:

@@ -12,6 +12,7 @@ first use, and stops cleanly when a ``stop`` file appears in ROOT.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -46,6 +47,15 @@ def _answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _is_our_server(pid: int) -> bool:
+    """Whether ``pid`` is a graph server process of this module (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pipeline.storage.local_graph" in f.read()
+    except OSError:
+        return _alive(pid)  # no /proc: trust the pid file
 
 
 def _alive(pid: int) -> bool:
@@ -105,17 +115,31 @@ class LocalGraphServer:
             info = ServerInfo(**json.loads(self._info_file.read_text()))
         except (FileNotFoundError, json.JSONDecodeError, TypeError):
             return None
-        if _alive(info.pid) and _answers(info.bolt_port):
+        if _alive(info.pid) and _is_our_server(info.pid) and _answers(info.bolt_port):
             return info
         return None
 
     def start(self) -> ServerInfo:
-        """Reuse the running server or start one; returns once Bolt answers."""
-        info = self.running()
-        if info is not None:
-            return info
+        """Reuse the running server or start one; returns once Bolt answers.
+
+        Two processes starting at once serialise on a file lock: the second finds the
+        first one's server instead of starting its own on the same data.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            info = self.running()
+            return info if info is not None else self._spawn()
+
+    def _spawn(self) -> ServerInfo:
         self.password()
-        info = ServerInfo(pid=0, bolt_port=_free_port(), http_port=_free_port())
+        (self.root / "ready").unlink(missing_ok=True)
+        (self.root / "stop").unlink(missing_ok=True)
+        bolt = _free_port()
+        http = _free_port()
+        while http == bolt:
+            http = _free_port()
+        info = ServerInfo(pid=0, bolt_port=bolt, http_port=http)
         log = self.log_file.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.storage.local_graph", str(self.root),
@@ -131,7 +155,8 @@ class LocalGraphServer:
                                       f"{proc.returncode}; see {self.log_file}:\n"
                                       + self._log_tail())
             if time.monotonic() > deadline:
-                proc.terminate()
+                proc.kill()
+                proc.wait()
                 raise LocalGraphError(f"graph server in {self.root} did not answer within "
                                       f"{self.start_timeout_s:.0f} s; see {self.log_file}")
             time.sleep(0.1)
@@ -145,7 +170,7 @@ class LocalGraphServer:
         except (FileNotFoundError, json.JSONDecodeError, TypeError):
             return False
         stopped = False
-        if _alive(info.pid):
+        if _alive(info.pid) and _is_our_server(info.pid):
             # A stop file, not only SIGTERM: the JVM inside the server process installs its
             # own signal handlers, and a clean stop lets ArcadeDB flush and close its files.
             (self.root / "stop").write_text("")
