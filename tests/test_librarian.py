@@ -186,13 +186,20 @@ graph.close()
 """
 
 
-def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
-    redis = pytest.importorskip("redis")
+def redis_url() -> str:
+    """The Redis to lock with (REDIS_URL, default the local one), or a skip with the reason."""
+    import redis
+
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     try:
         redis.Redis.from_url(url).ping()
     except redis.exceptions.ConnectionError as err:
         pytest.skip(f"no Redis at {url}: {err}")
+    return url
+
+
+def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
+    url = redis_url()
     if graph.auth is None:
         pytest.skip("this graph backend gives no credentials to pass to a second process")
     shard = f"two-{uuid.uuid4().hex[:8]}"
@@ -218,12 +225,7 @@ def test_a_held_shard_lock_times_out_with_the_shards_name(kind):
     from pipeline.locks import LocalShardLock, LockTimeout, RedisShardLock
 
     if kind == "redis":
-        redis = pytest.importorskip("redis")
-        url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        try:
-            redis.Redis.from_url(url).ping()
-        except redis.exceptions.ConnectionError as err:
-            pytest.skip(f"no Redis at {url}: {err}")
+        url = redis_url()
         holder, waiter = RedisShardLock(url, wait_s=0.3), RedisShardLock(url, wait_s=0.3)
     else:
         holder = waiter = LocalShardLock(wait_s=0.3)
