@@ -150,6 +150,25 @@ def generate(model_path: str, tokenizer_path: str | None, layers: str, num_exper
 
 
 @cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch-size", default=256, show_default=True)
+def run(file: str, batch_size: int) -> None:
+    """Run a JSONL file of items through the pipeline, in this process (embedded default)."""
+    from pipeline.inputs import read_items
+    from pipeline.jobs import run_local
+
+    total = len(read_items(file)[0])
+    with click.progressbar(length=total, label="items", file=sys.stderr) as bar:
+        summary = run_local(file, batch_size=batch_size, progress=bar.update)
+    click.echo(f"job {summary.job_id} {summary.status}: {summary.items} items "
+               f"({summary.bad_items} bad), {summary.reports} draft reports -> "
+               f"{summary.inserted} new insights, {summary.merged} merged, "
+               f"in {summary.seconds:.1f} s")
+    click.echo(f"graph: {Settings().neo4j_uri or 'embedded (moe-pipeline status)'}; "
+               f"run id {summary.run_id}")
+
+
+@cli.command()
 def up() -> None:
     """Start the embedded graph server (or find the running one) and print its URI."""
     from pipeline.storage.local_graph import LocalGraphServer

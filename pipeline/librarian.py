@@ -122,7 +122,7 @@ class CurateResult:
     reports: int
     skipped: int  # already curated (a replay)
     inserted: int
-    merged: int
+    merged: int  # reports that joined an insight someone else founded (cache or batch-mate)
     similar: int
     insight_of_report: dict[str, str]
 
@@ -245,7 +245,7 @@ class Librarian:
         self._maybe_snapshot(shard, cache)
         mapping = {**done, **{s.report_id: s.insight_id for s in batch.supports}}
         return CurateResult(shard, len(reports), len(reports) - len(todo), len(new),
-                            decision.merged, len(batch.similar), mapping)
+                            len(todo) - len(new), len(batch.similar), mapping)
 
     def _snapshot_dir(self, shard: str) -> Path | None:
         if self.checkpoint_dir is None:

@@ -1,0 +1,110 @@
+"""The in-process pipeline end to end: a JSONL job on the embedded graph and SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from pipeline.config import Settings
+from pipeline.inputs import read_items
+from pipeline.jobs import JobFailed, run_local
+from pipeline.storage.sql import Batch, BatchMetrics, ItemError, Job, session_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bad_lines_are_named_and_good_items_kept(tmp_path):
+    path = tmp_path / "items.jsonl"
+    good = {"id": "a", "vector": [1.0, 2.0, 3.0]}
+    path.write_bytes(b"\n".join([
+        json.dumps(good).encode(),
+        b'{"id": "b", "vector": [1, 2',  # invalid JSON
+        json.dumps({"id": "c", "vector": [1.0, 2.0]}).encode(),  # wrong length
+        b'{"id": "d", "vector": [1.0, NaN, 3.0]}',  # NaN
+        json.dumps({"id": "e", "text": "   "}).encode(),  # empty text
+        b'{"id": "f", "text": "caf\xe9"}',  # not UTF-8
+        json.dumps({"id": "a", "vector": [4.0, 5.0, 6.0]}).encode(),  # duplicate id
+        json.dumps({"vector": [7.0, 8.0, 9.0]}).encode(),  # no id: a content hash
+        json.dumps({"id": "g", "vector": [1.0, 2.0, 3.0], "meta": 5}).encode(),
+    ]))
+    items, bad = read_items(path)
+    assert [i.id for i in items][0] == "a" and len(items) == 2 and len(items[1].id) == 24
+    found = {(b.line, b.item_id, b.field) for b in bad}
+    assert found == {(2, None, "line"), (3, "c", "vector"), (4, "d", "vector"),
+                     (5, "e", "text"), (6, None, "line"), (7, "a", "id"), (9, "g", "meta")}
+    messages = {b.line: b.message for b in bad}
+    assert "invalid JSON" in messages[2] and "expected 3 values, got 2" in messages[3]
+    assert "NaN" in messages[4] and "not UTF-8" in messages[6] and "duplicate" in messages[7]
+
+
+@pytest.fixture
+def settings(tmp_path, graph):
+    """Settings that point at the session's graph server and a fresh SQLite file."""
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials to configure a run with")
+    return Settings(state_dir=tmp_path, neo4j_uri=graph.uri, neo4j_username=graph.auth[0],
+                    neo4j_password=graph.auth[1], neo4j_database=graph.database,
+                    database_url=f"sqlite:///{tmp_path / 'runs.sqlite3'}", device="cpu")
+
+
+def _items(n: int, seed: int, bad: bool = False) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    topics = rng.standard_normal((5, 16))
+    items = [{"id": f"s{seed}-{i}", "vector": (topics[i % 5] + 0.01 * rng.standard_normal(16))
+              .round(5).tolist()} for i in range(n)]
+    if bad:
+        items += [{"id": "bad-1", "vector": [1.0]}, {"id": "bad-2", "text": ""}]
+    return items
+
+
+def test_a_job_runs_end_to_end_and_is_recorded(settings, graph):
+    summary = run_local(_items(60, seed=1, bad=True), settings, batch_size=25)
+    assert summary.status == "completed_with_errors"
+    assert (summary.items, summary.bad_items, summary.reports) == (60, 2, 60)
+    assert summary.inserted >= 1 and summary.inserted + summary.merged == 60
+    Session = session_factory(settings.sql_url())
+    with Session() as s:
+        job = s.get(Job, summary.job_id)
+        assert job.status == "completed_with_errors" and job.submitted_items == 62
+        batches = s.scalars(select(Batch).where(Batch.job_id == job.id)
+                            .order_by(Batch.index)).all()
+        assert [len(b.item_ids) for b in batches] == [25, 25, 10]
+        assert all(b.status == "completed" and set(b.timings) == {"encode", "route", "curate"}
+                   for b in batches)
+        metrics = s.scalars(select(BatchMetrics)).all()
+        assert sum(m.reports for m in metrics) == 60
+        errors = s.scalars(select(ItemError).where(ItemError.job_id == job.id)).all()
+        assert {(e.item_id, e.field) for e in errors} == {("bad-1", "vector"), ("bad-2", "text")}
+    found = graph.run_cypher(
+        "MATCH (i:Insight)-[:DISCOVERED_IN]->(r:Run {id: $run}) "
+        "MATCH (i)-[:SUPPORTED_BY]->(s:Source) RETURN count(DISTINCT s) AS sources",
+        {"run": summary.run_id})
+    assert found == [{"sources": 60}]
+    # The same items in a second job: every report joins an insight that exists.
+    again = run_local(_items(60, seed=1), settings, batch_size=25)
+    assert again.status == "completed" and again.inserted == 0 and again.merged == 60
+
+
+def test_a_job_with_no_good_item_fails_clearly(settings):
+    with pytest.raises(JobFailed, match="no valid item \\(2 bad"):
+        run_local([{"id": "x", "vector": []}, {"id": "y"}], settings)
+
+
+def test_cli_run_on_the_example_file(settings):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NEO4J_URI": settings.neo4j_uri,
+           "NEO4J_USERNAME": settings.neo4j_username,
+           "NEO4J_PASSWORD": settings.neo4j_password,
+           "NEO4J_DATABASE": settings.neo4j_database or "",
+           "DATABASE_URL": settings.database_url, "MOE_STATE_DIR": str(settings.state_dir)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run",
+                           str(ROOT / "examples" / "vectors.jsonl")], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "completed: 300 items (0 bad), 300 draft reports" in proc.stdout
