@@ -168,6 +168,49 @@ def run(file: str, batch_size: int) -> None:
                f"run id {summary.run_id}")
 
 
+def _param(values: tuple[str, ...]) -> dict[str, object]:
+    import json
+
+    params: dict[str, object] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--param")
+        try:
+            params[key] = json.loads(raw)  # numbers, lists, true/false, quoted strings
+        except json.JSONDecodeError:
+            params[key] = raw  # a bare string
+    return params
+
+
+@cli.command()
+@click.argument("cypher")
+@click.option("--param", "params", multiple=True, help="key=value (JSON values allowed)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines instead of a table")
+@click.option("--write", is_flag=True, help="allow the query to change the graph")
+def query(cypher: str, params: tuple[str, ...], as_json: bool, write: bool) -> None:
+    """Run Cypher against the insight graph (read-only unless --write)."""
+    import json
+
+    from pipeline.storage.local_graph import open_graph
+
+    with open_graph(Settings()) as graph:
+        rows = graph.run_cypher(cypher, _param(params), write=write)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, default=str))
+        return
+    if not rows:
+        click.echo("(no rows)")
+        return
+    columns = list(rows[0])
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
 @cli.command()
 def up() -> None:
     """Start the embedded graph server (or find the running one) and print its URI."""

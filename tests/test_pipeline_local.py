@@ -108,3 +108,27 @@ def test_cli_run_on_the_example_file(settings):
                           text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "completed: 300 items (0 bad), 300 draft reports" in proc.stdout
+
+
+def test_cli_query_reads_and_refuses_writes_unless_asked(settings):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NEO4J_URI": settings.neo4j_uri,
+           "NEO4J_USERNAME": settings.neo4j_username,
+           "NEO4J_PASSWORD": settings.neo4j_password,
+           "NEO4J_DATABASE": settings.neo4j_database or "",
+           "DATABASE_URL": settings.database_url, "MOE_STATE_DIR": str(settings.state_dir)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "query", *args],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+    tag = f"cli-{os.getpid()}"
+    ok = cli("RETURN $tag AS tag, $n + 1 AS n", "--param", f"tag={tag}", "--param", "n=41",
+             "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == {"tag": tag, "n": 42}
+    refused = cli("CREATE (:Probe {tag: $tag})", "--param", f"tag={tag}")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: query contains the writing clause CREATE")
+    assert cli("CREATE (:Probe {tag: $tag})", "--param", f"tag={tag}", "--write").returncode == 0
+    table = cli("MATCH (p:Probe {tag: $tag}) RETURN p.tag AS tag", "--param", f"tag={tag}")
+    assert table.stdout.splitlines() == ["tag" + " " * (len(tag) - 3), tag]
