@@ -236,9 +236,14 @@ def down() -> None:
 
 
 @cli.command()
-def status() -> None:
-    """Where the graph and the SQL database are, and whether the graph answers."""
+@click.argument("job_id", required=False)
+@click.option("--limit", default=10, show_default=True, help="jobs listed without JOB_ID")
+def status(job_id: str | None, limit: int) -> None:
+    """Where the graph and SQL are; the latest jobs, or one job's batches and errors."""
+    from sqlalchemy import select
+
     from pipeline.storage.local_graph import LocalGraphServer
+    from pipeline.storage.sql import Job, session_factory
 
     settings = Settings()
     if settings.neo4j_uri:
@@ -247,6 +252,31 @@ def status() -> None:
         info = LocalGraphServer(settings.state_dir).running()
         click.echo(f"graph: embedded, {'up at ' + info.uri if info else 'down'}")
     click.echo(f"sql: {settings.sql_url()}")
+    Session = session_factory(settings.sql_url())
+    with Session() as s:
+        if job_id is None:
+            jobs = s.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+            for job in jobs:
+                done = sum(b.status == "completed" for b in job.batches)
+                click.echo(f"{job.id}  {job.status:<22} {job.submitted_items:>7} items  "
+                           f"{done}/{len(job.batches)} batches  {len(job.item_errors)} bad")
+            if not jobs:
+                click.echo("no jobs yet")
+            return
+        job = s.get(Job, job_id)
+        if job is None:
+            raise PipelineError(f"no job {job_id!r} in {settings.sql_url()}")
+        click.echo(f"job {job.id}: {job.status}, {job.submitted_items} items, run {job.run_id}"
+                   + (f", error: {job.error}" if job.error else ""))
+        for b in job.batches:
+            m = b.metrics
+            timing = " ".join(f"{k}={v:.2f}s" for k, v in b.timings.items())
+            tail = (f"  reports={m.reports} new={m.new_insights} merged={m.merged}"
+                    if m else "")
+            click.echo(f"  batch {b.index:>4} {b.status:<10} attempts={b.attempts} "
+                       f"{timing}{tail}")
+        for e in job.item_errors:
+            click.echo(f"  bad item line {e.line} id {e.item_id}: {e.field}: {e.message}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

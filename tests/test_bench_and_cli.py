@@ -103,3 +103,13 @@ def test_similarity_bench_quick_compares_against_faiss_and_numpy():
     assert agreement["ours_vs_numpy_random_2000"] == 1.0  # random data: no ties, same top-k
     assert record["results"]["snapshot_ready_seconds_20000"] > 0
     assert record["results"]["librarian_decisions_reports_per_s_2000"] > 0
+
+
+def test_pipeline_bench_quick_splits_time_by_stage():
+    pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+    proc = _run("bench/pipeline.py", "--quick", "--items", "300")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "pipeline" and record["results"]["embedded_items_per_s"] > 0
+    assert set(record["results"]["stage_seconds"]) == {"encode", "route", "curate"}
+    assert record["results"]["reports"] == 300
