@@ -108,6 +108,18 @@ def test_cli_run_on_the_example_file(settings):
                           text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "completed: 300 items (0 bad), 300 draft reports" in proc.stdout
+    job_id = proc.stdout.split("job ", 1)[1].split()[0]
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", job_id],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert f"job {job_id}: completed, 300 items" in status.stdout
+    assert status.stdout.count("  batch ") == 2 and "curate=" in status.stdout
+    listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert f"{job_id}  completed" in listing.stdout
+    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "nope"],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert missing.returncode == 1 and "error: no job 'nope'" in missing.stderr
 
 
 def test_cli_query_reads_and_refuses_writes_unless_asked(settings):

@@ -5,13 +5,13 @@ on the embedded default (its own graph server and SQLite file in a temporary sta
 time split per stage comes from the batches' recorded timings. The queued path (Celery) is
 not built yet, so this run has no reference to compare against.
 
-Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B]``
+Usage: ``python bench/pipeline_e2e.py [--quick] [--items N] [--batch-size B]`` (not
+``pipeline.py``: a script of that name would shadow the package for every script here).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -20,14 +20,8 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-# This file is named like the package it measures: keep its folder off the import path so
-# that `import pipeline` finds the package, and load the shared helpers by path instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-_spec = importlib.util.spec_from_file_location("bench_common", os.path.join(_HERE, "common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-emit = _common.emit
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
 
 from pipeline.config import Settings  # noqa: E402
 from pipeline.jobs import default_config, run_local  # noqa: E402
