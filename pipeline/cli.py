@@ -151,8 +151,9 @@ def generate(model_path: str, tokenizer_path: str | None, layers: str, num_exper
 
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch-size", default=256, show_default=True)
-def run(file: str, batch_size: int) -> None:
+@click.option("--batch-size", type=int, default=None,
+              help="items per batch [default: MOE_BATCH_SIZE, 256]")
+def run(file: str, batch_size: int | None) -> None:
     """Run a JSONL file of items through the pipeline, in this process (embedded default)."""
     from pipeline.inputs import read_items
     from pipeline.jobs import run_local
@@ -166,6 +167,150 @@ def run(file: str, batch_size: int) -> None:
                f"in {summary.seconds:.1f} s")
     click.echo(f"graph: {Settings().neo4j_uri or 'embedded (moe-pipeline status)'}; "
                f"run id {summary.run_id}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch-size", type=int, default=None,
+              help="items per batch [default: MOE_BATCH_SIZE, 256]")
+@click.option("--wait", is_flag=True, help="show progress until the job finishes")
+@click.option("--timeout", type=float, default=None, help="seconds to wait at most")
+def submit(file: str, batch_size: int | None, wait: bool, timeout: float | None) -> None:
+    """Queue a JSONL file of items for the Celery workers (the stack)."""
+    from pipeline import jobs
+    from pipeline.storage.sql import session_factory
+
+    settings = Settings()
+    job = jobs.submit(file, settings, batch_size)
+    click.echo(f"job {job.job_id} queued: {len(job.batches)} batches "
+               f"(broker {settings.broker_url()}; run {job.run_id})")
+    if not wait:
+        click.echo(f"follow it with: moe-pipeline status {job.job_id}")
+        return
+    Session = session_factory(settings.sql_url(), run_migrations=False)
+    total = sum(len(chunk) for _, chunk in job.batches)
+    with click.progressbar(length=total, label="items", file=sys.stderr) as bar:
+        seen = [0]
+
+        def show(state: jobs.Progress) -> None:
+            bar.update(state.items_done - seen[0])
+            seen[0] = state.items_done
+
+        state = jobs.wait(Session, job.job_id, timeout, on_progress=show)
+    click.echo(f"job {job.job_id} {state.status}: {state.finished - state.failed}/"
+               f"{state.batches} batches completed, {state.failed} failed")
+    if state.status == "failed":
+        raise PipelineError(f"job {job.job_id} failed; see moe-pipeline status {job.job_id}")
+
+
+def _vector_file(path: str) -> list[float]:
+    import json
+
+    import numpy as np
+
+    try:
+        if path.endswith(".npy"):
+            return [float(v) for v in np.load(path).reshape(-1)]
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        raise PipelineError(f"{path}: not a readable vector file ({err})") from err
+    if isinstance(data, dict):
+        data = data.get("vector")
+    if not isinstance(data, list):
+        raise PipelineError(f"{path}: expected a JSON list of numbers, or {{\"vector\": [...]}}")
+    return data
+
+
+@cli.command()
+@click.option("--text", help="find insights near this text")
+@click.option("--vector-file", type=click.Path(exists=True, dir_okay=False),
+              help="...or near this vector (JSON list, {\"vector\": [...]}, or .npy)")
+@click.option("--k", default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines")
+@click.option("--queue/--local", "via_queue", default=None,
+              help="ask a query worker, or answer here [default: the queue when "
+                   "CELERY_BROKER_URL is set]")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def similar(text: str | None, vector_file: str | None, k: int, as_json: bool,
+            via_queue: bool | None, timeout: float) -> None:
+    """Insights most similar to a text or a vector, from the hot embedding cache."""
+    import json
+
+    if (text is None) == (vector_file is None):
+        raise click.UsageError("give exactly one of --text or --vector-file")
+    vector = _vector_file(vector_file) if vector_file else None
+    settings = Settings()
+    via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
+    message = {"text": text, "vector": vector, "k": k}
+    if via_queue:
+        from pipeline.workers.app import SIMILAR, make_app
+
+        result = make_app(settings).send_task(SIMILAR, args=[message])
+        try:
+            hits = result.get(timeout=timeout)
+        except Exception as err:
+            raise PipelineError(f"no answer from a query worker within {timeout:.0f} s "
+                                f"({type(err).__name__}); is `moe-pipeline worker query` "
+                                "running?") from err
+    else:
+        from pipeline.workers.app import Resources
+        from pipeline.workers.query import similar_here
+
+        res = Resources()
+        try:
+            hits = similar_here(res, message)
+        finally:
+            res.close()
+    if as_json:
+        for hit in hits:
+            click.echo(json.dumps(hit, default=str))
+        return
+    if not hits:
+        click.echo("(no insights yet)")
+    for hit in hits:
+        summary = (hit.get("summary") or ", ".join(hit.get("sources") or []))[:60]
+        click.echo(f"{hit['similarity']:.3f}  {hit['shard']:<14} {hit['node_id']}  "
+                   f"support={hit.get('support')}  {summary}")
+
+
+WORKER_QUEUES = {"gpu": "gpu", "query": "query"}
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("kind", type=click.Choice(["gpu", "librarian", "query"]))
+@click.option("--shards", help="librarian: comma-separated shards [default: every "
+                               "constellation of the served model]")
+@click.option("--concurrency", type=int, default=1, show_default=True,
+              help="pool processes (one per GPU for gpu workers)")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
+           loglevel: str) -> None:
+    """Run a Celery worker of one kind with its queues and pool (extra args go to Celery).
+
+    Pools are prefork: each pool process loads its model or graph once, after the fork,
+    so a GPU is first touched in the child, never in the parent that forks.
+    """
+    import os
+
+    from pipeline import jobs
+    from pipeline.workers import app as app_module
+
+    settings = Settings()
+    if kind == "librarian":
+        names = (shards.split(",") if shards else
+                 [name for name, _ in jobs.model_config(settings).constellation_members()])
+        queues = ",".join(app_module.librarian_queue(n.strip()) for n in names if n.strip())
+    else:
+        queues = WORKER_QUEUES[kind]
+    app_module.ROLE["kind"] = kind
+    argv = ["worker", "-Q", queues, "-P", "prefork", "-c", str(concurrency),
+            "--prefetch-multiplier", "1", "-n", f"{kind}-{os.getpid()}@%h",
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle", *ctx.args]
+    click.echo(f"{kind} worker on queues {queues} (broker {settings.broker_url()})",
+               err=True)
+    app_module.app.worker_main(argv)
 
 
 def _param(values: tuple[str, ...]) -> dict[str, object]:

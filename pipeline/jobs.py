@@ -1,30 +1,57 @@
 """Jobs: a file of items, split into batches, run through the stages, recorded in SQL.
 
-`run_local` is the embedded default: the stages run in this process against the graph the
-settings name (the embedded server unless ``NEO4J_URI`` is set) and SQL at ``DATABASE_URL``
-(a SQLite file in the state dir by default).
+Two ways to run one code path. `run_local` (the embedded default, ``moe-pipeline run``) calls
+the stages in this process; `submit` (``moe-pipeline submit``) records the job and queues one
+GPU task per batch for the Celery workers (`pipeline.workers`). Both go through the same
+bookkeeping below, which is also what makes redelivery safe:
+
+- a batch moves ``queued → running → routing → routed → completed | failed``; each delivery
+  counts an attempt *before* any work, so a batch that kills its worker every time is marked
+  failed after ``max_attempts`` instead of looping;
+- routing records one `BatchPart` per shard; a part moves ``queued → running → done |
+  failed`` with its own attempts; the batch completes when its last part does, and the job
+  when its last batch does. Every transition is one conditional UPDATE (write first, then
+  read), so two workers finishing at once complete a batch or a job exactly once, on SQLite
+  and PostgreSQL alike.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import sessionmaker
 
 import pipeline
 from pipeline import stages
 from pipeline.config import MoEConfig, Settings
 from pipeline.errors import PipelineError
-from pipeline.inputs import read_items
-from pipeline.librarian import Librarian
+from pipeline.inputs import BadItem, Item, read_items
+from pipeline.librarian import CurateResult, Librarian
 from pipeline.locks import shard_locks
+from pipeline.moe import checkpoint
 from pipeline.moe.system import MixtureOfExpertsSystem
+from pipeline.reports import stable_id
 from pipeline.storage.local_graph import open_graph
-from pipeline.storage.sql import Batch, BatchMetrics, ItemError, Job, Run, session_factory
+from pipeline.storage.sql import (
+    Batch,
+    BatchMetrics,
+    BatchPart,
+    ItemError,
+    Job,
+    Run,
+    session_factory,
+)
+
+DONE_BATCH = ("completed", "failed")
+REDO_BATCH = ("queued", "running", "routing")  # a delivery in these states does the work
 
 
 class JobFailed(PipelineError):
@@ -32,12 +59,47 @@ class JobFailed(PipelineError):
 
 
 def default_config() -> MoEConfig:
-    """The model the embedded run uses when none is given: small enough for a laptop CPU,
-    with four constellations of two experts, one chosen per item."""
+    """The model the pipeline serves when ``MOE_MODEL_PATH`` names none: small enough for a
+    laptop CPU, with four constellations of two experts, one chosen per item."""
     return MoEConfig(input_dim=128, hidden_dim=256, output_dim=128, num_experts=8,
                      top_k_experts=2, num_layers=2, use_compile=False, use_amp=False,
                      constellations={"mathematics": [0, 1], "language": [2, 3],
                                      "vision": [4, 5], "memory": [6, 7]})
+
+
+def model_config(settings: Settings) -> MoEConfig:
+    """The config of the model the settings name (read without loading weights)."""
+    if settings.model_path:
+        return checkpoint.read_config(settings.model_path)
+    return default_config()
+
+
+def config_fingerprint(config: MoEConfig) -> str:
+    import json
+
+    return stable_id("config", json.dumps(config.to_dict(), sort_keys=True), length=16)
+
+
+def load_system(settings: Settings, device: str | None = None) -> MixtureOfExpertsSystem:
+    """The served model: the checkpoint at ``MOE_MODEL_PATH``, or the default model built
+    from ``seed`` (the same weights in every process, so a redelivered batch gives the same
+    reports wherever it runs)."""
+    if settings.model_path:
+        system = MixtureOfExpertsSystem.from_pretrained(settings.model_path)
+    else:
+        torch.manual_seed(settings.seed)
+        system = MixtureOfExpertsSystem(default_config())
+    return system.to(device or settings.torch_device()).eval()
+
+
+def constellation_map(config: MoEConfig) -> dict[str, list[str]]:
+    names = config.expert_names()
+    return {name: [names[e] for e in members] for name, members in
+            config.constellation_members()}
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -53,93 +115,359 @@ class JobSummary:
     seconds: float
 
 
+@dataclass
+class NewJob:
+    run_id: str
+    job_id: str
+    batches: list[tuple[str, list[Item]]]  # (batch id, its items), in order
+
+
+def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadItem],
+               config: MoEConfig, mode: str, batch_size: int, device: str) -> NewJob:
+    """Record a run, a job, its bad items and its batches; a job with no good item is
+    recorded as failed and raises `JobFailed`."""
+    with Session.begin() as s:
+        run = Run(model_config=config.to_dict(), code_version=pipeline.__version__,
+                  device=device)
+        job = Job(run=run, submitted_items=len(items) + len(bad), mode=mode,
+                  status="running" if items else "failed",
+                  error=None if items else "no valid item",
+                  finished_at=None if items else time.time())
+        s.add_all([run, job] + [ItemError(job=job, item_id=b.item_id, line=b.line,
+                                          field=b.field, message=b.message) for b in bad])
+        batches = []
+        for index in range(0, len(items), batch_size):
+            chunk = list(items[index: index + batch_size])
+            batch = Batch(job=job, index=index // batch_size, item_ids=[i.id for i in chunk])
+            s.add(batch)
+            batches.append((batch.id, chunk))
+        run_id, job_id = run.id, job.id
+    if not items:
+        raise JobFailed(f"job {job_id}: no valid item ({len(bad)} bad; see "
+                        f"`moe-pipeline status {job_id}`)")
+    return NewJob(run_id, job_id, batches)
+
+
+# -- batch and part transitions (shared by run_local and the Celery tasks) ----------------
+def begin_batch(Session: sessionmaker, batch_id: str, worker: str, device: str,
+                max_attempts: int) -> tuple[str, int]:
+    """Count a delivery of the batch: ``("run", attempt)`` to do the work, ``("done", n)``
+    when an earlier delivery already routed it, ``("gave_up", n)`` when it has had its
+    ``max_attempts`` and is now marked failed."""
+    with Session.begin() as s:
+        changed = s.execute(
+            update(Batch).where(Batch.id == batch_id, Batch.status.in_(REDO_BATCH))
+            .values(attempts=Batch.attempts + 1, status="running", worker=worker,
+                    device=device)).rowcount
+        attempts = s.scalar(select(Batch.attempts).where(Batch.id == batch_id))
+        if attempts is None:
+            raise PipelineError(f"batch {batch_id}: not in SQL (a message for another "
+                                "database?)")
+        if not changed:
+            return "done", attempts
+        if attempts > max_attempts:
+            s.execute(update(Batch).where(Batch.id == batch_id).values(
+                status="failed", error=f"gave up after {max_attempts} attempts: each "
+                "delivery ended with its worker dead (killed, or out of memory?)"))
+            return "gave_up", attempts
+    return "run", attempts
+
+
+def release_batch(Session: sessionmaker, batch_id: str) -> None:
+    """Give back an attempt that an outage interrupted (the task is retried, not poisoned)."""
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running",
+                                      Batch.attempts > 0)
+                  .values(attempts=Batch.attempts - 1, status="queued"))
+
+
+def release_part(Session: sessionmaker, batch_id: str, shard: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(BatchPart).where(
+            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
+            BatchPart.status == "running", BatchPart.attempts > 0)
+            .values(attempts=BatchPart.attempts - 1, status="queued"))
+
+
+def record_routing(Session: sessionmaker, batch_id: str, routed: stages.Routed,
+                   shards: dict[str, int], timings: dict[str, float]) -> list[str]:
+    """Store a routed batch's metrics and one part per shard (``shards``: report counts);
+    returns the shards whose part is not done yet (all, unless this is a redelivery)."""
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running")
+                  .values(status="routing", timings=timings))
+        s.merge(BatchMetrics(batch_id=batch_id, balance_loss=routed.balance_loss,
+                             routing_entropy=routed.routing_entropy,
+                             expert_usage=routed.expert_usage, reports=len(routed.reports),
+                             new_insights=0, merged=0, dedup_rate=0.0))
+        existing = {p.shard: p for p in s.scalars(
+            select(BatchPart).where(BatchPart.batch_id == batch_id))}
+        s.add_all(BatchPart(batch_id=batch_id, shard=shard, reports=n, attempts=0)
+                  for shard, n in shards.items() if shard not in existing)
+    return [shard for shard in shards
+            if shard not in existing or existing[shard].status not in ("done", "failed")]
+
+
+def mark_routed(Session: sessionmaker, batch_id: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routing")
+                  .values(status="routed"))
+    try_complete_batch(Session, batch_id)
+
+
+def fail_batch(Session: sessionmaker, batch_id: str, error: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status.not_in(DONE_BATCH))
+                  .values(status="failed", error=error[:2000]))
+        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
+    try_complete_job(Session, job_id)
+
+
+def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
+               max_attempts: int) -> tuple[str, int]:
+    """As `begin_batch`, for one shard part."""
+    key = (BatchPart.batch_id == batch_id, BatchPart.shard == shard)
+    with Session.begin() as s:
+        changed = s.execute(update(BatchPart).where(
+            *key, BatchPart.status.in_(("queued", "running")))
+            .values(attempts=BatchPart.attempts + 1, status="running", worker=worker)).rowcount
+        attempts = s.scalar(select(BatchPart.attempts).where(*key))
+        if attempts is None:
+            raise PipelineError(f"batch {batch_id} shard {shard!r}: no such part in SQL")
+        if not changed:
+            return "done", attempts
+        if attempts > max_attempts:
+            s.execute(update(BatchPart).where(*key).values(
+                status="failed", error=f"gave up after {max_attempts} attempts: each "
+                "delivery ended with its worker dead"))
+            return "gave_up", attempts
+    if attempts > max_attempts:
+        try_complete_batch(Session, batch_id)
+    return "run", attempts
+
+
+def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: CurateResult,
+                seconds: float) -> None:
+    with Session.begin() as s:
+        s.execute(update(BatchPart).where(
+            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
+            BatchPart.status == "running").values(
+                status="done", new_insights=result.inserted, merged=result.merged,
+                seconds=seconds))
+    try_complete_batch(Session, batch_id)
+
+
+def fail_part(Session: sessionmaker, batch_id: str, shard: str, error: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(BatchPart).where(
+            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
+            BatchPart.status.not_in(("done", "failed"))).values(
+                status="failed", error=error[:2000]))
+    try_complete_batch(Session, batch_id)
+
+
+def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
+    """Complete a routed batch whose parts are all finished (once, whoever calls first)."""
+    with Session() as s:
+        parts = s.scalars(select(BatchPart).where(BatchPart.batch_id == batch_id)).all()
+        if any(p.status not in ("done", "failed") for p in parts):
+            return False
+    failed = [p for p in parts if p.status == "failed"]
+    status = "failed" if failed else "completed"
+    error = "; ".join(f"shard {p.shard}: {p.error}" for p in failed) or None
+    with Session.begin() as s:
+        won = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routed")
+                        .values(status=status, error=error)).rowcount
+        if not won:
+            return False
+        inserted = sum(p.new_insights for p in parts)
+        merged = sum(p.merged for p in parts)
+        reports = sum(p.reports for p in parts)
+        s.execute(update(BatchMetrics).where(BatchMetrics.batch_id == batch_id).values(
+            new_insights=inserted, merged=merged,
+            dedup_rate=merged / reports if reports else 0.0))
+        timings = s.scalar(select(Batch.timings).where(Batch.id == batch_id)) or {}
+        s.execute(update(Batch).where(Batch.id == batch_id).values(
+            timings={**timings, "curate": sum(p.seconds for p in parts)}))
+        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
+    try_complete_job(Session, job_id)
+    return True
+
+
+def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
+    """Finish a job whose batches are all finished: ``completed``, ``completed_with_errors``
+    (bad items or failed batches), or ``failed`` (no batch succeeded)."""
+    with Session() as s:
+        counts = dict(s.execute(select(Batch.status, func.count()).where(
+            Batch.job_id == job_id).group_by(Batch.status)).all())
+        bad = s.scalar(select(func.count()).select_from(ItemError).where(
+            ItemError.job_id == job_id))
+    if set(counts) - set(DONE_BATCH):
+        return None
+    failed, total = counts.get("failed", 0), sum(counts.values())
+    if failed == total:
+        status, error = "failed", f"all {total} batches failed"
+    elif failed or bad:
+        status = "completed_with_errors"
+        error = ", ".join(part for part in (f"{failed} of {total} batches failed" if failed
+                                            else "", f"{bad} bad items" if bad else "")
+                          if part)
+    else:
+        status, error = "completed", None
+    with Session.begin() as s:
+        won = s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                        .values(status=status, error=error, finished_at=time.time())).rowcount
+        run_id = s.scalar(select(Job.run_id).where(Job.id == job_id))
+        if won:
+            s.execute(update(Run).where(Run.id == run_id).values(
+                status="finished", finished_at=time.time()))
+    return status if won else None
+
+
+def fail_job(Session: sessionmaker, job_id: str, error: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+            status="failed", error=error[:2000], finished_at=time.time()))
+
+
+# -- the queued run ------------------------------------------------------------------------
+def submit(source: str | Path | list[dict[str, Any]], settings: Settings | None = None,
+           batch_size: int | None = None) -> NewJob:
+    """Record a job and queue one GPU task per batch; returns at once (see `wait`).
+
+    The broker is checked before anything is recorded, so an unreachable one is one clear
+    error and no job is left behind that no worker will ever see.
+    """
+    from pipeline.workers.app import ROUTE_BATCH, make_app
+    from pipeline.workers.gpu import batch_message
+
+    settings = settings or Settings()
+    batch_size = batch_size or settings.batch_size
+    app = make_app(settings)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except Exception as err:  # kombu raises its own or the transport's error
+        raise PipelineError(f"broker {settings.broker_url()} unreachable: {err}") from err
+    items, bad = read_items(source)
+    Session = session_factory(settings.sql_url())
+    config = model_config(settings)
+    job = create_job(Session, items, bad, config, "queued", batch_size, "queued")
+    fingerprint = config_fingerprint(config)
+    with app.producer_or_acquire() as producer:
+        for batch_id, chunk in job.batches:
+            app.send_task(ROUTE_BATCH, args=[batch_message(
+                batch_id, job.job_id, job.run_id, fingerprint, chunk)], producer=producer)
+    return job
+
+
+@dataclass
+class Progress:
+    status: str
+    batches: int
+    finished: int  # completed or failed
+    failed: int
+    items_done: int
+
+
+def progress(Session: sessionmaker, job_id: str) -> Progress:
+    with Session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise PipelineError(f"no job {job_id!r}")
+        rows = s.execute(select(Batch.status, Batch.item_ids).where(Batch.job_id == job_id)
+                         ).all()
+        status = job.status
+    finished = [r for r in rows if r.status in DONE_BATCH]
+    return Progress(status, len(rows), len(finished),
+                    sum(r.status == "failed" for r in rows),
+                    sum(len(r.item_ids) for r in finished))
+
+
+def wait(Session: sessionmaker, job_id: str, timeout_s: float | None = None,
+         poll_s: float = 0.5, on_progress: Callable[[Progress], None] | None = None
+         ) -> Progress:
+    """Poll SQL until the job finishes (or ``timeout_s`` passes: `PipelineError`)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        state = progress(Session, job_id)
+        if on_progress:
+            on_progress(state)
+        if state.status not in ("running", "queued"):
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            raise PipelineError(f"job {job_id}: still {state.status} after {timeout_s:.0f} s "
+                                f"({state.finished}/{state.batches} batches); are workers "
+                                "running? (moe-pipeline worker gpu|librarian)")
+        time.sleep(poll_s)
+
+
+# -- the in-process run --------------------------------------------------------------------
 def run_local(source: str | Path | list[dict[str, Any]], settings: Settings | None = None,
-              config: MoEConfig | None = None, batch_size: int = 256,
+              batch_size: int | None = None,
               progress: Callable[[int], None] | None = None) -> JobSummary:
     """Run a job in this process; ``progress(n)`` is told as each batch's n items finish."""
     settings = settings or Settings()
-    config = config or default_config()
-    torch.manual_seed(settings.seed)
+    batch_size = batch_size or settings.batch_size
     start = time.perf_counter()
     items, bad = read_items(source)
     Session = session_factory(settings.sql_url())
-    system = MixtureOfExpertsSystem(config).to(settings.torch_device())
-    with Session.begin() as s:
-        run = Run(model_config=config.to_dict(), code_version=pipeline.__version__,
-                  device=settings.torch_device())
-        job = Job(run=run, submitted_items=len(items) + len(bad), status="running")
-        s.add_all([run, job] + [ItemError(job=job, item_id=b.item_id, line=b.line,
-                                          field=b.field, message=b.message) for b in bad])
-        run_id, job_id = run.id, job.id
-    if not items:
-        _finish(Session, job_id, "failed", "no valid item")
-        raise JobFailed(f"job {job_id}: no valid item ({len(bad)} bad; see item_errors)")
-    texts = sum(item.vector is None for item in items)
-    if texts:
-        message = (f"{texts} text items: the in-process run takes vectors for now (the text "
-                   "encoder arrives with the queued pipeline)")
-        _finish(Session, job_id, "failed", message)
-        raise JobFailed(f"job {job_id}: {message}")
+    device = settings.torch_device()
+    config = model_config(settings)
+    job = create_job(Session, items, bad, config, "local", batch_size, device)
+    system = load_system(settings, device)
     graph = open_graph(settings)
+    totals = {"reports": 0, "inserted": 0, "merged": 0}
     try:
         graph.ensure_schema()
-        graph.ensure_run(run_id, config.to_dict(), {
-            name: [system.constellation.expert_names[e]
-                   for e in system.constellation.members(name)]
-            for name in system.constellation.names})
-        librarian = Librarian.from_config(graph, shard_locks(settings), config, run_id)
-        projection = stages.Projection(len(items[0].vector or []), config.input_dim,
-                                       settings.seed)
-        totals = {"reports": 0, "inserted": 0, "merged": 0}
-        for index in range(0, len(items), batch_size):
-            chunk = items[index: index + batch_size]
-            _run_batch(Session, job_id, index // batch_size, chunk, system, projection,
-                       librarian, totals)
+        graph.ensure_run(job.run_id, config.to_dict(), constellation_map(config))
+        librarian = Librarian.from_config(graph, shard_locks(settings), config, job.run_id)
+        for batch_id, chunk in job.batches:
+            try:
+                _run_batch(Session, settings, job.job_id, job.run_id, batch_id, chunk,
+                           system, librarian, totals)
+            except PipelineError as err:  # this batch's fault: record it, go on
+                fail_batch(Session, batch_id, str(err))
             if progress:
                 progress(len(chunk))
+    except BaseException as err:  # an outage or an interrupt: the job must not look alive
+        fail_job(Session, job.job_id, f"stopped: {type(err).__name__}: {err}")
+        raise
     finally:
         graph.close()
-    status = "completed_with_errors" if bad else "completed"
-    _finish(Session, job_id, status, None)
-    return JobSummary(job_id, run_id, status, len(items), len(bad), totals["reports"],
+    with Session() as s:
+        status = s.get(Job, job.job_id).status
+    if status == "failed":
+        raise JobFailed(f"job {job.job_id}: every batch failed; see "
+                        f"`moe-pipeline status {job.job_id}`")
+    return JobSummary(job.job_id, job.run_id, status, len(items), len(bad), totals["reports"],
                       totals["inserted"], totals["merged"], time.perf_counter() - start)
 
 
-def _run_batch(Session, job_id: str, index: int, chunk, system, projection, librarian,
-               totals: dict[str, int]) -> None:
-    with Session.begin() as s:
-        batch = Batch(job_id=job_id, index=index, item_ids=[i.id for i in chunk],
-                      status="running", attempts=1, worker="local",
-                      device=str(next(system.parameters()).device))
-        s.add(batch)
-        batch_id = batch.id
+def _run_batch(Session: sessionmaker, settings: Settings, job_id: str, run_id: str,
+               batch_id: str, chunk: list[Item], system: MixtureOfExpertsSystem,
+               librarian: Librarian, totals: dict[str, int]) -> None:
+    device = str(next(system.parameters()).device)
+    verdict, _ = begin_batch(Session, batch_id, "local", device, settings.max_attempts)
+    if verdict != "run":
+        return
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    x = stages.encode(chunk, projection)
+    x = stages.encode(chunk, system.config.input_dim, settings.seed, settings.text_model,
+                      device)
     timings["encode"] = time.perf_counter() - t
     t = time.perf_counter()
     routed = stages.route(system, x, chunk, job_id)
     timings["route"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results = stages.curate(librarian, routed.reports)
-    timings["curate"] = time.perf_counter() - t
-    inserted = sum(r.inserted for r in results.values())
-    merged = sum(r.merged for r in results.values())
-    n = len(routed.reports)
-    totals["reports"] += n
-    totals["inserted"] += inserted
-    totals["merged"] += merged
-    with Session.begin() as s:
-        row = s.get(Batch, batch_id)
-        row.status, row.timings = "completed", timings
-        s.add(BatchMetrics(batch_id=batch_id, balance_loss=routed.balance_loss,
-                           routing_entropy=routed.routing_entropy,
-                           expert_usage=routed.expert_usage, reports=n,
-                           new_insights=inserted, merged=merged,
-                           dedup_rate=merged / n if n else 0.0))
-
-
-def _finish(Session, job_id: str, status: str, error: str | None) -> None:
-    with Session.begin() as s:
-        job = s.get(Job, job_id)
-        job.status, job.error, job.finished_at = status, error, time.time()
+    groups = stages.by_shard(routed.reports)
+    record_routing(Session, batch_id, routed, {k: len(v) for k, v in groups.items()},
+                   timings)
+    for shard, reports in groups.items():
+        begin_part(Session, batch_id, shard, "local", settings.max_attempts)
+        t = time.perf_counter()
+        result = stages.curate(librarian, shard, reports, run_id)
+        finish_part(Session, batch_id, shard, result, time.perf_counter() - t)
+        totals["inserted"] += result.inserted
+        totals["merged"] += result.merged
+    totals["reports"] += len(routed.reports)
+    mark_routed(Session, batch_id)

@@ -205,8 +205,12 @@ class Librarian:
         self._saved_at[shard] = cache.updates
         return cache
 
-    def curate(self, shard: str, reports: Sequence[DraftReport]) -> CurateResult:
+    def curate(self, shard: str, reports: Sequence[DraftReport],
+               run_id: str | None = None) -> CurateResult:
         """Deduplicate and persist one shard's reports (under the shard's lock).
+
+        New insights are credited to ``run_id`` (default: the librarian's run), so one
+        librarian, with one cache per shard, serves every run that writes the shard.
 
         A report id repeated in the batch counts once. If the write finds the shard moved
         (`StaleWriteError`), the cache is rebuilt from the graph and the batch decided again.
@@ -215,7 +219,8 @@ class Librarian:
         with self.locks(shard):
             for attempt in range(3):
                 try:
-                    return self._curate_locked(shard, reports, unique)
+                    return self._curate_locked(shard, reports, unique,
+                                               run_id or self.run_id)
                 except StaleWriteError:
                     if attempt == 2:
                         raise
@@ -223,7 +228,7 @@ class Librarian:
         raise AssertionError("unreachable")
 
     def _curate_locked(self, shard: str, reports: Sequence[DraftReport],
-                       unique: list[DraftReport]) -> CurateResult:
+                       unique: list[DraftReport], run_id: str) -> CurateResult:
         done = self.graph.supported_reports((r.item_id, r.id) for r in unique)
         todo = [r for r in unique if r.id not in done]
         cache = self.cache(shard)
@@ -234,7 +239,7 @@ class Librarian:
         emb = torch.from_numpy(np.stack([np.asarray(r.embedding, np.float16)
                                          for r in todo]).astype(np.float32))
         decision = decide(emb, cache, self.dedup_threshold, self.related_threshold)
-        batch, new = build_batch(shard, todo, decision, cache, self.run_id,
+        batch, new = build_batch(shard, todo, decision, cache, run_id,
                                  cache.watermark + 1)
         self.graph.write_batch(batch, expect_max_seq={shard: cache.watermark})
         merged_rows = decision.target_row[decision.target_row >= 0]

@@ -1,7 +1,7 @@
 """The pipeline's stages as plain functions: encode, route, curate, record.
 
-The in-process run (`jobs.run_local`) calls them one batch after another; the Celery tasks of
-the stack are to call the same functions.
+The in-process run (`jobs.run_local`) calls them one batch after another; the Celery tasks
+(`pipeline.workers`) call the same functions, one batch or one shard part per task.
 """
 
 from __future__ import annotations
@@ -10,41 +10,19 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline import encoders
 from pipeline.inputs import Item
 from pipeline.librarian import CurateResult, Librarian
 from pipeline.moe.system import MixtureOfExpertsSystem
 from pipeline.reports import DraftReport, report_id
 
 
-class Projection:
-    """A fixed map from the inputs' width to the model's: identity when they agree, else a
-    seeded random orthonormal projection (distances are roughly kept, Johnson-Lindenstrauss).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, seed: int = 0) -> None:
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.matrix = None
-        if in_dim != out_dim:
-            gen = torch.Generator().manual_seed(seed)
-            q, _ = torch.linalg.qr(torch.randn(max(in_dim, out_dim), min(in_dim, out_dim),
-                                               generator=gen))
-            self.matrix = q if in_dim > out_dim else q.t()  # (in_dim, out_dim)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.matrix is None else x @ self.matrix
-
-
-def encode(items: Sequence[Item], projection: Projection) -> torch.Tensor:
-    """Vectors of the items, projected to the model's input width: ``(n, input_dim)``."""
-    if any(item.vector is None for item in items):
-        raise PipelineError("text items need a text encoder, which arrives with the queued "
-                            "pipeline; give vectors for now")
-    x = torch.tensor(np.asarray([item.vector for item in items], dtype=np.float32))
-    return projection(x)
+def encode(items: Sequence[Item], input_dim: int, seed: int = 0,
+           text_model: str | None = None, device: str = "cpu") -> torch.Tensor:
+    """The items as ``(n, input_dim)`` rows: text through the encoder, vectors projected."""
+    return encoders.encode_items(items, input_dim, seed, text_model, device)
 
 
 @dataclass
@@ -90,9 +68,39 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
                   {experts[e]: u for e, u in enumerate(usage)})
 
 
-def curate(librarian: Librarian, reports: Sequence[DraftReport]) -> dict[str, CurateResult]:
-    """Each shard's reports through its librarian, one shard after another."""
-    by_shard: dict[str, list[DraftReport]] = defaultdict(list)
+def by_shard(reports: Sequence[DraftReport]) -> dict[str, list[DraftReport]]:
+    """Reports grouped by the shard (constellation) whose librarian curates them."""
+    groups: dict[str, list[DraftReport]] = defaultdict(list)
     for r in reports:
-        by_shard[r.constellation].append(r)
-    return {shard: librarian.curate(shard, rs) for shard, rs in sorted(by_shard.items())}
+        groups[r.constellation].append(r)
+    return dict(sorted(groups.items()))
+
+
+def curate(librarian: Librarian, shard: str, reports: Sequence[DraftReport],
+           run_id: str | None = None) -> CurateResult:
+    """One shard's reports through the librarian (under the shard's lock)."""
+    return librarian.curate(shard, reports, run_id=run_id)
+
+
+@torch.no_grad()
+def similar(system: MixtureOfExpertsSystem, librarian: Librarian, x: torch.Tensor,
+            k: int = 10) -> list[dict]:
+    """Insights nearest to one input, in the space they live in: the input goes through the
+    model like an item, and each report it would draft is searched in its constellation's
+    shard (cache caught up by seq first). Best ``k`` over the shards, an insight once."""
+    system.eval()
+    device = next(system.parameters()).device
+    rep = system.draft_reports(x.reshape(1, -1).to(device)).reports
+    ids = rep.constellation_ids[0].cpu().tolist()
+    emb = rep.embeddings[0].float().cpu()
+    names = system.constellation.names
+    best: dict[str, dict] = {}
+    for c, shard_index in enumerate(ids):
+        for hit in librarian.search(emb[c], k, shards=[names[shard_index]]):
+            if hit["node_id"] not in best or best[hit["node_id"]]["similarity"] < hit[
+                    "similarity"]:
+                best[hit["node_id"]] = hit
+    hits = sorted(best.values(), key=lambda h: -h["similarity"])[:k]
+    details = librarian.graph.insight_details([h["node_id"] for h in hits])
+    return [{**h, **{key: details.get(h["node_id"], {}).get(key)
+                     for key in ("summary", "support", "sources")}} for h in hits]

@@ -142,6 +142,15 @@ WHERE e.report_id = r.report
 RETURN e.report_id AS report, i.id AS insight
 """
 
+# What a similarity answer shows of each insight it found.
+INSIGHT_DETAILS = f"""
+UNWIND $ids AS id
+MATCH (i:{INSIGHT} {{id: id}})
+OPTIONAL MATCH (i)-[:{SUPPORTED_BY}]->(s:{SOURCE})
+RETURN i.id AS id, i.shard AS shard, i.summary AS summary, count(s) AS support,
+       collect(s.id)[0..5] AS sources
+"""
+
 MAX_SEQ = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard
 RETURN max(i.seq) AS seq

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +208,17 @@ class GraphStore:
         with self._session(read=True) as session:
             return {rec["report"]: rec["insight"]
                     for rec in session.run(cypher.SUPPORTED_REPORTS, rows=rows_)}
+
+    def insight_details(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Shard, summary, support count and a few source ids of each insight: id -> row."""
+        if not ids:
+            return {}
+        try:
+            with self._session(read=True) as session:
+                return {rec["id"]: rec.data()
+                        for rec in session.run(cypher.INSIGHT_DETAILS, ids=list(ids))}
+        except (ServiceUnavailable, SessionExpired) as err:
+            raise GraphUnavailable(self.uri, str(err)) from err
 
     # -- reads for the cache ---------------------------------------------------------------
     def max_seq(self, shard: str) -> int:

@@ -81,6 +81,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     submitted_items: Mapped[int] = mapped_column(Integer)
+    # "local" (moe-pipeline run, in one process) or "queued" (submit, Celery workers)
+    mode: Mapped[str] = mapped_column(String(16), default="local")
     status: Mapped[str] = mapped_column(String(32), default="queued")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -114,6 +116,29 @@ class Batch(Base):
 
     job: Mapped[Job] = relationship(back_populates="batches")
     metrics: Mapped[BatchMetrics | None] = relationship(back_populates="batch")
+    parts: Mapped[list[BatchPart]] = relationship(back_populates="batch",
+                                                  order_by="BatchPart.shard")
+
+
+class BatchPart(Base):
+    """A batch's reports for one shard: one librarian task's work. A batch is complete when
+    every part is; parts count their own attempts (a part can be the poison one)."""
+
+    __tablename__ = "batch_parts"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    shard: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status: Mapped[str] = mapped_column(String(32), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reports: Mapped[int] = mapped_column(Integer, default=0)
+    new_insights: Mapped[int] = mapped_column(Integer, default=0)
+    merged: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
+
+    batch: Mapped[Batch] = relationship(back_populates="parts")
 
 
 class BatchMetrics(Base):
@@ -161,6 +186,7 @@ def make_engine(url: str) -> Engine:
             cur = conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps it consistent; fewer fsyncs
             cur.close()
 
         return engine

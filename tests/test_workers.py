@@ -1,0 +1,405 @@
+"""The queued pipeline with real Celery workers on a real Redis broker.
+
+Workers are real processes (`moe-pipeline worker ...`) started by the tests, against the
+session's embedded graph server, a fresh SQLite file and a Redis database of their own
+(``TEST_REDIS_URL``, default db 15 on localhost; where Docker runs, a Redis container).
+The crash tests kill them with SIGKILL mid-batch and check that the graph holds exactly the
+reports one clean run would write: each once, none missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from pipeline import jobs, stages
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.inputs import read_items
+from pipeline.storage.sql import Batch, BatchPart, ItemError, Job, session_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis database for the broker: TEST_REDIS_URL, the local server, or a container."""
+    import redis
+
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.exceptions.ConnectionError as err:
+        from conftest import _docker_engine
+
+        if not _docker_engine():
+            pytest.skip(f"no Redis at {url} ({err}) and no Docker engine for a container")
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7.4") as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        return
+    yield url
+
+
+class Stack:
+    """Environment and worker processes of one test's queued pipeline."""
+
+    def __init__(self, tmp_path: Path, graph, redis_url: str, neo4j_uri: str | None = None):
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()
+        self.tmp = tmp_path
+        self.env = {**os.environ, "MOE_STATE_DIR": str(tmp_path / "state"),
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'runs.sqlite3'}",
+                    "CELERY_BROKER_URL": redis_url, "REDIS_URL": redis_url,
+                    "NEO4J_URI": neo4j_uri or graph.uri, "NEO4J_USERNAME": graph.auth[0],
+                    "NEO4J_PASSWORD": graph.auth[1] or "", "MOE_DEVICE": "cpu",
+                    "PYTHONUNBUFFERED": "1"}
+        if graph.database:
+            self.env["NEO4J_DATABASE"] = graph.database
+        self.graph = graph
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def settings(self) -> Settings:
+        keep = {k: v for k, v in self.env.items() if k not in os.environ or os.environ[k] != v}
+        with _environ(keep):
+            return Settings()
+
+    def worker(self, kind: str, **env: str) -> subprocess.Popen:
+        log = self.tmp / f"{kind}-{len(self.procs)}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "INFO"],
+            cwd=self.tmp, env={**self.env, **env}, stdout=log.open("w"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((proc, log))
+        deadline = time.monotonic() + 90
+        while " ready." not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{kind} worker did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the whole worker: its main process and its pool."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+                         for _, log in self.procs)
+
+    def close(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def stack(tmp_path, graph, redis_url):
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials for worker processes")
+    s = Stack(tmp_path, graph, redis_url)
+    yield s
+    s.close()
+
+
+def _items(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    topics = rng.standard_normal((6, 16))
+    return [{"id": f"q{seed}-{i}", "vector": (topics[i % 6] + 0.05 * rng.standard_normal(16))
+             .round(5).tolist()} for i in range(n)]
+
+
+def _expected_reports(settings: Settings, job_id: str, raw: list[dict]) -> dict[str, str]:
+    """What one clean run of the job drafts: report id -> shard (the model is deterministic)."""
+    items, _ = read_items(raw)
+    system = jobs.load_system(settings, "cpu")
+    x = stages.encode(items, system.config.input_dim, settings.seed)
+    return {r.id: r.constellation for r in stages.route(system, x, items, job_id).reports}
+
+
+def _graph_reports(graph, job_id: str) -> list[str]:
+    rows = graph.run_cypher("MATCH (:Insight)-[e:SUPPORTED_BY]->(:Source) "
+                            "WHERE e.job_id = $job RETURN e.report_id AS report",
+                            {"job": job_id})
+    return [r["report"] for r in rows]
+
+
+def _wait(stack: Stack, job_id: str, timeout_s: float = 120) -> jobs.Progress:
+    Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+    try:
+        return jobs.wait(Session, job_id, timeout_s, poll_s=0.2)
+    except PipelineError as err:
+        raise AssertionError(f"{err}\n{stack.logs()}") from err
+
+
+def _submit(stack: Stack, raw: list[dict], batch_size: int) -> jobs.NewJob:
+    return jobs.submit(raw, stack.settings(), batch_size)
+
+
+def test_queued_job_end_to_end_then_query_and_similar(stack):
+    stack.worker("gpu")
+    stack.worker("librarian")
+    stack.worker("query")
+    raw = _items(90, seed=11) + [{"id": "bad", "vector": [1.0, float("nan")]}]
+    path = stack.tmp / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in raw) + "\n{not json\n")
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    out = subprocess.run(cli + ["submit", str(path), "--batch-size", "32", "--wait",
+                                "--timeout", "120"], cwd=stack.tmp, env=stack.env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr + stack.logs()
+    job_id = out.stdout.split()[1]
+    assert "completed_with_errors: 3/3 batches completed" in out.stdout
+    settings = stack.settings()
+    Session = session_factory(settings.sql_url(), run_migrations=False)
+    with Session() as s:
+        job = s.get(Job, job_id)
+        assert job.mode == "queued" and job.status == "completed_with_errors"
+        assert "2 bad items" in job.error
+        errors = {(e.line, e.field) for e in s.scalars(select(ItemError).where(
+            ItemError.job_id == job_id))}
+        assert errors == {(91, "vector"), (92, "line")}
+        assert all(b.status == "completed" and b.attempts == 1 and b.metrics.reports > 0
+                   and set(b.timings) >= {"encode", "route", "curate"} for b in job.batches)
+        parts = s.scalars(select(BatchPart).join(Batch).where(Batch.job_id == job_id)).all()
+        assert parts and all(p.status == "done" and p.attempts == 1 for p in parts)
+    expected = _expected_reports(settings, job_id, raw[:90])
+    found = _graph_reports(stack.graph, job_id)
+    assert sorted(found) == sorted(expected)  # every report once, none missing
+
+    query = subprocess.run(cli + ["query", "MATCH (i:Insight)-[e:SUPPORTED_BY]->(s:Source) "
+                                  "WHERE e.job_id = $job RETURN count(DISTINCT s) AS n",
+                                  "--param", f"job={json.dumps(job_id)}", "--json"],
+                           cwd=stack.tmp, env=stack.env, capture_output=True, text=True)
+    assert query.returncode == 0, query.stderr
+    assert json.loads(query.stdout) == {"n": 90}
+    (stack.tmp / "v.json").write_text(json.dumps(raw[0]["vector"]))
+    for mode in ("--queue", "--local"):
+        hit = subprocess.run(cli + ["similar", "--vector-file", str(stack.tmp / "v.json"),
+                                    "--k", "3", "--json", mode], cwd=stack.tmp,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        assert hit.returncode == 0, hit.stderr + stack.logs()
+        hits = [json.loads(line) for line in hit.stdout.splitlines()]
+        # The item's own report was inserted into, or merged into, an insight at least as
+        # close as the dedup threshold, so that insight is among the nearest.
+        mine = [h for h in hits if raw[0]["id"] in _sources_of(stack.graph, h["node_id"])]
+        assert mine and mine[0]["similarity"] >= settings_threshold() - 1e-3, hits
+
+
+def settings_threshold() -> float:
+    return jobs.default_config().dedup_threshold
+
+
+def _sources_of(graph, insight_id: str) -> set[str]:
+    rows = graph.run_cypher("MATCH (i:Insight {id: $id})-[:SUPPORTED_BY]->(s:Source) "
+                            "RETURN s.id AS id", {"id": insight_id})
+    return {r["id"] for r in rows}
+
+
+def _running_batch(Session, job_id: str, timeout_s: float = 60) -> Batch:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with Session() as s:
+            batch = s.scalars(select(Batch).where(Batch.job_id == job_id,
+                                                  Batch.status == "running")).first()
+            if batch is not None:
+                return batch
+        time.sleep(0.05)
+    raise AssertionError(f"no batch of job {job_id} started running")
+
+
+def test_killed_pool_process_is_requeued_at_once_and_nothing_doubles(stack):
+    stack.worker("gpu", MOE_FAULT_STALL_S="4")
+    stack.worker("librarian")
+    raw = _items(60, seed=12)
+    job = _submit(stack, raw, batch_size=20)
+    Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+    victim = _running_batch(Session, job.job_id)
+    os.kill(int(victim.worker.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process only
+    state = _wait(stack, job.job_id)
+    assert state.status == "completed", stack.logs()
+    with Session() as s:
+        attempts = {b.id: b.attempts for b in s.get(Job, job.job_id).batches}
+    assert attempts[victim.id] == 2 and sorted(attempts.values()) == [1, 1, 2]
+    expected = _expected_reports(stack.settings(), job.job_id, raw)
+    assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
+
+
+def test_killed_whole_worker_comes_back_after_visibility_timeout(stack):
+    stack.env["MOE_VISIBILITY_TIMEOUT_S"] = "8"  # short for the test; an hour by default
+    gpu = stack.worker("gpu", MOE_FAULT_STALL_S="3")
+    stack.worker("librarian")
+    raw = _items(40, seed=13)
+    job = _submit(stack, raw, batch_size=20)
+    Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+    victim = _running_batch(Session, job.job_id)
+    stack.kill(gpu)  # main process and pool: nobody is left to requeue the message
+    killed = time.monotonic()
+    stack.worker("gpu")
+    state = _wait(stack, job.job_id)
+    waited = time.monotonic() - killed
+    assert state.status == "completed", stack.logs()
+    with Session() as s:
+        assert s.get(Batch, victim.id).attempts == 2
+    assert waited >= 8 - 1  # it came back through the visibility timeout, not before
+    expected = _expected_reports(stack.settings(), job.job_id, raw)
+    assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
+
+
+def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
+    raw = _items(60, seed=14)
+    poison = raw[25]["id"]  # in the second batch
+    stack.env["MOE_MAX_ATTEMPTS"] = "2"
+    stack.worker("gpu", MOE_FAULT_KILL_ITEM=poison)
+    stack.worker("librarian")
+    job = _submit(stack, raw, batch_size=20)
+    state = _wait(stack, job.job_id)
+    assert state.status == "completed_with_errors" and state.failed == 1, stack.logs()
+    Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+    with Session() as s:
+        batches = s.get(Job, job.job_id).batches
+        assert [b.status for b in batches] == ["completed", "failed", "completed"]
+        assert batches[1].attempts == 3 and "gave up after 2 attempts" in batches[1].error
+        assert "1 of 3 batches failed" in s.get(Job, job.job_id).error
+    good = raw[:20] + raw[40:]
+    expected = _expected_reports(stack.settings(), job.job_id, good)
+    assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
+
+
+def test_an_unreachable_broker_is_one_clear_error_and_no_job(tmp_path):
+    settings = Settings(state_dir=tmp_path, celery_broker_url="redis://127.0.0.1:1/0",
+                        database_url=f"sqlite:///{tmp_path / 'runs.sqlite3'}")
+    with pytest.raises(PipelineError, match=r"broker redis://127.0.0.1:1/0 unreachable"):
+        jobs.submit(_items(5, seed=1), settings)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(_write(
+        tmp_path, _items(5, seed=1)))], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+             "MOE_STATE_DIR": str(tmp_path)})
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: broker redis://127.0.0.1:1/0 unreachable")
+
+
+def _write(tmp_path: Path, raw: list[dict]) -> Path:
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in raw))
+    return path
+
+
+class Outage:
+    """A TCP forwarder to the graph server that can be taken down and brought back on the
+    same port: a real network outage between the workers and the graph."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen()
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the thread blocked in accept (Linux)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+        self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+
+def test_a_graph_outage_is_retried_and_nothing_is_lost(tmp_path, graph, redis_url):
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials for worker processes")
+    target = int(graph.uri.rsplit(":", 1)[1])
+    outage = Outage(target)
+    stack = Stack(tmp_path, graph, redis_url,
+                  neo4j_uri=f"{graph.uri.rsplit(':', 1)[0]}:{outage.port}")
+    try:
+        stack.worker("gpu")
+        stack.worker("librarian")
+        outage.down()
+        raw = _items(20, seed=15)
+        job = _submit(stack, raw, batch_size=20)
+        Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+        deadline = time.monotonic() + 60
+        while "Retry in" not in stack.logs():  # the librarian met the outage and backed off
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.2)
+        with Session() as s:
+            assert s.get(Job, job.job_id).status == "running"
+            parts = s.scalars(select(BatchPart)).all()
+            assert parts and all(p.status in ("queued", "running", "done") for p in parts)
+        outage.up()
+        state = _wait(stack, job.job_id, timeout_s=180)
+        assert state.status == "completed", stack.logs()
+        with Session() as s:  # an outage costs no attempt: it is not the batch's fault
+            assert all(p.attempts == 1 for p in s.scalars(select(BatchPart)).all())
+        expected = _expected_reports(stack.settings(), job.job_id, raw)
+        assert sorted(_graph_reports(graph, job.job_id)) == sorted(expected)
+    finally:
+        stack.close()
+        outage.down()
