@@ -142,8 +142,9 @@ class LocalGraphServer:
         info = ServerInfo(pid=0, bolt_port=bolt, http_port=http)
         log = self.log_file.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.storage.local_graph", str(self.root),
+            [sys.executable, "-m", "pipeline.storage.local_graph", str(self.root.resolve()),
              str(info.bolt_port), str(info.http_port)],
+            cwd=self.root,  # ArcadeDB writes its log/ folder into the working directory
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)  # survives the CLI that started it; stop() ends it
         log.close()
