@@ -313,6 +313,62 @@ def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
     app_module.app.worker_main(argv)
 
 
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="also draw expert and constellation usage into this PNG")
+def stats(run_id: str | None, plot_file: str | None) -> None:
+    """Expert and constellation usage, routing entropy and dedup rate of a run (latest)."""
+    import math
+
+    from pipeline import jobs
+    from pipeline.storage.sql import session_factory
+
+    st = jobs.run_stats(session_factory(Settings().sql_url()), run_id)
+    click.echo(f"run {st.run_id}: {st.jobs} jobs, {st.batches} batches, {st.items} items")
+    click.echo(f"draft reports {st.reports}  new insights {st.new_insights}  merged "
+               f"{st.merged}  dedup rate {st.dedup_rate:.1%}")
+    n = max(len(st.expert_usage), 1)
+    click.echo(f"routing entropy {st.routing_entropy:.3f} nats (uniform over {n} experts: "
+               f"{math.log(n):.3f})  balance loss {st.balance_loss:.3f}")
+    width = max([len(k) for k in [*st.expert_usage, *st.constellation_usage]] + [6])
+    click.echo(f"{'expert':<{width}}  share")
+    for name, share in st.expert_usage.items():
+        click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+    click.echo(f"{'constellation':<{width}}  share of reports")
+    for name, share in st.constellation_usage.items():
+        click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+    if plot_file:
+        _plot_stats(st, plot_file)
+        click.echo(f"chart written to {plot_file}")
+
+
+def _plot_stats(st, path: str) -> None:  # noqa: ANN001
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise PipelineError("--plot needs matplotlib: pip install 'moe-pipeline[plot]'") \
+            from err
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    left.bar(list(st.expert_usage), [100 * v for v in st.expert_usage.values()],
+             color="#4c72b0")
+    left.axhline(100 / max(len(st.expert_usage), 1), color="grey", linestyle="--",
+                 label="uniform")
+    left.set(title="expert usage", ylabel="% of token assignments")
+    left.legend()
+    left.tick_params(axis="x", rotation=45)
+    right.bar(list(st.constellation_usage), [100 * v for v in st.constellation_usage.values()],
+              color="#55a868")
+    right.set(title="constellation usage", ylabel="% of draft reports")
+    fig.suptitle(f"run {st.run_id[:12]}: entropy {st.routing_entropy:.2f} nats, "
+                 f"dedup rate {st.dedup_rate:.0%}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _param(values: tuple[str, ...]) -> dict[str, object]:
     import json
 

@@ -402,6 +402,54 @@ def wait(Session: sessionmaker, job_id: str, timeout_s: float | None = None,
         time.sleep(poll_s)
 
 
+@dataclass
+class RunStats:
+    run_id: str
+    jobs: int
+    batches: int
+    items: int
+    reports: int
+    new_insights: int
+    merged: int
+    dedup_rate: float
+    routing_entropy: float  # mean over batches, nats
+    balance_loss: float
+    expert_usage: dict[str, float]  # expert -> share of token assignments
+    constellation_usage: dict[str, float]  # constellation -> share of draft reports
+
+
+def run_stats(Session: sessionmaker, run_id: str | None = None) -> RunStats:
+    """Routing and dedup figures of a run (default: the latest) from its batches' metrics."""
+    with Session() as s:
+        if run_id is None:
+            run_id = s.scalar(select(Run.id).order_by(Run.created_at.desc()).limit(1))
+            if run_id is None:
+                raise PipelineError("no runs yet: moe-pipeline run FILE (or submit FILE)")
+        elif s.get(Run, run_id) is None:
+            raise PipelineError(f"no run {run_id!r}")
+        rows = s.execute(select(Batch, BatchMetrics).join(BatchMetrics).join(Job).where(
+            Job.run_id == run_id)).all()
+        parts = s.execute(select(BatchPart.shard, func.sum(BatchPart.reports)).join(Batch)
+                          .join(Job).where(Job.run_id == run_id).group_by(BatchPart.shard)
+                          ).all()
+        n_jobs = s.scalar(select(func.count()).select_from(Job).where(Job.run_id == run_id))
+    items = sum(len(b.item_ids) for b, _ in rows)
+    usage: dict[str, float] = {}
+    for b, m in rows:  # weighted by the batch's items
+        for expert, share in m.expert_usage.items():
+            usage[expert] = usage.get(expert, 0.0) + share * len(b.item_ids) / max(items, 1)
+    reports = sum(m.reports for _, m in rows)
+    merged = sum(m.merged for _, m in rows)
+    total_parts = sum(n for _, n in parts) or 1
+    mean = (lambda xs: sum(xs) / len(xs) if xs else 0.0)  # noqa: E731
+    return RunStats(run_id, n_jobs or 0, len(rows), items, reports,
+                    sum(m.new_insights for _, m in rows), merged,
+                    merged / reports if reports else 0.0,
+                    mean([m.routing_entropy for _, m in rows]),
+                    mean([m.balance_loss for _, m in rows]), usage,
+                    {shard: n / total_parts for shard, n in sorted(parts)})
+
+
 # -- the in-process run --------------------------------------------------------------------
 def run_local(source: str | Path | list[dict[str, Any]], settings: Settings | None = None,
               batch_size: int | None = None,

