@@ -105,11 +105,15 @@ def test_similarity_bench_quick_compares_against_faiss_and_numpy():
     assert record["results"]["librarian_decisions_reports_per_s_2000"] > 0
 
 
-def test_pipeline_bench_quick_splits_time_by_stage():
+def test_pipeline_bench_quick_compares_queued_and_in_process():
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     proc = _run("bench/pipeline_e2e.py", "--quick", "--items", "300")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
-    assert record["bench"] == "pipeline" and record["results"]["embedded_items_per_s"] > 0
-    assert set(record["results"]["stage_seconds"]) == {"encode", "route", "curate"}
-    assert record["results"]["reports"] == 300
+    assert record["bench"] == "pipeline"
+    assert record["results"]["queued_items_per_s"] > 0
+    assert record["references"]["embedded_items_per_s"] > 0
+    assert record["targets"]["queued_vs_embedded"]["goal"] == 0.75
+    for mode in ("embedded", "queued"):
+        assert set(record["results"]["stage_seconds"][mode]) == {"encode", "route", "curate"}
+    assert record["results"]["reports_last_embedded_run"] == 300
