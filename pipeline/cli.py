@@ -284,9 +284,10 @@ WORKER_QUEUES = {"gpu": "gpu", "query": "query"}
 @click.option("--concurrency", type=int, default=1, show_default=True,
               help="pool processes (one per GPU for gpu workers)")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--name", help="Celery node name, %h for the host [default: KIND-PID@%h]")
 @click.pass_context
 def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
-           loglevel: str) -> None:
+           loglevel: str, name: str | None) -> None:
     """Run a Celery worker of one kind with its queues and pool (extra args go to Celery).
 
     Pools are prefork: each pool process loads its model or graph once, after the fork,
@@ -306,7 +307,7 @@ def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
         queues = WORKER_QUEUES[kind]
     app_module.ROLE["kind"] = kind
     argv = ["worker", "-Q", queues, "-P", "prefork", "-c", str(concurrency),
-            "--prefetch-multiplier", "1", "-n", f"{kind}-{os.getpid()}@%h",
+            "--prefetch-multiplier", "1", "-n", name or f"{kind}-{os.getpid()}@%h",
             "--loglevel", loglevel, "--without-gossip", "--without-mingle", *ctx.args]
     click.echo(f"{kind} worker on queues {queues} (broker {settings.broker_url()})",
                err=True)
