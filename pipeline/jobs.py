@@ -35,10 +35,11 @@ from pipeline.config import MoEConfig, Settings
 from pipeline.errors import PipelineError
 from pipeline.inputs import BadItem, Item, read_items
 from pipeline.librarian import CurateResult, Librarian
-from pipeline.locks import shard_locks
+from pipeline.locks import LockTimeout, shard_locks
 from pipeline.moe import checkpoint
 from pipeline.moe.system import MixtureOfExpertsSystem
 from pipeline.reports import stable_id
+from pipeline.storage.graph import GraphUnavailable
 from pipeline.storage.local_graph import open_graph
 from pipeline.storage.sql import (
     Batch,
@@ -78,6 +79,24 @@ def config_fingerprint(config: MoEConfig) -> str:
     import json
 
     return stable_id("config", json.dumps(config.to_dict(), sort_keys=True), length=16)
+
+
+def model_fingerprint(settings: Settings, config: MoEConfig) -> str:
+    """What makes two processes draft the same reports: the config, the weights (the
+    checkpoint's bytes, or the seed of the built-in model) and the text encoder."""
+    import hashlib
+
+    if settings.model_path:
+        digest = hashlib.sha256()
+        for path in sorted(Path(settings.model_path).glob("*.safetensors")):
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        weights = digest.hexdigest()
+    else:
+        weights = f"seed={settings.seed}"
+    encoder = Path(settings.text_model).name if settings.text_model else "bundled-minilm"
+    return stable_id("model", config_fingerprint(config), weights, encoder, length=16)
 
 
 def load_system(settings: Settings, device: str | None = None) -> MixtureOfExpertsSystem:
@@ -153,7 +172,8 @@ def begin_batch(Session: sessionmaker, batch_id: str, worker: str, device: str,
                 max_attempts: int) -> tuple[str, int]:
     """Count a delivery of the batch: ``("run", attempt)`` to do the work, ``("done", n)``
     when an earlier delivery already routed it, ``("gave_up", n)`` when it has had its
-    ``max_attempts`` and is now marked failed."""
+    ``max_attempts`` and is now marked failed. For ``done`` and ``gave_up`` the batch and
+    job are settled here, so a delivery after a crash between two steps finishes them."""
     with Session.begin() as s:
         changed = s.execute(
             update(Batch).where(Batch.id == batch_id, Batch.status.in_(REDO_BATCH))
@@ -163,39 +183,48 @@ def begin_batch(Session: sessionmaker, batch_id: str, worker: str, device: str,
         if attempts is None:
             raise PipelineError(f"batch {batch_id}: not in SQL (a message for another "
                                 "database?)")
+        verdict = "run"
         if not changed:
-            return "done", attempts
-        if attempts > max_attempts:
+            verdict = "done"
+        elif attempts > max_attempts:
             s.execute(update(Batch).where(Batch.id == batch_id).values(
                 status="failed", error=f"gave up after {max_attempts} attempts: each "
                 "delivery ended with its worker dead (killed, or out of memory?)"))
-            return "gave_up", attempts
-    return "run", attempts
+            verdict = "gave_up"
+    if verdict != "run":
+        settle_batch(Session, batch_id)
+    return verdict, attempts
 
 
-def release_batch(Session: sessionmaker, batch_id: str) -> None:
-    """Give back an attempt that an outage interrupted (the task is retried, not poisoned)."""
+def release_batch(Session: sessionmaker, batch_id: str, attempt: int) -> None:
+    """Give back this delivery's attempt (number ``attempt``) when an outage, not the batch,
+    interrupted it: the task is retried, and the batch is not counted as poison."""
     with Session.begin() as s:
-        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running",
-                                      Batch.attempts > 0)
-                  .values(attempts=Batch.attempts - 1, status="queued"))
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.attempts == attempt,
+                                      Batch.status.in_(("running", "routing")))
+                  .values(attempts=Batch.attempts - 1))
 
 
-def release_part(Session: sessionmaker, batch_id: str, shard: str) -> None:
+def release_part(Session: sessionmaker, batch_id: str, shard: str, attempt: int) -> None:
     with Session.begin() as s:
         s.execute(update(BatchPart).where(
             BatchPart.batch_id == batch_id, BatchPart.shard == shard,
-            BatchPart.status == "running", BatchPart.attempts > 0)
-            .values(attempts=BatchPart.attempts - 1, status="queued"))
+            BatchPart.attempts == attempt, BatchPart.status == "running")
+            .values(attempts=BatchPart.attempts - 1))
 
 
 def record_routing(Session: sessionmaker, batch_id: str, routed: stages.Routed,
-                   shards: dict[str, int], timings: dict[str, float]) -> list[str]:
-    """Store a routed batch's metrics and one part per shard (``shards``: report counts);
-    returns the shards whose part is not done yet (all, unless this is a redelivery)."""
+                   shards: dict[str, int], timings: dict[str, float]) -> list[str] | None:
+    """Store a routed batch's metrics and one part per shard (``shards``: report counts).
+
+    Returns the shards whose librarian task is still to be sent (all, unless this is a
+    redelivery: then those never marked dispatched), or None when the batch is no longer
+    this delivery's to route (another delivery moved it on)."""
     with Session.begin() as s:
-        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running")
-                  .values(status="routing", timings=timings))
+        mine = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running")
+                         .values(status="routing", timings=timings)).rowcount
+        if not mine:
+            return None
         s.merge(BatchMetrics(batch_id=batch_id, balance_loss=routed.balance_loss,
                              routing_entropy=routed.routing_entropy,
                              expert_usage=routed.expert_usage, reports=len(routed.reports),
@@ -205,22 +234,30 @@ def record_routing(Session: sessionmaker, batch_id: str, routed: stages.Routed,
         s.add_all(BatchPart(batch_id=batch_id, shard=shard, reports=n, attempts=0)
                   for shard, n in shards.items() if shard not in existing)
     return [shard for shard in shards
-            if shard not in existing or existing[shard].status not in ("done", "failed")]
+            if shard not in existing or not existing[shard].dispatched]
+
+
+def mark_dispatched(Session: sessionmaker, batch_id: str, shards: Sequence[str]) -> None:
+    """The librarian tasks of these parts are on the broker."""
+    if shards:
+        with Session.begin() as s:
+            s.execute(update(BatchPart).where(BatchPart.batch_id == batch_id,
+                                              BatchPart.shard.in_(list(shards)))
+                      .values(dispatched=True))
 
 
 def mark_routed(Session: sessionmaker, batch_id: str) -> None:
     with Session.begin() as s:
         s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routing")
                   .values(status="routed"))
-    try_complete_batch(Session, batch_id)
+    settle_batch(Session, batch_id)
 
 
 def fail_batch(Session: sessionmaker, batch_id: str, error: str) -> None:
     with Session.begin() as s:
         s.execute(update(Batch).where(Batch.id == batch_id, Batch.status.not_in(DONE_BATCH))
                   .values(status="failed", error=error[:2000]))
-        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
-    try_complete_job(Session, job_id)
+    settle_batch(Session, batch_id)
 
 
 def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
@@ -234,16 +271,17 @@ def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
         attempts = s.scalar(select(BatchPart.attempts).where(*key))
         if attempts is None:
             raise PipelineError(f"batch {batch_id} shard {shard!r}: no such part in SQL")
+        verdict = "run"
         if not changed:
-            return "done", attempts
-        if attempts > max_attempts:
+            verdict = "done"
+        elif attempts > max_attempts:
             s.execute(update(BatchPart).where(*key).values(
                 status="failed", error=f"gave up after {max_attempts} attempts: each "
                 "delivery ended with its worker dead"))
-            return "gave_up", attempts
-    if attempts > max_attempts:
-        try_complete_batch(Session, batch_id)
-    return "run", attempts
+            verdict = "gave_up"
+    if verdict != "run":
+        settle_batch(Session, batch_id)
+    return verdict, attempts
 
 
 def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: CurateResult,
@@ -254,7 +292,7 @@ def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: Curate
             BatchPart.status == "running").values(
                 status="done", new_insights=result.inserted, merged=result.merged,
                 seconds=seconds))
-    try_complete_batch(Session, batch_id)
+    settle_batch(Session, batch_id)
 
 
 def fail_part(Session: sessionmaker, batch_id: str, shard: str, error: str) -> None:
@@ -263,11 +301,23 @@ def fail_part(Session: sessionmaker, batch_id: str, shard: str, error: str) -> N
             BatchPart.batch_id == batch_id, BatchPart.shard == shard,
             BatchPart.status.not_in(("done", "failed"))).values(
                 status="failed", error=error[:2000]))
+    settle_batch(Session, batch_id)
+
+
+def settle_batch(Session: sessionmaker, batch_id: str) -> None:
+    """Complete the batch if it can be, then its job if it can be. Idempotent, and safe to
+    call from any delivery: every step between two transactions can be finished by the
+    next caller, so a crash between them leaves nothing stuck."""
     try_complete_batch(Session, batch_id)
+    with Session() as s:
+        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
+    if job_id is not None:
+        try_complete_job(Session, job_id)
 
 
 def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
-    """Complete a routed batch whose parts are all finished (once, whoever calls first)."""
+    """Complete a routed batch whose parts are all finished; True for the one caller that
+    does it (a conditional UPDATE: exactly once, whoever calls first)."""
     with Session() as s:
         parts = s.scalars(select(BatchPart).where(BatchPart.batch_id == batch_id)).all()
         if any(p.status not in ("done", "failed") for p in parts):
@@ -276,8 +326,10 @@ def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
     status = "failed" if failed else "completed"
     error = "; ".join(f"shard {p.shard}: {p.error}" for p in failed) or None
     with Session.begin() as s:
+        timings = s.scalar(select(Batch.timings).where(Batch.id == batch_id)) or {}
         won = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routed")
-                        .values(status=status, error=error)).rowcount
+                        .values(status=status, error=error, timings={
+                            **timings, "curate": sum(p.seconds for p in parts)})).rowcount
         if not won:
             return False
         inserted = sum(p.new_insights for p in parts)
@@ -286,23 +338,19 @@ def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
         s.execute(update(BatchMetrics).where(BatchMetrics.batch_id == batch_id).values(
             new_insights=inserted, merged=merged,
             dedup_rate=merged / reports if reports else 0.0))
-        timings = s.scalar(select(Batch.timings).where(Batch.id == batch_id)) or {}
-        s.execute(update(Batch).where(Batch.id == batch_id).values(
-            timings={**timings, "curate": sum(p.seconds for p in parts)}))
-        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
-    try_complete_job(Session, job_id)
     return True
 
 
 def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
     """Finish a job whose batches are all finished: ``completed``, ``completed_with_errors``
-    (bad items or failed batches), or ``failed`` (no batch succeeded)."""
+    (bad items or failed batches), or ``failed`` (no batch succeeded). Returns the status
+    for the one caller that finishes it."""
     with Session() as s:
         counts = dict(s.execute(select(Batch.status, func.count()).where(
             Batch.job_id == job_id).group_by(Batch.status)).all())
         bad = s.scalar(select(func.count()).select_from(ItemError).where(
             ItemError.job_id == job_id))
-    if set(counts) - set(DONE_BATCH):
+    if not counts or set(counts) - set(DONE_BATCH):
         return None
     failed, total = counts.get("failed", 0), sum(counts.values())
     if failed == total:
@@ -317,17 +365,22 @@ def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
     with Session.begin() as s:
         won = s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
                         .values(status=status, error=error, finished_at=time.time())).rowcount
-        run_id = s.scalar(select(Job.run_id).where(Job.id == job_id))
         if won:
-            s.execute(update(Run).where(Run.id == run_id).values(
-                status="finished", finished_at=time.time()))
+            _finish_run(s, job_id)
     return status if won else None
+
+
+def _finish_run(s, job_id: str) -> None:  # noqa: ANN001
+    run_id = s.scalar(select(Job.run_id).where(Job.id == job_id))
+    s.execute(update(Run).where(Run.id == run_id).values(status="finished",
+                                                         finished_at=time.time()))
 
 
 def fail_job(Session: sessionmaker, job_id: str, error: str) -> None:
     with Session.begin() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-            status="failed", error=error[:2000], finished_at=time.time()))
+        if s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+                status="failed", error=error[:2000], finished_at=time.time())).rowcount:
+            _finish_run(s, job_id)
 
 
 # -- the queued run ------------------------------------------------------------------------
@@ -353,11 +406,26 @@ def submit(source: str | Path | list[dict[str, Any]], settings: Settings | None 
     Session = session_factory(settings.sql_url())
     config = model_config(settings)
     job = create_job(Session, items, bad, config, "queued", batch_size, "queued")
-    fingerprint = config_fingerprint(config)
-    with app.producer_or_acquire() as producer:
-        for batch_id, chunk in job.batches:
-            app.send_task(ROUTE_BATCH, args=[batch_message(
-                batch_id, job.job_id, job.run_id, fingerprint, chunk)], producer=producer)
+    fingerprint = model_fingerprint(settings, config)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for batch_id, chunk in job.batches:
+                app.send_task(ROUTE_BATCH, args=[batch_message(
+                    batch_id, job.job_id, job.run_id, fingerprint, chunk)], producer=producer)
+                sent += 1
+    except BaseException as err:  # the broker went away, or ^C: no job left half-sent
+        unsent = [batch_id for batch_id, _ in job.batches[sent:]]
+        with Session.begin() as s:
+            s.execute(update(Batch).where(Batch.id.in_(unsent)).values(
+                status="failed", error="never sent: submission interrupted"))
+        fail_job(Session, job.job_id, f"submission interrupted after {sent} of "
+                 f"{len(job.batches)} batches: {type(err).__name__}: {err}")
+        if isinstance(err, Exception):
+            raise PipelineError(f"job {job.job_id}: sending to {settings.broker_url()} "
+                                f"failed after {sent} of {len(job.batches)} batches "
+                                f"({err}); the job is marked failed") from err
+        raise
     return job
 
 
@@ -463,10 +531,11 @@ def run_local(source: str | Path | list[dict[str, Any]], settings: Settings | No
     device = settings.torch_device()
     config = model_config(settings)
     job = create_job(Session, items, bad, config, "local", batch_size, device)
-    system = load_system(settings, device)
-    graph = open_graph(settings)
     totals = {"reports": 0, "inserted": 0, "merged": 0}
+    graph = None
     try:
+        system = load_system(settings, device)
+        graph = open_graph(settings)
         graph.ensure_schema()
         graph.ensure_run(job.run_id, config.to_dict(), constellation_map(config))
         librarian = Librarian.from_config(graph, shard_locks(settings), config, job.run_id)
@@ -474,6 +543,8 @@ def run_local(source: str | Path | list[dict[str, Any]], settings: Settings | No
             try:
                 _run_batch(Session, settings, job.job_id, job.run_id, batch_id, chunk,
                            system, librarian, totals)
+            except (GraphUnavailable, LockTimeout):
+                raise  # an outage, not this batch's fault: stop the run
             except PipelineError as err:  # this batch's fault: record it, go on
                 fail_batch(Session, batch_id, str(err))
             if progress:
@@ -482,7 +553,8 @@ def run_local(source: str | Path | list[dict[str, Any]], settings: Settings | No
         fail_job(Session, job.job_id, f"stopped: {type(err).__name__}: {err}")
         raise
     finally:
-        graph.close()
+        if graph is not None:
+            graph.close()
     with Session() as s:
         status = s.get(Job, job.job_id).status
     if status == "failed":
@@ -508,8 +580,10 @@ def _run_batch(Session: sessionmaker, settings: Settings, job_id: str, run_id: s
     routed = stages.route(system, x, chunk, job_id)
     timings["route"] = time.perf_counter() - t
     groups = stages.by_shard(routed.reports)
-    record_routing(Session, batch_id, routed, {k: len(v) for k, v in groups.items()},
-                   timings)
+    if record_routing(Session, batch_id, routed, {k: len(v) for k, v in groups.items()},
+                      timings) is None:
+        return
+    mark_dispatched(Session, batch_id, list(groups))
     for shard, reports in groups.items():
         begin_part(Session, batch_id, shard, "local", settings.max_attempts)
         t = time.perf_counter()

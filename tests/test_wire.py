@@ -31,6 +31,11 @@ def test_arrays_round_trip_exactly_and_compactly():
     assert len(wire.dumps({"v": x})) < 0.35 * text  # base64 binary, not decimal text
 
 
+def test_arrays_of_other_types_are_refused_on_arrival():
+    with pytest.raises(ValueError, match="refusing an array of 'object'"):
+        wire.loads('{"x": {"__array__": "object", "shape": [1], "b64": "AA=="}}')
+
+
 def test_unsupported_values_are_refused_by_name():
     with pytest.raises(TypeError, match="object is not sent"):
         wire.dumps({"x": object()})
@@ -40,7 +45,10 @@ def test_unsupported_values_are_refused_by_name():
 
 def test_the_app_accepts_only_its_own_format_and_acks_late():
     app = make_app()
-    assert app.conf.accept_content == [wire.NAME] and app.conf.task_serializer == wire.NAME
+    assert app.conf.task_serializer == wire.NAME and app.conf.result_serializer == wire.NAME
+    assert set(app.conf.accept_content) == {wire.NAME, "json"}  # json: remote control only
+    assert "pickle" not in app.conf.result_accept_content
+    assert app.conf.task_time_limit < app.conf.broker_transport_options["visibility_timeout"]
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
 

@@ -302,6 +302,24 @@ def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
     assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
 
 
+def test_a_poison_shard_part_fails_its_batch_and_the_job_still_ends(stack):
+    raw = _items(40, seed=16)
+    poison = raw[5]["id"]  # its report lands in one shard part of the first batch
+    stack.env["MOE_MAX_ATTEMPTS"] = "2"
+    stack.worker("gpu")
+    stack.worker("librarian", MOE_FAULT_KILL_ITEM=poison)
+    job = _submit(stack, raw, batch_size=20)
+    state = _wait(stack, job.job_id)
+    assert state.status == "completed_with_errors" and state.failed == 1, stack.logs()
+    Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+    with Session() as s:
+        first, second = s.get(Job, job.job_id).batches
+        assert (first.status, second.status) == ("failed", "completed")
+        (bad,) = [p for p in first.parts if p.status == "failed"]
+        assert bad.attempts == 3 and "gave up after 2 attempts" in bad.error
+        assert all(p.status == "done" for p in first.parts if p is not bad)
+
+
 def test_an_unreachable_broker_is_one_clear_error_and_no_job(tmp_path):
     settings = Settings(state_dir=tmp_path, celery_broker_url="redis://127.0.0.1:1/0",
                         database_url=f"sqlite:///{tmp_path / 'runs.sqlite3'}")

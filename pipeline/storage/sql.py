@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
@@ -130,6 +131,8 @@ class BatchPart(Base):
     shard: Mapped[str] = mapped_column(String(255), primary_key=True)
     status: Mapped[str] = mapped_column(String(32), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # its librarian task is on the broker (a redelivered GPU task sends only the others)
+    dispatched: Mapped[bool] = mapped_column(Boolean, default=False)
     reports: Mapped[int] = mapped_column(Integer, default=0)
     new_insights: Mapped[int] = mapped_column(Integer, default=0)
     merged: Mapped[int] = mapped_column(Integer, default=0)

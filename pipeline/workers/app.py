@@ -14,6 +14,7 @@ Messages are ``moe-json`` (`wire.py`): JSON with arrays as base64 binary; pickle
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery import Celery
@@ -53,11 +54,19 @@ def make_app(settings: Settings | None = None) -> Celery:
     vt = float(settings.visibility_timeout_s)
     app.conf.update(
         task_serializer=wire.NAME, result_serializer=wire.NAME,
-        accept_content=[wire.NAME], result_accept_content=[wire.NAME],
+        # moe-json for tasks; plain JSON too, for remote control from tools such as
+        # Flower. Never pickle.
+        accept_content=[wire.NAME, "json"], result_accept_content=[wire.NAME, "json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,  # failures are recorded in SQL, not redelivered
+        # A task that fails has recorded its failure in SQL first (see the tasks).
+        task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # A batch is cut off well before Redis would hand its message to another worker,
+        # so one batch never runs twice at the same time; a cut-off batch is redelivered
+        # (its pool process is replaced) and counts an attempt.
+        task_soft_time_limit=0.8 * vt,
+        task_time_limit=0.9 * vt,
         task_ignore_result=True,  # only `similar` answers (it sets ignore_result=False)
         result_expires=600,
         task_default_queue=GPU_QUEUE,
@@ -92,6 +101,7 @@ class Resources:
         # every worker process racing at start.
         self.Session = session_factory(self.settings.sql_url(), run_migrations=False)
         self._system = None
+        self._fingerprint: str | None = None
         self._graph = None
         self._librarians: dict[str, Any] = {}
         self._runs: set[str] = set()
@@ -104,7 +114,24 @@ class Resources:
 
     @property
     def device(self) -> str:
-        return self.settings.torch_device()
+        """The settings' device; with ``auto`` and several GPUs, pool process i takes GPU
+        i mod count, so ``--concurrency N`` spreads N processes over the GPUs."""
+        device = self.settings.torch_device()
+        if device == "cuda" and self.settings.device == "auto":
+            import billiard
+            import torch
+
+            index = getattr(billiard.current_process(), "index", 0) or 0  # 0-based in a pool
+            device = f"cuda:{index % max(torch.cuda.device_count(), 1)}"
+        return device
+
+    @property
+    def fingerprint(self) -> str:
+        from pipeline.jobs import model_fingerprint
+
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.settings, self.system.config)
+        return self._fingerprint
 
     @property
     def system(self):
@@ -119,8 +146,9 @@ class Resources:
         if self._graph is None:
             from pipeline.storage.local_graph import open_graph
 
-            self._graph = open_graph(self.settings)
-            self._graph.ensure_schema()
+            graph = open_graph(self.settings)
+            graph.ensure_schema()
+            self._graph = graph  # only once the schema is known to be there
         return self._graph
 
     def librarian(self, config) -> Any:  # noqa: ANN001
@@ -157,11 +185,14 @@ def _load_once(**_: Any) -> None:
     Resources._instance = None  # never share a parent's connections across a fork
     kind = ROLE["kind"]
     if kind == "gpu":
-        Resources.get().system  # noqa: B018 - load the model now
-        if Resources.get().settings.text_model is not None:
-            from pipeline.encoders import text_encoder
+        res = Resources.get()
+        res.system  # noqa: B018 - load the model now
+        from pipeline.encoders import EncoderUnavailable, text_encoder
 
-            text_encoder(Resources.get().settings.text_model, Resources.get().device)
+        # The encoder too, when it is installed (text batches then pay nothing extra);
+        # without it the worker serves vectors and a text batch fails with the reason.
+        with contextlib.suppress(EncoderUnavailable):
+            text_encoder(res.settings.text_model, res.device)
     elif kind in ("librarian", "query"):
         Resources.get().graph  # noqa: B018 - connect now
         if kind == "query":
@@ -191,7 +222,34 @@ def transient_errors() -> tuple[type[BaseException], ...]:
             kombu.exceptions.OperationalError, ConnectionError, TimeoutError)
 
 
-RETRY = {"max_retries": 8, "retry_backoff": 2, "retry_backoff_max": 60, "retry_jitter": True}
+# An outage is retried for about half an hour (2 s doubling to 60 s between tries) before
+# the batch is failed with its cause; it never counts as an attempt of the batch.
+RETRY = {"max_retries": 32, "retry_backoff": 2, "retry_backoff_max": 60, "retry_jitter": True}
+
+
+def retry_or_requeue(task, err: BaseException) -> BaseException:  # noqa: ANN001
+    """The exception a task raises to be tried again after an outage: Celery's Retry (a new
+    message, counted down), or, when even that cannot be published, a Reject that leaves
+    the message to come back (never an ack that would lose it)."""
+    from celery.exceptions import Reject, Retry
+
+    try:
+        return task.retry(exc=err, countdown=backoff(task.request.retries),
+                          max_retries=RETRY["max_retries"])
+    except Retry as retry:
+        return retry
+    except Exception:  # noqa: BLE001 - the broker is down too
+        return Reject(err, requeue=True)
+
+
+def best_effort(fn, *args: Any) -> None:  # noqa: ANN001
+    """Bookkeeping that must not hide the error being handled (SQL may be the outage)."""
+    import logging
+
+    try:
+        fn(*args)
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger(__name__).warning("%s failed: %s", fn.__name__, err)
 
 
 def backoff(retries: int) -> float:

@@ -23,8 +23,9 @@ from pipeline.workers.app import (
     ROUTE_BATCH,
     Resources,
     app,
-    backoff,
+    best_effort,
     librarian_queue,
+    retry_or_requeue,
     transient_errors,
 )
 
@@ -67,7 +68,7 @@ def message_reports(message: dict[str, Any]) -> list[DraftReport]:
                 message["texts"], strict=True))]
 
 
-def _faults(settings, attempt: int, item_ids: list[str]) -> None:  # noqa: ANN001
+def faults(settings, attempt: int, item_ids: list[str]) -> None:  # noqa: ANN001
     """Fault injection for tests and drills (both off unless set)."""
     if settings.fault_stall_s and attempt == 1:
         time.sleep(settings.fault_stall_s)
@@ -77,39 +78,46 @@ def _faults(settings, attempt: int, item_ids: list[str]) -> None:  # noqa: ANN00
 
 @app.task(bind=True, name=ROUTE_BATCH)
 def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:
+    """Errors, by kind: an outage is retried without counting an attempt; the batch's own
+    fault (`PipelineError`) fails the batch and the job goes on; anything else fails the
+    batch too, with its type and message, and is re-raised for the worker's log."""
     batch_id = message["batch_id"]
     res = Resources.get()
+    attempt = [0]
     try:
-        return _route(res, message)
+        return _route(res, message, attempt)
     except transient_errors() as err:
         if self.request.retries >= RETRY["max_retries"]:
-            jobs.fail_batch(res.Session, batch_id, f"gave up after {self.request.retries} "
-                            f"retries: {type(err).__name__}: {err}")
+            best_effort(jobs.fail_batch, res.Session, batch_id,
+                        f"gave up after {self.request.retries} retries of an outage: "
+                        f"{type(err).__name__}: {err}")
             raise
-        jobs.release_batch(res.Session, batch_id)  # an outage is no attempt of the batch
-        raise self.retry(exc=err, countdown=backoff(self.request.retries),
-                         max_retries=RETRY["max_retries"]) from err
+        if attempt[0]:
+            best_effort(jobs.release_batch, res.Session, batch_id, attempt[0])
+        raise retry_or_requeue(self, err) from err
     except PipelineError as err:  # this batch's fault (bad model, unreadable text, ...)
         jobs.fail_batch(res.Session, batch_id, str(err))
         return {"batch": batch_id, "status": "failed", "error": str(err)}
+    except Exception as err:
+        best_effort(jobs.fail_batch, res.Session, batch_id, f"{type(err).__name__}: {err}")
+        raise
 
 
-def _route(res: Resources, message: dict[str, Any]) -> dict[str, Any]:
+def _route(res: Resources, message: dict[str, Any], attempt: list[int]) -> dict[str, Any]:
     batch_id, job_id, run_id = message["batch_id"], message["job_id"], message["run_id"]
-    verdict, attempt = jobs.begin_batch(res.Session, batch_id, jobs.worker_name(), res.device,
-                                        res.settings.max_attempts)
-    if verdict == "gave_up":
-        jobs.try_complete_job(res.Session, job_id)
+    verdict, attempts = jobs.begin_batch(res.Session, batch_id, jobs.worker_name(),
+                                         res.device, res.settings.max_attempts)
     if verdict != "run":
-        return {"batch": batch_id, "status": verdict, "attempts": attempt}
+        return {"batch": batch_id, "status": verdict, "attempts": attempts}
+    attempt[0] = attempts
     system = res.system
-    served = jobs.config_fingerprint(system.config)
+    served = res.fingerprint
     if message["model"] != served:
         raise PipelineError(
             f"batch {batch_id}: submitted for model {message['model']}, but this worker "
-            f"serves {served}; start the GPU workers with the MOE_MODEL_PATH the job was "
-            "submitted with")
-    _faults(res.settings, attempt, message["ids"])
+            f"serves {served}; start the GPU workers with the MOE_MODEL_PATH, MOE_SEED and "
+            "MOE_TEXT_MODEL the job was submitted with")
+    faults(res.settings, attempts, message["ids"])
     items = message_items(message)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -122,10 +130,13 @@ def _route(res: Resources, message: dict[str, Any]) -> dict[str, Any]:
     groups = stages.by_shard(routed.reports)
     pending = jobs.record_routing(res.Session, batch_id, routed,
                                   {k: len(v) for k, v in groups.items()}, timings)
+    if pending is None:  # another delivery of this batch moved it on
+        return {"batch": batch_id, "status": "done", "attempts": attempts}
     for shard in pending:
         app.send_task(CURATE_PART, args=[reports_message(batch_id, run_id, shard,
                                                          groups[shard])],
                       queue=librarian_queue(shard))
+    jobs.mark_dispatched(res.Session, batch_id, pending)
     jobs.mark_routed(res.Session, batch_id)
     return {"batch": batch_id, "status": "routed", "reports": len(routed.reports),
             "shards": sorted(groups)}

@@ -20,10 +20,11 @@ from pipeline.workers.app import (
     RETRY,
     Resources,
     app,
-    backoff,
+    best_effort,
+    retry_or_requeue,
     transient_errors,
 )
-from pipeline.workers.gpu import message_reports
+from pipeline.workers.gpu import faults, message_reports
 
 _CONFIGS: dict[str, MoEConfig] = {}
 
@@ -41,29 +42,38 @@ def run_config(res: Resources, run_id: str) -> MoEConfig:
 
 @app.task(bind=True, name=CURATE_PART)
 def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:
+    """Errors are handled as in `gpu.route_batch`, for the part."""
     batch_id, shard = message["batch_id"], message["shard"]
     res = Resources.get()
+    attempt = [0]
     try:
-        return _curate(res, message)
+        return _curate(res, message, attempt)
     except transient_errors() as err:
         if self.request.retries >= RETRY["max_retries"]:
-            jobs.fail_part(res.Session, batch_id, shard, f"gave up after "
-                           f"{self.request.retries} retries: {type(err).__name__}: {err}")
+            best_effort(jobs.fail_part, res.Session, batch_id, shard,
+                        f"gave up after {self.request.retries} retries of an outage: "
+                        f"{type(err).__name__}: {err}")
             raise
-        jobs.release_part(res.Session, batch_id, shard)
-        raise self.retry(exc=err, countdown=backoff(self.request.retries),
-                         max_retries=RETRY["max_retries"]) from err
+        if attempt[0]:
+            best_effort(jobs.release_part, res.Session, batch_id, shard, attempt[0])
+        raise retry_or_requeue(self, err) from err
     except PipelineError as err:
         jobs.fail_part(res.Session, batch_id, shard, str(err))
         return {"batch": batch_id, "shard": shard, "status": "failed", "error": str(err)}
+    except Exception as err:
+        best_effort(jobs.fail_part, res.Session, batch_id, shard,
+                    f"{type(err).__name__}: {err}")
+        raise
 
 
-def _curate(res: Resources, message: dict[str, Any]) -> dict[str, Any]:
+def _curate(res: Resources, message: dict[str, Any], attempt: list[int]) -> dict[str, Any]:
     batch_id, shard, run_id = message["batch_id"], message["shard"], message["run_id"]
-    verdict, attempt = jobs.begin_part(res.Session, batch_id, shard, jobs.worker_name(),
-                                       res.settings.max_attempts)
+    verdict, attempts = jobs.begin_part(res.Session, batch_id, shard, jobs.worker_name(),
+                                        res.settings.max_attempts)
     if verdict != "run":
-        return {"batch": batch_id, "shard": shard, "status": verdict, "attempts": attempt}
+        return {"batch": batch_id, "shard": shard, "status": verdict, "attempts": attempts}
+    attempt[0] = attempts
+    faults(res.settings, attempts, message["item_ids"])
     config = run_config(res, run_id)
     res.ensure_run(run_id, config)
     t = time.perf_counter()

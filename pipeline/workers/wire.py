@@ -35,6 +35,9 @@ def _default(obj: Any) -> Any:
 
 def _hook(obj: dict[str, Any]) -> Any:
     if "__array__" in obj:
+        if obj["__array__"] not in _DTYPES:
+            raise ValueError(f"refusing an array of {obj['__array__']!r}: not one of "
+                             f"{sorted(_DTYPES)}")
         dtype = np.dtype(obj["__array__"]).newbyteorder("<")
         flat = np.frombuffer(base64.b64decode(obj["b64"]), dtype=dtype)
         return flat.reshape(obj["shape"]).astype(dtype.newbyteorder("="), copy=False)

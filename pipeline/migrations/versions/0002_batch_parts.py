@@ -23,6 +23,7 @@ def upgrade() -> None:
         sa.Column("shard", sa.String(length=255), nullable=False),
         sa.Column("status", sa.String(length=32), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("dispatched", sa.Boolean(), nullable=False),
         sa.Column("reports", sa.Integer(), nullable=False),
         sa.Column("new_insights", sa.Integer(), nullable=False),
         sa.Column("merged", sa.Integer(), nullable=False),
