@@ -117,3 +117,13 @@ def test_pipeline_bench_quick_compares_queued_and_in_process():
     for mode in ("embedded", "queued"):
         assert set(record["results"]["stage_seconds"][mode]) == {"encode", "route", "curate"}
     assert record["results"]["reports_last_embedded_run"] == 300
+
+
+def test_layer_profile_bench_quick_counts_ops_and_compares_compiled():
+    proc = _run("bench/moe_layer_profile.py", "--quick", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "moe_layer_profile"
+    assert record["results"]["aten_ops_per_fwd_256"] > 0
+    assert record["references"]["eager_us_per_fwd_256"] > 0
+    assert record["ratios"]["compiled_default_vs_eager_256"] > 0
