@@ -1,8 +1,9 @@
 """Shard locks: one librarian at a time writes a shard.
 
-In the stack the lock is Redis's (`RedisShardLock`: a token lock with a timeout, so a dead
-holder's lock expires); embedded, everything runs in one process and a `threading.Lock` per
-shard does (`LocalShardLock`). Both are context managers factories: ``with locks(shard):``.
+In the stack the lock is Redis's (`RedisShardLock`: a token lease renewed by a heartbeat
+while held, so a dead holder's lock expires within seconds); embedded, everything runs in
+one process and a `threading.Lock` per shard does (`LocalShardLock`). Both are context
+manager factories: ``with locks(shard):``.
 """
 
 from __future__ import annotations
@@ -46,27 +47,49 @@ class LocalShardLock:
 class RedisShardLock:
     """Per-shard locks shared by every process that reaches the same Redis.
 
-    ``hold_s`` bounds how long a crashed holder blocks the shard: choose it above the longest
-    curate (one graph transaction).
+    The lock is a lease of ``lease_s`` seconds that a heartbeat thread renews every third of
+    it while the holder works: a long curate keeps its lock, and a holder that dies (SIGKILL,
+    a lost machine) frees the shard within ``lease_s``. Should a stalled holder lose its
+    lease anyway, the graph write's seq fence (`StaleWriteError`) still refuses a write
+    decided on a stale view of the shard.
     """
 
-    def __init__(self, url: str, hold_s: float = 300.0, wait_s: float = 600.0,
+    def __init__(self, url: str, lease_s: float = 30.0, wait_s: float = 600.0,
                  prefix: str = "moe:shard-lock:") -> None:
         import redis
 
         self.client = redis.Redis.from_url(url)
-        self.hold_s, self.wait_s, self.prefix = hold_s, wait_s, prefix
+        self.lease_s, self.wait_s, self.prefix = lease_s, wait_s, prefix
 
     @contextlib.contextmanager
     def __call__(self, shard: str) -> Iterator[None]:
-        lock = self.client.lock(self.prefix + shard, timeout=self.hold_s,
-                                blocking_timeout=self.wait_s)
+        # thread_local=False: the heartbeat thread renews with the token this thread took.
+        lock = self.client.lock(self.prefix + shard, timeout=self.lease_s,
+                                blocking_timeout=self.wait_s, thread_local=False)
         if not lock.acquire():
             raise LockTimeout(shard, self.wait_s)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._renew, args=(lock, stop), daemon=True,
+                                name=f"lease-{shard}")
+        beat.start()
         try:
             yield
         finally:
-            lock.release()
+            stop.set()
+            beat.join()
+            with contextlib.suppress(Exception):  # an expired lease has nothing to release
+                lock.release()
+
+    def _renew(self, lock, stop: threading.Event) -> None:  # noqa: ANN001
+        import logging
+
+        while not stop.wait(self.lease_s / 3):
+            try:
+                lock.reacquire()  # the TTL back to lease_s, if the token is still ours
+            except Exception as err:  # noqa: BLE001 - lost or unreachable: say so, stop
+                logging.getLogger(__name__).warning("shard lock %s: lease not renewed (%s)",
+                                                    lock.name, err)
+                return
 
 
 def shard_locks(settings: Settings | None = None) -> LocalShardLock | RedisShardLock:

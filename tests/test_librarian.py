@@ -287,3 +287,38 @@ def test_the_seq_fence_refuses_a_write_after_another_writer(graph):
     with pytest.raises(StaleWriteError, match="max seq is 1, the writer saw -1"):
         graph.write_batch(late, expect_max_seq={shard: -1})
     assert graph.max_seq(shard) == 1  # nothing of the refused batch landed
+
+
+HOLDER = """
+import sys, time
+from pipeline.locks import RedisShardLock
+with RedisShardLock(sys.argv[1], lease_s=float(sys.argv[3]))(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_lease_outlives_its_ttl_while_held_and_frees_the_shard_when_its_holder_dies():
+    import signal
+    import time
+
+    from pipeline.locks import LockTimeout, RedisShardLock
+
+    url = redis_url()
+    shard = f"lease-{uuid.uuid4().hex[:8]}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, shard, "1.5"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        time.sleep(4)  # more than twice the lease: the heartbeat keeps it
+        with pytest.raises(LockTimeout), RedisShardLock(url, wait_s=0.5)(shard):
+            pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        start = time.monotonic()
+        with RedisShardLock(url, wait_s=10)(shard):  # free within the lease, not minutes
+            waited = time.monotonic() - start
+        assert waited < 3
+    finally:
+        holder.kill()
