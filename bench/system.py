@@ -30,25 +30,42 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--dispatch", default="dropless", choices=["dropless", "capacity"])
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+    p.add_argument("--pipeline-model", action="store_true",
+                   help="the pipeline's default model on a batch of 256 items, as a GPU "
+                        "worker routes them")
     p.add_argument("--rounds", type=int, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    if args.quick:
+    extra: dict = {}
+    if args.pipeline_model:
+        from pipeline.config import default_config
+
+        full = default_config().to_dict()
+        dims = {k: full[k] for k in ("input_dim", "hidden_dim", "output_dim", "num_experts",
+                                     "top_k_experts")}
+        extra = {"num_layers": full["num_layers"], "constellations": full["constellations"]}
+        batch, seq, rounds = 256, 1, args.rounds or (2 if args.quick else 15)
+    elif args.quick:
         dims = dict(input_dim=64, hidden_dim=128, output_dim=64, num_experts=8, top_k_experts=2)
         batch, seq, rounds = 4, 16, args.rounds or 2
     else:
         dims = dict(input_dim=512, hidden_dim=2048, output_dim=512, num_experts=32,
                     top_k_experts=3)
         batch, seq, rounds = 8, 128, args.rounds or 7
-    common = dict(**dims, dispatch=args.dispatch, capacity_factor=2.0)
+    common = dict(**dims, **extra, dispatch=args.dispatch, capacity_factor=2.0)
     base = MixtureOfExpertsSystem(MoEConfig(**common, use_compile=False, use_amp=False))
     fast = FullyOptimizedMoESystem(MoEConfig(**common, use_compile=not args.no_compile,
+                                             compile_mode=args.compile_mode,
                                              use_amp=True, amp_dtype=args.amp_dtype))
     fast.load_state_dict(base.state_dict())
     base.to(device).eval()
     fast.to(device).eval()
-    x = torch.randn(batch, seq, dims["input_dim"], device=device)
+    shape = (batch, dims["input_dim"]) if args.pipeline_model else (batch, seq,
+                                                                      dims["input_dim"])
+    x = torch.randn(*shape, device=device)
 
     def run_base() -> object:
         with torch.inference_mode():
@@ -64,12 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     cos = torch.nn.functional.cosine_similarity(y_base.flatten(1), y_fast.flatten(1)).min()
     ratios = {"optimized_vs_base": rate["optimized"] / rate["base"]}
     targets = {}
-    if device.type == "cuda" and not args.quick:
+    if device.type == "cuda" and not args.quick and not args.pipeline_model:
         targets["optimized_samples_per_s"] = target(500.0, rate["optimized"])
     return emit(
         "system", device,
         {**dims, "batch": batch, "seq": seq, "num_layers": base.config.num_layers,
          "dispatch": args.dispatch, "compile": not args.no_compile, "amp_dtype": args.amp_dtype,
+         "compile_mode": args.compile_mode, "pipeline_model": args.pipeline_model,
          "rounds": rounds, "quick": args.quick},
         results={"optimized_samples_per_s": round(rate["optimized"], 2),
                  "optimized_tokens_per_s": round(rate["optimized"] * seq, 1),

@@ -378,3 +378,12 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.state_dir / 'runs.sqlite3').resolve()}"
+
+
+def default_config() -> MoEConfig:
+    """The model the pipeline serves when ``MOE_MODEL_PATH`` names none: small enough for a
+    laptop CPU, with four constellations of two experts, one chosen per item."""
+    return MoEConfig(input_dim=128, hidden_dim=256, output_dim=128, num_experts=8,
+                     top_k_experts=2, num_layers=2, use_compile=False, use_amp=False,
+                     constellations={"mathematics": [0, 1], "language": [2, 3],
+                                     "vision": [4, 5], "memory": [6, 7]})

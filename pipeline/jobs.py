@@ -31,7 +31,7 @@ from sqlalchemy.orm import sessionmaker
 
 import pipeline
 from pipeline import stages
-from pipeline.config import MoEConfig, Settings
+from pipeline.config import MoEConfig, Settings, default_config
 from pipeline.errors import PipelineError
 from pipeline.inputs import BadItem, Item, read_items
 from pipeline.librarian import CurateResult, Librarian
@@ -57,15 +57,6 @@ REDO_BATCH = ("queued", "running", "routing")  # a delivery in these states does
 
 class JobFailed(PipelineError):
     """A job with no good item, or whose every batch failed; names the job."""
-
-
-def default_config() -> MoEConfig:
-    """The model the pipeline serves when ``MOE_MODEL_PATH`` names none: small enough for a
-    laptop CPU, with four constellations of two experts, one chosen per item."""
-    return MoEConfig(input_dim=128, hidden_dim=256, output_dim=128, num_experts=8,
-                     top_k_experts=2, num_layers=2, use_compile=False, use_amp=False,
-                     constellations={"mathematics": [0, 1], "language": [2, 3],
-                                     "vision": [4, 5], "memory": [6, 7]})
 
 
 def model_config(settings: Settings) -> MoEConfig:
