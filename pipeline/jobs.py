@@ -277,12 +277,12 @@ def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
 
 def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: CurateResult,
                 seconds: float) -> None:
+    founded, joined = result.outcome()
     with Session.begin() as s:
         s.execute(update(BatchPart).where(
             BatchPart.batch_id == batch_id, BatchPart.shard == shard,
             BatchPart.status == "running").values(
-                status="done", new_insights=result.inserted, merged=result.merged,
-                seconds=seconds))
+                status="done", new_insights=founded, merged=joined, seconds=seconds))
     settle_batch(Session, batch_id)
 
 

@@ -126,6 +126,14 @@ class CurateResult:
     similar: int
     insight_of_report: dict[str, str]
 
+    def outcome(self) -> tuple[int, int]:
+        """(reports that founded an insight, reports that joined one), counting replayed
+        reports by what their first curation did, so a redelivered part records the same
+        figures as the delivery that wrote it."""
+        founded = sum(insight == insight_id(self.shard, report)
+                      for report, insight in self.insight_of_report.items())
+        return founded, len(self.insight_of_report) - founded
+
 
 def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
                 cache: EmbeddingCache, run_id: str, next_seq: int

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from pipeline import jobs, stages
 from pipeline.inputs import read_items
-from pipeline.librarian import CurateResult
+from pipeline.librarian import CurateResult, insight_id
 from pipeline.storage.sql import Batch, BatchPart, Job, session_factory
 
 SHARDS = [f"shard{i}" for i in range(6)]
@@ -34,7 +34,9 @@ def _routed(Session, n_batches: int = 1) -> jobs.NewJob:
 
 
 def _result(shard: str) -> CurateResult:
-    return CurateResult(shard, 2, 0, 1, 1, 0, {})
+    """Two reports: one founds an insight, the other joins it."""
+    founder = insight_id(shard, "r1")
+    return CurateResult(shard, 2, 0, 1, 1, 0, {"r1": founder, "r2": founder})
 
 
 def test_parts_finished_at_once_complete_batch_and_job_exactly_once(sql_url):

@@ -120,6 +120,10 @@ def test_curate_keeps_the_invariants_in_the_graph_and_replays_as_a_no_op(graph):
     assert graph.run_cypher("MATCH (i:Insight {shard: $s})-[e]->() RETURN count(e) AS n",
                             {"s": shard}) == before
     assert again.insight_of_report == results[1].insight_of_report
+    # A replay reports what the first curation did, for the metrics a redelivery records.
+    assert again.outcome() == results[1].outcome() == (results[1].inserted,
+                                                      results[1].merged)
+    assert fresh.outcome() == (results[2].inserted, results[2].merged)
 
 
 def test_knowledge_graph_settings_come_from_the_model_config(graph, tmp_path):
