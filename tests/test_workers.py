@@ -389,18 +389,25 @@ class Outage:
             b.shutdown(socket.SHUT_WR)
 
 
-def test_a_graph_outage_is_retried_and_nothing_is_lost(tmp_path, graph, redis_url):
+@pytest.mark.parametrize("when", ["while_running", "from_the_start"])
+def test_a_graph_outage_is_retried_and_nothing_is_lost(tmp_path, graph, redis_url, when):
     if graph.auth is None:
         pytest.skip("this graph backend gives no credentials for worker processes")
     target = int(graph.uri.rsplit(":", 1)[1])
     outage = Outage(target)
     stack = Stack(tmp_path, graph, redis_url,
                   neo4j_uri=f"{graph.uri.rsplit(':', 1)[0]}:{outage.port}")
+    # A worker may still be connecting when the outage starts: then its first task meets
+    # it; either way the outage must be retried, and quickly noticed.
+    stack.env["MOE_GRAPH_CONNECT_TIMEOUT_S"] = "3"
     try:
         stack.worker("gpu")
+        if when == "from_the_start":
+            outage.down()
         stack.worker("librarian")
-        outage.down()
-        raw = _items(20, seed=15)
+        if when == "while_running":
+            outage.down()
+        raw = _items(20, seed=15 if when == "while_running" else 17)
         job = _submit(stack, raw, batch_size=20)
         Session = session_factory(stack.settings().sql_url(), run_migrations=False)
         deadline = time.monotonic() + 60

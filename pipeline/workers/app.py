@@ -194,7 +194,13 @@ def _load_once(**_: Any) -> None:
         with contextlib.suppress(EncoderUnavailable):
             text_encoder(res.settings.text_model, res.device)
     elif kind in ("librarian", "query"):
-        Resources.get().graph  # noqa: B018 - connect now
+        # Down at start: the first task connects, or retries the outage like any other.
+        try:
+            Resources.get().graph  # noqa: B018 - connect now
+        except transient_errors() as err:
+            import logging
+
+            logging.getLogger(__name__).warning("graph not reachable at start: %s", err)
         if kind == "query":
             Resources.get().system  # noqa: B018
 
