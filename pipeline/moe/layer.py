@@ -129,8 +129,11 @@ class MoELayer(nn.Module):
         aux = self._aux(routing_kind=cfg.gate_type, probs_TE=probs_TE, logits=logits,
                         counts_E=counts_E, dropped=dropped)
         if pool:
-            aux = aux._replace(pooled=sink.out_EBO.transpose(0, 1),
-                               input_weights=self._input_weights(routing, input_T, B))
+            # A new record, not aux._replace(...): Dynamo in torch 2.11 cannot hand a
+            # _replace'd NamedTuple out of a compiled region (an AssertionError in its
+            # side-effect replay); a record built by its constructor it can.
+            aux = MoEAux(*aux[:-2], pooled=sink.out_EBO.transpose(0, 1),
+                         input_weights=self._input_weights(routing, input_T, B))
         return y_TO.to(x.dtype).reshape(*lead, cfg.output_dim), aux
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
