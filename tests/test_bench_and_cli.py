@@ -127,3 +127,13 @@ def test_layer_profile_bench_quick_counts_ops_and_compares_compiled():
     assert record["results"]["aten_ops_per_fwd_256"] > 0
     assert record["references"]["eager_us_per_fwd_256"] > 0
     assert record["ratios"]["compiled_default_vs_eager_256"] > 0
+
+
+def test_sync_audit_runs_every_case_on_the_cpu(tmp_path):
+    out = tmp_path / "audit.json"
+    proc = subprocess.run([sys.executable, "bench/sync_audit.py", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "DEV": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["n_cases"] >= 60 and not summary["setup_errors"]
