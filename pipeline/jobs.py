@@ -159,32 +159,39 @@ def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadIt
 
 
 # -- batch and part transitions (shared by run_local and the Celery tasks) ----------------
-def begin_batch(Session: sessionmaker, batch_id: str, worker: str, device: str,
-                max_attempts: int) -> tuple[str, int]:
-    """Count a delivery of the batch: ``("run", attempt)`` to do the work, ``("done", n)``
-    when an earlier delivery already routed it, ``("gave_up", n)`` when it has had its
-    ``max_attempts`` and is now marked failed. For ``done`` and ``gave_up`` the batch and
-    job are settled here, so a delivery after a crash between two steps finishes them."""
+def _count_delivery(Session: sessionmaker, model, key: tuple, redo: tuple[str, ...],
+                    claim: dict[str, Any], max_attempts: int, what: str,
+                    batch_id: str) -> tuple[str, int]:
+    """One delivery of a batch or a part (``model`` rows matching ``key``): claim it and count
+    an attempt if it is in a ``redo`` state, then give the verdict (see `begin_batch`)."""
     with Session.begin() as s:
-        changed = s.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.status.in_(REDO_BATCH))
-            .values(attempts=Batch.attempts + 1, status="running", worker=worker,
-                    device=device)).rowcount
-        attempts = s.scalar(select(Batch.attempts).where(Batch.id == batch_id))
+        changed = s.execute(update(model).where(*key, model.status.in_(redo)).values(
+            attempts=model.attempts + 1, status="running", **claim)).rowcount
+        attempts = s.scalar(select(model.attempts).where(*key))
         if attempts is None:
-            raise PipelineError(f"batch {batch_id}: not in SQL (a message for another "
-                                "database?)")
+            raise PipelineError(f"{what}: not in SQL (a message for another database?)")
         verdict = "run"
         if not changed:
             verdict = "done"
         elif attempts > max_attempts:
-            s.execute(update(Batch).where(Batch.id == batch_id).values(
+            s.execute(update(model).where(*key).values(
                 status="failed", error=f"gave up after {max_attempts} attempts: each "
                 "delivery ended with its worker dead (killed, or out of memory?)"))
             verdict = "gave_up"
     if verdict != "run":
         settle_batch(Session, batch_id)
     return verdict, attempts
+
+
+def begin_batch(Session: sessionmaker, batch_id: str, worker: str, device: str,
+                max_attempts: int) -> tuple[str, int]:
+    """Count a delivery of the batch: ``("run", attempt)`` to do the work, ``("done", n)``
+    when an earlier delivery already routed it, ``("gave_up", n)`` when it has had its
+    ``max_attempts`` and is now marked failed. For ``done`` and ``gave_up`` the batch and
+    job are settled here, so a delivery after a crash between two steps finishes them."""
+    return _count_delivery(Session, Batch, (Batch.id == batch_id,), REDO_BATCH,
+                           {"worker": worker, "device": device}, max_attempts,
+                           f"batch {batch_id}", batch_id)
 
 
 def release_batch(Session: sessionmaker, batch_id: str, attempt: int) -> None:
@@ -254,25 +261,10 @@ def fail_batch(Session: sessionmaker, batch_id: str, error: str) -> None:
 def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
                max_attempts: int) -> tuple[str, int]:
     """As `begin_batch`, for one shard part."""
-    key = (BatchPart.batch_id == batch_id, BatchPart.shard == shard)
-    with Session.begin() as s:
-        changed = s.execute(update(BatchPart).where(
-            *key, BatchPart.status.in_(("queued", "running")))
-            .values(attempts=BatchPart.attempts + 1, status="running", worker=worker)).rowcount
-        attempts = s.scalar(select(BatchPart.attempts).where(*key))
-        if attempts is None:
-            raise PipelineError(f"batch {batch_id} shard {shard!r}: no such part in SQL")
-        verdict = "run"
-        if not changed:
-            verdict = "done"
-        elif attempts > max_attempts:
-            s.execute(update(BatchPart).where(*key).values(
-                status="failed", error=f"gave up after {max_attempts} attempts: each "
-                "delivery ended with its worker dead"))
-            verdict = "gave_up"
-    if verdict != "run":
-        settle_batch(Session, batch_id)
-    return verdict, attempts
+    return _count_delivery(
+        Session, BatchPart, (BatchPart.batch_id == batch_id, BatchPart.shard == shard),
+        ("queued", "running"), {"worker": worker}, max_attempts,
+        f"batch {batch_id} shard {shard!r}", batch_id)
 
 
 def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: CurateResult,

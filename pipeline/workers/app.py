@@ -248,6 +248,36 @@ def retry_or_requeue(task, err: BaseException) -> BaseException:  # noqa: ANN001
         return Reject(err, requeue=True)
 
 
+def guarded(task, work, release, fail) -> dict[str, Any]:  # noqa: ANN001
+    """Run a task's ``work(attempt)`` with the pipeline's error policy.
+
+    An outage (`transient_errors`) gives back this delivery's attempt (``release(n)``, once
+    ``work`` has set ``attempt[0]``) and retries with backoff, failing the work only when the
+    retries run out; the work's own fault (`PipelineError`) fails it (``fail(message)``) and
+    the job goes on; anything else fails it with the error's type and is re-raised for the
+    worker's log.
+    """
+    from pipeline.errors import PipelineError
+
+    attempt = [0]
+    try:
+        return work(attempt)
+    except transient_errors() as err:
+        if task.request.retries >= RETRY["max_retries"]:
+            best_effort(fail, f"gave up after {task.request.retries} retries of an outage: "
+                        f"{type(err).__name__}: {err}")
+            raise
+        if attempt[0]:
+            best_effort(release, attempt[0])
+        raise retry_or_requeue(task, err) from err
+    except PipelineError as err:
+        fail(str(err))
+        return {"status": "failed", "error": str(err)}
+    except Exception as err:
+        best_effort(fail, f"{type(err).__name__}: {err}")
+        raise
+
+
 def best_effort(fn, *args: Any) -> None:  # noqa: ANN001
     """Bookkeeping that must not hide the error being handled (SQL may be the outage)."""
     import logging
@@ -255,7 +285,8 @@ def best_effort(fn, *args: Any) -> None:  # noqa: ANN001
     try:
         fn(*args)
     except Exception as err:  # noqa: BLE001
-        logging.getLogger(__name__).warning("%s failed: %s", fn.__name__, err)
+        logging.getLogger(__name__).warning("%s failed: %s", getattr(fn, "__name__", fn),
+                                            err)
 
 
 def backoff(retries: int) -> float:

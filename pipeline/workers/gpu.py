@@ -19,14 +19,11 @@ from pipeline.inputs import Item
 from pipeline.reports import DraftReport
 from pipeline.workers.app import (
     CURATE_PART,
-    RETRY,
     ROUTE_BATCH,
     Resources,
     app,
-    best_effort,
+    guarded,
     librarian_queue,
-    retry_or_requeue,
-    transient_errors,
 )
 
 
@@ -78,29 +75,12 @@ def faults(settings, attempt: int, item_ids: list[str]) -> None:  # noqa: ANN001
 
 @app.task(bind=True, name=ROUTE_BATCH)
 def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:
-    """Errors, by kind: an outage is retried without counting an attempt; the batch's own
-    fault (`PipelineError`) fails the batch and the job goes on; anything else fails the
-    batch too, with its type and message, and is re-raised for the worker's log."""
+    """One batch, under the error policy of `app.guarded`."""
     batch_id = message["batch_id"]
     res = Resources.get()
-    attempt = [0]
-    try:
-        return _route(res, message, attempt)
-    except transient_errors() as err:
-        if self.request.retries >= RETRY["max_retries"]:
-            best_effort(jobs.fail_batch, res.Session, batch_id,
-                        f"gave up after {self.request.retries} retries of an outage: "
-                        f"{type(err).__name__}: {err}")
-            raise
-        if attempt[0]:
-            best_effort(jobs.release_batch, res.Session, batch_id, attempt[0])
-        raise retry_or_requeue(self, err) from err
-    except PipelineError as err:  # this batch's fault (bad model, unreadable text, ...)
-        jobs.fail_batch(res.Session, batch_id, str(err))
-        return {"batch": batch_id, "status": "failed", "error": str(err)}
-    except Exception as err:
-        best_effort(jobs.fail_batch, res.Session, batch_id, f"{type(err).__name__}: {err}")
-        raise
+    return guarded(self, lambda attempt: _route(res, message, attempt),
+                   lambda n: jobs.release_batch(res.Session, batch_id, n),
+                   lambda error: jobs.fail_batch(res.Session, batch_id, error))
 
 
 def _route(res: Resources, message: dict[str, Any], attempt: list[int]) -> dict[str, Any]:

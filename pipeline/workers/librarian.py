@@ -15,15 +15,7 @@ from pipeline import jobs, stages
 from pipeline.config import MoEConfig
 from pipeline.errors import PipelineError
 from pipeline.storage.sql import Run
-from pipeline.workers.app import (
-    CURATE_PART,
-    RETRY,
-    Resources,
-    app,
-    best_effort,
-    retry_or_requeue,
-    transient_errors,
-)
+from pipeline.workers.app import CURATE_PART, Resources, app, guarded
 from pipeline.workers.gpu import faults, message_reports
 
 _CONFIGS: dict[str, MoEConfig] = {}
@@ -42,28 +34,12 @@ def run_config(res: Resources, run_id: str) -> MoEConfig:
 
 @app.task(bind=True, name=CURATE_PART)
 def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:
-    """Errors are handled as in `gpu.route_batch`, for the part."""
+    """One shard part, under the error policy of `app.guarded`."""
     batch_id, shard = message["batch_id"], message["shard"]
     res = Resources.get()
-    attempt = [0]
-    try:
-        return _curate(res, message, attempt)
-    except transient_errors() as err:
-        if self.request.retries >= RETRY["max_retries"]:
-            best_effort(jobs.fail_part, res.Session, batch_id, shard,
-                        f"gave up after {self.request.retries} retries of an outage: "
-                        f"{type(err).__name__}: {err}")
-            raise
-        if attempt[0]:
-            best_effort(jobs.release_part, res.Session, batch_id, shard, attempt[0])
-        raise retry_or_requeue(self, err) from err
-    except PipelineError as err:
-        jobs.fail_part(res.Session, batch_id, shard, str(err))
-        return {"batch": batch_id, "shard": shard, "status": "failed", "error": str(err)}
-    except Exception as err:
-        best_effort(jobs.fail_part, res.Session, batch_id, shard,
-                    f"{type(err).__name__}: {err}")
-        raise
+    return guarded(self, lambda attempt: _curate(res, message, attempt),
+                   lambda n: jobs.release_part(res.Session, batch_id, shard, n),
+                   lambda error: jobs.fail_part(res.Session, batch_id, shard, error))
 
 
 def _curate(res: Resources, message: dict[str, Any], attempt: list[int]) -> dict[str, Any]:
