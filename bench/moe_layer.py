@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, interleaved, target  # noqa: E402
 
 from pipeline import MoEConfig, MoELayer  # noqa: E402
-from pipeline.moe.grouped_mm import activation_fn, onednn_available  # noqa: E402
+from pipeline.moe.grouped_mm import activation_fn, onednn_available, onednn_dtypes  # noqa: E402
 
 
 def expert_flops(cfg: MoEConfig, tokens: int) -> float:
@@ -96,8 +96,7 @@ def roofline(flops: float, device: torch.device, dtype: torch.dtype,
         out = torch.empty(side, side, device=device, dtype=dtype)
         kernels: dict[str, Callable[[], object]] = {
             f"torch.mm_{side}": lambda a=a, b=b, out=out: torch.mm(a, b, out=out)}
-        if (device.type == "cpu" and onednn_available()
-                and dtype in (torch.float32, torch.bfloat16)):
+        if device.type == "cpu" and onednn_available() and dtype in onednn_dtypes():
             kernels[f"onednn_linear_{side}"] = lambda a=a, b=b: (
                 torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
         secs = interleaved(kernels, rounds, device)

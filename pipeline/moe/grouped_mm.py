@@ -88,6 +88,14 @@ def onednn_available() -> bool:
     )
 
 
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's linear takes on this CPU: bf16 needs AVX-512 (or AMX) support,
+    and without it the kernel refuses to build (seen on an AVX2-only EPYC)."""
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+
+
 def _onednn_linear(x: Tensor, w: Tensor, act: str | None = None) -> Tensor:
     attr, algorithm = _ONEDNN_ACT[act]
     return torch.ops.mkldnn._linear_pointwise(x, w, None, attr, [], algorithm)
@@ -119,8 +127,8 @@ def cpu_linear(x: Tensor, w: Tensor, act: str | None = None) -> Tensor:
     """
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and onednn_available() and x.shape[0] > 0):
+    if (x.device.type == "cpu" and onednn_available() and x.dtype in onednn_dtypes()
+            and x.shape[0] > 0):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
         if not needs_grad:
             return _onednn_linear(x.contiguous(), w, act)
