@@ -355,6 +355,10 @@ class Settings(BaseSettings):
     # Deliveries of a batch (or a shard part) before it is marked failed: a batch that kills
     # its worker every time must not loop forever.
     max_attempts: int = Field(3, gt=0)
+    # How long a new worker pool process may take to load its model, encoder or graph
+    # connection before Celery gives up on it and kills it (Celery's own default is 4 s,
+    # which a model load on a busy machine exceeds, and the pool then restarts forever).
+    worker_start_timeout_s: float = Field(300.0, gt=0)
     # Fault injection, for tests and drills only: a GPU or librarian task sleeps this long
     # on its first attempt (so a worker can be killed mid-batch), and one whose work holds
     # the item id ``fault_kill_item`` kills its own process.

@@ -62,6 +62,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         # A task that fails has recorded its failure in SQL first (see the tasks).
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # A pool process loads its model on start (`_load_once`) before it reports up.
+        worker_proc_alive_timeout=float(settings.worker_start_timeout_s),
         # A batch is cut off well before Redis would hand its message to another worker,
         # so one batch never runs twice at the same time; a cut-off batch is redelivered
         # (its pool process is replaced) and counts an attempt.
