@@ -7,13 +7,21 @@ and every reference back to back on the same inputs, and a figure is the median 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+# A script run as `python bench/X.py` has bench/ first on sys.path, where bench/pipeline.py would
+# shadow the `pipeline` package. Every script imports this module before the package, and needs
+# bench/ for nothing else, so it leaves the path here.
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH]
 
 
 def device_record(device: torch.device) -> dict[str, Any]:

@@ -22,8 +22,11 @@ import traceback
 
 import torch
 
-from pipeline import MoEConfig, MoELayer
-from pipeline.moe.layer import RoutingConstraint
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402, F401  (takes bench/ off sys.path: bench/pipeline.py would shadow the package)
+
+from pipeline import MoEConfig, MoELayer  # noqa: E402
+from pipeline.moe.layer import RoutingConstraint  # noqa: E402
 
 DEV = os.environ.get("DEV", "cuda")
 CUDA = DEV == "cuda"

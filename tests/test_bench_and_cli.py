@@ -107,7 +107,7 @@ def test_similarity_bench_quick_compares_against_faiss_and_numpy():
 
 def test_pipeline_bench_quick_compares_queued_and_in_process():
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
-    proc = _run("bench/pipeline_e2e.py", "--quick", "--items", "300")
+    proc = _run("bench/pipeline.py", "--quick", "--items", "300")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["bench"] == "pipeline"

@@ -8,9 +8,8 @@ flushed). The two take turns for ``--rounds`` rounds, each on fresh items, and t
 are medians. Queued items/s count from the first message sent to the job's completion in
 SQL. The time split per stage comes from the batches' recorded timings.
 
-Usage: ``python bench/pipeline_e2e.py [--quick] [--items N] [--batch-size B] [--rounds R]``
-(not
-``pipeline.py``: a script of that name would shadow the package for every script here).
+Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R]``
+(``common`` takes bench/ off ``sys.path`` first, so this file does not shadow the package).
 """
 
 from __future__ import annotations
