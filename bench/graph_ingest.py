@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, target  # noqa: E402
 
-from pipeline.reports import CuratedBatch, Insight, Produced, Similar, Support  # noqa: E402
+from pipeline.records import CuratedBatch, Insight, Produced, Similar, Support  # noqa: E402
 from pipeline.storage.graph import GraphStore  # noqa: E402
 
 DIM = 384
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.uri:
         graph = GraphStore.connect(args.uri, args.user, args.password)
     else:
-        from pipeline.storage.local_graph import LocalGraphServer
+        from pipeline.storage.embedded import LocalGraphServer
 
         server = LocalGraphServer(tempfile.mkdtemp(prefix="moe-bench-graph-"))
         graph = server.connect()

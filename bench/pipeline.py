@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, target  # noqa: E402
 
 from pipeline import jobs  # noqa: E402
-from pipeline.config import Settings  # noqa: E402
-from pipeline.jobs import default_config, run_local  # noqa: E402
-from pipeline.storage.local_graph import LocalGraphServer  # noqa: E402
+from pipeline.jobs import run_local  # noqa: E402
+from pipeline.serving import default_config  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.storage.embedded import LocalGraphServer  # noqa: E402
 from pipeline.storage.sql import Batch, session_factory  # noqa: E402
 
 

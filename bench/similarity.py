@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, target  # noqa: E402
 
 from pipeline.cache import EmbeddingCache  # noqa: E402
-from pipeline.librarian import decide  # noqa: E402
+from pipeline.dedup import decide  # noqa: E402
 
 DIM, K = 384, 10
 
@@ -204,9 +204,9 @@ def curate_rate(data: np.ndarray, rng) -> float:
     """Reports curated per second into the embedded graph: 4 batches of 1,000 (the first
     mostly inserts, the rest mostly merges), after a warm-up batch."""
     from pipeline.librarian import Librarian
-    from pipeline.locks import LocalShardLock
-    from pipeline.reports import DraftReport, report_id
-    from pipeline.storage.local_graph import LocalGraphServer
+    from pipeline.records import DraftReport, report_id
+    from pipeline.storage.embedded import LocalGraphServer
+    from pipeline.storage.locks import LocalShardLock
 
     server = LocalGraphServer(tempfile.mkdtemp(prefix="moe-bench-lib-"))
     graph = server.connect()

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     extra: dict = {}
     if args.pipeline_model:
-        from pipeline.config import default_config
+        from pipeline.serving import default_config
 
         full = default_config().to_dict()
         dims = {k: full[k] for k in ("input_dim", "hidden_dim", "output_dim", "num_experts",

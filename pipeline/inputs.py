@@ -10,28 +10,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.reports import stable_id
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    line: int  # 1-based line (or list position)
-    text: str | None = None
-    vector: list[float] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BadItem:
-    line: int
-    item_id: str | None
-    field: str
-    message: str
+from pipeline.records import BadItem, Item, stable_id
 
 
 def _check(raw: Any, line: int, dim: int | None) -> Item | BadItem:

@@ -25,7 +25,15 @@ def _docker_engine() -> bool:
         return False
 
 
+# Fixtures that stand for a real server: a test using one is an integration test, so that
+# `pytest -m "not integration"` is the fast tier of pure unit tests.
+SERVER_FIXTURES = {"graph", "sql_url", "redis_url", "stack", "embedded_server"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     no_gpu = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
     no_docker = pytest.mark.skip(
         reason="needs a Docker engine: no socket or DOCKER_HOST, or `docker info` failed")
@@ -59,7 +67,7 @@ def graph(request, tmp_path_factory):
     backend = request.param
     if backend == "embedded":
         pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
-        from pipeline.storage.local_graph import LocalGraphServer
+        from pipeline.storage.embedded import LocalGraphServer
 
         server = LocalGraphServer(tmp_path_factory.mktemp("state"))
         store = server.connect()

@@ -102,6 +102,6 @@ def test_aux_free_bias_drives_a_skewed_router_to_balance():
     assert end.max() < 1.25 / 8 and end.min() > 0.75 / 8  # every expert within 25% of fair
     assert aux.balance_loss.item() == 0.0  # no auxiliary loss is added
     # The weights are still the router's own probabilities, not biased ones.
-    routing = layer.gate(x, layer.balance_bias)
+    routing = layer.gate(x, bias_E=layer.balance_bias)
     probs = routing.probs.gather(1, routing.expert_ids)
     torch.testing.assert_close(routing.weights, probs / probs.sum(-1, keepdim=True))

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test runs a benchmark or the CLI in its own process, end to end.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +40,7 @@ def test_moe_layer_bench_quick_prints_the_shared_json_shape():
     assert ratio == pytest.approx(rates, rel=0.01)  # the ratio is of the rates it reports
 
 
+@pytest.mark.slow
 def test_cli_demo_trains_and_reports_usage():
     proc = _run("-m", "pipeline.cli", "demo", "--steps", "30", "--experts", "4")
     assert proc.returncode == 0, proc.stderr
@@ -78,6 +82,8 @@ def test_constellation_example_specialises_sub_populations():
     assert len(set(favourites)) == 4
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_graph_ingest_bench_quick_runs_against_the_embedded_server():
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     proc = _run("bench/graph_ingest.py", "--quick")
@@ -105,6 +111,8 @@ def test_similarity_bench_quick_compares_against_faiss_and_numpy():
     assert record["results"]["librarian_decisions_reports_per_s_2000"] > 0
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_pipeline_bench_quick_compares_queued_and_in_process():
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     proc = _run("bench/pipeline.py", "--quick", "--items", "300")

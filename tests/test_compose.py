@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Settings
-from pipeline.jobs import default_config
-from pipeline.workers.app import (
+from pipeline.queue.app import (
     GPU_QUEUE,
     QUERY_QUEUE,
     ROUTE_BATCH,
@@ -26,6 +24,8 @@ from pipeline.workers.app import (
     librarian_queue,
     make_app,
 )
+from pipeline.serving import default_config
+from pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -100,7 +100,7 @@ def test_every_service_has_a_healthcheck_or_a_reason():
 
 
 def test_worker_commands_name_kinds_whose_queues_the_app_routes_to():
-    routes = make_app().conf.task_routes
+    routes = make_app(Settings()).conf.task_routes
     queues = {"gpu": {routes[ROUTE_BATCH]["queue"]}, "query": {routes[SIMILAR]["queue"]},
               "librarian": {librarian_queue(name) for name, _ in
                             default_config().constellation_members()}}

@@ -12,7 +12,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pipeline.reports import CuratedBatch, Insight, Produced, Similar, Support
+from pipeline.records import CuratedBatch, Insight, Produced, Similar, Support
 from pipeline.storage.graph import GraphStore, GraphUnavailable, ReadOnlyQueryError
 
 
@@ -139,10 +139,11 @@ def test_a_graph_that_is_down_names_its_uri():
         GraphStore.connect("bolt://127.0.0.1:9", "neo4j", "x", timeout_s=1)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_local_server_reuses_a_running_one_and_keeps_data_across_restarts(tmp_path):
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
-    from pipeline.storage.local_graph import LocalGraphServer
+    from pipeline.storage.embedded import LocalGraphServer
 
     server = LocalGraphServer(tmp_path)
     try:

@@ -252,6 +252,7 @@ def test_generation_reports_expert_usage_and_entropy(tmp_path, capsys):
     assert len(greedy) == 2 and all(len(r.token_ids) <= 4 for r in greedy)
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_converts_a_llama2c_checkpoint_and_generates(tmp_path):
     import os
     import subprocess

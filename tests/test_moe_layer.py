@@ -193,14 +193,57 @@ def test_dropless_and_capacity_agree_when_nothing_is_dropped():
 def test_hash_routing_is_deterministic_by_token_id_and_position():
     layer = make(gate_type="hash").eval()
     ids = torch.tensor([[5, 9, 5, 70_000]])
-    a = layer.gate(ids.reshape(-1)).expert_ids
+    x_TD = torch.randn(4, D)
+    a = layer.gate(x_TD, token_ids_T=ids.reshape(-1)).expert_ids
     assert torch.equal(a[0], a[2])  # same token id -> same experts
-    assert torch.equal(a, make(gate_type="hash").gate(ids.reshape(-1)).expert_ids)
+    assert torch.equal(a, make(gate_type="hash").gate(x_TD, token_ids_T=ids.reshape(-1))
+                       .expert_ids)
     assert all(len(set(row.tolist())) == 2 for row in a)  # k distinct experts
     x = torch.randn(2, 4, D)
     y1, _ = layer(x)
     y2, _ = layer(x.flip(0))  # without ids, routing depends on position only
     torch.testing.assert_close(y1.flip(0), y2)
+
+
+def test_every_gate_takes_the_one_call_signature():
+    """Each gate in GATES, called the way the layer calls it, on 2 sequences of 3 tokens."""
+    from pipeline.errors import InputShapeError
+    from pipeline.moe.config import CONSTRAINABLE_GATES, GATE_TYPES, TOKEN_CHOICE_GATES
+    from pipeline.moe.gating import GATES, ExpertChoice, SoftRouting, TokenChoice, capacity
+
+    assert tuple(GATES) == GATE_TYPES
+    B, N, T = 2, 3, 6
+    x_TD = torch.randn(T, D)
+    allowed_TE = torch.ones(T, E, dtype=torch.bool)
+    allowed_TE[:, 0] = False
+    for name, gate_cls in GATES.items():
+        cfg = MoEConfig(input_dim=D, hidden_dim=H, output_dim=O, num_experts=E,
+                        top_k_experts=1 if name == "switch" else 2, gate_type=name,
+                        slots_per_expert=2)
+        gate = gate_cls(cfg).eval()
+        routing = gate(x_TD, token_ids_T=None, bias_E=None, allowed_TE=None, batch=B)
+        if name in TOKEN_CHOICE_GATES:
+            assert isinstance(routing, TokenChoice), name
+            K = cfg.top_k_experts
+            assert routing.expert_ids.shape == routing.weights.shape == (T, K), name
+            assert routing.expert_ids.dtype == torch.int64, name
+            assert routing.probs.shape == (T, E), name
+        elif name == "expert_choice":
+            assert isinstance(routing, ExpertChoice)
+            C = capacity(T, cfg.top_k_experts, E, cfg.capacity_factor)
+            assert routing.token_ids.shape == routing.weights.shape == (E, C)
+            assert routing.probs.shape == routing.logits.shape == (T, E)
+        else:
+            assert isinstance(routing, SoftRouting), name
+            assert routing.dispatch.shape == routing.combine.shape == (B, N, E * 2)
+        if name in CONSTRAINABLE_GATES:
+            confined = gate(x_TD, allowed_TE=allowed_TE, batch=B)
+            assert not (confined.expert_ids == 0).any(), name
+        else:  # a gate that cannot honour the mask refuses it
+            with pytest.raises(InputShapeError, match="allowed_TE"):
+                gate(x_TD, allowed_TE=allowed_TE, batch=B)
+        if name == "hash":  # without ids, by position within each sequence
+            assert torch.equal(routing.expert_ids[:N], routing.expert_ids[N:])
 
 
 def test_switch_jitter_only_in_training():

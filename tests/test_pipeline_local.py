@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from pipeline.config import Settings
 from pipeline.inputs import read_items
 from pipeline.jobs import JobFailed, run_local
+from pipeline.settings import Settings
 from pipeline.storage.sql import Batch, BatchMetrics, ItemError, Job, session_factory
 
 ROOT = Path(__file__).resolve().parents[1]

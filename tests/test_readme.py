@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import cli
-from pipeline.config import Settings
 from pipeline.jobs import run_local
+from pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -16,8 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.config import MoEConfig
 from pipeline.errors import PipelineError
+from pipeline.moe.config import MoEConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

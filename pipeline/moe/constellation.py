@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import MoEConfig
+from pipeline.moe.config import MoEConfig
 
 
 class ExpertConstellation(nn.Module):

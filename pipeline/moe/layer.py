@@ -14,7 +14,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import CONSTRAINABLE_GATES, MoEConfig
 from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe import dispatch
 from pipeline.moe.balancing import (
@@ -25,14 +24,9 @@ from pipeline.moe.balancing import (
     routing_entropy,
     switch_balance_loss,
 )
+from pipeline.moe.config import CONSTRAINABLE_GATES, ROUTER_GATES, TOKEN_ID_GATES, MoEConfig
 from pipeline.moe.experts import Experts
-from pipeline.moe.gating import (
-    HashGate,
-    SoftMoEGate,
-    SoftRouting,
-    TokenChoice,
-    build_gate,
-)
+from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, build_gate
 
 
 class MoEAux(NamedTuple):
@@ -48,6 +42,20 @@ class MoEAux(NamedTuple):
     # With pool=True (token-choice gates): per input b and expert e,
     pooled: Tensor | None = None  # (B, E, O) sum over b's tokens of w[t, e] * expert_e(x_t)
     input_weights: Tensor | None = None  # (B, E) mean routing weight per token of b
+
+
+class _Dispatched(NamedTuple):
+    """What dispatch hands to `MoELayer._aux`, the same for every kind of routing."""
+
+    y_TO: Tensor  # (T, O) in the experts' working dtype, shared experts not yet added
+    probs_TE: Tensor  # (T, E) float32 per-token distribution over experts
+    counts_E: Tensor  # (E,) float32 work routed to each expert
+    logits: Tensor | None  # router logits for the z-loss, any leading shape; None if none
+    dropped: Tensor  # () int64
+
+
+def _no_drops(x_TD: Tensor) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=x_TD.device)
 
 
 class RoutingConstraint(NamedTuple):
@@ -81,6 +89,9 @@ class MoELayer(nn.Module):
                        if config.num_shared_experts else None)
         bias = torch.zeros(config.num_experts) if config.balance_loss == "aux_free" else None
         self.register_buffer("balance_bias", bias)
+        # A balance loss pushes a learned per-token router's probabilities; the other gates
+        # balance by construction (expert choice, soft) or learn nothing (hash, random).
+        self._balance_loss = config.balance_loss if config.gate_type in ROUTER_GATES else "none"
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None,
                 constraint: RoutingConstraint | None = None,
@@ -96,38 +107,28 @@ class MoELayer(nn.Module):
         cfg = self.config
         self._check(x, token_ids, constraint, pool)
         lead = x.shape[:-1]
+        B = x.shape[0] if x.dim() == 3 else 1
         x_in = x.reshape(-1, cfg.input_dim)  # what the router sees: never rounded by AMP
         x_TD = x_in.to(self.compute_dtype(x))
-        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
-        if isinstance(self.gate, SoftMoEGate):
-            x_BND = x_TD.view(x.shape if x.dim() == 3 else (1, *x.shape))
-            soft = self.gate(x_in.view(x_BND.shape))
-            y_TO = dispatch.soft(x_BND, soft, self.experts).reshape(-1, cfg.output_dim)
-            probs_TE, counts_E = self._soft_usage(soft)
-            logits = soft.logits
-        elif cfg.gate_type == "expert_choice":
-            routing = self.gate(x_in)
-            y_TO = dispatch.expert_choice(x_TD, routing, self.experts)
-            probs_TE, logits = routing.probs, routing.logits
-            counts_E = torch.full((cfg.num_experts,), float(routing.token_ids.shape[1]),
-                                  device=x.device)
-        else:
-            B = x.shape[0] if x.dim() == 3 else 1
+        input_T = None
+        if constraint is not None or pool:  # which input each token belongs to
             input_T = torch.arange(x_TD.shape[0], device=x.device) // (x_TD.shape[0] // B)
-            routing = self._route_tokens(x, x_in, token_ids, constraint, input_T)
-            counts_E = expert_counts(routing.expert_ids, cfg.num_experts)
-            sink = dispatch.Pool(input_T, x_TD.new_zeros(
-                cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype)) if pool else None
-            if cfg.dispatch == "capacity":
-                y_TO, dropped = dispatch.fixed_capacity(x_TD, routing, self.experts,
-                                                        cfg.capacity_factor, sink)
-            else:
-                y_TO = dispatch.dropless(x_TD, routing, self.experts, counts_E, sink)
-            probs_TE, logits = routing.probs, routing.logits
+        # One call for every gate: each reads what it needs (see `gating`). The bias is None
+        # unless aux-free balancing is on, which MoEConfig allows only for learned routers.
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        allowed_TE = None if constraint is None else constraint.allowed[input_T]
+        routing = self.gate(x_in, token_ids_T=ids_T, bias_E=self.balance_bias,
+                            allowed_TE=allowed_TE, batch=B)
+        if constraint is not None and constraint.scale is not None:
+            scale_TK = constraint.scale[input_T].gather(1, routing.expert_ids)
+            routing = routing._replace(weights=routing.weights * scale_TK)
+        sink = dispatch.Pool(input_T, x_TD.new_zeros(
+            cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype)) if pool else None
+        out = _DISPATCH[type(routing)](self, x_TD, routing, sink)
+        y_TO = out.y_TO
         if self.shared is not None:
             y_TO = y_TO + self.shared.forward_padded(x_TD.unsqueeze(0))[0]
-        aux = self._aux(routing_kind=cfg.gate_type, probs_TE=probs_TE, logits=logits,
-                        counts_E=counts_E, dropped=dropped)
+        aux = self._aux(out)
         if pool:
             # A new record, not aux._replace(...): Dynamo in torch 2.11 cannot hand a
             # _replace'd NamedTuple out of a compiled region (an AssertionError in its
@@ -142,22 +143,40 @@ class MoELayer(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return self.experts.dtype
 
-    def _route_tokens(self, x: Tensor, x_TD: Tensor, token_ids: Tensor | None,
-                      constraint: RoutingConstraint | None, input_T: Tensor) -> TokenChoice:
-        if isinstance(self.gate, HashGate):
-            if token_ids is None:  # hash by position within the sequence
-                n = x.shape[-2] if x.dim() == 3 else x.shape[0]
-                token_ids = torch.arange(n, device=x.device).expand(x.shape[:-1])
-            return self.gate(token_ids.reshape(-1))
-        allowed_TE = None if constraint is None else constraint.allowed[input_T]
-        if self.config.gate_type in ("topk", "switch", "noisy_topk"):
-            routing = self.gate(x_TD, self.balance_bias, allowed_TE)
+    # -- dispatch, one method per kind of routing (the table `_DISPATCH` below) -------------
+    # ``sink`` is None except for token choice: `_check` refuses ``pool`` for the others.
+    def _dispatch_tokens(self, x_TD: Tensor, routing: TokenChoice,
+                         sink: dispatch.Pool | None) -> _Dispatched:
+        cfg = self.config
+        counts_E = expert_counts(routing.expert_ids, cfg.num_experts)
+        if cfg.dispatch == "capacity":
+            y_TO, dropped = dispatch.fixed_capacity(x_TD, routing, self.experts,
+                                                    cfg.capacity_factor, sink)
         else:
-            routing = self.gate(x_TD, allowed_TE)
-        if constraint is not None and constraint.scale is not None:
-            scale_TK = constraint.scale[input_T].gather(1, routing.expert_ids)
-            routing = routing._replace(weights=routing.weights * scale_TK)
-        return routing
+            y_TO = dispatch.dropless(x_TD, routing, self.experts, counts_E, sink)
+            dropped = _no_drops(x_TD)
+        return _Dispatched(y_TO, routing.probs, counts_E, routing.logits, dropped)
+
+    def _dispatch_expert_choice(self, x_TD: Tensor, routing: ExpertChoice,
+                                sink: dispatch.Pool | None) -> _Dispatched:
+        y_TO = dispatch.expert_choice(x_TD, routing, self.experts)
+        counts_E = torch.full((self.config.num_experts,), float(routing.token_ids.shape[1]),
+                              device=x_TD.device)
+        return _Dispatched(y_TO, routing.probs, counts_E, routing.logits, _no_drops(x_TD))
+
+    def _dispatch_soft(self, x_TD: Tensor, routing: SoftRouting,
+                       sink: dispatch.Pool | None) -> _Dispatched:
+        cfg = self.config
+        B, N, S = routing.combine.shape
+        x_BND = x_TD.view(B, N, x_TD.shape[-1])
+        y_TO = dispatch.soft(x_BND, routing, self.experts).reshape(-1, cfg.output_dim)
+        # Per-token distribution and per-expert mass from the combine weights, slots summed
+        # into their experts (expert e owns slots e*s .. e*s+s-1).
+        combine_TS = routing.combine.reshape(B * N, S)
+        per_expert = S // cfg.num_experts
+        probs_TE = combine_TS.view(B * N, cfg.num_experts, per_expert).sum(-1)
+        counts_E = combine_TS.sum(0).view(cfg.num_experts, per_expert).sum(-1)
+        return _Dispatched(y_TO, probs_TE, counts_E, routing.logits, _no_drops(x_TD))
 
     def _input_weights(self, routing: TokenChoice, input_T: Tensor, B: int) -> Tensor:
         """Mean routing weight per token of each (input, expert): ``(B, E)``."""
@@ -166,31 +185,22 @@ class MoELayer(nn.Module):
         sums = routing.weights.new_zeros(B * E).index_add_(0, flat, routing.weights.reshape(-1))
         return sums.view(B, E) / (input_T.numel() // B)
 
-    @staticmethod
-    def _soft_usage(soft: SoftRouting) -> tuple[Tensor, Tensor]:
-        """Per-token distribution over experts and per-expert mass, from combine weights."""
-        B, N, S = soft.combine.shape
-        return soft.combine.reshape(B * N, S), soft.combine.reshape(B * N, S).sum(0)
-
-    def _aux(self, routing_kind: str, probs_TE: Tensor, logits: Tensor | None,
-             counts_E: Tensor, dropped: Tensor) -> MoEAux:
+    def _aux(self, out: _Dispatched) -> MoEAux:
         cfg = self.config
+        probs_TE, counts_E = out.probs_TE, out.counts_E
         zero = counts_E.new_zeros(())
-        learned_router = routing_kind in ("topk", "switch", "noisy_topk")
-        if not learned_router or cfg.balance_loss in ("none", "aux_free"):
+        if self._balance_loss in ("none", "aux_free"):
             balance = zero
-        elif cfg.balance_loss == "group":
+        elif self._balance_loss == "group":
             balance = group_balance_loss(probs_TE, counts_E, cfg.num_expert_groups)
         else:
             balance = switch_balance_loss(probs_TE, counts_E)
+        logits = out.logits
         z = router_z_loss(logits.reshape(-1, logits.shape[-1])) if logits is not None else zero
-        if probs_TE.shape[-1] != cfg.num_experts:  # soft MoE: slots -> experts
-            probs_TE = probs_TE.view(probs_TE.shape[0], cfg.num_experts, -1).sum(-1)
-            counts_E = counts_E.view(cfg.num_experts, -1).sum(-1)
         loss = cfg.load_balance_weight * balance + cfg.z_loss_weight * z
         return MoEAux(loss=loss, balance_loss=balance, z_loss=z, counts=counts_E,
                       load=counts_E / counts_E.sum().clamp_min(1e-12),
-                      router_entropy=routing_entropy(probs_TE), dropped=dropped)
+                      router_entropy=routing_entropy(probs_TE), dropped=out.dropped)
 
     def update_balance_bias(self, counts_E: Tensor) -> None:
         """Auxiliary-loss-free balancing step from the counts of one (or several) batches.
@@ -227,6 +237,14 @@ class MoELayer(nn.Module):
             if token_ids.is_floating_point():
                 raise InputShapeError("token_ids", tuple(token_ids.shape),
                                       "an integer tensor")
-            if cfg.gate_type != "hash":
-                raise InputShapeError("token_ids", tuple(token_ids.shape),
-                                      "None unless gate_type='hash'")
+            if cfg.gate_type not in TOKEN_ID_GATES:
+                raise InputShapeError("token_ids", tuple(token_ids.shape), "None unless "
+                                      "gate_type=" + " or ".join(map(repr, TOKEN_ID_GATES)))
+
+
+# Dispatch is chosen by the routing's type, the one thing that decides it.
+_DISPATCH = {
+    TokenChoice: MoELayer._dispatch_tokens,
+    ExpertChoice: MoELayer._dispatch_expert_choice,
+    SoftRouting: MoELayer._dispatch_soft,
+}

@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import MoEConfig
 from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe.analysis import expert_usage, parameter_counts
+from pipeline.moe.config import TOKEN_ID_GATES, MoEConfig
 from pipeline.moe.layer import MoEAux, MoELayer
 
 INIT_STRATEGIES = ("copy", "perturb", "split", "random")
@@ -52,7 +52,7 @@ class MoEMLP(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         ids = None
-        if self.moe.config.gate_type == "hash":
+        if self.moe.config.gate_type in TOKEN_ID_GATES:
             ids = self.token_ids
             if ids is None or tuple(ids.shape) != tuple(hidden_states.shape[:-1]):
                 raise InputShapeError("input_ids", () if ids is None else tuple(ids.shape),
@@ -136,7 +136,7 @@ def convert_to_moe(model: nn.Module, layers: list[int], num_experts: int = 8, to
         moe = MoEMLP(cfg).to(next(mlp.parameters()).device)
         _init_experts(moe.moe, mlp, expert_init_strategy, expert_init_noise, gen)
         _layers(out)[i].mlp = moe
-    if gate_type == "hash":
+    if gate_type in TOKEN_ID_GATES:
         out.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
     return out
 

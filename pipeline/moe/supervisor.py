@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import MoEConfig
 from pipeline.moe.balancing import switch_balance_loss
+from pipeline.moe.config import MoEConfig
 
 
 class SupervisorDecision(NamedTuple):

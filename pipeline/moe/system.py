@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import MoEConfig
-from pipeline.errors import ConfigError, InputShapeError, PipelineError
+from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe import checkpoint as ckpt
 from pipeline.moe.analysis import parameter_counts
+from pipeline.moe.config import TOKEN_CHOICE_GATES, MoEConfig
 from pipeline.moe.constellation import ExpertConstellation
 from pipeline.moe.layer import MoEAux, MoELayer, RoutingConstraint
 from pipeline.moe.supervisor import SupervisorDecision, SupervisorGating
@@ -79,8 +80,8 @@ class MixtureOfExpertsSystem(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         if not config.is_token_choice:
-            raise ConfigError("gate_type", config.gate_type, "a token-choice gate (topk, switch,"
-                              " noisy_topk, hash, random): draft reports pool per expert")
+            raise ConfigError("gate_type", config.gate_type, "a token-choice gate ("
+                              + ", ".join(TOKEN_CHOICE_GATES) + "): draft reports pool per expert")
         self.config = config
         self.constellation = ExpertConstellation(config)
         self.supervisor = SupervisorGating(config, len(self.constellation))
@@ -90,19 +91,28 @@ class MixtureOfExpertsSystem(nn.Module):
         self.knowledge: Any = None  # a Librarian, once attached
 
     def attach_knowledge_graph(self, librarian: Any) -> None:
-        """Serve `query_knowledge_graph` from this librarian's hot caches."""
+        """Serve `query_knowledge_graph` from this librarian's hot caches (any object with
+        ``search(query, top_k, shards)``)."""
         self.knowledge = librarian
 
     def query_knowledge_graph(self, query_embedding: Tensor, top_k: int = 5,
                               shards: list[str] | None = None) -> list[dict[str, Any]]:
         """The insights most similar to ``query_embedding`` ``(input_dim,)``, best first:
-        ``[{"node_id", "similarity", "shard"}, ...]`` from the hot caches."""
-        if self.knowledge is None:
-            raise PipelineError("no knowledge graph attached: call attach_knowledge_graph("
-                                "librarian) first")
+        ``[{"node_id", "similarity", "shard"}, ...]`` from the hot caches (every shard of the
+        graph unless ``shards`` names some).
+
+        With no knowledge graph attached, the default one answers: the graph of the settings
+        (the state dir's embedded server, or ``NEO4J_URI``), or none, which answers ``[]``.
+        """
         if query_embedding.shape[-1] != self.config.input_dim:
             raise InputShapeError("query_embedding", tuple(query_embedding.shape),
                                   f"({self.config.input_dim},)")
+        if self.knowledge is None:
+            # Resolved by name at call time, not imported: the model package does no I/O and
+            # imports nothing above it; the runtime (SQL, graph, locks) is found only when a
+            # user asks this question of a model they did not attach a graph to.
+            runtime = importlib.import_module("pipeline.runtime")
+            self.knowledge = runtime.default_knowledge(self.config)
         return self.knowledge.search(query_embedding.detach().float().reshape(1, -1).cpu(),
                                      top_k, shards)
 

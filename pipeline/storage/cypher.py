@@ -151,6 +151,13 @@ RETURN i.id AS id, i.shard AS shard, i.summary AS summary, count(s) AS support,
        collect(s.id)[0..5] AS sources
 """
 
+# Shards that hold insights (a scan, for questions over every shard; the pipeline itself
+# always names its shard).
+SHARDS = f"""
+MATCH (i:{INSIGHT})
+RETURN collect(DISTINCT i.shard) AS shards
+"""
+
 MAX_SEQ = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard
 RETURN max(i.seq) AS seq

@@ -9,10 +9,11 @@ transient errors (deadlock, leader switch, session expiry) with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from neo4j import Driver, GraphDatabase, ManagedTransaction
 from neo4j.exceptions import AuthError, ConstraintError, ServiceUnavailable, SessionExpired
 
 from pipeline.errors import PipelineError
-from pipeline.reports import CuratedBatch
+from pipeline.records import CuratedBatch
 from pipeline.storage import cypher, rows
 
 
@@ -116,10 +117,21 @@ class GraphStore:
         mode = "READ" if read else "WRITE"
         return self.driver.session(database=self.database, default_access_mode=mode)
 
+    @contextlib.contextmanager
+    def _outage(self) -> Iterator[None]:
+        """Every call to the server goes through here: a lost or refused connection becomes
+        `GraphUnavailable` (an outage the caller may retry), naming the server."""
+        try:
+            yield
+        except (ServiceUnavailable, SessionExpired) as err:
+            raise GraphUnavailable(self.uri, str(err) or type(err).__name__) from err
+        except OSError as err:  # a socket error the driver did not wrap
+            raise GraphUnavailable(self.uri, f"{type(err).__name__}: {err}") from err
+
     # -- schema and model ------------------------------------------------------------------
     def ensure_schema(self, vector_dim: int | None = None) -> None:
         """Constraints and indexes, created if missing (safe to call at every start)."""
-        with self._session() as session:
+        with self._outage(), self._session() as session:
             for statement in self.dialect.schema(vector_dim if self.with_vector else None):
                 session.run(statement).consume()
 
@@ -190,14 +202,12 @@ class GraphStore:
         """
         for attempt in range(conflict_retries + 1):
             try:
-                with self._session() as session:
+                with self._outage(), self._session() as session:
                     return session.execute_write(work)
             except ConstraintError:
                 if attempt == conflict_retries:
                     raise
                 time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
-            except (ServiceUnavailable, SessionExpired) as err:
-                raise GraphUnavailable(self.uri, str(err)) from err
         raise AssertionError("unreachable")
 
     def supported_reports(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -205,7 +215,7 @@ class GraphStore:
         rows_ = [{"source": s, "report": r} for s, r in pairs]
         if not rows_:
             return {}
-        with self._session(read=True) as session:
+        with self._outage(), self._session(read=True) as session:
             return {rec["report"]: rec["insight"]
                     for rec in session.run(cypher.SUPPORTED_REPORTS, rows=rows_)}
 
@@ -213,14 +223,15 @@ class GraphStore:
         """Shard, summary, support count and a few source ids of each insight: id -> row."""
         if not ids:
             return {}
-        try:
-            with self._session(read=True) as session:
-                return {rec["id"]: rec.data()
-                        for rec in session.run(cypher.INSIGHT_DETAILS, ids=list(ids))}
-        except (ServiceUnavailable, SessionExpired) as err:
-            raise GraphUnavailable(self.uri, str(err)) from err
+        with self._outage(), self._session(read=True) as session:
+            return {rec["id"]: rec.data()
+                    for rec in session.run(cypher.INSIGHT_DETAILS, ids=list(ids))}
 
     # -- reads for the cache ---------------------------------------------------------------
+    def shards(self) -> list[str]:
+        """The shards that hold at least one insight, sorted."""
+        return sorted(self._read_one(cypher.SHARDS)["shards"])
+
     def max_seq(self, shard: str) -> int:
         """The highest ``seq`` of a shard, -1 when it is empty."""
         record = self._read_one(cypher.MAX_SEQ, shard=shard)
@@ -242,7 +253,7 @@ class GraphStore:
         seqs = np.empty(expected, dtype=np.int64)
         emb = np.empty((expected, dim), dtype=np.float16)
         n, lo = 0, after
-        with self._session(read=True) as session:
+        with self._outage(), self._session(read=True) as session:
             while lo < top:
                 rec = session.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page).single()
                 got = len(rec["ids"])
@@ -260,11 +271,8 @@ class GraphStore:
         return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order])
 
     def _read_one(self, query: str, **params: Any) -> dict[str, Any]:
-        try:
-            with self._session(read=True) as session:
-                return session.run(query, **params).single().data()
-        except (ServiceUnavailable, SessionExpired) as err:
-            raise GraphUnavailable(self.uri, str(err)) from err
+        with self._outage(), self._session(read=True) as session:
+            return session.run(query, **params).single().data()
 
     # -- user queries ----------------------------------------------------------------------
     def run_cypher(self, query: str, params: dict[str, Any] | None = None,
@@ -283,17 +291,14 @@ class GraphStore:
         clause = cypher.writing_clause(query)
         if clause is not None:
             raise ReadOnlyQueryError(clause)
-        try:
-            with self._session(read=True) as session:
-                tx = session.begin_transaction()
-                try:
-                    result = tx.run(query, params)
-                    data = [r.data() for r in result]
-                    summary = result.consume()
-                finally:
-                    tx.rollback()
-        except (ServiceUnavailable, SessionExpired) as err:
-            raise GraphUnavailable(self.uri, str(err)) from err
+        with self._outage(), self._session(read=True) as session:
+            tx = session.begin_transaction()
+            try:
+                result = tx.run(query, params)
+                data = [r.data() for r in result]
+                summary = result.consume()
+            finally:
+                tx.rollback()
         if summary.query_type in ("w", "rw", "s") or summary.counters.contains_updates:
             raise ReadOnlyQueryError(f"(query type {summary.query_type!r}, rolled back)")
         return data

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.reports import (
+from pipeline.records import (
     CuratedBatch,
     Insight,
     Produced,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from pipeline.config import Settings
+from pipeline.settings import Settings
 from pipeline.storage.sql import Base, make_engine
 
 config = context.config

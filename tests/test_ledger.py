@@ -1,4 +1,5 @@
-"""The SQL state machine of batches, parts and jobs, on real SQLite and PostgreSQL.
+"""The ledger: the SQL state machine of batches, parts and jobs, on real SQLite and
+PostgreSQL.
 
 Workers finish parts concurrently and can die between any two transactions; these tests
 drive the transitions from many threads at once and from the states a crash leaves.
@@ -10,26 +11,27 @@ import threading
 
 from sqlalchemy import select, update
 
-from pipeline import jobs, stages
 from pipeline.inputs import read_items
-from pipeline.librarian import CurateResult, insight_id
+from pipeline.records import CurateResult, insight_id
+from pipeline.serving import default_config
+from pipeline.storage import ledger
 from pipeline.storage.sql import Batch, BatchPart, Job, session_factory
 
 SHARDS = [f"shard{i}" for i in range(6)]
 
 
-def _routed(Session, n_batches: int = 1) -> jobs.NewJob:
+def _routed(Session, n_batches: int = 1) -> ledger.NewJob:
     items, bad = read_items([{"id": f"i{i}", "vector": [float(i), 1.0]}
                              for i in range(4 * n_batches)])
-    job = jobs.create_job(Session, items, bad, jobs.default_config(), "queued", 4, "cpu")
-    routed = stages.Routed([], 1.0, 0.5, {"expert_0": 1.0})
+    job = ledger.create_job(Session, items, bad, default_config(), "queued", 4, "cpu")
+    routed = ledger.RoutingMetrics(0, 1.0, 0.5, {"expert_0": 1.0})
     for batch_id, _ in job.batches:
-        assert jobs.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 1)
-        pending = jobs.record_routing(Session, batch_id, routed, dict.fromkeys(SHARDS, 2),
+        assert ledger.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 1)
+        pending = ledger.record_routing(Session, batch_id, routed, dict.fromkeys(SHARDS, 2),
                                       {"route": 0.1})
         assert pending == SHARDS
-        jobs.mark_dispatched(Session, batch_id, pending)
-        jobs.mark_routed(Session, batch_id)
+        ledger.mark_dispatched(Session, batch_id, pending)
+        ledger.mark_routed(Session, batch_id)
     return job
 
 
@@ -47,9 +49,9 @@ def test_parts_finished_at_once_complete_batch_and_job_exactly_once(sql_url):
 
     def finish(batch_id: str, shard: str) -> None:
         try:
-            assert jobs.begin_part(Session, batch_id, shard, "w", 3)[0] == "run"
+            assert ledger.begin_part(Session, batch_id, shard, "w", 3)[0] == "run"
             barrier.wait(timeout=30)
-            jobs.finish_part(Session, batch_id, shard, _result(shard), 0.01)
+            ledger.finish_part(Session, batch_id, shard, _result(shard), 0.01)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -70,7 +72,7 @@ def test_parts_finished_at_once_complete_batch_and_job_exactly_once(sql_url):
     wins: list[bool] = []
     batch_id = job.batches[0][0]
     threads = [threading.Thread(target=lambda: wins.append(
-        jobs.try_complete_batch(Session, batch_id))) for _ in range(8)]
+        ledger.try_complete_batch(Session, batch_id))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -90,7 +92,7 @@ def test_a_routed_batch_completes_exactly_once_when_raced(sql_url):
 
     def complete() -> None:
         barrier.wait(timeout=30)
-        wins.append(jobs.try_complete_batch(Session, batch_id))
+        wins.append(ledger.try_complete_batch(Session, batch_id))
 
     threads = [threading.Thread(target=complete) for _ in range(8)]
     for t in threads:
@@ -111,7 +113,7 @@ def test_a_redelivery_finishes_what_a_crash_left_between_two_steps(sql_url):
         assert s.get(Batch, batch_id).status == "routed"
         assert s.get(Job, job.job_id).status == "running"
     # The GPU message comes back: it finds the batch routed, and settles batch and job.
-    assert jobs.begin_batch(Session, batch_id, "w2", "cpu", 3)[0] == "done"
+    assert ledger.begin_batch(Session, batch_id, "w2", "cpu", 3)[0] == "done"
     with Session() as s:
         assert s.get(Batch, batch_id).status == "completed"
         assert s.get(Job, job.job_id).status == "completed"
@@ -122,12 +124,12 @@ def test_a_poison_part_fails_its_batch_and_the_job_ends(sql_url):
     job = _routed(Session)
     batch_id = job.batches[0][0]
     for shard in SHARDS[1:]:
-        jobs.begin_part(Session, batch_id, shard, "w", 2)
-        jobs.finish_part(Session, batch_id, shard, _result(shard), 0.01)
+        ledger.begin_part(Session, batch_id, shard, "w", 2)
+        ledger.finish_part(Session, batch_id, shard, _result(shard), 0.01)
     # SHARDS[0] kills its worker each time: two deliveries start and never finish.
-    assert jobs.begin_part(Session, batch_id, SHARDS[0], "w", 2) == ("run", 1)
-    assert jobs.begin_part(Session, batch_id, SHARDS[0], "w", 2) == ("run", 2)
-    assert jobs.begin_part(Session, batch_id, SHARDS[0], "w", 2) == ("gave_up", 3)
+    assert ledger.begin_part(Session, batch_id, SHARDS[0], "w", 2) == ("run", 1)
+    assert ledger.begin_part(Session, batch_id, SHARDS[0], "w", 2) == ("run", 2)
+    assert ledger.begin_part(Session, batch_id, SHARDS[0], "w", 2) == ("gave_up", 3)
     with Session() as s:
         batch = s.get(Batch, batch_id)
         assert batch.status == "failed" and "shard shard0: gave up after 2" in batch.error
@@ -137,12 +139,12 @@ def test_a_poison_part_fails_its_batch_and_the_job_ends(sql_url):
 def test_an_outage_gives_back_only_its_own_attempt(sql_url):
     Session = session_factory(sql_url)
     items, _ = read_items([{"id": "a", "vector": [1.0, 2.0]}])
-    job = jobs.create_job(Session, items, [], jobs.default_config(), "queued", 4, "cpu")
+    job = ledger.create_job(Session, items, [], default_config(), "queued", 4, "cpu")
     batch_id = job.batches[0][0]
-    assert jobs.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 1)  # killed
-    assert jobs.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 2)  # outage
-    jobs.release_batch(Session, batch_id, 2)
-    jobs.release_batch(Session, batch_id, 2)  # twice: still only its own
+    assert ledger.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 1)  # killed
+    assert ledger.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 2)  # outage
+    ledger.release_batch(Session, batch_id, 2)
+    ledger.release_batch(Session, batch_id, 2)  # twice: still only its own
     with Session() as s:
         assert s.scalar(select(Batch.attempts).where(Batch.id == batch_id)) == 1
 
@@ -150,11 +152,11 @@ def test_an_outage_gives_back_only_its_own_attempt(sql_url):
 def test_a_redelivered_routing_sends_only_undispatched_parts(sql_url):
     Session = session_factory(sql_url)
     items, _ = read_items([{"id": "a", "vector": [1.0, 2.0]}])
-    job = jobs.create_job(Session, items, [], jobs.default_config(), "queued", 4, "cpu")
+    job = ledger.create_job(Session, items, [], default_config(), "queued", 4, "cpu")
     batch_id = job.batches[0][0]
-    routed = stages.Routed([], 1.0, 0.5, {})
-    jobs.begin_batch(Session, batch_id, "w", "cpu", 3)
-    assert jobs.record_routing(Session, batch_id, routed, {"a": 1, "b": 1}, {}) == ["a", "b"]
-    jobs.mark_dispatched(Session, batch_id, ["a"])  # died after sending a, before b
-    assert jobs.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 2)
-    assert jobs.record_routing(Session, batch_id, routed, {"a": 1, "b": 1}, {}) == ["b"]
+    routed = ledger.RoutingMetrics(0, 1.0, 0.5, {})
+    ledger.begin_batch(Session, batch_id, "w", "cpu", 3)
+    assert ledger.record_routing(Session, batch_id, routed, {"a": 1, "b": 1}, {}) == ["a", "b"]
+    ledger.mark_dispatched(Session, batch_id, ["a"])  # died after sending a, before b
+    assert ledger.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 2)
+    assert ledger.record_routing(Session, batch_id, routed, {"a": 1, "b": 1}, {}) == ["b"]

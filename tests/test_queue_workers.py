@@ -24,11 +24,14 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from pipeline import jobs, stages
-from pipeline.config import Settings
+from pipeline import jobs, serving, stages
 from pipeline.errors import PipelineError
 from pipeline.inputs import read_items
+from pipeline.settings import Settings
 from pipeline.storage.sql import Batch, BatchPart, ItemError, Job, session_factory
+
+# Real Celery worker processes on the local Redis: every test here is an integration test.
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +151,7 @@ def _items(n: int, seed: int) -> list[dict]:
 def _expected_reports(settings: Settings, job_id: str, raw: list[dict]) -> dict[str, str]:
     """What one clean run of the job drafts: report id -> shard (the model is deterministic)."""
     items, _ = read_items(raw)
-    system = jobs.load_system(settings, "cpu")
+    system = serving.load_system(settings, "cpu")
     x = stages.encode(items, system.config.input_dim, settings.seed)
     return {r.id: r.constellation for r in stages.route(system, x, items, job_id).reports}
 
@@ -223,7 +226,7 @@ def test_queued_job_end_to_end_then_query_and_similar(stack):
 
 
 def settings_threshold() -> float:
-    return jobs.default_config().dedup_threshold
+    return serving.default_config().dedup_threshold
 
 
 def _sources_of(graph, insight_id: str) -> set[str]:

@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.inputs import Item
-from pipeline.reports import DraftReport
-from pipeline.workers import wire
-from pipeline.workers.app import make_app
-from pipeline.workers.gpu import (
-    batch_message,
-    message_items,
-    message_reports,
-    reports_message,
-)
+from pipeline.queue import wire
+from pipeline.queue.app import make_app
+from pipeline.queue.messages import batch_message, message_batch, message_part, part_message
+from pipeline.records import DraftReport, Item, ItemBatch, ShardPart
+from pipeline.settings import Settings
 
 
 def test_arrays_round_trip_exactly_and_compactly():
@@ -44,7 +39,7 @@ def test_unsupported_values_are_refused_by_name():
 
 
 def test_the_app_accepts_only_its_own_format_and_acks_late():
-    app = make_app()
+    app = make_app(Settings())
     assert app.conf.task_serializer == wire.NAME and app.conf.result_serializer == wire.NAME
     assert set(app.conf.accept_content) == {wire.NAME, "json"}  # json: remote control only
     assert "pickle" not in app.conf.result_accept_content
@@ -56,13 +51,19 @@ def test_the_app_accepts_only_its_own_format_and_acks_late():
 def test_batch_and_report_messages_round_trip():
     items = [Item("a", 1, vector=[1.0, 2.0]), Item("b", 2, text="hello"),
              Item("c", 3, vector=[3.0, 4.0])]
-    back = message_items(wire.loads(wire.dumps(batch_message("B", "J", "R", "F", items))))
+    batch = message_batch(wire.loads(wire.dumps(batch_message(
+        ItemBatch("B", "J", "R", "F", items)))))
+    assert (batch.batch_id, batch.job_id, batch.run_id, batch.model) == ("B", "J", "R", "F")
+    back = batch.items
     assert [(i.id, i.text) for i in back] == [("a", None), ("b", "hello"), ("c", None)]
     assert np.array_equal(back[2].vector, np.array([3.0, 4.0], np.float32))
     emb = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     reports = [DraftReport(f"r{i}", "J", f"i{i}", "math", emb[i], 0.5, {"e0": 0.7}, "t")
                for i in range(2)]
-    got = message_reports(wire.loads(wire.dumps(reports_message("B", "R", "math", reports))))
+    part = message_part(wire.loads(wire.dumps(part_message(
+        ShardPart("B", "R", "math", reports)))))
+    assert (part.batch_id, part.run_id, part.shard) == ("B", "R", "math")
+    got = part.reports
     assert [(r.id, r.item_id, r.experts) for r in got] == [("r0", "i0", {"e0": 0.7}),
                                                          ("r1", "i1", {"e0": 0.7})]
     # float16 on the wire: what the graph stores and the librarian decides on

@@ -1,15 +1,20 @@
-"""Draft reports and insights as the pipeline's host-side records.
+"""The pipeline's host-side records, and the deterministic ids that name them.
 
-A `DraftReport` is one (input item, chosen constellation) pair coming out of the model; an
+An `Item` is one validated input (a `BadItem` one that was refused, with its reason). A
+`DraftReport` is one (input item, chosen constellation) pair coming out of the model; an
 `Insight` is a deduplicated report persisted in the graph. A `CuratedBatch` is everything one
 librarian decision writes, in one transaction: new insights, and the edges of both new and
-merged reports. Ids are deterministic so that a retried task writes the same rows.
+merged reports. `ItemBatch` and `ShardPart` are the two units of work the stages take (one
+batch of items to route, one shard's reports to curate), whichever way they travelled.
+
+Ids are deterministic so that a retried task writes the same rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +27,11 @@ def stable_id(*parts: str, length: int = 24) -> str:
 
 def report_id(job_id: str, item_id: str, constellation: str) -> str:
     return stable_id("report", job_id, item_id, constellation)
+
+
+def insight_id(shard: str, leader_report: str) -> str:
+    """An insight is named by its shard and the report that founded it: replays agree."""
+    return stable_id("insight", shard, leader_report)
 
 
 def encode_embedding(vector: np.ndarray) -> bytes:
@@ -37,6 +47,27 @@ def decode_embeddings(blobs: list[bytes], dim: int) -> np.ndarray:
     if flat.size != len(blobs) * dim:
         raise ValueError(f"embeddings hold {flat.size} values, expected {len(blobs)} x {dim}")
     return flat.reshape(len(blobs), dim)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One validated input: text or a vector, with optional metadata."""
+
+    id: str
+    line: int  # 1-based line (or list position)
+    text: str | None = None
+    vector: list[float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """An input that was refused: where it was, its id if it had one, the field and why."""
+
+    line: int
+    item_id: str | None
+    field: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -105,3 +136,45 @@ class CuratedBatch:
     supports: list[Support] = field(default_factory=list)
     produced: list[Produced] = field(default_factory=list)
     similar: list[Similar] = field(default_factory=list)
+
+
+@dataclass
+class CurateResult:
+    """What curating one shard's reports did."""
+
+    shard: str
+    reports: int
+    skipped: int  # already curated (a replay)
+    inserted: int
+    merged: int  # reports that joined an insight someone else founded (cache or batch-mate)
+    similar: int
+    insight_of_report: dict[str, str]
+
+    def outcome(self) -> tuple[int, int]:
+        """(reports that founded an insight, reports that joined one), counting replayed
+        reports by what their first curation did, so a redelivered part records the same
+        figures as the delivery that wrote it."""
+        founded = sum(insight == insight_id(self.shard, report)
+                      for report, insight in self.insight_of_report.items())
+        return founded, len(self.insight_of_report) - founded
+
+
+@dataclass(frozen=True)
+class ItemBatch:
+    """One batch of a job's items, to be routed by the model the job was submitted for."""
+
+    batch_id: str
+    job_id: str
+    run_id: str
+    model: str  # the fingerprint of the served model at submission
+    items: list[Item]
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """One batch's draft reports for one shard, to be curated by that shard's librarian."""
+
+    batch_id: str
+    run_id: str
+    shard: str
+    reports: list[DraftReport]

@@ -5,7 +5,7 @@ separate process bound to 127.0.0.1 on free ports, keeps its data, password, por
 under ``<state_dir>/graph``, waits until Bolt answers, and reuses a server that is already
 running. The official neo4j driver talks to it like to Neo4j (see `graph.GraphStore`).
 
-The server's own process is this module run as ``python -m pipeline.storage.local_graph
+The server's own process is this module run as ``python -m pipeline.storage.embedded
 ROOT BOLT_PORT HTTP_PORT``: it starts ArcadeDB with the Bolt plugin, creates the database on
 first use, and stops cleanly when a ``stop`` file appears in ROOT.
 """
@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.storage.graph import GraphStore, GraphUnavailable
 
@@ -53,7 +52,9 @@ def _is_our_server(pid: int) -> bool:
     """Whether ``pid`` is a graph server process of this module (not a reused pid)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"pipeline.storage.local_graph" in f.read()
+            cmdline = f.read()
+        # (local_graph: this module's name before 0.2, for a server started by an older release)
+        return b"pipeline.storage.embedded" in cmdline or b"pipeline.storage.local_graph" in cmdline
     except OSError:
         return _alive(pid)  # no /proc: trust the pid file
 
@@ -142,7 +143,7 @@ class LocalGraphServer:
         info = ServerInfo(pid=0, bolt_port=bolt, http_port=http)
         log = self.log_file.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.storage.local_graph", str(self.root.resolve()),
+            [sys.executable, "-m", "pipeline.storage.embedded", str(self.root.resolve()),
              str(info.bolt_port), str(info.http_port)],
             cwd=self.root,  # ArcadeDB writes its log/ folder into the working directory
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -195,19 +196,6 @@ class LocalGraphServer:
     def connect(self, timeout_s: float = 30.0) -> GraphStore:
         info = self.start()
         return GraphStore.connect(info.uri, USERNAME, self.password(), DATABASE, timeout_s)
-
-
-def open_graph(settings: Settings | None = None) -> GraphStore:
-    """The graph the settings name: ``NEO4J_URI`` if set, else the embedded server."""
-    settings = settings or Settings()
-    if settings.neo4j_uri:
-        store = GraphStore.connect(settings.neo4j_uri, settings.neo4j_username,
-                                   settings.neo4j_password, settings.neo4j_database,
-                                   settings.graph_connect_timeout_s,
-                                   settings.graph_vector_index)
-    else:
-        store = LocalGraphServer(settings.state_dir).connect(settings.graph_connect_timeout_s)
-    return store
 
 
 def _serve(root: Path, bolt_port: int, http_port: int) -> None:

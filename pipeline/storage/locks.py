@@ -12,8 +12,8 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-from pipeline.config import Settings
 from pipeline.errors import PipelineError
+from pipeline.settings import Settings
 
 
 class LockTimeout(PipelineError):

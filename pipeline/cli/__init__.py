@@ -1,0 +1,64 @@
+"""The `moe-pipeline` command line: one group, its commands in three modules.
+
+- `run` — the pipeline: ``run``, ``submit``, ``status``, ``stats``, ``worker``;
+- `graph` — questions and the embedded server: ``query``, ``similar``, ``up``, ``down``;
+- `model` — the model alone: ``demo``, ``generate``.
+
+The group builds `Settings` once and hands it to every command (``ctx.obj``); `main` turns
+every `PipelineError` (and an unreachable SQL database or broker) into one line on stderr and
+exit status 1. Commands import what they run inside their bodies: ``--help``, ``status``,
+``query`` and ``down`` then never pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings
+
+
+@click.group()
+@click.version_option(__version__, prog_name="moe-pipeline")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """moe-pipeline: mixture-of-experts routing, deduplicated insights in a graph."""
+    ctx.obj = Settings()
+
+
+def _register() -> None:
+    from pipeline.cli import graph, model, run
+
+    for module in (run, graph, model):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import OperationalError as SQLError
+
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except PipelineError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except SQLError as err:
+        click.echo(f"error: SQL database unreachable ({Settings().sql_url()}): "
+                   f"{str(err.orig).strip().splitlines()[0] if err.orig else err}", err=True)
+        sys.exit(1)
+    except BrokerError as err:
+        click.echo(f"error: broker unreachable ({Settings().broker_url()}): {err}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)

@@ -1,0 +1,154 @@
+"""Commands over the insight graph: ``query``, ``similar``, ``up``, ``down``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings
+
+
+def _params(values: tuple[str, ...]) -> dict[str, object]:
+    params: dict[str, object] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--param")
+        try:
+            params[key] = json.loads(raw)  # numbers, lists, true/false, quoted strings
+        except json.JSONDecodeError:
+            params[key] = raw  # a bare string
+    return params
+
+
+@click.command()
+@click.argument("cypher")
+@click.option("--param", "params", multiple=True, help="key=value (JSON values allowed)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines instead of a table")
+@click.option("--write", is_flag=True, help="allow the query to change the graph")
+@click.pass_obj
+def query(settings: Settings, cypher: str, params: tuple[str, ...], as_json: bool,
+          write: bool) -> None:
+    """Run Cypher against the insight graph (read-only unless --write)."""
+    from pipeline.storage.connect import open_graph
+
+    with open_graph(settings) as graph:
+        rows = graph.run_cypher(cypher, _params(params), write=write)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, default=str))
+        return
+    if not rows:
+        click.echo("(no rows)")
+        return
+    columns = list(rows[0])
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _vector_file(path: str) -> list[float]:
+    import numpy as np
+
+    try:
+        if path.endswith(".npy"):
+            return [float(v) for v in np.load(path).reshape(-1)]
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        raise PipelineError(f"{path}: not a readable vector file ({err})") from err
+    if isinstance(data, dict):
+        data = data.get("vector")
+    if not isinstance(data, list) or not data or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in data):
+        raise PipelineError(f"{path}: expected a non-empty JSON list of numbers, or "
+                            f"{{\"vector\": [...]}}")
+    return [float(v) for v in data]
+
+
+def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]:
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from pipeline.queue.app import SIMILAR, make_app
+
+    try:
+        return make_app(settings).send_task(SIMILAR, args=[message]).get(timeout=timeout)
+    except CeleryTimeout as err:
+        raise PipelineError(f"no answer from a query worker within {timeout:.0f} s; is "
+                            "`moe-pipeline worker query` running?") from err
+    except PipelineError:
+        raise
+    except Exception as err:  # the broker, or the worker's own error, passed on
+        raise PipelineError(f"similar via {settings.broker_url()}: "
+                            f"{type(err).__name__}: {err}") from err
+
+
+@click.command()
+@click.option("--text", help="find insights near this text")
+@click.option("--vector-file", type=click.Path(exists=True, dir_okay=False),
+              help="...or near this vector (JSON list, {\"vector\": [...]}, or .npy)")
+@click.option("--k", default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines")
+@click.option("--queue/--local", "via_queue", default=None,
+              help="ask a query worker, or answer here [default: the queue when "
+                   "CELERY_BROKER_URL is set]")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.pass_obj
+def similar(settings: Settings, text: str | None, vector_file: str | None, k: int,
+            as_json: bool, via_queue: bool | None, timeout: float) -> None:
+    """Insights most similar to a text or a vector, from the hot embedding cache."""
+    if (text is None) == (vector_file is None):
+        raise click.UsageError("give exactly one of --text or --vector-file")
+    vector = _vector_file(vector_file) if vector_file else None
+    via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
+    if via_queue:
+        from pipeline.queue.messages import SimilarQuery
+
+        hits = _ask_worker(settings, SimilarQuery(text, vector, k).to_message(), timeout)
+    else:
+        from pipeline import stages
+        from pipeline.runtime import Runtime
+
+        with Runtime.from_settings(settings) as rt:
+            hits = stages.similar(rt, text, vector, k)
+    if as_json:
+        for hit in hits:
+            click.echo(json.dumps(hit, default=str))
+        return
+    if not hits:
+        click.echo("(no insights yet)")
+    for hit in hits:
+        summary = (hit.get("summary") or ", ".join(hit.get("sources") or []))[:60]
+        click.echo(f"{hit['similarity']:.3f}  {hit['shard']:<14} {hit['node_id']}  "
+                   f"support={hit.get('support')}  {summary}")
+
+
+@click.command()
+@click.pass_obj
+def up(settings: Settings) -> None:
+    """Start the embedded graph server (or find the running one) and print its URI."""
+    from pipeline.storage.embedded import LocalGraphServer
+
+    if settings.neo4j_uri:
+        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): no embedded server needed")
+        return
+    info = LocalGraphServer(settings.state_dir).start()
+    click.echo(f"graph server up at {info.uri} (pid {info.pid}, "
+               f"state {settings.state_dir.resolve() / 'graph'})")
+
+
+@click.command()
+@click.pass_obj
+def down(settings: Settings) -> None:
+    """Stop the embedded graph server of this state dir."""
+    from pipeline.storage.embedded import LocalGraphServer
+
+    stopped = LocalGraphServer(settings.state_dir).stop()
+    click.echo("graph server stopped" if stopped else "no graph server was running")
+
+
+COMMANDS = [query, similar, up, down]

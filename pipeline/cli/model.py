@@ -1,0 +1,134 @@
+"""Commands on the model alone: ``demo`` (one layer on a toy task), ``generate`` (a Llama
+converted to MoE, generating with its expert statistics)."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from pipeline.moe.config import EXPERT_TYPES, GATE_TYPES, ROUTER_GATES, TOKEN_CHOICE_GATES
+from pipeline.settings import Settings
+
+
+@click.command()
+@click.option("--gate", "gate_type", type=click.Choice(GATE_TYPES), default="topk",
+              show_default=True)
+@click.option("--experts", "num_experts", default=8, show_default=True)
+@click.option("--top-k", "top_k", default=2, show_default=True)
+@click.option("--expert-type", type=click.Choice(EXPERT_TYPES),
+              default="gated", show_default=True)
+@click.option("--steps", default=200, show_default=True)
+@click.option("--dim", default=32, show_default=True)
+@click.pass_obj
+def demo(settings: Settings, gate_type: str, num_experts: int, top_k: int, expert_type: str,
+         steps: int, dim: int) -> None:
+    """Train one MoE layer on a mixture of regression problems and show its routing."""
+    import torch
+
+    from pipeline.moe.analysis import entropy, expert_usage, parameter_counts
+    from pipeline.moe.config import MoEConfig
+    from pipeline.moe.layer import MoELayer
+    from pipeline.moe.toy import mixture_task, sample
+
+    torch.manual_seed(settings.seed)
+    device = settings.torch_device()
+    cfg = MoEConfig(input_dim=dim, hidden_dim=4 * dim, output_dim=dim, num_experts=num_experts,
+                    top_k_experts=1 if gate_type == "switch" else top_k, gate_type=gate_type,
+                    expert_type=expert_type, cur_rank=min(16, dim))
+    layer = MoELayer(cfg).to(device)
+    gen = torch.Generator().manual_seed(settings.seed)
+    centres, maps = mixture_task(4, dim, gen)
+    opt = torch.optim.AdamW(layer.parameters(), lr=3e-3)
+    counts = parameter_counts(layer)
+    click.echo(f"MoE layer: {num_experts} {expert_type} experts, gate={gate_type}, "
+               f"k={cfg.top_k_experts}, {counts['total']:,} parameters "
+               f"({counts['active']:,} active per token), device={device}")
+    start, losses = time.perf_counter(), []
+    for step in range(steps):
+        x, y = (t.to(device) for t in sample(centres, maps, 256, gen))
+        out, aux = layer(x)
+        loss = torch.nn.functional.mse_loss(out, y)
+        opt.zero_grad(set_to_none=True)
+        (loss + aux.loss).backward()
+        opt.step()
+        layer.update_balance_bias(aux.counts)
+        losses.append(loss.item())  # logging sync, outside the layer's forward
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            click.echo(f"  step {step:4d}  task loss {losses[-1]:.4f}  "
+                       f"balance {aux.balance_loss.item():.3f}")
+    elapsed = time.perf_counter() - start
+    layer.eval()
+    with torch.no_grad():
+        x, _ = sample(centres, maps, 4096, gen)
+        out, aux = layer(x.to(device))
+    usage = expert_usage(aux)
+    click.echo(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps "
+               f"({steps * 256 / elapsed:,.0f} training tokens/s)")
+    click.echo("expert usage (% of assignments): " + "  ".join(
+        f"e{i}:{p:.1f}" for i, p in enumerate(usage["percent"])))
+    if cfg.gate_type in ROUTER_GATES:
+        probs = layer.gate.router(x.to(device)).softmax(-1)
+        h = entropy(probs)
+        click.echo(f"routing entropy {h['entropy']:.3f} nats ({h['normalized']:.0%} of maximum)")
+
+
+
+def _load_llama(model_path: str, tokenizer_path: str | None):
+    from pathlib import Path
+
+    from pipeline.moe.llama2c import Llama2cTokenizer, load_llama2c
+
+    if Path(model_path).is_dir():  # a Hugging Face checkpoint directory, read offline
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(model_path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path, local_files_only=True)
+        return model.eval(), tok
+    if tokenizer_path is None:
+        raise click.UsageError("a llama2.c checkpoint needs --tokenizer tokenizer.bin")
+    return load_llama2c(model_path), Llama2cTokenizer(tokenizer_path)
+
+
+@click.command()
+@click.argument("model_path", type=click.Path(exists=True))
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
+              help="llama2.c tokenizer.bin (or a Hugging Face tokenizer directory)")
+@click.option("--layers", default="all", show_default=True,
+              help="decoder layers to convert, 0-based, comma-separated")
+@click.option("--experts", "num_experts", default=8, show_default=True)
+@click.option("--top-k", "top_k", default=2, show_default=True)
+@click.option("--init", "init", default="perturb", show_default=True,
+              type=click.Choice(["copy", "perturb", "split", "random"]))
+@click.option("--gate", "gate_type", default="topk", show_default=True,
+              type=click.Choice(TOKEN_CHOICE_GATES))
+@click.option("--prompt", default="Once upon a time", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.9, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def generate(model_path: str, tokenizer_path: str | None, layers: str, num_experts: int,
+             top_k: int, init: str, gate_type: str, prompt: str, max_new_tokens: int,
+             temperature: float, seed: int) -> None:
+    """Convert a Llama (llama2.c .bin or HF directory) to MoE and generate with stats."""
+    from pipeline.moe.llama import (
+        convert_to_moe,
+        count_active_parameters,
+        count_parameters,
+    )
+    from pipeline.moe.llama import generate as run_generation
+
+    dense, tok = _load_llama(model_path, tokenizer_path)
+    n = len(dense.model.layers)
+    chosen = list(range(n)) if layers == "all" else [int(i) for i in layers.split(",")]
+    moe = convert_to_moe(dense, chosen, num_experts=num_experts,
+                         top_k=1 if gate_type == "switch" else top_k,
+                         expert_init_strategy=init, gate_type=gate_type, seed=seed)
+    click.echo(f"converted layers {chosen} of {n}: {count_parameters(moe):,} parameters, "
+               f"{count_active_parameters(moe):,} active per token")
+    result = run_generation(moe, tok, prompt, temperature=temperature,
+                            max_new_tokens=max_new_tokens, seed=seed,
+                            show_expert_stats=True, show_routing_entropy=True)
+    click.echo(f"{prompt}{result.text}")
+
+
+COMMANDS = [demo, generate]

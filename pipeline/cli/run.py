@@ -1,0 +1,171 @@
+"""Commands that run the pipeline: ``run``, ``submit``, ``status``, ``stats``, ``worker``."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import click
+
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings
+
+BATCH_HELP = "items per batch [default: MOE_BATCH_SIZE, 256]"
+
+
+@click.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
+@click.pass_obj
+def run(settings: Settings, file: str, batch_size: int | None) -> None:
+    """Run a JSONL file of items through the pipeline, in this process (embedded default)."""
+    from pipeline.inputs import read_items
+    from pipeline.jobs import run_local
+
+    total = len(read_items(file)[0])
+    with click.progressbar(length=total, label="items", file=sys.stderr) as bar:
+        summary = run_local(file, settings, batch_size=batch_size, progress=bar.update)
+    click.echo(f"job {summary.job_id} {summary.status}: {summary.items} items "
+               f"({summary.bad_items} bad), {summary.reports} draft reports -> "
+               f"{summary.inserted} new insights, {summary.merged} merged, "
+               f"in {summary.seconds:.1f} s")
+    click.echo(f"graph: {settings.neo4j_uri or 'embedded (moe-pipeline status)'}; "
+               f"run id {summary.run_id}")
+
+
+@click.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
+@click.option("--wait", is_flag=True, help="show progress until the job finishes")
+@click.option("--timeout", type=float, default=None, help="seconds to wait at most")
+@click.pass_obj
+def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
+           timeout: float | None) -> None:
+    """Queue a JSONL file of items for the Celery workers (the stack)."""
+    from pipeline import jobs
+    from pipeline.storage.sql import session_factory
+
+    job = jobs.submit(file, settings, batch_size)
+    click.echo(f"job {job.job_id} queued: {len(job.batches)} batches "
+               f"(broker {settings.broker_url()}; run {job.run_id})")
+    if not wait:
+        click.echo(f"follow it with: moe-pipeline status {job.job_id}")
+        return
+    Session = session_factory(settings.sql_url(), run_migrations=False)
+    total = sum(len(chunk) for _, chunk in job.batches)
+    with click.progressbar(length=total, label="items", file=sys.stderr) as bar:
+        seen = [0]
+
+        def show(state: jobs.Progress) -> None:
+            bar.update(state.items_done - seen[0])
+            seen[0] = state.items_done
+
+        state = jobs.wait(Session, job.job_id, timeout, on_progress=show)
+    click.echo(f"job {job.job_id} {state.status}: {state.finished - state.failed}/"
+               f"{state.batches} batches completed, {state.failed} failed")
+    if state.status == "failed":
+        raise PipelineError(f"job {job.job_id} failed; see moe-pipeline status {job.job_id}")
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("kind", type=click.Choice(["gpu", "librarian", "query"]))
+@click.option("--shards", help="librarian: comma-separated shards [default: every "
+                               "constellation of the served model]")
+@click.option("--concurrency", type=int, default=1, show_default=True,
+              help="pool processes (one per GPU for gpu workers)")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--name", help="Celery node name, %h for the host [default: KIND-PID@%h]")
+@click.pass_context
+def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
+           loglevel: str, name: str | None) -> None:
+    """Run a Celery worker of one kind with its queues and pool (extra args go to Celery).
+
+    Pools are prefork: each pool process loads its model or graph once, after the fork,
+    so a GPU is first touched in the child, never in the parent that forks.
+    """
+    from pipeline.queue import worker as queue_worker
+    from pipeline.serving import model_config
+
+    settings: Settings = ctx.obj
+    names = [n.strip() for n in shards.split(",") if n.strip()] if shards else [
+        n for n, _ in model_config(settings).constellation_members()]
+    queues = ",".join(queue_worker.queues(kind, names))
+    click.echo(f"{kind} worker on queues {queues} (broker {settings.broker_url()})",
+               err=True)
+    queue_worker.serve(settings, kind, names, concurrency, loglevel, name, ctx.args)
+
+
+@click.command()
+@click.argument("job_id", required=False)
+@click.option("--limit", default=10, show_default=True, help="jobs listed without JOB_ID")
+@click.pass_obj
+def status(settings: Settings, job_id: str | None, limit: int) -> None:
+    """Where the graph and SQL are; the latest jobs, or one job's batches and errors."""
+    from sqlalchemy import select
+
+    from pipeline.storage.embedded import LocalGraphServer
+    from pipeline.storage.sql import Job, session_factory
+
+    if settings.neo4j_uri:
+        click.echo(f"graph: {settings.neo4j_uri} (NEO4J_URI)")
+    else:
+        info = LocalGraphServer(settings.state_dir).running()
+        click.echo(f"graph: embedded, {'up at ' + info.uri if info else 'down'}")
+    click.echo(f"sql: {settings.sql_url()}")
+    Session = session_factory(settings.sql_url())
+    with Session() as s:
+        if job_id is None:
+            jobs = s.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+            for job in jobs:
+                done = sum(b.status == "completed" for b in job.batches)
+                click.echo(f"{job.id}  {job.status:<22} {job.submitted_items:>7} items  "
+                           f"{done}/{len(job.batches)} batches  {len(job.item_errors)} bad")
+            if not jobs:
+                click.echo("no jobs yet")
+            return
+        job = s.get(Job, job_id)
+        if job is None:
+            raise PipelineError(f"no job {job_id!r} in {settings.sql_url()}")
+        click.echo(f"job {job.id}: {job.status}, {job.submitted_items} items, run {job.run_id}"
+                   + (f", error: {job.error}" if job.error else ""))
+        for b in job.batches:
+            m = b.metrics
+            timing = " ".join(f"{k}={v:.2f}s" for k, v in b.timings.items())
+            tail = (f"  reports={m.reports} new={m.new_insights} merged={m.merged}"
+                    if m else "")
+            click.echo(f"  batch {b.index:>4} {b.status:<10} attempts={b.attempts} "
+                       f"{timing}{tail}")
+        for e in job.item_errors:
+            click.echo(f"  bad item line {e.line} id {e.item_id}: {e.field}: {e.message}")
+
+
+@click.command()
+@click.argument("run_id", required=False)
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="also draw expert and constellation usage into this PNG")
+@click.pass_obj
+def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None:
+    """Expert and constellation usage, routing entropy and dedup rate of a run (latest)."""
+    from pipeline import stats as run_stats
+    from pipeline.storage.sql import session_factory
+
+    st = run_stats.run_stats(session_factory(settings.sql_url()), run_id)
+    click.echo(f"run {st.run_id}: {st.jobs} jobs, {st.batches} batches, {st.items} items")
+    click.echo(f"draft reports {st.reports}  new insights {st.new_insights}  merged "
+               f"{st.merged}  dedup rate {st.dedup_rate:.1%}")
+    n = max(len(st.expert_usage), 1)
+    click.echo(f"routing entropy {st.routing_entropy:.3f} nats (uniform over {n} experts: "
+               f"{math.log(n):.3f})  balance loss {st.balance_loss:.3f}")
+    width = max([len(k) for k in [*st.expert_usage, *st.constellation_usage]] + [6])
+    click.echo(f"{'expert':<{width}}  share")
+    for name, share in st.expert_usage.items():
+        click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+    click.echo(f"{'constellation':<{width}}  share of reports")
+    for name, share in st.constellation_usage.items():
+        click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+    if plot_file:
+        run_stats.plot(st, plot_file)
+        click.echo(f"chart written to {plot_file}")
+
+
+COMMANDS = [run, submit, worker, status, stats]

@@ -1,0 +1,97 @@
+"""The Celery app: queue and task names, message format, delivery guarantees.
+
+Delivery: tasks are acknowledged after they finish (``acks_late``), a task whose pool process
+dies is requeued at once (``task_reject_on_worker_lost``), and a worker reserves one message
+at a time (prefetch 1), so a death loses nothing and holds nothing back. With the Redis broker
+a message taken by a worker that dies *whole* comes back after ``visibility_timeout``
+(`Settings.visibility_timeout_s`, one hour by default: far above a batch's seconds, so a batch
+still running is never handed out twice; the price is that hour of delay after such a death).
+Redelivered work is recognised in SQL (`pipeline.jobs`) and rewrites the same graph rows
+(deterministic ids), so the graph ends as if each batch ran once.
+
+Messages are ``moe-json`` (`wire.py`): JSON with arrays as base64 binary; pickle is refused.
+
+The app is built by `make_app(settings)` where an entry point needs one (``submit``, the
+worker command); ``celery -A pipeline.queue.app ...`` (the compose healthcheck, Flower) finds
+it as this module's ``app``, built from the environment on first access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from pipeline.queue import wire
+from pipeline.settings import Settings
+
+GPU_QUEUE, QUERY_QUEUE, LIBRARIAN_PREFIX = "gpu", "query", "librarian."
+ROUTE_BATCH, CURATE_PART, SIMILAR = "pipeline.route_batch", "pipeline.curate_part", \
+    "pipeline.similar"
+
+
+def librarian_queue(shard: str) -> str:
+    return LIBRARIAN_PREFIX + shard
+
+
+def result_backend(settings: Settings) -> str:
+    """Where query answers go back: Redis (the broker's, if it is Redis), else RPC."""
+    url = settings.broker_url()
+    if settings.redis_url:
+        return settings.redis_url
+    return url if url.startswith(("redis://", "rediss://")) else "rpc://"
+
+
+def make_app(settings: Settings) -> Celery:
+    """The Celery app for these settings; a worker imports the task module through it."""
+    wire.register()
+    app = Celery("moe_pipeline", broker=settings.broker_url(),
+                 backend=result_backend(settings), include=["pipeline.queue.tasks"],
+                 set_as_current=True)
+    vt = float(settings.visibility_timeout_s)
+    app.conf.update(
+        task_serializer=wire.NAME, result_serializer=wire.NAME,
+        # moe-json for tasks; plain JSON too, for remote control from tools such as
+        # Flower. Never pickle.
+        accept_content=[wire.NAME, "json"], result_accept_content=[wire.NAME, "json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A task that fails has recorded its failure in SQL first (see the tasks).
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        # A pool process loads its model on start (`_load_once`) before it reports up.
+        worker_proc_alive_timeout=float(settings.worker_start_timeout_s),
+        # A batch is cut off well before Redis would hand its message to another worker,
+        # so one batch never runs twice at the same time; a cut-off batch is redelivered
+        # (its pool process is replaced) and counts an attempt.
+        task_soft_time_limit=0.8 * vt,
+        task_time_limit=0.9 * vt,
+        task_ignore_result=True,  # only `similar` answers (it sets ignore_result=False)
+        result_expires=600,
+        task_default_queue=GPU_QUEUE,
+        task_routes={ROUTE_BATCH: {"queue": GPU_QUEUE}, SIMILAR: {"queue": QUERY_QUEUE}},
+        broker_transport_options={
+            "visibility_timeout": vt,
+            # Sweep for messages of dead workers often enough for the timeout chosen.
+            "unacked_restore_interval": max(1.0, min(10.0, vt / 4)),
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"visibility_timeout": vt},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,  # for Flower
+        task_send_sent_event=True,
+    )
+    return app
+
+
+_APP: dict[str, Celery] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``app``, for the ``celery -A pipeline.queue.app`` command line only (built once, on
+    first access, from the environment: that command is this process's entry point)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if "app" not in _APP:
+        _APP["app"] = make_app(Settings())
+    return _APP["app"]

@@ -1,0 +1,72 @@
+"""The three messages on the queues, to and from their wire form (plain dicts for `wire`).
+
+- a batch (`ItemBatch`): ids and texts as JSON, the vectors as one float32 array;
+- a shard part (`ShardPart`): the reports' fields as lists, the embeddings as one float16
+  array (the precision the graph stores and the librarian decides on);
+- a similarity question (`SimilarQuery`): a text or a vector, and k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.records import DraftReport, Item, ItemBatch, ShardPart
+
+
+def batch_message(batch: ItemBatch) -> dict[str, Any]:
+    items = batch.items
+    rows = [i for i, item in enumerate(items) if item.vector is not None]
+    vectors = (np.asarray([items[i].vector for i in rows], dtype=np.float32) if rows
+               else None)
+    return {"batch_id": batch.batch_id, "job_id": batch.job_id, "run_id": batch.run_id,
+            "model": batch.model, "ids": [item.id for item in items],
+            "texts": [item.text for item in items], "vector_rows": rows, "vectors": vectors}
+
+
+def message_batch(message: dict[str, Any]) -> ItemBatch:
+    vectors = dict(zip(message["vector_rows"], message["vectors"] if message["vector_rows"]
+                       else [], strict=True))
+    items = [Item(item_id, line, text, vectors.get(line)) for line, (item_id, text)
+             in enumerate(zip(message["ids"], message["texts"], strict=True))]
+    return ItemBatch(message["batch_id"], message["job_id"], message["run_id"],
+                     message["model"], items)
+
+
+def part_message(part: ShardPart) -> dict[str, Any]:
+    reports = part.reports
+    return {"batch_id": part.batch_id, "run_id": part.run_id, "shard": part.shard,
+            "job_id": reports[0].job_id, "ids": [r.id for r in reports],
+            "item_ids": [r.item_id for r in reports], "scores": [r.score for r in reports],
+            "experts": [r.experts for r in reports], "texts": [r.text for r in reports],
+            "embeddings": np.stack([np.asarray(r.embedding, np.float16) for r in reports])}
+
+
+def message_part(message: dict[str, Any]) -> ShardPart:
+    emb = message["embeddings"].astype(np.float32)
+    reports = [DraftReport(rid, message["job_id"], item_id, message["shard"], emb[n], score,
+                           experts, text)
+               for n, (rid, item_id, score, experts, text) in enumerate(zip(
+                   message["ids"], message["item_ids"], message["scores"],
+                   message["experts"], message["texts"], strict=True))]
+    return ShardPart(message["batch_id"], message["run_id"], message["shard"], reports)
+
+
+@dataclass(frozen=True)
+class SimilarQuery:
+    """``similar``: a text or a vector (the model's input width), and how many answers."""
+
+    text: str | None = None
+    vector: list[float] | None = None
+    k: int = 10
+
+    def to_message(self) -> dict[str, Any]:
+        return {"text": self.text, "vector": self.vector, "k": self.k}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> SimilarQuery:
+        vector = message.get("vector")
+        return cls(message.get("text"), None if vector is None else [float(v) for v in vector],
+                   int(message.get("k", 10)))

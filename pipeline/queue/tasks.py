@@ -1,0 +1,51 @@
+"""The three tasks, thin: a message in, a stage called under the error policy, ids out.
+
+- ``pipeline.route_batch`` (queue ``gpu``): `stages.route_batch`, shipping each shard part to
+  ``librarian.<shard>``;
+- ``pipeline.curate_part`` (queue ``librarian.<shard>``): `stages.curate_part`;
+- ``pipeline.similar`` (queue ``query``): `stages.similar`, answered through the result
+  backend.
+
+The runtime they run on is their pool process's own (`worker.runtime`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from pipeline import stages
+from pipeline.queue import messages, worker
+from pipeline.queue.app import CURATE_PART, ROUTE_BATCH, SIMILAR, librarian_queue
+from pipeline.queue.policy import guarded
+from pipeline.records import ShardPart
+from pipeline.storage import ledger
+
+
+@shared_task(bind=True, name=ROUTE_BATCH)
+def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    rt, batch = worker.runtime(), messages.message_batch(message)
+
+    def ship(part: ShardPart) -> None:
+        self.app.send_task(CURATE_PART, args=[messages.part_message(part)],
+                           queue=librarian_queue(part.shard))
+
+    return guarded(self, lambda on_attempt: stages.route_batch(rt, batch, ship, on_attempt),
+                   lambda n: ledger.release_batch(rt.Session, batch.batch_id, n),
+                   lambda error: ledger.fail_batch(rt.Session, batch.batch_id, error))
+
+
+@shared_task(bind=True, name=CURATE_PART)
+def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    rt, part = worker.runtime(), messages.message_part(message)
+    return guarded(self, lambda on_attempt: stages.curate_part(rt, part, on_attempt),
+                   lambda n: ledger.release_part(rt.Session, part.batch_id, part.shard, n),
+                   lambda error: ledger.fail_part(rt.Session, part.batch_id, part.shard,
+                                                  error))
+
+
+@shared_task(name=SIMILAR, ignore_result=False, acks_late=False)
+def similar(message: dict[str, Any]) -> list[dict[str, Any]]:
+    query = messages.SimilarQuery.from_message(message)
+    return stages.similar(worker.runtime(), query.text, query.vector, query.k)

@@ -1,0 +1,103 @@
+"""A Celery worker of one kind, and the one `Runtime` of each of its pool processes.
+
+`serve(settings, kind, ...)` starts the worker: ``gpu`` (queue ``gpu``), ``librarian``
+(``librarian.<shard>`` for the given shards) or ``query``. Pools are prefork: each pool
+process builds its runtime after the fork and loads what its kind needs up front (the model
+and the text encoder for ``gpu``, the graph for ``librarian``, both for ``query``), so the
+first task does not pay for it and CUDA is first touched in the child, never in the parent
+that forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from pipeline.encoders import EncoderUnavailable, text_encoder
+from pipeline.queue.app import GPU_QUEUE, QUERY_QUEUE, librarian_queue, make_app
+from pipeline.queue.policy import transient_errors
+from pipeline.runtime import Runtime
+from pipeline.settings import Settings
+
+KINDS = ("gpu", "librarian", "query")
+log = logging.getLogger(__name__)
+
+# This process's worker: set by `serve` before the pool forks (the children inherit it), and
+# the pool process's runtime, built after the fork.
+_PROCESS: dict[str, Any] = {"settings": None, "kind": None, "runtime": None}
+
+
+def queues(kind: str, shards: Sequence[str]) -> list[str]:
+    """The queues a worker of ``kind`` consumes (a librarian: one per shard)."""
+    if kind == "librarian":
+        return [librarian_queue(s) for s in shards]
+    return [GPU_QUEUE if kind == "gpu" else QUERY_QUEUE]
+
+
+def serve(settings: Settings, kind: str, shards: Sequence[str], concurrency: int = 1,
+          loglevel: str = "INFO", name: str | None = None,
+          extra: Sequence[str] = ()) -> None:
+    """Run the worker until it is stopped."""
+    _PROCESS.update(settings=settings, kind=kind, runtime=None)
+    argv = ["worker", "-Q", ",".join(queues(kind, shards)), "-P", "prefork",
+            "-c", str(concurrency), "--prefetch-multiplier", "1",
+            "-n", name or f"{kind}-{os.getpid()}@%h", "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle", *extra]
+    make_app(settings).worker_main(argv)
+
+
+def pool_device(settings: Settings) -> str:
+    """The settings' device; with ``auto`` and several GPUs, pool process i takes GPU
+    i mod count, so ``--concurrency N`` spreads N processes over the GPUs."""
+    device = settings.torch_device()
+    if device == "cuda" and settings.device == "auto":
+        import billiard
+        import torch
+
+        index = getattr(billiard.current_process(), "index", 0) or 0  # 0-based in a pool
+        device = f"cuda:{index % max(torch.cuda.device_count(), 1)}"
+    return device
+
+
+def runtime() -> Runtime:
+    """This pool process's runtime (built on first use). A worker started by ``celery -A``
+    rather than `serve` reads its settings here: the pool process is then the entry point."""
+    if _PROCESS["runtime"] is None:
+        settings = _PROCESS["settings"] or Settings()
+        # The schema is migrated by `submit` (and the stack's `migrate` service), not by
+        # every worker process racing at start.
+        _PROCESS["runtime"] = Runtime.from_settings(settings, device=pool_device(settings),
+                                                    migrate=False)
+    return _PROCESS["runtime"]
+
+
+@worker_process_init.connect
+def _load_once(**_: Any) -> None:
+    _PROCESS["runtime"] = None  # never share a parent's connections across a fork
+    kind = _PROCESS["kind"]
+    if kind == "gpu":
+        rt = runtime()
+        rt.system  # noqa: B018 - load the model now
+        # The encoder too, when it is installed (text batches then pay nothing extra);
+        # without it the worker serves vectors and a text batch fails with the reason.
+        with contextlib.suppress(EncoderUnavailable):
+            text_encoder(rt.settings.text_model, rt.device)
+    elif kind in ("librarian", "query"):
+        # Down at start: the first task connects, or retries the outage like any other.
+        try:
+            runtime().graph  # noqa: B018 - connect now
+        except transient_errors() as err:
+            log.warning("graph not reachable at start: %s", err)
+        if kind == "query":
+            runtime().system  # noqa: B018
+
+
+@worker_process_shutdown.connect
+def _close(**_: Any) -> None:
+    if _PROCESS["runtime"] is not None:
+        _PROCESS["runtime"].close()

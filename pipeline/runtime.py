@@ -1,0 +1,154 @@
+"""`Runtime`: what one process needs to run the stages, assembled in one place.
+
+An entry point (the CLI, a worker's pool process, a test, a user's script) builds `Settings`
+once and calls `Runtime.from_settings(settings)`; the stages take the runtime and ask it for
+the SQL sessions, the served model, the graph, the shard locks and a librarian. Each is made
+on first use and kept for the life of the process: a GPU worker never opens the graph, a
+librarian never loads the model. `close()` lets go of all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+from pipeline import serving
+from pipeline.librarian import Librarian
+from pipeline.moe.config import MoEConfig
+from pipeline.moe.system import MixtureOfExpertsSystem
+from pipeline.settings import Settings
+from pipeline.storage import ledger
+from pipeline.storage.connect import open_graph
+from pipeline.storage.graph import GraphStore
+from pipeline.storage.locks import LocalShardLock, RedisShardLock, shard_locks
+from pipeline.storage.sql import session_factory
+
+
+def worker_name() -> str:
+    """Who did a piece of work, as the ledger records it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Runtime:
+    """Settings, SQL sessions, and the served model, graph, locks and librarians, lazily."""
+
+    def __init__(self, settings: Settings, Session: sessionmaker,
+                 device: str | None = None) -> None:
+        self.settings = settings
+        self.Session = Session
+        self.device = device or settings.torch_device()
+        self._system: MixtureOfExpertsSystem | None = None
+        self._config: MoEConfig | None = None
+        self._fingerprint: str | None = None
+        self._graph: GraphStore | None = None
+        self._locks: LocalShardLock | RedisShardLock | None = None
+        self._librarians: dict[str, Librarian] = {}
+        self._runs: set[str] = set()
+        self._run_configs: dict[str, MoEConfig] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, device: str | None = None,
+                      migrate: bool = True) -> Runtime:
+        """A runtime on the settings' SQL database (migrated first unless ``migrate`` is
+        False: workers leave that to `submit` and the stack's one-shot migrate service)."""
+        return cls(settings, session_factory(settings.sql_url(), run_migrations=migrate),
+                   device)
+
+    # -- the served model ------------------------------------------------------------------
+    @property
+    def config(self) -> MoEConfig:
+        """The served model's config, read without loading its weights."""
+        if self._config is None:
+            self._config = (self._system.config if self._system is not None
+                            else serving.model_config(self.settings))
+        return self._config
+
+    @property
+    def system(self) -> MixtureOfExpertsSystem:
+        if self._system is None:
+            self._system = serving.load_system(self.settings, self.device)
+            self._config = self._system.config
+        return self._system
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = serving.model_fingerprint(self.settings, self.config)
+        return self._fingerprint
+
+    # -- storage ---------------------------------------------------------------------------
+    @property
+    def graph(self) -> GraphStore:
+        """The graph, its schema ensured (with the vector index where the server has one,
+        as wide as the served model's reports)."""
+        if self._graph is None:
+            graph = open_graph(self.settings)
+            try:
+                graph.ensure_schema(vector_dim=self.config.input_dim)
+            except BaseException:
+                graph.close()
+                raise
+            self._graph = graph  # only once the schema is known to be there
+        return self._graph
+
+    @property
+    def locks(self) -> LocalShardLock | RedisShardLock:
+        if self._locks is None:
+            self._locks = shard_locks(self.settings)
+        return self._locks
+
+    def librarian(self, config: MoEConfig | None = None) -> Librarian:
+        """One librarian per model shape (width, thresholds), its caches kept warm."""
+        config = config or self.config
+        key = serving.config_fingerprint(config)
+        if key not in self._librarians:
+            self._librarians[key] = Librarian.from_config(self.graph, self.locks, config,
+                                                          device=self.device)
+        return self._librarians[key]
+
+    def run_config(self, run_id: str) -> MoEConfig:
+        """The model config a run was recorded with (from SQL, once per process)."""
+        if run_id not in self._run_configs:
+            self._run_configs[run_id] = ledger.run_config(self.Session, run_id)
+        return self._run_configs[run_id]
+
+    def ensure_run(self, run_id: str, config: MoEConfig) -> None:
+        """The run's node and its model's experts and constellations, once per process."""
+        if run_id not in self._runs:
+            self.graph.ensure_run(run_id, config.to_dict(), serving.constellation_map(config))
+            self._runs.add(run_id)
+
+    def close(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+        self.Session.kw["bind"].dispose()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class EmptyKnowledge:
+    """What a model with no graph attached searches when the state dir has no graph."""
+
+    def search(self, query: Any, top_k: int = 5,
+               shards: Any = None) -> list[dict[str, Any]]:
+        return []
+
+
+def default_knowledge(config: MoEConfig, settings: Settings | None = None
+                      ) -> Librarian | EmptyKnowledge:
+    """The knowledge graph `MixtureOfExpertsSystem.query_knowledge_graph` answers from when
+    none was attached: the graph the settings name (``NEO4J_URI``, or the embedded server of
+    the state dir if one was ever created there), else an empty one."""
+    settings = settings or Settings()
+    if not settings.neo4j_uri and not (settings.state_dir / "graph").exists():
+        return EmptyKnowledge()
+    rt = Runtime.from_settings(settings)
+    return rt.librarian(config)

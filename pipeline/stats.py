@@ -1,0 +1,77 @@
+"""Run statistics: expert and constellation usage, routing entropy, dedup rate of a run,
+from its batches' metrics in SQL (`ledger.run_rows`), and a chart of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import sessionmaker
+
+from pipeline.errors import PipelineError
+from pipeline.storage import ledger
+
+
+@dataclass
+class RunStats:
+    run_id: str
+    jobs: int
+    batches: int
+    items: int
+    reports: int
+    new_insights: int
+    merged: int
+    dedup_rate: float
+    routing_entropy: float  # mean over batches, nats
+    balance_loss: float
+    expert_usage: dict[str, float]  # expert -> share of token assignments
+    constellation_usage: dict[str, float]  # constellation -> share of draft reports
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def run_stats(Session: sessionmaker, run_id: str | None = None) -> RunStats:
+    """Routing and dedup figures of a run (default: the latest) from its batches' metrics."""
+    rows = ledger.run_rows(Session, run_id)
+    items = sum(n for n, _ in rows.batches)
+    usage: dict[str, float] = {}
+    for n, m in rows.batches:  # weighted by the batch's items
+        for expert, share in m.expert_usage.items():
+            usage[expert] = usage.get(expert, 0.0) + share * n / max(items, 1)
+    reports = sum(m.reports for _, m in rows.batches)
+    merged = sum(m.merged for _, m in rows.batches)
+    total_parts = sum(n for _, n in rows.shard_reports) or 1
+    return RunStats(rows.run_id, rows.jobs, len(rows.batches), items, reports,
+                    sum(m.new_insights for _, m in rows.batches), merged,
+                    merged / reports if reports else 0.0,
+                    _mean([m.routing_entropy for _, m in rows.batches]),
+                    _mean([m.balance_loss for _, m in rows.batches]), usage,
+                    {shard: n / total_parts for shard, n in sorted(rows.shard_reports)})
+
+
+def plot(st: RunStats, path: str) -> None:
+    """Expert and constellation usage as two bar charts in one PNG."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise PipelineError("--plot needs matplotlib: pip install 'moe-pipeline[plot]'") \
+            from err
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    left.bar(list(st.expert_usage), [100 * v for v in st.expert_usage.values()],
+             color="#4c72b0")
+    left.axhline(100 / max(len(st.expert_usage), 1), color="grey", linestyle="--",
+                 label="uniform")
+    left.set(title="expert usage", ylabel="% of token assignments")
+    left.legend()
+    left.tick_params(axis="x", rotation=45)
+    right.bar(list(st.constellation_usage), [100 * v for v in st.constellation_usage.values()],
+              color="#55a868")
+    right.set(title="constellation usage", ylabel="% of draft reports")
+    fig.suptitle(f"run {st.run_id[:12]}: entropy {st.routing_entropy:.2f} nats, "
+                 f"dedup rate {st.dedup_rate:.0%}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,366 @@
+"""The ledger: a job's batches and shard parts as SQL state machines.
+
+Two ways to run share this bookkeeping, which is also what makes redelivery safe:
+
+- a batch moves ``queued → running → routing → routed → completed | failed``; each delivery
+  counts an attempt *before* any work, so a batch that kills its worker every time is marked
+  failed after ``max_attempts`` instead of looping;
+- routing records one `BatchPart` per shard; a part moves ``queued → running → done |
+  failed`` with its own attempts; the batch completes when its last part does, and the job
+  when its last batch does. Every transition is one conditional UPDATE (write first, then
+  read), so two workers finishing at once complete a batch or a job exactly once, on SQLite
+  and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import sessionmaker
+
+import pipeline
+from pipeline.errors import PipelineError
+from pipeline.moe.config import MoEConfig
+from pipeline.records import BadItem, CurateResult, Item
+from pipeline.storage.sql import (
+    Batch,
+    BatchMetrics,
+    BatchPart,
+    ItemError,
+    Job,
+    Run,
+)
+
+DONE_BATCH = ("completed", "failed")
+REDO_BATCH = ("queued", "running", "routing")  # a delivery in these states does the work
+
+
+class JobFailed(PipelineError):
+    """A job with no good item, or whose every batch failed; names the job."""
+
+
+@dataclass
+class RoutingMetrics:
+    """What routing one batch measured (host floats), recorded beside its parts."""
+
+    reports: int
+    balance_loss: float
+    routing_entropy: float
+    expert_usage: dict[str, float]
+
+
+@dataclass
+class NewJob:
+    run_id: str
+    job_id: str
+    batches: list[tuple[str, list[Item]]]  # (batch id, its items), in order
+
+
+def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadItem],
+               config: MoEConfig, mode: str, batch_size: int, device: str) -> NewJob:
+    """Record a run, a job, its bad items and its batches; a job with no good item is
+    recorded as failed and raises `JobFailed`."""
+    with Session.begin() as s:
+        run = Run(model_config=config.to_dict(), code_version=pipeline.__version__,
+                  device=device)
+        job = Job(run=run, submitted_items=len(items) + len(bad), mode=mode,
+                  status="running" if items else "failed",
+                  error=None if items else "no valid item",
+                  finished_at=None if items else time.time())
+        s.add_all([run, job] + [ItemError(job=job, item_id=b.item_id, line=b.line,
+                                          field=b.field, message=b.message) for b in bad])
+        batches = []
+        for index in range(0, len(items), batch_size):
+            chunk = list(items[index: index + batch_size])
+            batch = Batch(job=job, index=index // batch_size, item_ids=[i.id for i in chunk])
+            s.add(batch)
+            batches.append((batch.id, chunk))
+        run_id, job_id = run.id, job.id
+    if not items:
+        raise JobFailed(f"job {job_id}: no valid item ({len(bad)} bad; see "
+                        f"`moe-pipeline status {job_id}`)")
+    return NewJob(run_id, job_id, batches)
+
+
+# -- batch and part transitions (the stages call them, whichever way they run) ----------
+def _count_delivery(Session: sessionmaker, model, key: tuple, redo: tuple[str, ...],
+                    claim: dict[str, Any], max_attempts: int, what: str,
+                    batch_id: str) -> tuple[str, int]:
+    """One delivery of a batch or a part (``model`` rows matching ``key``): claim it and count
+    an attempt if it is in a ``redo`` state, then give the verdict (see `begin_batch`)."""
+    with Session.begin() as s:
+        changed = s.execute(update(model).where(*key, model.status.in_(redo)).values(
+            attempts=model.attempts + 1, status="running", **claim)).rowcount
+        attempts = s.scalar(select(model.attempts).where(*key))
+        if attempts is None:
+            raise PipelineError(f"{what}: not in SQL (a message for another database?)")
+        verdict = "run"
+        if not changed:
+            verdict = "done"
+        elif attempts > max_attempts:
+            s.execute(update(model).where(*key).values(
+                status="failed", error=f"gave up after {max_attempts} attempts: each "
+                "delivery ended with its worker dead (killed, or out of memory?)"))
+            verdict = "gave_up"
+    if verdict != "run":
+        settle_batch(Session, batch_id)
+    return verdict, attempts
+
+
+def begin_batch(Session: sessionmaker, batch_id: str, worker: str, device: str,
+                max_attempts: int) -> tuple[str, int]:
+    """Count a delivery of the batch: ``("run", attempt)`` to do the work, ``("done", n)``
+    when an earlier delivery already routed it, ``("gave_up", n)`` when it has had its
+    ``max_attempts`` and is now marked failed. For ``done`` and ``gave_up`` the batch and
+    job are settled here, so a delivery after a crash between two steps finishes them."""
+    return _count_delivery(Session, Batch, (Batch.id == batch_id,), REDO_BATCH,
+                           {"worker": worker, "device": device}, max_attempts,
+                           f"batch {batch_id}", batch_id)
+
+
+def release_batch(Session: sessionmaker, batch_id: str, attempt: int) -> None:
+    """Give back this delivery's attempt (number ``attempt``) when an outage, not the batch,
+    interrupted it: the task is retried, and the batch is not counted as poison."""
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.attempts == attempt,
+                                      Batch.status.in_(("running", "routing")))
+                  .values(attempts=Batch.attempts - 1))
+
+
+def release_part(Session: sessionmaker, batch_id: str, shard: str, attempt: int) -> None:
+    with Session.begin() as s:
+        s.execute(update(BatchPart).where(
+            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
+            BatchPart.attempts == attempt, BatchPart.status == "running")
+            .values(attempts=BatchPart.attempts - 1))
+
+
+def record_routing(Session: sessionmaker, batch_id: str, routed: RoutingMetrics,
+                   shards: dict[str, int], timings: dict[str, float]) -> list[str] | None:
+    """Store a routed batch's metrics and one part per shard (``shards``: report counts).
+
+    Returns the shards whose librarian task is still to be sent (all, unless this is a
+    redelivery: then those never marked dispatched), or None when the batch is no longer
+    this delivery's to route (another delivery moved it on)."""
+    with Session.begin() as s:
+        mine = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running")
+                         .values(status="routing", timings=timings)).rowcount
+        if not mine:
+            return None
+        s.merge(BatchMetrics(batch_id=batch_id, balance_loss=routed.balance_loss,
+                             routing_entropy=routed.routing_entropy,
+                             expert_usage=routed.expert_usage, reports=routed.reports,
+                             new_insights=0, merged=0, dedup_rate=0.0))
+        existing = {p.shard: p for p in s.scalars(
+            select(BatchPart).where(BatchPart.batch_id == batch_id))}
+        s.add_all(BatchPart(batch_id=batch_id, shard=shard, reports=n, attempts=0)
+                  for shard, n in shards.items() if shard not in existing)
+    return [shard for shard in shards
+            if shard not in existing or not existing[shard].dispatched]
+
+
+def mark_dispatched(Session: sessionmaker, batch_id: str, shards: Sequence[str]) -> None:
+    """The librarian tasks of these parts are on the broker."""
+    if shards:
+        with Session.begin() as s:
+            s.execute(update(BatchPart).where(BatchPart.batch_id == batch_id,
+                                              BatchPart.shard.in_(list(shards)))
+                      .values(dispatched=True))
+
+
+def mark_routed(Session: sessionmaker, batch_id: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routing")
+                  .values(status="routed"))
+    settle_batch(Session, batch_id)
+
+
+def fail_batch(Session: sessionmaker, batch_id: str, error: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status.not_in(DONE_BATCH))
+                  .values(status="failed", error=error[:2000]))
+    settle_batch(Session, batch_id)
+
+
+def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
+               max_attempts: int) -> tuple[str, int]:
+    """As `begin_batch`, for one shard part."""
+    return _count_delivery(
+        Session, BatchPart, (BatchPart.batch_id == batch_id, BatchPart.shard == shard),
+        ("queued", "running"), {"worker": worker}, max_attempts,
+        f"batch {batch_id} shard {shard!r}", batch_id)
+
+
+def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: CurateResult,
+                seconds: float) -> None:
+    founded, joined = result.outcome()
+    with Session.begin() as s:
+        s.execute(update(BatchPart).where(
+            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
+            BatchPart.status == "running").values(
+                status="done", new_insights=founded, merged=joined, seconds=seconds))
+    settle_batch(Session, batch_id)
+
+
+def fail_part(Session: sessionmaker, batch_id: str, shard: str, error: str) -> None:
+    with Session.begin() as s:
+        s.execute(update(BatchPart).where(
+            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
+            BatchPart.status.not_in(("done", "failed"))).values(
+                status="failed", error=error[:2000]))
+    settle_batch(Session, batch_id)
+
+
+def settle_batch(Session: sessionmaker, batch_id: str) -> None:
+    """Complete the batch if it can be, then its job if it can be. Idempotent, and safe to
+    call from any delivery: every step between two transactions can be finished by the
+    next caller, so a crash between them leaves nothing stuck."""
+    try_complete_batch(Session, batch_id)
+    with Session() as s:
+        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
+    if job_id is not None:
+        try_complete_job(Session, job_id)
+
+
+def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
+    """Complete a routed batch whose parts are all finished; True for the one caller that
+    does it (a conditional UPDATE: exactly once, whoever calls first)."""
+    with Session() as s:
+        parts = s.scalars(select(BatchPart).where(BatchPart.batch_id == batch_id)).all()
+        if any(p.status not in ("done", "failed") for p in parts):
+            return False
+    failed = [p for p in parts if p.status == "failed"]
+    status = "failed" if failed else "completed"
+    error = "; ".join(f"shard {p.shard}: {p.error}" for p in failed) or None
+    with Session.begin() as s:
+        timings = s.scalar(select(Batch.timings).where(Batch.id == batch_id)) or {}
+        won = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routed")
+                        .values(status=status, error=error, timings={
+                            **timings, "curate": sum(p.seconds for p in parts)})).rowcount
+        if not won:
+            return False
+        inserted = sum(p.new_insights for p in parts)
+        merged = sum(p.merged for p in parts)
+        reports = sum(p.reports for p in parts)
+        s.execute(update(BatchMetrics).where(BatchMetrics.batch_id == batch_id).values(
+            new_insights=inserted, merged=merged,
+            dedup_rate=merged / reports if reports else 0.0))
+    return True
+
+
+def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
+    """Finish a job whose batches are all finished: ``completed``, ``completed_with_errors``
+    (bad items or failed batches), or ``failed`` (no batch succeeded). Returns the status
+    for the one caller that finishes it."""
+    with Session() as s:
+        counts = dict(s.execute(select(Batch.status, func.count()).where(
+            Batch.job_id == job_id).group_by(Batch.status)).all())
+        bad = s.scalar(select(func.count()).select_from(ItemError).where(
+            ItemError.job_id == job_id))
+    if not counts or set(counts) - set(DONE_BATCH):
+        return None
+    failed, total = counts.get("failed", 0), sum(counts.values())
+    if failed == total:
+        status, error = "failed", f"all {total} batches failed"
+    elif failed or bad:
+        status = "completed_with_errors"
+        error = ", ".join(part for part in (f"{failed} of {total} batches failed" if failed
+                                            else "", f"{bad} bad items" if bad else "")
+                          if part)
+    else:
+        status, error = "completed", None
+    with Session.begin() as s:
+        won = s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                        .values(status=status, error=error, finished_at=time.time())).rowcount
+        if won:
+            _finish_run(s, job_id)
+    return status if won else None
+
+
+def _finish_run(s, job_id: str) -> None:  # noqa: ANN001
+    run_id = s.scalar(select(Job.run_id).where(Job.id == job_id))
+    s.execute(update(Run).where(Run.id == run_id).values(status="finished",
+                                                         finished_at=time.time()))
+
+
+def fail_job(Session: sessionmaker, job_id: str, error: str) -> None:
+    with Session.begin() as s:
+        if s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+                status="failed", error=error[:2000], finished_at=time.time())).rowcount:
+            _finish_run(s, job_id)
+
+def run_config(Session: sessionmaker, run_id: str) -> MoEConfig:
+    """The model config a run was recorded with."""
+    with Session() as s:
+        data = s.scalar(select(Run.model_config).where(Run.id == run_id))
+    if data is None:
+        raise PipelineError(f"run {run_id}: not in SQL (a message for another database?)")
+    return MoEConfig.from_dict(data)
+
+
+def job_status(Session: sessionmaker, job_id: str) -> str:
+    with Session() as s:
+        return s.get(Job, job_id).status
+
+
+def fail_unsent(Session: sessionmaker, batch_ids: Sequence[str]) -> None:
+    """Batches whose message never reached the broker."""
+    with Session.begin() as s:
+        s.execute(update(Batch).where(Batch.id.in_(list(batch_ids))).values(
+            status="failed", error="never sent: submission interrupted"))
+
+
+@dataclass
+class Progress:
+    status: str
+    batches: int
+    finished: int  # completed or failed
+    failed: int
+    items_done: int
+
+
+def progress(Session: sessionmaker, job_id: str) -> Progress:
+    with Session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise PipelineError(f"no job {job_id!r}")
+        rows = s.execute(select(Batch.status, Batch.item_ids).where(Batch.job_id == job_id)
+                         ).all()
+        status = job.status
+    finished = [r for r in rows if r.status in DONE_BATCH]
+    return Progress(status, len(rows), len(finished),
+                    sum(r.status == "failed" for r in rows),
+                    sum(len(r.item_ids) for r in finished))
+
+
+@dataclass
+class RunRows:
+    """A run's batches with their metrics, and its reports per shard: what stats read."""
+
+    run_id: str
+    jobs: int
+    batches: list[tuple[int, Any]]  # (items in the batch, its BatchMetrics)
+    shard_reports: list[tuple[str, int]]
+
+
+def run_rows(Session: sessionmaker, run_id: str | None = None) -> RunRows:
+    """The rows behind a run's statistics (default: the latest run)."""
+    with Session() as s:
+        if run_id is None:
+            run_id = s.scalar(select(Run.id).order_by(Run.created_at.desc()).limit(1))
+            if run_id is None:
+                raise PipelineError("no runs yet: moe-pipeline run FILE (or submit FILE)")
+        elif s.get(Run, run_id) is None:
+            raise PipelineError(f"no run {run_id!r}")
+        rows = s.execute(select(Batch, BatchMetrics).join(BatchMetrics).join(Job).where(
+            Job.run_id == run_id)).all()
+        parts = s.execute(select(BatchPart.shard, func.sum(BatchPart.reports)).join(Batch)
+                          .join(Job).where(Job.run_id == run_id).group_by(BatchPart.shard)
+                          ).all()
+        n_jobs = s.scalar(select(func.count()).select_from(Job).where(Job.run_id == run_id))
+    return RunRows(run_id, n_jobs or 0, [(len(b.item_ids), m) for b, m in rows],
+                   [(shard, int(n or 0)) for shard, n in parts])

@@ -1,0 +1,57 @@
+"""The dedup maths, pure: leaders within a batch, merge-or-insert against the cache, and the
+invariant that no two insights of a shard are duplicates, for any sequence of batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from factories import clustered
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.cache import EmbeddingCache
+from pipeline.dedup import decide, dedup_in_batch
+
+THRESHOLD, RELATED = 0.85, 0.5
+
+
+def test_in_batch_dedup_joins_the_most_similar_earlier_leader():
+    e = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.96, 0.28], [0.7, 0.71]])
+    e = torch.nn.functional.normalize(e, dim=-1)
+    assert dedup_in_batch(e, 0.9).tolist() == [0, 0, 2, 0, 4]
+
+
+def test_decide_merges_into_the_cache_and_links_related_inserts():
+    cache = EmbeddingCache(2)
+    cache.add(["old"], np.array([[1.0, 0.0]], np.float32), [0])
+    batch = torch.tensor([[0.99, 0.1], [0.6, 0.8], [0.0, 1.0]])
+    d = decide(batch, cache, dedup_threshold=0.9, related_threshold=0.5)
+    assert d.target_row.tolist() == [0, -1, -1] and d.inserts == [1, 2] and d.merged == 1
+    assert [r for r, _ in d.related_cached[1]] == [0]  # cos 0.6 with "old"
+    assert d.related_cached[2] == []  # orthogonal to "old"
+    assert d.related_new[2][0][0] == 1  # cos 0.8 between the two inserts
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 40), min_size=1,
+                                                   max_size=5))
+def test_no_two_insights_are_duplicates_and_every_report_has_one(seed, sizes):
+    """Any sequence of batches, decided against a cache that takes each batch's inserts."""
+    rng = np.random.default_rng(seed)
+    cache = EmbeddingCache(16)
+    owner: dict[int, str] = {}
+    seen = 0
+    for size in sizes:
+        emb = clustered(rng, size, centres=3)
+        d = decide(torch.from_numpy(emb), cache, THRESHOLD, RELATED)
+        new_ids = {li: f"n{seen + li}" for li in d.inserts}
+        for k in range(size):
+            row = d.target_row[k]
+            owner[seen + k] = cache.ids[row] if row >= 0 else new_ids[int(d.leader[k])]
+        cache.add([new_ids[li] for li in d.inserts], emb[d.inserts], range(
+            cache.watermark + 1, cache.watermark + 1 + len(d.inserts)))
+        seen += size
+    e = cache.embeddings.double()
+    sims = e @ e.t() - 2 * torch.eye(len(cache), dtype=torch.float64)
+    assert len(cache) == 0 or sims.max() < THRESHOLD
+    assert len(owner) == seen and set(owner.values()) <= set(cache.ids)
