@@ -8,7 +8,10 @@ one matmul and one top-k per chunk of rows (cosine similarity), exact (brute for
 host sync until the caller reads the result. fp16 on CUDA (half the bytes to scan), fp32 on
 the CPU (where fp16 matmuls are slow). The graph is the source of truth: `warm` loads a shard,
 `catch_up` adds rows with ``seq > watermark``, and `save`/`load` snapshot the cache so a
-restart need not re-read every insight through Cypher.
+restart need not re-read every insight through Cypher. Each row keeps its insight's summary
+too, for the librarian's lexical comparison. A cache may hold one model's insights of a
+shard only (``model``): its watermark still follows the whole shard's seq, which is what the
+graph write's fence checks.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pipeline.moe.grouped_mm import cpu_linear
 class ShardReader(Protocol):
     """What the cache needs from the graph (`GraphStore` provides it)."""
 
-    def read_shard(self, shard: str, dim: int, after: int = -1): ...
+    def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
+                   model: str | None = None): ...
 
 
 def _as_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
@@ -58,6 +62,7 @@ class EmbeddingCache:
         self.max_rows = max_rows
         self._emb = torch.empty(max(1, capacity), dim, dtype=self.dtype, device=self.device)
         self.ids: list[str] = []
+        self.texts: list[str] = []  # each row's insight summary ("" where none)
         self._seqs = np.empty(0, dtype=np.int64)
         self._support = np.empty(0, dtype=np.int64)
         self.watermark = -1  # highest seq ever added (evicted rows included)
@@ -90,16 +95,18 @@ class EmbeddingCache:
         self._emb = grown
 
     def add(self, ids: Sequence[str], embeddings: Tensor | np.ndarray, seqs: Sequence[int],
-            support: Sequence[int] | None = None) -> None:
-        """Append rows (normalised here); ``support`` counts default to 1.
+            support: Sequence[int] | None = None, texts: Sequence[str] | None = None) -> None:
+        """Append rows (normalised here); ``support`` counts default to 1, ``texts`` to "".
 
         Rows whose seq is not above the watermark are already here (or were evicted) and are
         skipped, so a catch-up that races a writer's own append adds nothing twice.
         """
         seq_arr = np.asarray(seqs, dtype=np.int64)
         fresh = seq_arr > self.watermark
+        texts = [""] * len(ids) if texts is None else list(texts)
         if len(ids) and not fresh.all():
             ids = [i for i, keep in zip(ids, fresh, strict=True) if keep]
+            texts = [t for t, keep in zip(texts, fresh, strict=True) if keep]
             embeddings = embeddings[torch.from_numpy(fresh) if isinstance(embeddings, Tensor)
                                     else fresh]
             support = None if support is None else np.asarray(support)[fresh]
@@ -115,6 +122,7 @@ class EmbeddingCache:
         self._reserve(start + n)
         self._emb[start: start + n] = torch.nn.functional.normalize(emb, dim=-1).to(self.dtype)
         self.ids.extend(ids)
+        self.texts.extend(t or "" for t in texts)
         self._seqs = np.concatenate([self._seqs, seq_arr])
         self._support = np.concatenate([self._support, np.ones(n, np.int64) if support is None
                                         else np.asarray(support, np.int64)])
@@ -139,6 +147,7 @@ class EmbeddingCache:
         self._emb[: len(keep)] = self.embeddings.index_select(0, kept)
         evicted = [self.ids[i] for i in gone]
         self.ids = [self.ids[i] for i in keep]
+        self.texts = [self.texts[i] for i in keep]
         self._seqs, self._support = self._seqs[keep], self._support[keep]
         return evicted
 
@@ -182,16 +191,21 @@ class EmbeddingCache:
         return [[self.ids[i] for i in r] for r in rows.cpu().tolist()]
 
     # -- the graph and snapshots -----------------------------------------------------------
-    def warm(self, graph: ShardReader, shard: str) -> int:
-        """Replace the contents with the shard's insights; returns the row count."""
-        self.ids, self._seqs, self._support = [], np.empty(0, np.int64), np.empty(0, np.int64)
+    def warm(self, graph: ShardReader, shard: str, model: str | None = None) -> int:
+        """Replace the contents with the shard's insights (of ``model`` only, if given);
+        returns the row count."""
+        self.ids, self.texts = [], []
+        self._seqs, self._support = np.empty(0, np.int64), np.empty(0, np.int64)
         self.watermark = -1
-        return self.catch_up(graph, shard)
+        return self.catch_up(graph, shard, model)
 
-    def catch_up(self, graph: ShardReader, shard: str) -> int:
-        """Add the shard's insights with ``seq > watermark``; returns how many."""
-        fresh = graph.read_shard(shard, self.dim, after=self.watermark)
-        self.add(fresh.ids, fresh.embeddings.astype(np.float32), fresh.seqs)
+    def catch_up(self, graph: ShardReader, shard: str, model: str | None = None) -> int:
+        """Add the shard's insights with ``seq > watermark`` (of ``model`` only, if given);
+        returns how many. The watermark moves to the shard's top seq either way."""
+        fresh = graph.read_shard(shard, self.dim, after=self.watermark, model=model)
+        self.add(fresh.ids, fresh.embeddings.astype(np.float32), fresh.seqs,
+                 texts=fresh.summaries)
+        self.watermark = max(self.watermark, fresh.top)
         return len(fresh.ids)
 
     def save(self, path: str | Path) -> Path:
@@ -222,6 +236,7 @@ class EmbeddingCache:
         # Ids one per line: splitting text reads a million of them several times faster
         # than parsing a JSON list.
         (path / "ids.txt").write_text("\n".join(self.ids))
+        (path / "texts.json").write_text(json.dumps(self.texts))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -243,6 +258,8 @@ class EmbeddingCache:
                     max_rows=max_rows)
         cache._emb[:n] = tensors["embeddings"].to(device=cache.device, dtype=cache.dtype)
         cache.ids = ids
+        texts_file = path / "texts.json"  # absent from snapshots of older releases
+        cache.texts = json.loads(texts_file.read_text()) if texts_file.exists() else [""] * n
         cache._seqs = tensors["seqs"].numpy().copy()
         cache._support = tensors["support"].numpy().copy()
         cache.watermark = meta["watermark"]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache import EmbeddingCache
-from pipeline.dedup import build_batch, decide
+from pipeline.dedup import Rule, build_batch, decide
 from pipeline.moe.config import KnowledgeConfig, MoEConfig
 from pipeline.records import CurateResult, DraftReport, stable_id
 from pipeline.storage.graph import GraphStore, StaleWriteError
@@ -33,14 +33,18 @@ class Librarian:
                  dedup_threshold: float = 0.85, related_threshold: float = 0.7,
                  device: str = "cpu", max_kg_nodes: int | None = None,
                  kg_checkpoint_dir: str | Path | None = None,
-                 kg_save_interval: int = 1000) -> None:
+                 kg_save_interval: int = 1000, lexical_threshold: float | None = None,
+                 lexical_floor: float = 0.45, cross_shard: bool = True) -> None:
         self.graph, self.locks, self.dim, self.run_id = graph, locks, dim, run_id
+        self.rule = Rule(dedup_threshold, related_threshold, lexical_threshold, lexical_floor)
         self.dedup_threshold, self.related_threshold = dedup_threshold, related_threshold
         self.device, self.max_kg_nodes = device, max_kg_nodes
         self.checkpoint_dir = Path(kg_checkpoint_dir) if kg_checkpoint_dir else None
         self.save_interval = kg_save_interval
-        self.caches: dict[str, EmbeddingCache] = {}
-        self._saved_at: dict[str, int] = {}
+        self.cross_shard = cross_shard
+        # (shard, model) -> the cache of that model's insights of the shard (model None: all)
+        self.caches: dict[tuple[str, str | None], EmbeddingCache] = {}
+        self._saved_at: dict[tuple[str, str | None], int] = {}
 
     @classmethod
     def from_config(cls, graph: GraphStore, locks: ShardLocks,
@@ -53,35 +57,41 @@ class Librarian:
         return cls(graph, locks, k.dim, run_id, dedup_threshold=k.dedup_threshold,
                    related_threshold=k.related_threshold, device=device,
                    max_kg_nodes=k.max_kg_nodes, kg_checkpoint_dir=k.kg_checkpoint_dir,
-                   kg_save_interval=k.kg_save_interval)
+                   kg_save_interval=k.kg_save_interval, lexical_threshold=k.lexical_threshold,
+                   lexical_floor=k.lexical_floor)
 
-    def cache(self, shard: str) -> EmbeddingCache:
-        """The shard's cache: from its snapshot if there is one, else warmed from the graph.
+    def cache(self, shard: str, model: str | None = None) -> EmbeddingCache:
+        """The shard's cache (of ``model``'s insights only, if given): from its snapshot if
+        there is one, else warmed from the graph.
 
         Call `EmbeddingCache.catch_up` before relying on it being current.
         """
-        if shard not in self.caches:
-            snap = self._snapshot_dir(shard)
+        key = (shard, model)
+        if key not in self.caches:
+            snap = self._snapshot_dir(shard, model)
             if snap is not None and (snap / "cache.json").exists():
                 cache = EmbeddingCache.load(snap, self.device, max_rows=self.max_kg_nodes)
             else:
-                cache = self._warmed(shard)
-            self.caches[shard] = cache
-            self._saved_at[shard] = cache.updates
-        return self.caches[shard]
+                cache = self._warmed(shard, model)
+            self.caches[key] = cache
+            self._saved_at[key] = cache.updates
+        return self.caches[key]
 
-    def _warmed(self, shard: str) -> EmbeddingCache:
+    def _warmed(self, shard: str, model: str | None = None) -> EmbeddingCache:
         cache = EmbeddingCache(self.dim, self.device, max_rows=self.max_kg_nodes)
-        cache.warm(self.graph, shard)
-        self._saved_at[shard] = cache.updates
+        cache.warm(self.graph, shard, model)
+        self._saved_at[(shard, model)] = cache.updates
         return cache
 
     def curate(self, shard: str, reports: Sequence[DraftReport],
-               run_id: str | None = None) -> CurateResult:
+               run_id: str | None = None, model: str | None = None) -> CurateResult:
         """Deduplicate and persist one shard's reports (under the shard's lock).
 
         New insights are credited to ``run_id`` (default: the librarian's run), so one
-        librarian, with one cache per shard, serves every run that writes the shard.
+        librarian, with one cache per shard, serves every run that writes the shard. With
+        ``model`` (the fingerprint of the model that drafted the reports), they are compared
+        only with that model's insights, and new ones carry it: two models' report spaces
+        are not one space, so their insights never merge.
 
         A report id repeated in the batch counts once. If the write finds the shard moved
         (`StaleWriteError`), the cache is rebuilt from the graph and the batch decided again.
@@ -91,57 +101,77 @@ class Librarian:
             for attempt in range(3):
                 try:
                     return self._curate_locked(shard, reports, unique,
-                                               run_id or self.run_id)
+                                               run_id or self.run_id, model)
                 except StaleWriteError:
                     if attempt == 2:
                         raise
-                    self.caches[shard] = self._warmed(shard)  # from the graph, the truth
+                    self.caches[(shard, model)] = self._warmed(shard, model)  # the truth
         raise AssertionError("unreachable")
 
+    def _others(self, shard: str, model: str | None) -> dict[str, EmbeddingCache]:
+        """The other shards' caches, caught up: read, never written, under this lock."""
+        if not self.cross_shard:
+            return {}
+        out = {}
+        for other in self.graph.constellations():
+            if other != shard:
+                cache = self.cache(other, model)
+                cache.catch_up(self.graph, other, model)
+                out[other] = cache
+        return out
+
     def _curate_locked(self, shard: str, reports: Sequence[DraftReport],
-                       unique: list[DraftReport], run_id: str) -> CurateResult:
+                       unique: list[DraftReport], run_id: str,
+                       model: str | None) -> CurateResult:
         done = self.graph.supported_reports((r.item_id, r.id) for r in unique)
         todo = [r for r in unique if r.id not in done]
-        cache = self.cache(shard)
-        cache.catch_up(self.graph, shard)
+        cache = self.cache(shard, model)
+        cache.catch_up(self.graph, shard, model)
         if not todo:
             return CurateResult(shard, len(reports), len(reports), 0, 0, 0, dict(done))
         # Decide on what the graph will hold: embeddings are stored as float16.
         emb = torch.from_numpy(np.stack([np.asarray(r.embedding, np.float16)
                                          for r in todo]).astype(np.float32))
-        decision = decide(emb, cache, self.dedup_threshold, self.related_threshold)
-        batch, new = build_batch(shard, todo, decision, cache, run_id,
-                                 cache.watermark + 1)
+        others = self._others(shard, model)
+        texts = [r.text[:280] for r in todo]  # as the insight's summary will hold it
+        decision = decide(emb, cache, self.rule, texts=texts, others=others)
+        batch, new = build_batch(shard, todo, decision, cache, run_id, cache.watermark + 1,
+                                 others, model)
         self.graph.write_batch(batch, expect_max_seq={shard: cache.watermark})
         merged_rows = decision.target_row[decision.target_row >= 0]
         if merged_rows.size:
             cache.add_support(merged_rows)
+        for other, row, _ in decision.foreign.values():
+            others[other].add_support([row])
         cache.add([i.id for i in new], np.stack([i.embedding for i in new])
-                  if new else np.zeros((0, self.dim), np.float32), [i.seq for i in new])
-        self._maybe_snapshot(shard, cache)
+                  if new else np.zeros((0, self.dim), np.float32), [i.seq for i in new],
+                  texts=[i.summary for i in new])
+        self._maybe_snapshot(shard, model, cache)
         mapping = {**done, **{s.report_id: s.insight_id for s in batch.supports}}
         return CurateResult(shard, len(reports), len(reports) - len(todo), len(new),
                             len(todo) - len(new), len(batch.similar), mapping)
 
-    def _snapshot_dir(self, shard: str) -> Path | None:
+    def _snapshot_dir(self, shard: str, model: str | None = None) -> Path | None:
         if self.checkpoint_dir is None:
             return None
-        return self.checkpoint_dir / stable_id("shard", shard, length=16)
+        parts = ("shard", shard) if model is None else ("shard", shard, model)
+        return self.checkpoint_dir / stable_id(*parts, length=16)
 
-    def _maybe_snapshot(self, shard: str, cache: EmbeddingCache) -> None:
-        snap = self._snapshot_dir(shard)
-        if snap is not None and cache.updates - self._saved_at[shard] >= self.save_interval:
+    def _maybe_snapshot(self, shard: str, model: str | None, cache: EmbeddingCache) -> None:
+        snap = self._snapshot_dir(shard, model)
+        key = (shard, model)
+        if snap is not None and cache.updates - self._saved_at[key] >= self.save_interval:
             cache.save(snap)
-            self._saved_at[shard] = cache.updates
+            self._saved_at[key] = cache.updates
 
     def search(self, query: Tensor | np.ndarray, top_k: int = 5,
-               shards: Sequence[str] | None = None) -> list[dict]:
+               shards: Sequence[str] | None = None, model: str | None = None) -> list[dict]:
         """Nearest insights to one query over the given shards' caches (default: every shard
         of the graph, so a librarian attached by hand answers without being told names)."""
         hits: list[dict] = []
         for shard in self.graph.shards() if shards is None else shards:
-            cache = self.cache(shard)
-            cache.catch_up(self.graph, shard)
+            cache = self.cache(shard, model)
+            cache.catch_up(self.graph, shard, model)
             scores, rows = cache.search(query, top_k)
             ids = cache.ids_at(rows)[0]
             hits += [{"node_id": i, "similarity": float(s), "shard": shard}

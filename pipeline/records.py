@@ -95,6 +95,7 @@ class Insight:
     run_id: str
     summary: str = ""
     created_at: float = 0.0
+    model: str | None = None  # fingerprint of the model whose report space it lives in
 
 
 @dataclass(frozen=True)
@@ -178,3 +179,4 @@ class ShardPart:
     run_id: str
     shard: str
     reports: list[DraftReport]
+    model: str | None = None  # the fingerprint of the model that drafted the reports

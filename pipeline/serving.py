@@ -1,9 +1,11 @@
 """Which model is served: its config, its fingerprint, and the system built from it.
 
-The served model is the checkpoint at ``MOE_MODEL_PATH`` or, with none, the default model
-built from ``MOE_SEED`` (the same weights in every process, so a redelivered batch drafts the
-same reports wherever it runs). A fingerprint names what makes two processes draft the same
-reports: the config, the weights and the text encoder. Every job records the fingerprint it
+The served model is the checkpoint at ``MOE_MODEL_PATH``, else the newest one `moe-pipeline
+train` wrote under ``<state dir>/models``, else the default model built from ``MOE_SEED``
+with its supervisor started from the constellations' descriptions (the same weights in every
+process, so a redelivered batch drafts the same reports wherever it runs). A fingerprint
+names what makes two processes draft the same reports: the config, the weights and the text
+encoder. Every job records the fingerprint it
 was submitted for, and a GPU worker serving another refuses the batch.
 """
 
@@ -11,31 +13,69 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
+from pipeline.encoders import EncoderUnavailable, description_prototypes
 from pipeline.moe import checkpoint
 from pipeline.moe.config import MoEConfig
 from pipeline.moe.system import MixtureOfExpertsSystem
 from pipeline.records import stable_id
 from pipeline.settings import Settings
 
+log = logging.getLogger(__name__)
+
+
+# What a user would write for each default topic: general words, not phrases of any corpus.
+DEFAULT_CONSTELLATIONS = {
+    "mathematics": "numbers, equations, proofs, algebra, geometry, probability and calculus",
+    "language": "words, grammar, sentences, speech, meaning and writing",
+    "vision": "seeing, eyes, sight, images, light, colour and cameras",
+    "memory": "remembering, forgetting, learning, recall and the past",
+}
+
 
 def default_config() -> MoEConfig:
-    """The model the pipeline serves when ``MOE_MODEL_PATH`` names none: small enough for a
-    laptop CPU, with four constellations of two experts, one chosen per item."""
-    return MoEConfig(input_dim=128, hidden_dim=256, output_dim=128, num_experts=8,
+    """The model the pipeline serves when no trained one is there: small enough for a laptop
+    CPU, as wide as the bundled sentence encoder (all-MiniLM-L6-v2, 384), with four described
+    constellations of two experts, one chosen per item."""
+    return MoEConfig(input_dim=384, hidden_dim=384, output_dim=384, num_experts=8,
                      top_k_experts=2, num_layers=2, use_compile=False, use_amp=False,
-                     constellations={"mathematics": [0, 1], "language": [2, 3],
-                                     "vision": [4, 5], "memory": [6, 7]})
+                     constellations={name: {"experts": [2 * g, 2 * g + 1],
+                                            "description": description}
+                                     for g, (name, description)
+                                     in enumerate(DEFAULT_CONSTELLATIONS.items())})
+
+
+def models_dir(settings: Settings) -> Path:
+    """Where `moe-pipeline train` writes checkpoints: ``<state dir>/models``."""
+    return settings.state_dir / "models"
+
+
+def checkpoints(settings: Settings) -> list[Path]:
+    """The trained checkpoints of the state dir, oldest first."""
+    root = models_dir(settings)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if (p / "config.json").is_file()]
+    return sorted(found, key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
+
+
+def served_path(settings: Settings) -> Path | None:
+    """The checkpoint served: ``MOE_MODEL_PATH`` if set, else the newest one trained into
+    the state dir, else none (the default model)."""
+    if settings.model_path:
+        return Path(settings.model_path)
+    found = checkpoints(settings)
+    return found[-1] if found else None
 
 
 def model_config(settings: Settings) -> MoEConfig:
-    """The config of the model the settings name (read without loading weights)."""
-    if settings.model_path:
-        return checkpoint.read_config(settings.model_path)
-    return default_config()
+    """The config of the model the settings serve (read without loading weights)."""
+    path = served_path(settings)
+    return checkpoint.read_config(path) if path is not None else default_config()
 
 
 def config_fingerprint(config: MoEConfig) -> str:
@@ -45,9 +85,10 @@ def config_fingerprint(config: MoEConfig) -> str:
 def model_fingerprint(settings: Settings, config: MoEConfig) -> str:
     """The config, the weights (the checkpoint's bytes, or the seed of the built-in model)
     and the text encoder, as one short id."""
-    if settings.model_path:
+    served = served_path(settings)
+    if served is not None:
         digest = hashlib.sha256()
-        for path in sorted(Path(settings.model_path).glob("*.safetensors")):
+        for path in sorted(served.glob("*.safetensors")):
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
@@ -58,13 +99,32 @@ def model_fingerprint(settings: Settings, config: MoEConfig) -> str:
     return stable_id("model", config_fingerprint(config), weights, encoder, length=16)
 
 
+def build_system(config: MoEConfig, settings: Settings) -> MixtureOfExpertsSystem:
+    """A new system for ``config``, seeded by the settings, its supervisor started from the
+    constellations' encoded descriptions (names alone where none is given) when the text
+    encoder is installed, so that it routes by meaning before any training."""
+    torch.manual_seed(settings.seed)
+    system = MixtureOfExpertsSystem(config)
+    if config.constellations is not None:
+        try:
+            protos = description_prototypes(config.constellation_descriptions(),
+                                            config.input_dim, settings.seed,
+                                            settings.text_model)
+        except EncoderUnavailable:
+            log.warning("no text encoder: the supervisor starts untrained (routing is noise "
+                        "until `moe-pipeline train`)")
+        else:
+            system.init_supervisor(protos)
+    return system
+
+
 def load_system(settings: Settings, device: str | None = None) -> MixtureOfExpertsSystem:
     """The served model on ``device`` (default: the settings'), in eval mode."""
-    if settings.model_path:
-        system = MixtureOfExpertsSystem.from_pretrained(settings.model_path)
+    path = served_path(settings)
+    if path is not None:
+        system = MixtureOfExpertsSystem.from_pretrained(path)
     else:
-        torch.manual_seed(settings.seed)
-        system = MixtureOfExpertsSystem(default_config())
+        system = build_system(default_config(), settings)
     return system.to(device or settings.torch_device()).eval()
 
 

@@ -131,7 +131,7 @@ def route_batch(rt: Runtime, batch: ItemBatch, ship: Ship,
     if pending is None:  # another delivery of this batch moved it on
         return {"batch": batch.batch_id, "status": "done", "attempts": attempts}
     for shard in pending:
-        ship(ShardPart(batch.batch_id, batch.run_id, shard, groups[shard]))
+        ship(ShardPart(batch.batch_id, batch.run_id, shard, groups[shard], batch.model))
     ledger.mark_dispatched(rt.Session, batch.batch_id, pending)
     ledger.mark_routed(rt.Session, batch.batch_id)
     return {"batch": batch.batch_id, "status": "routed", "reports": len(routed.reports),
@@ -152,7 +152,8 @@ def curate_part(rt: Runtime, part: ShardPart,
     config = rt.run_config(part.run_id)
     rt.ensure_run(part.run_id, config)
     t = time.perf_counter()
-    result = rt.librarian(config).curate(part.shard, part.reports, run_id=part.run_id)
+    result = rt.librarian(config).curate(part.shard, part.reports, run_id=part.run_id,
+                                         model=part.model)
     ledger.finish_part(rt.Session, part.batch_id, part.shard, result, time.perf_counter() - t)
     return {"batch": part.batch_id, "shard": part.shard, "status": "done",
             "inserted": result.inserted, "merged": result.merged}
@@ -188,7 +189,8 @@ def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None
     librarian = rt.librarian(system.config)
     best: dict[str, dict] = {}
     for c, shard_index in enumerate(ids):
-        for hit in librarian.search(emb[c], k, shards=[names[shard_index]]):
+        for hit in librarian.search(emb[c], k, shards=[names[shard_index]],
+                                    model=rt.fingerprint):
             if hit["node_id"] not in best or best[hit["node_id"]]["similarity"] < hit[
                     "similarity"]:
                 best[hit["node_id"]] = hit

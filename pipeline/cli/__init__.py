@@ -2,7 +2,7 @@
 
 - `run` — the pipeline: ``run``, ``submit``, ``status``, ``stats``, ``worker``;
 - `graph` — questions and the embedded server: ``query``, ``similar``, ``up``, ``down``;
-- `model` — the model alone: ``demo``, ``generate``.
+- `model` — the model: ``train``, ``models``, ``demo``, ``generate``.
 
 The group builds `Settings` once and hands it to every command (``ctx.obj``); `main` turns
 every `PipelineError` (and an unreachable SQL database or broker) into one line on stderr and
@@ -24,10 +24,13 @@ from pipeline.settings import Settings
 
 @click.group()
 @click.version_option(__version__, prog_name="moe-pipeline")
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
+              help="serve this checkpoint [default: MOE_MODEL_PATH, else the newest trained "
+                   "one of the state dir, else the default model]")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, model_path: str | None) -> None:
     """moe-pipeline: mixture-of-experts routing, deduplicated insights in a graph."""
-    ctx.obj = Settings()
+    ctx.obj = Settings(model_path=model_path) if model_path else Settings()
 
 
 def _register() -> None:

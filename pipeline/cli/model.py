@@ -1,8 +1,10 @@
-"""Commands on the model alone: ``demo`` (one layer on a toy task), ``generate`` (a Llama
+"""Commands on the model: ``train`` (fit the served model to a corpus), ``models`` (the
+checkpoints and which is served), ``demo`` (one layer on a toy task), ``generate`` (a Llama
 converted to MoE, generating with its expert statistics)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -131,4 +133,73 @@ def generate(model_path: str, tokenizer_path: str | None, layers: str, num_exper
     click.echo(f"{prompt}{result.text}")
 
 
-COMMANDS = [demo, generate]
+
+
+@click.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--constellations", "specs", multiple=True, metavar="NAME[=DESCRIPTION]",
+              help="a constellation to train (repeat for each)")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="a model config as JSON (MoEConfig fields), constellations included")
+@click.option("--label-field", help="supervise from this field of each item's meta")
+@click.option("--num-constellations", type=int, help="find this many in the data")
+@click.option("--epochs", default=30, show_default=True)
+@click.pass_obj
+def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: str | None,
+          label_field: str | None, num_constellations: int | None, epochs: int) -> None:
+    """Fit the served model to a corpus (JSONL) and make it the served model."""
+    import json
+
+    from pipeline import training
+    from pipeline.errors import PipelineError
+    from pipeline.moe.config import MoEConfig
+
+    config = None
+    if config_file:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = MoEConfig.from_dict(json.load(f))
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"--config {config_file}: {err}") from err
+    with click.progressbar(length=epochs, label="epochs", file=sys.stderr) as bar:
+        result = training.train(
+            file, settings, constellations=training.parse_constellations(specs) or None,
+            config=config, label_field=label_field, num_constellations=num_constellations,
+            epochs=epochs, on_epoch=lambda epoch, loss: bar.update(1))
+    click.echo(f"trained ({result.mode}) in {result.seconds:.1f} s: loss "
+               f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    for name, description in result.constellations.items():
+        click.echo(f"  {name}: {description or '(no description)'}")
+    if result.quality:
+        what = "labels" if result.mode == "supervised" else "the clusters found"
+        click.echo(f"routing on {result.held_out} held-out items against {what}: "
+                   + "  ".join(f"{k} {v:.3f}" for k, v in result.quality.items()))
+    click.echo(f"served model now {result.path} (fingerprint {result.fingerprint})")
+
+
+@click.command()
+@click.pass_obj
+def models(settings: Settings) -> None:
+    """The trained checkpoints of the state dir, and which one is served."""
+    import json
+
+    from pipeline import serving
+
+    served = serving.served_path(settings)
+    found = serving.checkpoints(settings)
+    if settings.model_path:
+        click.echo(f"served: {settings.model_path} (MOE_MODEL_PATH)")
+    elif served is None:
+        click.echo("served: the default model (no trained checkpoint in "
+                   f"{serving.models_dir(settings)})")
+    for path in reversed(found):
+        meta_file = path / "train.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        config = serving.checkpoint.read_config(path)
+        mark = "*" if served is not None and path.resolve() == served.resolve() else " "
+        quality = " ".join(f"{k}={v:.3f}" for k, v in meta.get("quality", {}).items())
+        click.echo(f"{mark} {path.name}  {meta.get('mode', '?'):<12} "
+                   f"{', '.join(n for n, _ in config.constellation_members())}  {quality}")
+
+
+COMMANDS = [demo, generate, train, models]

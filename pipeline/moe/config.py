@@ -31,6 +31,15 @@ TOKEN_ID_GATES = ("hash",)
 CONSTRAINABLE_GATES = ("topk", "switch", "noisy_topk", "random")
 
 
+def _json_ready(spec: Any) -> Any:
+    """A constellation's spec as JSON reads it back (lists, not tuples)."""
+    if isinstance(spec, tuple):
+        return list(spec)
+    if isinstance(spec, dict):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+    return spec
+
+
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(field, value, "one of " + ", ".join(repr(a) for a in allowed))
@@ -58,6 +67,8 @@ class KnowledgeConfig:
     max_kg_nodes: int
     kg_checkpoint_dir: str | None
     kg_save_interval: int
+    lexical_threshold: float | None = None
+    lexical_floor: float = 0.45
 
 
 @dataclass
@@ -88,10 +99,20 @@ class MoEConfig:
     own constellation, named by ``expert_specializations`` when given, tokens route over all
     experts (a flat top-k MoE) and ``top_k_constellations`` defaults to ``top_k_experts``.
 
-    Knowledge graph (the librarian): reports at cosine >= ``dedup_threshold`` are one insight;
-    new insights link to neighbours with ``related_threshold <= cosine < dedup_threshold``
-    (SIMILAR_TO). ``max_kg_nodes`` bounds each shard's hot cache (the least-supported, oldest
-    insights leave it first and stay in the graph); with ``kg_checkpoint_dir`` the caches are
+    A constellation may carry a ``description`` beside its experts (``{"mathematics":
+    {"experts": [0, 1], "description": "numbers, proofs, equations"}}``): the pipeline starts
+    the supervisor from the encoded descriptions, so a new model routes by meaning before any
+    training. A draft report's embedding is the item's own (pooled, unit) input plus
+    ``report_expert_weight`` times its constellation's (unit) expert output, renormalised:
+    report space stays the encoder's space, shaded by what the experts made of it (0 gives the
+    encoder's space exactly; a large weight, the experts' output alone).
+
+    Knowledge graph (the librarian): reports at cosine >= ``dedup_threshold`` are one insight,
+    and so are reports whose texts share at least ``lexical_threshold`` of their character
+    3-grams (Jaccard) at cosine >= ``lexical_floor`` (None: cosine alone); new insights link
+    to neighbours with ``related_threshold <= cosine < dedup_threshold`` (SIMILAR_TO).
+    ``max_kg_nodes`` bounds each shard's hot cache (the least-supported, oldest insights leave
+    it first and stay in the graph); with ``kg_checkpoint_dir`` the caches are
     snapshotted every ``kg_save_interval`` added insights.
 
     Optimizations (read by `FullyOptimizedMoESystem`; the base system runs without them):
@@ -127,14 +148,18 @@ class MoEConfig:
     router_dtype: str = "float32"
 
     num_layers: int = 2
-    constellations: dict[str, list[int]] | None = None
+    # name -> expert indices, or name -> {"experts": [...], "description": "..."}
+    constellations: dict[str, Any] | None = None
     expert_specializations: list[str] | None = None
     top_k_constellations: int | None = None
     supervisor_heads: int = 4
     constellation_balance_weight: float = 0.01
+    report_expert_weight: float = 0.25
 
     dedup_threshold: float = 0.85
     related_threshold: float = 0.7
+    lexical_threshold: float | None = 0.36
+    lexical_floor: float = 0.45
     max_kg_nodes: int = 100_000
     kg_checkpoint_dir: str | None = None
     kg_save_interval: int = 1000
@@ -148,8 +173,7 @@ class MoEConfig:
     def __post_init__(self) -> None:
         # JSON has no tuples: keep what a checkpoint's config.json reads back identical.
         if isinstance(self.constellations, dict):
-            self.constellations = {k: list(v) if isinstance(v, tuple) else v
-                                   for k, v in self.constellations.items()}
+            self.constellations = {k: _json_ready(v) for k, v in self.constellations.items()}
         if isinstance(self.expert_specializations, tuple):
             self.expert_specializations = list(self.expert_specializations)
         for name in ("input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts",
@@ -215,6 +239,20 @@ class MoEConfig:
         if self.related_threshold > self.dedup_threshold:
             raise ConfigError("related_threshold", self.related_threshold,
                               f"at most dedup_threshold={self.dedup_threshold}")
+        if self.lexical_threshold is not None:
+            lex = self.lexical_threshold
+            if isinstance(lex, bool) or not isinstance(lex, int | float) or not 0 < lex <= 1:
+                raise ConfigError("lexical_threshold", lex,
+                                  "a character 3-gram Jaccard in (0, 1], or None to turn the "
+                                  "lexical signal off")
+        floor = self.lexical_floor
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not (
+                -1.0 <= floor <= self.dedup_threshold):
+            raise ConfigError("lexical_floor", floor,
+                              f"a cosine in [-1, dedup_threshold={self.dedup_threshold}]")
+        w = self.report_expert_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1e6:
+            raise ConfigError("report_expert_weight", w, "a finite number >= 0")
         _positive_int("max_kg_nodes", self.max_kg_nodes)
         _positive_int("kg_save_interval", self.kg_save_interval)
         _positive_int("num_layers", self.num_layers)
@@ -249,12 +287,22 @@ class MoEConfig:
             raise ConfigError("expert_specializations", names, "distinct names")
 
     def _check_constellations(self) -> None:
-        groups = self.constellations
-        if groups is None:
+        if self.constellations is None:
             return
         field = "constellations"
-        if not isinstance(groups, dict) or not groups:
-            raise ConfigError(field, groups, "a non-empty mapping of name to expert indices")
+        if not isinstance(self.constellations, dict) or not self.constellations:
+            raise ConfigError(field, self.constellations,
+                              "a non-empty mapping of name to expert indices")
+        for name, spec in self.constellations.items():
+            if isinstance(spec, dict):
+                unknown = sorted(set(spec) - {"experts", "description"})
+                if unknown or "experts" not in spec:
+                    raise ConfigError(f"{field}[{name!r}]", spec, "a list of expert indices, "
+                                      "or {'experts': [...], 'description': '...'}")
+                if not isinstance(spec.get("description", ""), str):
+                    raise ConfigError(f"{field}[{name!r}].description",
+                                      spec["description"], "a string")
+        groups = dict(self.constellation_members())
         for name, members in groups.items():
             if not isinstance(name, str) or not name:
                 raise ConfigError(field, name, "non-empty string names")
@@ -281,8 +329,15 @@ class MoEConfig:
     def constellation_members(self) -> list[tuple[str, list[int]]]:
         """(name, expert indices) of every constellation, configured or derived."""
         if self.constellations is not None:
-            return [(name, list(members)) for name, members in self.constellations.items()]
+            return [(name, list(spec["experts"] if isinstance(spec, dict) else spec))
+                    for name, spec in self.constellations.items()]
         return [(name, [e]) for e, name in enumerate(self.expert_names())]
+
+    def constellation_descriptions(self) -> dict[str, str]:
+        """Name -> the description a constellation was given ("" where none was)."""
+        return {name: (spec.get("description", "") if isinstance(spec, dict) else "")
+                for name, spec in (self.constellations or {}).items()} or {
+            name: "" for name, _ in self.constellation_members()}
 
     def expert_names(self) -> list[str]:
         """A name per expert: its specialization, or ``expert_<i>``."""
@@ -310,7 +365,8 @@ class MoEConfig:
     def knowledge(self) -> KnowledgeConfig:
         """The knowledge-graph fields only, for the librarian."""
         return KnowledgeConfig(self.input_dim, self.dedup_threshold, self.related_threshold,
-                               self.max_kg_nodes, self.kg_checkpoint_dir, self.kg_save_interval)
+                               self.max_kg_nodes, self.kg_checkpoint_dir, self.kg_save_interval,
+                               self.lexical_threshold, self.lexical_floor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -54,15 +54,25 @@ class ExpertConstellation(nn.Module):
         mass_BG = input_weights_BE.float() @ self.membership.t().float()
         return mass_BG / mass_BG.sum(-1, keepdim=True).clamp_min(1e-12)
 
-    def reports(self, pooled_BEO: Tensor, input_weights_BE: Tensor,
-                chosen_BC: Tensor) -> tuple[Tensor, Tensor]:
+    def reports(self, pooled_BEO: Tensor, input_weights_BE: Tensor, chosen_BC: Tensor,
+                input_BO: Tensor | None = None, expert_weight: float = 1.0
+                ) -> tuple[Tensor, Tensor]:
         """Draft report tensors for each (input, chosen constellation).
 
-        Returns the L2-normalised sum of the constellation's experts' pooled outputs
-        ``(B, C, O)`` and each member expert's mean routing weight ``(B, C, E)`` (zero for
-        experts outside the constellation or that did not fire).
+        The embedding is ``normalize(unit(input) + expert_weight * unit(experts))``, where
+        ``experts`` is the sum of the constellation's experts' pooled outputs and ``input``
+        the input's own pooled vector ``(B, O)`` (none: the experts' part alone). Keeping the
+        input in the report keeps its meaning: two restatements stay near, two different
+        notes stay apart, as in the encoder's space (a residual, as the blocks have).
+
+        Returns embeddings ``(B, C, O)`` float32 and each member expert's mean routing weight
+        ``(B, C, E)`` (zero for experts outside the constellation or that did not fire).
         """
         member_BCE = self.membership[chosen_BC].to(pooled_BEO.dtype)
-        emb_BCO = torch.einsum("bce,beo->bco", member_BCE, pooled_BEO)
+        emb_BCO = F.normalize(torch.einsum("bce,beo->bco", member_BCE, pooled_BEO).float(),
+                              dim=-1)
+        if input_BO is not None:
+            own_B1O = F.normalize(input_BO.float(), dim=-1).unsqueeze(1)
+            emb_BCO = own_B1O + expert_weight * emb_BCO
         weights_BCE = member_BCE.to(input_weights_BE.dtype) * input_weights_BE.unsqueeze(1)
-        return F.normalize(emb_BCO.float(), dim=-1), weights_BCE
+        return F.normalize(emb_BCO, dim=-1), weights_BCE

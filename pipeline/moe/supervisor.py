@@ -67,6 +67,28 @@ class SupervisorGating(nn.Module):
             0, chosen_BC.reshape(-1), torch.ones(chosen_BC.numel(), device=x_BND.device))
         return SupervisorDecision(chosen_BC, scores_BC, probs_BG, logits_BG, counts_G)
 
+    @torch.no_grad()
+    def init_from_prototypes(self, protos_GD: Tensor, temperature: float = 0.05) -> None:
+        """Start routing by meaning: constellation g's logit becomes the cosine between the
+        input's summary and prototype g, divided by ``temperature``.
+
+        ``protos_GD`` is one point per constellation in the input space (e.g. its encoded
+        description). With the value map the identity and the norm's affine part at rest,
+        an input of one token is summarised as ``LN(x)``, whose norm is exactly sqrt(D); a
+        score row ``LN(p_g) / (|LN(p_g)| T sqrt(D))`` then gives ``cos(LN(x), LN(p_g)) / T``
+        (the centred cosine: a Pearson correlation of the two vectors). A sequence is
+        summarised by the attention-weighted mean of its tokens' ``LN(x)``.
+        """
+        G, D = self.score.out_features, self.score.in_features
+        if tuple(protos_GD.shape) != (G, D):
+            raise ValueError(f"prototypes have shape {tuple(protos_GD.shape)}, expected "
+                             f"({G}, {D}): one per constellation, in the input width")
+        self.norm.reset_parameters()
+        self.value.weight.copy_(torch.eye(D, dtype=self.value.weight.dtype))
+        rows_GD = F.normalize(F.layer_norm(protos_GD.float(), (D,)), dim=-1)
+        self.score.weight.copy_((rows_GD / (temperature * D**0.5)).to(self.score.weight.dtype))
+        self.score.bias.zero_()
+
     @staticmethod
     def alignment_loss(decision: SupervisorDecision, target_BG: Tensor) -> Tensor:
         """Cross-entropy from the routed mass per constellation (detached) to the scores.

@@ -27,6 +27,7 @@ from pipeline.moe import checkpoint as ckpt
 from pipeline.moe.analysis import parameter_counts
 from pipeline.moe.config import TOKEN_CHOICE_GATES, MoEConfig
 from pipeline.moe.constellation import ExpertConstellation
+from pipeline.moe.fitting import FitResult, fit
 from pipeline.moe.layer import MoEAux, MoELayer, RoutingConstraint
 from pipeline.moe.supervisor import SupervisorDecision, SupervisorGating
 
@@ -147,8 +148,9 @@ class MixtureOfExpertsSystem(nn.Module):
                 decision, target)
         batch = None
         if reports:
-            emb, weights = self.constellation.reports(last.pooled, last.input_weights,
-                                                      decision.chosen)
+            emb, weights = self.constellation.reports(
+                last.pooled, last.input_weights, decision.chosen, x_BND.mean(1),
+                cfg.report_expert_weight)
             batch = DraftReportBatch(decision.chosen, decision.scores, emb, weights)
         if x.dim() == 2:
             out = out.squeeze(1)
@@ -175,6 +177,17 @@ class MixtureOfExpertsSystem(nn.Module):
             return self._runner()(x, reports=True)
 
     # -- training --------------------------------------------------------------------------
+    def init_supervisor(self, prototypes_GD: Tensor, temperature: float = 0.05) -> None:
+        """Route by meaning from the start: constellation g scores the cosine of an input
+        with ``prototypes_GD[g]`` (e.g. its encoded description), see
+        `SupervisorGating.init_from_prototypes`."""
+        self.supervisor.init_from_prototypes(prototypes_GD, temperature)
+
+    def fit(self, x_ND: Tensor, targets_N: Tensor | None = None, **kw: Any) -> FitResult:
+        """Fit the model to inputs ``x_ND``, supervised where ``targets_N`` (constellation
+        indices, -1 unknown) says where an input belongs; see `pipeline.moe.fitting.fit`."""
+        return fit(self, x_ND, targets_N, **kw)
+
     def training_step(self, batch: Any, optimizer: torch.optim.Optimizer,
                       loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float:
         """One optimizer step on ``(inputs, targets)``: task loss + weighted aux losses.

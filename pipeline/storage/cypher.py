@@ -163,8 +163,15 @@ MATCH (i:{INSIGHT}) WHERE i.shard = $shard
 RETURN max(i.seq) AS seq
 """
 
+CONSTELLATIONS = f"""
+MATCH (c:{CONSTELLATION})
+RETURN collect(c.id) AS ids
+"""
+
+# A cache may hold one model's insights of a shard ($model), or all of them ($model null).
 COUNT_AFTER = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard AND i.seq > $after
+  AND ($model IS NULL OR i.model = $model)
 RETURN count(i) AS n
 """
 
@@ -173,7 +180,9 @@ RETURN count(i) AS n
 # per-record cost low. Rows of a page come unordered.
 PAGE_RANGE = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard AND i.seq > $lo AND i.seq <= $hi
-RETURN collect(i.id) AS ids, collect(i.seq) AS seqs, collect(i.embedding) AS embeddings
+  AND ($model IS NULL OR i.model = $model)
+RETURN collect(i.id) AS ids, collect(i.seq) AS seqs, collect(i.embedding) AS embeddings,
+       collect(coalesce(i.summary, '')) AS summaries
 """
 
 # Writing clauses and procedures a read-only query must not contain (after literals and

@@ -64,6 +64,8 @@ class ShardRows:
     ids: list[str]
     seqs: np.ndarray  # (n,) int64, ascending
     embeddings: np.ndarray  # (n, dim) float16
+    summaries: list[str]
+    top: int  # the shard's highest seq when read (any model's), -1 when empty
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -232,43 +234,53 @@ class GraphStore:
         """The shards that hold at least one insight, sorted."""
         return sorted(self._read_one(cypher.SHARDS)["shards"])
 
+    def constellations(self) -> list[str]:
+        """Every constellation the graph knows (the shards insights may be written to)."""
+        return sorted(self._read_one(cypher.CONSTELLATIONS)["ids"])
+
     def max_seq(self, shard: str) -> int:
         """The highest ``seq`` of a shard, -1 when it is empty."""
         record = self._read_one(cypher.MAX_SEQ, shard=shard)
         return -1 if record["seq"] is None else int(record["seq"])
 
-    def count_after(self, shard: str, after: int = -1) -> int:
-        return int(self._read_one(cypher.COUNT_AFTER, shard=shard, after=after)["n"])
+    def count_after(self, shard: str, after: int = -1, model: str | None = None) -> int:
+        return int(self._read_one(cypher.COUNT_AFTER, shard=shard, after=after,
+                                  model=model)["n"])
 
-    def read_shard(self, shard: str, dim: int, after: int = -1,
-                   page: int = 5000) -> ShardRows:
-        """Insights of ``shard`` with ``seq > after``, in seq order, into preallocated arrays.
+    def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
+                   model: str | None = None) -> ShardRows:
+        """Insights of ``shard`` with ``seq > after`` (drafted by ``model``, if given), in seq
+        order, into preallocated arrays.
 
         Pages are seq ranges up to the shard's current maximum; each page's embeddings are
         decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
         """
         top = self.max_seq(shard)
-        expected = self.count_after(shard, after)
+        expected = self.count_after(shard, after, model)
         ids: list[str] = []
+        summaries: list[str] = []
         seqs = np.empty(expected, dtype=np.int64)
         emb = np.empty((expected, dim), dtype=np.float16)
         n, lo = 0, after
         with self._outage(), self._session(read=True) as session:
             while lo < top:
-                rec = session.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page).single()
+                rec = session.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page,
+                                  model=model).single()
                 got = len(rec["ids"])
                 if n + got > len(seqs):  # rows landed since the count: grow by doubling
                     size = max(2 * len(seqs), n + got)
                     seqs, emb = np.resize(seqs, size), np.resize(emb, (size, dim))
                 if got:
                     ids.extend(rec["ids"])
+                    summaries.extend(t or "" for t in rec["summaries"])
                     seqs[n:n + got] = rec["seqs"]
                     emb[n:n + got] = np.frombuffer(b"".join(rec["embeddings"]),
                                                    dtype="<f2").reshape(got, dim)
                     n += got
                 lo += page
         order = np.argsort(seqs[:n], kind="stable")
-        return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order])
+        return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order],
+                         [summaries[i] for i in order], top)
 
     def _read_one(self, query: str, **params: Any) -> dict[str, Any]:
         with self._outage(), self._session(read=True) as session:

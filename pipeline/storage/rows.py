@@ -25,6 +25,8 @@ def insight_row(insight: Insight, with_vector: bool = False) -> Row:
                   "run_id": insight.run_id, "embedding": encode_embedding(insight.embedding),
                   "dim": int(insight.embedding.shape[-1]), "summary": insight.summary,
                   "created_at": insight.created_at}
+    if insight.model is not None:  # the model that drafted it: its report space
+        props["model"] = insight.model
     if with_vector:  # a list-of-floats copy, for servers with a vector index
         props["embedding_vector"] = [float(v) for v in insight.embedding]
     return {"id": insight.id, "shard": insight.shard, "props": props}

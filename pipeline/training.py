@@ -1,0 +1,216 @@
+"""``moe-pipeline train``: fit the served model to a corpus and make it the served model.
+
+Which constellations (first that applies):
+
+1. named ones (``--constellations NAME[=DESCRIPTION] ...``) or a config file's;
+2. with a label field and neither, the label values;
+3. with ``num_constellations`` K, K found in the data: spherical k-means in the encoder's
+   space, named and described by their distinctive terms (class-based TF-IDF, as BERTopic
+   names topics), so the graph's Constellation nodes read as topics;
+4. else the served model's own.
+
+Where items carry a label (``label_field``, read from ``meta``), training is supervised: the
+label must name a constellation. Otherwise each item's target is found in the data: its
+k-means cluster, or, with named constellations, the cluster it falls into when k-means starts
+from their encoded descriptions. A held-out part (a fifth of the items, chosen by id) is
+routed after training and compared with the labels (NMI, purity, accuracy) or, without
+labels, with the targets. The checkpoint goes under ``<state dir>/models``; the newest one
+is what ``run``, ``submit``, the workers and ``similar`` serve unless ``MOE_MODEL_PATH``
+names another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import encoders, serving
+from pipeline.errors import PipelineError
+from pipeline.inputs import read_items
+from pipeline.moe.config import MoEConfig
+from pipeline.quality import accuracy, nmi, purity
+from pipeline.records import Item, stable_id
+from pipeline.settings import Settings
+from pipeline.topics import describe_topics, kmeans, name_topics
+
+Source = str | Path | list[dict[str, Any]]
+EXPERTS_PER_CONSTELLATION = 2
+
+
+class TrainError(PipelineError):
+    """Training was asked for something the corpus or the options cannot give."""
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    fingerprint: str
+    mode: str  # "supervised" or "unsupervised"
+    constellations: dict[str, str]  # name -> description
+    losses: list[float]
+    held_out: int
+    quality: dict[str, float]  # nmi, purity (and accuracy with labels) on the held-out part
+    seconds: float
+
+
+def parse_constellations(specs: Sequence[str]) -> dict[str, str]:
+    """``NAME[=DESCRIPTION]`` options to name -> description."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, _, description = spec.partition("=")
+        if not name.strip():
+            raise TrainError(f"--constellations {spec!r}: expected NAME or NAME=DESCRIPTION")
+        out[name.strip()] = description.strip()
+    return out
+
+
+def _labels(items: Sequence[Item], field: str | None) -> list[str | None] | None:
+    if field is None:
+        return None
+    labels = [item.meta.get(field) for item in items]
+    if all(v is None for v in labels):
+        raise TrainError(f"label field {field!r} is in no item's meta (items carry "
+                         f"{sorted({k for i in items for k in i.meta}) or 'no meta'})")
+    return [None if v is None else str(v) for v in labels]
+
+
+def _with_constellations(base: MoEConfig, names: dict[str, str]) -> MoEConfig:
+    """``base``'s hyperparameters with these constellations, two experts each."""
+    k = EXPERTS_PER_CONSTELLATION
+    groups = {name: {"experts": list(range(k * g, k * g + k)), "description": desc}
+              for g, (name, desc) in enumerate(names.items())}
+    return dataclasses.replace(base, num_experts=k * len(names), constellations=groups,
+                               top_k_experts=min(base.top_k_experts, k),
+                               expert_specializations=None, top_k_constellations=None)
+
+
+def _held_out(items: Sequence[Item], share: float = 0.2) -> np.ndarray:
+    """A fixed fifth of the items, by a hash of their ids: the same split every run."""
+    return np.array([int(stable_id("split", i.id, length=8), 16) % 1000 < share * 1000
+                     for i in items], dtype=bool)
+
+
+def _seeded_kmeans(x_ND: torch.Tensor, protos_GD: torch.Tensor, iters: int = 20) -> np.ndarray:
+    """Spherical k-means started from the prototypes (so cluster g stays constellation g)."""
+    x = torch.nn.functional.normalize(x_ND, dim=-1)
+    c = torch.nn.functional.normalize(protos_GD, dim=-1)
+    for _ in range(iters):
+        labels = (x @ c.t()).argmax(1)
+        for g in range(c.shape[0]):
+            members = x[labels == g]
+            if len(members):
+                c[g] = torch.nn.functional.normalize(members.mean(0), dim=0)
+    return (x @ c.t()).argmax(1).numpy()
+
+
+def train(source: Source, settings: Settings, *, constellations: dict[str, str] | None = None,
+          config: MoEConfig | None = None, label_field: str | None = None,
+          num_constellations: int | None = None, epochs: int = 30, lr: float = 3e-3,
+          on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Fit a model to the items of ``source`` and write it as the served checkpoint."""
+    start = time.perf_counter()
+    items, bad = read_items(source)
+    if not items:
+        raise TrainError(f"{source if not isinstance(source, list) else 'the items'}: no valid "
+                         f"item to train on ({len(bad)} bad)")
+    labels = _labels(items, label_field)
+    base = config or serving.model_config(settings)
+    names: dict[str, str]
+    if constellations:
+        names = dict(constellations)
+    elif config is not None and config.constellations is not None:
+        names = config.constellation_descriptions()
+    elif labels is not None:
+        names = {v: "" for v in sorted({v for v in labels if v is not None})}
+    elif num_constellations:
+        names = {}
+    else:
+        names = base.constellation_descriptions()
+    x = encoders.encode_items(items, base.input_dim, settings.seed, settings.text_model)
+    texts = [item.text or "" for item in items]
+    targets: np.ndarray
+    if labels is not None:
+        unknown = sorted({v for v in labels if v is not None and v not in names})
+        if unknown:
+            example = next(i for i, v in zip(items, labels, strict=True) if v == unknown[0])
+            raise TrainError(f"item {example.id!r} (line {example.line}): {label_field}="
+                             f"{unknown[0]!r} names no constellation (they are "
+                             f"{', '.join(names)})")
+        index = {name: g for g, name in enumerate(names)}
+        targets = np.array([-1 if v is None else index[v] for v in labels], np.int64)
+        mode = "supervised"
+    elif not names:  # found in the data, named from it
+        if num_constellations is None or num_constellations < 1:
+            raise TrainError("--num-constellations must be a positive integer")
+        if num_constellations > len(items):
+            raise TrainError(f"--num-constellations {num_constellations}: more than the "
+                             f"{len(items)} items")
+        found, _ = kmeans(x, num_constellations, seed=settings.seed)
+        targets = found.numpy().astype(np.int64)
+        names = dict(zip(name_topics(texts, targets), describe_topics(texts, targets),
+                         strict=True))
+        mode = "unsupervised"
+    else:
+        protos = encoders.description_prototypes(names, base.input_dim, settings.seed,
+                                                 settings.text_model)
+        targets = _seeded_kmeans(x, protos)
+        mode = "unsupervised"
+    cfg = config if (config is not None and not constellations) else \
+        _with_constellations(base, names)
+    system = serving.build_system(cfg, settings)
+    if mode == "unsupervised" and not constellations and config is None and labels is None \
+            and num_constellations:
+        # the supervisor starts at the clusters themselves: the data's own prototypes
+        centroids = torch.stack([x[torch.from_numpy(targets == g)].mean(0)
+                                 for g in range(len(names))])
+        system.init_supervisor(centroids)
+    held = _held_out(items) if len(items) >= 10 else np.zeros(len(items), dtype=bool)
+    fit_targets = torch.from_numpy(np.where(held, -1, targets))
+    train_rows = torch.from_numpy(~held)
+    result = system.fit(x[train_rows], fit_targets[train_rows], epochs=epochs, lr=lr,
+                        seed=settings.seed, on_epoch=on_epoch)
+    quality = _quality(system, x, held if held.any() else ~held, targets, labels, names)
+    path = _save(system, settings, mode, source, quality)
+    fingerprint = serving.model_fingerprint(settings.model_copy(update={"model_path": path}),
+                                            system.config)
+    return TrainResult(path, fingerprint, mode, dict(names), result.losses, int(held.sum()),
+                       quality, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _quality(system: Any, x: torch.Tensor, rows: np.ndarray, targets: np.ndarray,
+             labels: list[str | None] | None, names: dict[str, str]) -> dict[str, float]:
+    """Routing of the held-out items against their labels (or, without, their targets)."""
+    chosen = system.run(x[torch.from_numpy(rows)]).decision.chosen[:, 0].numpy()
+    names_list = list(names)
+    routed = [names_list[g] for g in chosen]
+    truth = ([labels[i] for i in np.flatnonzero(rows)] if labels is not None
+             else [names_list[t] for t in targets[rows]])
+    keep = [i for i, t in enumerate(truth) if t is not None]
+    truth = [truth[i] for i in keep]
+    routed = [routed[i] for i in keep]
+    if not truth:
+        return {}
+    return {"nmi": nmi(truth, routed), "purity": purity(truth, routed),
+            "accuracy": accuracy(truth, routed)}
+
+
+def _save(system: Any, settings: Settings, mode: str, source: Source,
+          quality: dict[str, float]) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = serving.models_dir(settings)
+    path = root / f"{stamp}-{stable_id('model', str(time.time_ns()), length=8)}"
+    system.save(path)
+    (path / "train.json").write_text(json.dumps({
+        "mode": mode, "source": source if isinstance(source, str | Path) and not isinstance(
+            source, list) else f"{len(source)} items", "quality": quality,
+        "created_at": time.time()}, default=str, indent=2))
+    return path
