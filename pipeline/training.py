@@ -5,8 +5,9 @@ Which constellations (first that applies):
 1. named ones (``--constellations NAME[=DESCRIPTION] ...``) or a config file's;
 2. with a label field and neither, the label values;
 3. with ``num_constellations`` K, K found in the data: spherical k-means in the encoder's
-   space, named and described by their distinctive terms (class-based TF-IDF, as BERTopic
-   names topics), so the graph's Constellation nodes read as topics;
+   space (centred on the corpus mean), named and described by their distinctive terms
+   (class-based TF-IDF, as BERTopic names topics), so the graph's Constellation nodes read
+   as topics;
 4. else the served model's own.
 
 Where items carry a label (``label_field``, read from ``meta``), training is supervised: the
@@ -92,9 +93,9 @@ def _with_constellations(base: MoEConfig, names: dict[str, str]) -> MoEConfig:
                                expert_specializations=None, top_k_constellations=None)
 
 
-def _held_out(items: Sequence[Item], share: float = 0.2) -> np.ndarray:
-    """A fixed fifth of the items, by a hash of their ids: the same split every run."""
-    return np.array([int(stable_id("split", i.id, length=8), 16) % 1000 < share * 1000
+def _held_out(items: Sequence[Item], share: float = 0.2, salt: str = "split") -> np.ndarray:
+    """A fixed share of the items, by a hash of their ids: the same split every run."""
+    return np.array([int(stable_id(salt, i.id, length=8), 16) % 1000 < share * 1000
                      for i in items], dtype=bool)
 
 
@@ -113,7 +114,7 @@ def _seeded_kmeans(x_ND: torch.Tensor, protos_GD: torch.Tensor, iters: int = 20)
 
 def train(source: Source, settings: Settings, *, constellations: dict[str, str] | None = None,
           config: MoEConfig | None = None, label_field: str | None = None,
-          num_constellations: int | None = None, epochs: int = 30, lr: float = 3e-3,
+          num_constellations: int | None = None, epochs: int = 30, lr: float = 1e-3,
           on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fit a model to the items of ``source`` and write it as the served checkpoint."""
     start = time.perf_counter()
@@ -153,7 +154,10 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
         if num_constellations > len(items):
             raise TrainError(f"--num-constellations {num_constellations}: more than the "
                              f"{len(items)} items")
-        found, _ = kmeans(x, num_constellations, seed=settings.seed)
+        # Centred first: sentence embeddings share a common direction that k-means would
+        # otherwise spend clusters on ("all-but-the-top", arXiv:1702.01417; measured on
+        # examples/texts.jsonl: NMI 0.91 centred, 0.75 not; WordNet verbs 0.40 and 0.42).
+        found, _ = kmeans(x - x.mean(0), num_constellations, seed=settings.seed)
         targets = found.numpy().astype(np.int64)
         names = dict(zip(name_topics(texts, targets), describe_topics(texts, targets),
                          strict=True))
@@ -173,10 +177,16 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
                                  for g in range(len(names))])
         system.init_supervisor(centroids)
     held = _held_out(items) if len(items) >= 10 else np.zeros(len(items), dtype=bool)
-    fit_targets = torch.from_numpy(np.where(held, -1, targets))
-    train_rows = torch.from_numpy(~held)
-    result = system.fit(x[train_rows], fit_targets[train_rows], epochs=epochs, lr=lr,
-                        seed=settings.seed, on_epoch=on_epoch)
+    # A tenth of the training part picks the epoch to keep (early stopping); the held-out
+    # fifth is only ever used to report.
+    val = _held_out(items, 0.1, salt="validation") & ~held if len(items) >= 50 else \
+        np.zeros(len(items), dtype=bool)
+    fit_rows = torch.from_numpy(~held & ~val)
+    known_val = torch.from_numpy(val & (targets >= 0))
+    validation = ((x[known_val], torch.from_numpy(targets)[known_val])
+                  if bool(known_val.any()) else None)
+    result = system.fit(x[fit_rows], torch.from_numpy(targets)[fit_rows], epochs=epochs,
+                        lr=lr, seed=settings.seed, validation=validation, on_epoch=on_epoch)
     quality = _quality(system, x, held if held.any() else ~held, targets, labels, names)
     path = _save(system, settings, mode, source, quality)
     fingerprint = serving.model_fingerprint(settings.model_copy(update={"model_path": path}),

@@ -4,6 +4,7 @@ invariant that no two insights of a shard are duplicates, for any sequence of ba
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from factories import clustered
 from hypothesis import given, settings
@@ -55,3 +56,30 @@ def test_no_two_insights_are_duplicates_and_every_report_has_one(seed, sizes):
     sims = e @ e.t() - 2 * torch.eye(len(cache), dtype=torch.float64)
     assert len(cache) == 0 or sims.max() < THRESHOLD
     assert len(owner) == seen and set(owner.values()) <= set(cache.ids)
+
+
+def test_the_lexical_branch_merges_records_the_encoder_keeps_apart():
+    """Two spellings of one person's record: cosine in the band, 3-grams shared."""
+    from pipeline.dedup import Rule
+
+    rule = Rule(0.85, 0.5, lexical=0.36, floor=0.45)
+    a, b = "john smith 12 high street springfield 2000", "jon smith 12 high st springfield 2000"
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.7, 0.714]]), dim=-1)
+    assert float(e[0] @ e[1]) < 0.85  # the encoder alone would keep them apart
+    assert list(dedup_in_batch(e, rule, [a, b])) == [0, 0]
+    assert list(dedup_in_batch(e, rule, [a, "mary jones 4 low road eastwood 3000"])) == [0, 1]
+    assert list(dedup_in_batch(e, 0.85)) == [0, 1]  # cosine only
+    cache = EmbeddingCache(2)
+    cache.add(["x"], e[:1].numpy(), [0], texts=[a])
+    d = decide(e[1:], cache, rule, texts=[b])
+    assert list(d.target_row) == [0] and not d.inserts
+
+
+def test_a_restatement_in_another_shards_cache_joins_it_there():
+    from pipeline.dedup import Rule
+
+    emb = clustered(np.random.default_rng(5), 3, 3, noise=0.0)
+    here, there = EmbeddingCache(16), EmbeddingCache(16)
+    there.add(["elsewhere"], emb[:1], [0], texts=["a note"])
+    d = decide(torch.from_numpy(emb[:1]), here, Rule(0.85, 0.5), others={"b": there})
+    assert d.foreign == {0: ("b", 0, pytest.approx(1.0, abs=1e-5))} and not d.inserts

@@ -271,3 +271,39 @@ def test_a_lease_outlives_its_ttl_while_held_and_frees_the_shard_when_its_holder
         assert waited < 3
     finally:
         holder.kill()
+
+
+def test_a_restatement_routed_to_another_constellation_merges_there(graph):
+    """The invariant: a report whose nearest insight in *any* shard is a duplicate joins
+    that insight (one more SUPPORTED_BY), instead of founding a second one in its own."""
+    a, b = f"x-{uuid.uuid4().hex[:8]}", f"y-{uuid.uuid4().hex[:8]}"
+    model = f"model-{uuid.uuid4().hex[:8]}"  # this test's own report space in the shared graph
+    lib = _librarian(graph)
+    emb = clustered(np.random.default_rng(11), 1, 1, noise=0.0)
+    first = lib.curate(a, reports_for(emb, "job-x1", a), model=model)
+    assert first.inserted == 1
+    moved = reports_for(emb, "job-x2", b, start=100)  # the same note, routed to b
+    second = lib.curate(b, moved, model=model)
+    assert (second.inserted, second.merged) == (0, 1)
+    (insight,) = set(first.insight_of_report.values())
+    assert set(second.insight_of_report.values()) == {insight}
+    rows = graph.run_cypher("MATCH (i:Insight {id: $id})-[:SUPPORTED_BY]->(s:Source) "
+                            "RETURN count(DISTINCT s) AS n, i.shard AS shard", {"id": insight})
+    assert rows == [{"n": 2, "shard": a}]
+    assert graph.max_seq(b) == -1  # nothing founded in b
+
+
+def test_two_models_insights_never_merge(graph):
+    shard, tag = f"m-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    m1, m2 = f"one-{tag}", f"two-{tag}"
+    lib = _librarian(graph)
+    emb = np.random.default_rng(12).standard_normal((4, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # four distinct notes
+    one = lib.curate(shard, reports_for(emb, "job-m1", shard), model=m1)
+    two = lib.curate(shard, reports_for(emb, "job-m2", shard, start=50), model=m2)
+    assert one.inserted == two.inserted == len(emb)  # the same notes, two report spaces
+    again = lib.curate(shard, reports_for(emb, "job-m3", shard, start=90), model=m1)
+    assert (again.inserted, again.merged) == (0, len(emb))
+    models = graph.run_cypher("MATCH (i:Insight {shard: $s}) RETURN i.model AS m, count(*) AS n "
+                              "ORDER BY m", {"s": shard})
+    assert models == [{"m": m1, "n": 4}, {"m": m2, "n": 4}]

@@ -86,3 +86,20 @@ def test_the_command_table_names_real_commands():
     rows = re.findall(r"^\| `moe-pipeline (\w+)[^`]*`(?: / `(\w+)`)?", README, re.M)
     documented = {name for row in rows for name in row if name}
     assert documented == set(cli.commands)
+
+
+def test_the_cookbook_answers_are_true_on_the_seeded_graph(graph, seeded):
+    """"The most-supported insights of a constellation" hold that constellation's topic, and
+    support counts distinct sources (each note of texts.jsonl is written once and restated
+    twice: three sources at most)."""
+    title, query, names = cookbook()[0]
+    assert "most-supported" in title
+    for constellation in ("mathematics", "language", "vision", "memory"):
+        rows = graph.run_cypher(query, {"constellation": constellation})
+        assert rows, constellation
+        assert max(r["support"] for r in rows) <= 3
+        sources = graph.run_cypher(
+            "UNWIND $ids AS id MATCH (:Insight {id: id})-[:SUPPORTED_BY]->(s:Source) "
+            "RETURN s.id AS source", {"ids": [r["insight"] for r in rows]})
+        on_topic = [s["source"].startswith(constellation + "-") for s in sources]
+        assert sum(on_topic) >= 0.8 * len(on_topic), (constellation, sources)
