@@ -158,11 +158,14 @@ def snapshot_ready(cache: EmbeddingCache, data: np.ndarray, rng) -> dict[str, fl
             self.seqs = np.arange(len(data), len(data) + rows)
             self.embeddings = unit(rng.standard_normal((rows, DIM), dtype=np.float32)).astype(
                 np.float16)
+            self.summaries = [""] * rows
+            self.top = int(self.seqs[-1]) if rows else -1
 
     tail = Tail(len(data) // 100)
 
     class Graph:
-        def read_shard(self, shard: str, dim: int, after: int = -1):
+        def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
+                       model: str | None = None):
             return tail
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ class Librarian:
     """Curates shards into the graph, keeping one hot cache per shard."""
 
     def __init__(self, graph: GraphStore, locks: ShardLocks, dim: int, run_id: str,
-                 dedup_threshold: float = 0.85, related_threshold: float = 0.7,
+                 dedup_threshold: float = 0.85, related_threshold: float = 0.5,
                  device: str = "cpu", max_kg_nodes: int | None = None,
                  kg_checkpoint_dir: str | Path | None = None,
                  kg_save_interval: int = 1000, lexical_threshold: float | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,28 @@ def test_concurrent_writers_on_different_shards_both_land(graph):
     for shard in shards:
         assert graph.max_seq(shard) == 199
         assert counts(graph, shard)["SUPPORTED_BY"] == 200
+
+
+def test_the_readme_rebuild_collapses_old_per_report_support_edges(graph):
+    """Graphs of 0.1.0 held one SUPPORTED_BY per report; the documented query leaves one per
+    (insight, source)."""
+    import re
+
+    shard = _shard()
+    graph.write_batch(make_batch(shard, 2)[0])
+    (insight,) = [r["i"] for r in graph.run_cypher(
+        "MATCH (n:Insight {shard: $s}) WITH n ORDER BY n.seq LIMIT 1 RETURN n.id AS i",
+        {"s": shard})]
+    graph.run_cypher("MATCH (i:Insight {id: $i})-[:SUPPORTED_BY]->(s:Source) "
+                     "CREATE (i)-[:SUPPORTED_BY {report_id: 'old', job_id: 'j0'}]->(s)",
+                     {"i": insight}, write=True)
+    count = ("MATCH (i:Insight {id: $i})-[e:SUPPORTED_BY]->(s:Source) "
+             "RETURN count(e) AS edges, count(DISTINCT s) AS sources")
+    before = graph.run_cypher(count, {"i": insight})[0]
+    assert before["edges"] == 2 * before["sources"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (rebuild,) = re.findall(r'moe-pipeline query --write "(MATCH \(i:Insight\)-\[e:SUPPORTED_BY'
+                            r'[^"]+)"', readme)
+    graph.run_cypher(rebuild, write=True)
+    after = graph.run_cypher(count, {"i": insight})[0]
+    assert after["edges"] == after["sources"] == before["sources"]

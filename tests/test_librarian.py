@@ -23,6 +23,10 @@ THRESHOLD, RELATED = 0.85, 0.5
 
 
 def _librarian(graph, **kw) -> Librarian:
+    # The session's graph is shared by every test: a librarian looking across shards would
+    # meet other tests' insights, so these look within their shard; the cross-shard tests
+    # below keep to a report space (model) of their own instead.
+    kw.setdefault("cross_shard", False)
     return Librarian(graph, LocalShardLock(), dim=16, run_id="run-lib",
                      dedup_threshold=THRESHOLD, related_threshold=RELATED, **kw)
 
@@ -123,7 +127,7 @@ sys.path.insert(0, {tests!r})
 from test_librarian import clustered, reports_for
 cfg = json.loads(sys.argv[1])
 graph = GraphStore.connect(cfg["uri"], cfg["user"], cfg["password"], cfg["database"])
-lib = Librarian(graph, RedisShardLock(cfg["redis"]), dim=16, run_id="run-two",
+lib = Librarian(graph, RedisShardLock(cfg["redis"]), dim=16, run_id="run-two", cross_shard=False,
                 dedup_threshold=0.85, related_threshold=0.5)
 rng = np.random.default_rng(cfg["seed"])
 for b in range(4):
@@ -161,8 +165,14 @@ def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
-    emb, per_report = _shard_state(graph, shard)
-    assert len(per_report) == 200 and set(per_report.values()) == {1}
+    emb, _ = _shard_state(graph, shard)
+    # Both processes drafted reports of the same 100 items (sources): support counts each
+    # source once, and every one of the 200 reports is recorded by its job on the edge.
+    edges = graph.run_cypher(
+        "MATCH (i:Insight {shard: $s})-[e:SUPPORTED_BY]->(src:Source) "
+        "RETURN src.id AS source, count(e) AS n, sum(size(e.jobs)) AS jobs", {"s": shard})
+    assert len(edges) == 100 and {e["n"] for e in edges} == {1}
+    assert sum(e["jobs"] for e in edges) == 200
     assert _max_pair(emb) < THRESHOLD
 
 
@@ -278,7 +288,7 @@ def test_a_restatement_routed_to_another_constellation_merges_there(graph):
     that insight (one more SUPPORTED_BY), instead of founding a second one in its own."""
     a, b = f"x-{uuid.uuid4().hex[:8]}", f"y-{uuid.uuid4().hex[:8]}"
     model = f"model-{uuid.uuid4().hex[:8]}"  # this test's own report space in the shared graph
-    lib = _librarian(graph)
+    lib = _librarian(graph, cross_shard=True)
     emb = clustered(np.random.default_rng(11), 1, 1, noise=0.0)
     first = lib.curate(a, reports_for(emb, "job-x1", a), model=model)
     assert first.inserted == 1
@@ -296,7 +306,7 @@ def test_a_restatement_routed_to_another_constellation_merges_there(graph):
 def test_two_models_insights_never_merge(graph):
     shard, tag = f"m-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
     m1, m2 = f"one-{tag}", f"two-{tag}"
-    lib = _librarian(graph)
+    lib = _librarian(graph, cross_shard=True)
     emb = np.random.default_rng(12).standard_normal((4, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # four distinct notes
     one = lib.curate(shard, reports_for(emb, "job-m1", shard), model=m1)

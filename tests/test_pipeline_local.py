@@ -90,6 +90,14 @@ def test_a_job_runs_end_to_end_and_is_recorded(settings, graph):
     # The same items in a second job: every report joins an insight that exists.
     again = run_local(_items(60, seed=1), settings, batch_size=25)
     assert again.status == "completed" and again.inserted == 0 and again.merged == 60
+    # ...and support still counts the 60 sources once each: one edge per (insight, source),
+    # the second job recorded on it.
+    edges = graph.run_cypher(
+        "MATCH (i:Insight)-[:DISCOVERED_IN]->(r:Run {id: $run}) "
+        "MATCH (i)-[e:SUPPORTED_BY]->(s:Source) "
+        "RETURN count(e) AS edges, count(DISTINCT s) AS sources, "
+        "min(size(e.jobs)) AS fewest, max(size(e.jobs)) AS most", {"run": summary.run_id})
+    assert edges == [{"edges": 60, "sources": 60, "fewest": 2, "most": 2}]
 
 
 def test_a_job_with_no_good_item_fails_clearly(settings):

@@ -157,7 +157,7 @@ class MoEConfig:
     report_expert_weight: float = 0.25
 
     dedup_threshold: float = 0.85
-    related_threshold: float = 0.7
+    related_threshold: float = 0.5
     lexical_threshold: float | None = 0.36
     lexical_floor: float = 0.45
     max_kg_nodes: int = 100_000

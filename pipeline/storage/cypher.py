@@ -84,7 +84,8 @@ WITH i, r.supports AS supports, r.produced AS produced, r.similar AS similar
 UNWIND supports AS s
 MERGE (src:{SOURCE} {{id: s.source}})
 ON CREATE SET src.text = s.text
-CREATE (i)-[:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job}}]->(src)
+CREATE (i)-[:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job,
+                              jobs: [s.job]}}]->(src)
 WITH DISTINCT i, produced, similar
 UNWIND produced AS p
 MATCH (x:{EXPERT} {{id: p.expert}})
@@ -100,8 +101,10 @@ UNWIND $rows AS r
 MATCH (i:{INSIGHT} {{id: r.insight}})
 MERGE (s:{SOURCE} {{id: r.source}})
 ON CREATE SET s.text = r.text
-MERGE (i)-[e:{SUPPORTED_BY} {{report_id: r.report}}]->(s)
-ON CREATE SET e.weight = r.weight, e.job_id = r.job
+MERGE (i)-[e:{SUPPORTED_BY}]->(s)
+ON CREATE SET e.report_id = r.report, e.weight = r.weight, e.job_id = r.job, e.jobs = [r.job]
+ON MATCH SET e.jobs = CASE WHEN r.job IN coalesce(e.jobs, [])
+                           THEN e.jobs ELSE coalesce(e.jobs, []) + r.job END
 """
 
 # The larger weight wins, so replaying a batch (or merging the same expert twice) is stable.
@@ -168,9 +171,11 @@ MATCH (c:{CONSTELLATION})
 RETURN collect(c.id) AS ids
 """
 
-# A cache may hold one model's insights of a shard ($model), or all of them ($model null).
+# A cache holds the insights of a shard as wide as it is ($dim), of one model ($model) or of
+# all (null): a graph may hold shards written by models of other widths.
 COUNT_AFTER = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard AND i.seq > $after
+  AND ($dim IS NULL OR i.dim = $dim)
   AND ($model IS NULL OR i.model = $model)
 RETURN count(i) AS n
 """
@@ -180,6 +185,7 @@ RETURN count(i) AS n
 # per-record cost low. Rows of a page come unordered.
 PAGE_RANGE = f"""
 MATCH (i:{INSIGHT}) WHERE i.shard = $shard AND i.seq > $lo AND i.seq <= $hi
+  AND ($dim IS NULL OR i.dim = $dim)
   AND ($model IS NULL OR i.model = $model)
 RETURN collect(i.id) AS ids, collect(i.seq) AS seqs, collect(i.embedding) AS embeddings,
        collect(coalesce(i.summary, '')) AS summaries

@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 from neo4j import Driver, GraphDatabase, ManagedTransaction
-from neo4j.exceptions import AuthError, ConstraintError, ServiceUnavailable, SessionExpired
+from neo4j.exceptions import (
+    AuthError,
+    ClientError,
+    ConstraintError,
+    ServiceUnavailable,
+    SessionExpired,
+)
 
 from pipeline.errors import PipelineError
 from pipeline.records import CuratedBatch
@@ -53,8 +59,24 @@ class ReadOnlyQueryError(PipelineError):
 
     def __init__(self, clause: str) -> None:
         self.clause = clause
-        super().__init__(f"query contains the writing clause {clause}; run it with "
-                         "write=True to change the graph")
+        super().__init__(f"query contains the writing clause {clause}; to change the graph, "
+                         "run it with --write (write=True from Python)")
+
+
+class QueryError(PipelineError):
+    """The graph server refused a user's query: its own message, in one line."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        first = " ".join(message.split())
+        if code.endswith("ParameterMissing"):
+            names = [n.strip() for n in first.split(":", 1)[-1].split(",") if n.strip()]
+            hint = " ".join(f"--param {n}=VALUE" for n in names)
+            super().__init__(f"the query needs parameter(s) {', '.join('$' + n for n in names)}"
+                             f": give {'each' if len(names) > 1 else 'it'} as {hint}")
+        else:
+            kind = code.rsplit(".", 1)[-1] if code else "error"
+            super().__init__(f"query refused by the graph server ({kind}): {first}")
 
 
 @dataclass
@@ -118,6 +140,19 @@ class GraphStore:
     def _session(self, read: bool = False):
         mode = "READ" if read else "WRITE"
         return self.driver.session(database=self.database, default_access_mode=mode)
+
+    @contextlib.contextmanager
+    def _user_query(self) -> Iterator[None]:
+        """A user's query that the server refuses (syntax, a missing parameter, an unknown
+        variable) becomes `QueryError`: one line, the server's message."""
+        try:
+            yield
+        except ConstraintError:
+            raise
+        except ClientError as err:
+            if isinstance(err, AuthError):
+                raise
+            raise QueryError(err.code or "", err.message or str(err)) from err
 
     @contextlib.contextmanager
     def _outage(self) -> Iterator[None]:
@@ -243,9 +278,12 @@ class GraphStore:
         record = self._read_one(cypher.MAX_SEQ, shard=shard)
         return -1 if record["seq"] is None else int(record["seq"])
 
-    def count_after(self, shard: str, after: int = -1, model: str | None = None) -> int:
+    def count_after(self, shard: str, after: int = -1, model: str | None = None,
+                    dim: int | None = None) -> int:
+        """Insights of ``shard`` after seq ``after`` (of ``dim`` width and ``model``, if
+        given)."""
         return int(self._read_one(cypher.COUNT_AFTER, shard=shard, after=after,
-                                  model=model)["n"])
+                                  model=model, dim=dim)["n"])
 
     def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
                    model: str | None = None) -> ShardRows:
@@ -256,7 +294,7 @@ class GraphStore:
         decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
         """
         top = self.max_seq(shard)
-        expected = self.count_after(shard, after, model)
+        expected = self.count_after(shard, after, model, dim)
         ids: list[str] = []
         summaries: list[str] = []
         seqs = np.empty(expected, dtype=np.int64)
@@ -265,7 +303,7 @@ class GraphStore:
         with self._outage(), self._session(read=True) as session:
             while lo < top:
                 rec = session.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page,
-                                  model=model).single()
+                                  model=model, dim=dim).single()
                 got = len(rec["ids"])
                 if n + got > len(seqs):  # rows landed since the count: grow by doubling
                     size = max(2 * len(seqs), n + got)
@@ -299,11 +337,12 @@ class GraphStore:
         if write:
             def work(tx: ManagedTransaction) -> list[dict[str, Any]]:
                 return [r.data() for r in tx.run(query, params)]
-            return self._write(work, conflict_retries=0)  # a user's write is not ours to retry
+            with self._user_query():
+                return self._write(work, conflict_retries=0)  # a user's write: not ours to retry
         clause = cypher.writing_clause(query)
         if clause is not None:
             raise ReadOnlyQueryError(clause)
-        with self._outage(), self._session(read=True) as session:
+        with self._outage(), self._user_query(), self._session(read=True) as session:
             tx = session.begin_transaction()
             try:
                 result = tx.run(query, params)

@@ -73,6 +73,12 @@ def batch_rows(batch: CuratedBatch, existing: set[str],
                 nested[item.insight_id][key].append(row)
             else:
                 old[key].append(row)
+    # Support counts distinct sources: one SUPPORTED_BY per (insight, source), whatever
+    # number of jobs (or reports of one item) back it; the first report names the edge.
+    for row in nested.values():
+        row["supports"] = list({s["source"]: s for s in reversed(row["supports"])}.values())[::-1]
+    old["supports"] = list({(s["insight"], s["source"]): s
+                            for s in reversed(old["supports"])}.values())[::-1]
     for key in ("supports", "produced"):
         empty = [i for i, row in nested.items() if not row[key]]
         if empty:

@@ -1,0 +1,48 @@
+"""The graph commands through the real CLI, on an embedded server of their own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+    state = tmp_path_factory.mktemp("cli-state")
+    env = {k: v for k, v in os.environ.items() if k not in ("NEO4J_URI", "MOE_NEO4J_URI")}
+    env["MOE_STATE_DIR"] = str(state)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
+                              capture_output=True, text=True, env=env, timeout=180)
+
+    yield run
+    run("down")
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("MATCH (i:Insight RETURN i", "query refused by the graph server (SyntaxError): Syntax "
+                                  "error at line 1:17"),
+    ("MATCH (i:Insight {id: $insight}) RETURN i.id",
+     "the query needs parameter(s) $insight: give it as --param insight=VALUE"),
+    ("MATCH (i:Insight) RETURN j", "Variable 'j' not defined"),
+    ("MATCH (n) DETACH DELETE n", "run it with --write"),
+])
+def test_a_refused_query_is_one_line_with_the_servers_reason(cli, query, expected):
+    proc = cli("query", query)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
+        proc.stderr
+
+
+def test_a_good_query_still_answers(cli):
+    proc = cli("query", "RETURN 1 + $x AS answer", "--param", "x=41", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == '{"answer": 42}'
