@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,8 @@ def _lines(path: Path) -> Iterable[tuple[int, Any]]:
             try:
                 yield number, json.loads(text)
             except json.JSONDecodeError as err:
-                yield number, BadItem(number, None, "line", f"invalid JSON: {err.msg}")
+                yield number, BadItem(number, None, "line",
+                                      f"invalid JSON: {err.msg} (column {err.colno})")
 
 
 def read_items(source: str | Path | list[dict[str, Any]], dim: int | None = None
@@ -92,3 +93,21 @@ def read_items(source: str | Path | list[dict[str, Any]], dim: int | None = None
     if isinstance(source, list):
         return validate(enumerate(source, start=1), dim)
     return validate(_lines(Path(source)), dim)
+
+
+JSONL_HINT = ('expected JSON Lines: one object per line, such as {"id": "a", "text": "..."} '
+              'or {"id": "b", "vector": [0.1, 0.2]}')
+
+
+def describe_bad(bad: Sequence[BadItem], limit: int = 3) -> str:
+    """Why a job had no valid item, in one line: the first few bad items (line, id, field,
+    the whole reason), and a hint when the file was empty or not JSON Lines at all."""
+    if not bad:
+        return "no item at all (an empty file?); " + JSONL_HINT
+    shown = "; ".join(f"line {b.line}" + (f" id {b.item_id!r}" if b.item_id else "")
+                      + f": {b.field}: {b.message}" for b in bad[:limit])
+    more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
+    hint = ""
+    if all(b.field == "line" and b.message.startswith("invalid JSON") for b in bad):
+        hint = "; no line is JSON: is this a CSV, or one JSON array? " + JSONL_HINT
+    return f"{len(bad)} bad: {shown}{more}{hint}"

@@ -46,3 +46,13 @@ def test_a_good_query_still_answers(cli):
     proc = cli("query", "RETURN 1 + $x AS answer", "--param", "x=41", "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == '{"answer": 42}'
+
+
+def test_embeddings_print_as_their_shape_not_their_bytes(cli, tmp_path):
+    items = tmp_path / "three.jsonl"
+    items.write_text("".join(f'{{"id": "e{i}", "vector": [{i}, 1, 2, 3]}}\n' for i in range(3)))
+    assert cli("run", str(items)).returncode == 0
+    for flag in ([], ["--json"]):
+        proc = cli("query", "MATCH (i:Insight) RETURN i LIMIT 1", *flag)
+        assert proc.returncode == 0, proc.stderr
+        assert "<float16[384]>" in proc.stdout and "\\x" not in proc.stdout, proc.stdout

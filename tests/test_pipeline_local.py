@@ -101,8 +101,23 @@ def test_a_job_runs_end_to_end_and_is_recorded(settings, graph):
 
 
 def test_a_job_with_no_good_item_fails_clearly(settings):
-    with pytest.raises(JobFailed, match="no valid item \\(2 bad"):
+    with pytest.raises(JobFailed, match="no valid item: 2 bad: line 1 id 'x': vector: "
+                                        "expected a non-empty list of numbers; line 2 id 'y'"):
         run_local([{"id": "x", "vector": []}, {"id": "y"}], settings)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "no item at all (an empty file?); expected JSON Lines"),
+    ("id,text\na,hello\n", "no line is JSON: is this a CSV, or one JSON array? expected JSON"),
+    ('{"id": "a", "text": "tab\there"}\n', "Invalid control character at (column "),
+])
+def test_a_file_with_no_good_item_says_what_was_expected(settings, tmp_path, content,
+                                                         expected):
+    path = tmp_path / "items.jsonl"
+    path.write_text(content)
+    with pytest.raises(JobFailed) as err:
+        run_local(path, settings)
+    assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cli_run_on_the_example_file(settings):

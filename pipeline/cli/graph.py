@@ -10,6 +10,18 @@ from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
 
+def _printable(value: object) -> object:
+    """A query's value as a person reads it: an embedding (float16 bytes, the only bytes the
+    graph holds) as ``<float16[D]>``, not a screen of escapes."""
+    if isinstance(value, bytes | bytearray):
+        return f"<float16[{len(value) // 2}]>"
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _params(values: tuple[str, ...]) -> dict[str, object]:
     params: dict[str, object] = {}
     for item in values:
@@ -35,7 +47,8 @@ def query(settings: Settings, cypher: str, params: tuple[str, ...], as_json: boo
     from pipeline.storage.connect import open_graph
 
     with open_graph(settings) as graph:
-        rows = graph.run_cypher(cypher, _params(params), write=write)
+        rows = [_printable(row) for row in graph.run_cypher(cypher, _params(params),
+                                                           write=write)]
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, default=str))

@@ -25,6 +25,7 @@ from sqlalchemy.orm import sessionmaker
 import pipeline
 from pipeline.errors import PipelineError
 from pipeline.moe.config import MoEConfig
+from pipeline.inputs import describe_bad
 from pipeline.records import BadItem, CurateResult, Item
 from pipeline.storage.sql import (
     Batch,
@@ -81,8 +82,7 @@ def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadIt
             batches.append((batch.id, chunk))
         run_id, job_id = run.id, job.id
     if not items:
-        raise JobFailed(f"job {job_id}: no valid item ({len(bad)} bad; see "
-                        f"`moe-pipeline status {job_id}`)")
+        raise JobFailed(f"job {job_id}: no valid item: {describe_bad(bad)}")
     return NewJob(run_id, job_id, batches)
 
 
