@@ -145,3 +145,14 @@ def test_sync_audit_runs_every_case_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(out.read_text())["summary"]
     assert summary["n_cases"] >= 60 and not summary["setup_errors"]
+
+
+def test_startup_bench_quick_times_the_commands_that_need_no_model():
+    proc = _run("bench/startup.py", "--quick")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert data["bench"] == "startup"
+    assert set(data["results"]) == {"help_seconds", "version_seconds", "status_seconds",
+                                    "down_seconds", "query_seconds"}
+    assert all(v > 0 for v in data["results"].values())
+    assert data["references"]["import_torch_seconds"] > 0

@@ -23,9 +23,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
-from pipeline.storage.graph import GraphStore, GraphUnavailable
+
+if TYPE_CHECKING:
+    from pipeline.storage.graph import GraphStore
 
 DATABASE = "insights"
 USERNAME = "root"
@@ -194,6 +197,10 @@ class LocalGraphServer:
             return ""
 
     def connect(self, timeout_s: float = 30.0) -> GraphStore:
+        # The Bolt driver is loaded here, not with the module: `status`, `up` and `down` only
+        # look for, start or stop the server, and start in a third of the time without it.
+        from pipeline.storage.graph import GraphStore
+
         info = self.start()
         return GraphStore.connect(info.uri, USERNAME, self.password(), DATABASE, timeout_s)
 
@@ -222,6 +229,6 @@ def _serve(root: Path, bolt_port: int, http_port: int) -> None:
 if __name__ == "__main__":
     try:
         _serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
-    except GraphUnavailable as err:  # pragma: no cover - reported through the log
+    except PipelineError as err:  # pragma: no cover - reported through the log
         print(err, file=sys.stderr)
         sys.exit(1)
