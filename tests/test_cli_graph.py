@@ -37,7 +37,8 @@ def cli(tmp_path_factory):
 def test_a_refused_query_is_one_line_with_the_servers_reason(cli, query, expected):
     proc = cli("query", query)
     assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in proc.stderr.strip().splitlines()
+             if not line.startswith("starting the embedded graph server")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
         proc.stderr
 
@@ -56,3 +57,20 @@ def test_embeddings_print_as_their_shape_not_their_bytes(cli, tmp_path):
         proc = cli("query", "MATCH (i:Insight) RETURN i LIMIT 1", *flag)
         assert proc.returncode == 0, proc.stderr
         assert "<float16[384]>" in proc.stdout and "\\x" not in proc.stdout, proc.stdout
+
+
+def test_a_command_that_starts_the_server_says_so(tmp_path):
+    pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("NEO4J_URI", "MOE_NEO4J_URI")}
+    env["MOE_STATE_DIR"] = str(tmp_path / "fresh")
+    run = [sys.executable, "-m", "pipeline.cli"]
+    try:
+        first = subprocess.run([*run, "query", "RETURN 1 AS one"], capture_output=True,
+                               text=True, env=env, timeout=180)
+        assert first.returncode == 0, first.stderr
+        assert "starting the embedded graph server of" in first.stderr
+        again = subprocess.run([*run, "query", "RETURN 1 AS one"], capture_output=True,
+                               text=True, env=env, timeout=180)
+        assert again.returncode == 0 and "starting" not in again.stderr
+    finally:
+        subprocess.run([*run, "down"], env=env, capture_output=True, timeout=120)

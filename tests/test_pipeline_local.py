@@ -131,6 +131,7 @@ def test_cli_run_on_the_example_file(settings):
                           text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "completed: 300 items (0 bad), 300 draft reports" in proc.stdout
+    assert "items" not in proc.stderr  # no progress bar (nor its label) off a terminal
     job_id = proc.stdout.split("job ", 1)[1].split()[0]
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", job_id],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)

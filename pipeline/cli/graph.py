@@ -6,6 +6,7 @@ import json
 
 import click
 
+from pipeline.cli.progress import note_server_start
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
@@ -46,6 +47,7 @@ def query(settings: Settings, cypher: str, params: tuple[str, ...], as_json: boo
     """Run Cypher against the insight graph (read-only unless --write)."""
     from pipeline.storage.connect import open_graph
 
+    note_server_start(settings)
     with open_graph(settings) as graph:
         rows = [_printable(row) for row in graph.run_cypher(cypher, _params(params),
                                                            write=write)]
@@ -117,6 +119,7 @@ def similar(settings: Settings, text: str | None, vector_file: str | None, k: in
     if (text is None) == (vector_file is None):
         raise click.UsageError("give exactly one of --text or --vector-file")
     vector = _vector_file(vector_file) if vector_file else None
+    asked = via_queue
     via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
     if via_queue:
         from pipeline.queue.messages import SimilarQuery
@@ -126,6 +129,10 @@ def similar(settings: Settings, text: str | None, vector_file: str | None, k: in
         from pipeline import stages
         from pipeline.runtime import Runtime
 
+        if asked is None and settings.redis_url and not settings.celery_broker_url:
+            click.echo("answering here, not through a query worker (CELERY_BROKER_URL is "
+                       "unset; --queue asks one on REDIS_URL)", err=True)
+        note_server_start(settings)
         with Runtime.from_settings(settings) as rt:
             hits = stages.similar(rt, text, vector, k)
     if as_json:
@@ -149,6 +156,7 @@ def up(settings: Settings) -> None:
     if settings.neo4j_uri:
         click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): no embedded server needed")
         return
+    note_server_start(settings)
     info = LocalGraphServer(settings.state_dir).start()
     click.echo(f"graph server up at {info.uri} (pid {info.pid}, "
                f"state {settings.state_dir.resolve() / 'graph'})")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import click
 
+from pipeline.cli.progress import note_server_start, progress
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
@@ -23,7 +23,8 @@ def run(settings: Settings, file: str, batch_size: int | None) -> None:
     from pipeline.jobs import run_local
 
     total = len(read_items(file)[0])
-    with click.progressbar(length=total, label="items", file=sys.stderr) as bar:
+    note_server_start(settings)
+    with progress(total, "items") as bar:
         summary = run_local(file, settings, batch_size=batch_size, progress=bar.update)
     click.echo(f"job {summary.job_id} {summary.status}: {summary.items} items "
                f"({summary.bad_items} bad), {summary.reports} draft reports -> "
@@ -53,7 +54,7 @@ def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
         return
     Session = session_factory(settings.sql_url(), run_migrations=False)
     total = sum(len(chunk) for _, chunk in job.batches)
-    with click.progressbar(length=total, label="items", file=sys.stderr) as bar:
+    with progress(total, "items") as bar:
         seen = [0]
 
         def show(state: jobs.Progress) -> None:
