@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from pipeline.moe.llama import (  # noqa: E402
     count_parameters,
     generate,
     generate_batch,
+    kv_cache,
     moe_mlps,
 )
 from pipeline.moe.llama2c import (  # noqa: E402
@@ -28,6 +34,8 @@ from pipeline.moe.llama2c import (  # noqa: E402
     write_llama2c,
     write_tokenizer,
 )
+from pipeline.moe.llama_files import ModelFileError, load_llama  # noqa: E402
+from pipeline.moe.tiny_llama import NOTICE, CharTokenizer, tiny_llama  # noqa: E402
 
 LETTERS = [c.encode() for c in " abcdefghijklmnopqrstuvwxyz.,"]
 MERGES = [b" t", b"he", b" the", b"in", b" a", b"an", b"ing", b"on", b" on"]
@@ -36,7 +44,7 @@ PIECES = ([b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(
 VOCAB = len(PIECES)
 
 
-def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+def small_llama(tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -62,7 +70,7 @@ def ids() -> torch.Tensor:
     ids=lambda g: "-".join(f"{v}" for v in g.values()),
 )
 def test_copy_init_keeps_the_dense_models_logits(gate, ids):
-    dense = tiny_llama()
+    dense = small_llama()
     kw = {"top_k": 2, **gate}
     moe = convert_to_moe(dense, [0, 1], num_experts=4, expert_init_strategy="copy", **kw)
     assert set(moe_mlps(moe)) == {0, 1}
@@ -72,7 +80,7 @@ def test_copy_init_keeps_the_dense_models_logits(gate, ids):
 
 
 def test_perturb_and_random_init_change_the_model(ids):
-    dense = tiny_llama()
+    dense = small_llama()
     perturbed = convert_to_moe(dense, [1], num_experts=4, expert_init_noise=0.05)
     w1 = perturbed.model.layers[1].mlp.moe.experts.w1
     assert not torch.equal(w1[0], w1[1])
@@ -85,7 +93,7 @@ def test_perturb_and_random_init_change_the_model(ids):
 
 
 def test_split_init_keeps_the_parameter_count():
-    dense = tiny_llama()
+    dense = small_llama()
     moe = convert_to_moe(dense, [0, 1], num_experts=4, top_k=2, expert_init_strategy="split")
     routers = 2 * 4 * 32
     assert count_parameters(moe) == count_parameters(dense) + routers
@@ -100,7 +108,7 @@ def test_split_init_keeps_the_parameter_count():
 
 
 def test_conversion_refuses_bad_arguments():
-    dense = tiny_llama()
+    dense = small_llama()
     with pytest.raises(ConfigError, match="expert_init_strategy='clone'"):
         convert_to_moe(dense, [0], expert_init_strategy="clone")
     with pytest.raises(ConfigError, match="layers=\\[5\\]"):
@@ -169,7 +177,7 @@ def reference_llama2c_logits(path, tokens: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_llama2c_checkpoint_loads_with_run_c_semantics(tmp_path, tie):
-    hf = tiny_llama(tie=tie)
+    hf = small_llama(tie=tie)
     path = write_llama2c(hf, tmp_path / "model.bin")
     loaded = load_llama2c(path)
     tokens = [1, 40, 290, 7, 12, 280]
@@ -188,7 +196,7 @@ def test_llama2c_checkpoint_loads_with_run_c_semantics(tmp_path, tie):
 
 
 def test_bad_llama2c_files_give_clear_errors(tmp_path):
-    path = write_llama2c(tiny_llama(), tmp_path / "model.bin")
+    path = write_llama2c(small_llama(), tmp_path / "model.bin")
     data = path.read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-100])
     with pytest.raises(Llama2cError, match="short.bin: truncated: .* implies"):
@@ -199,6 +207,9 @@ def test_bad_llama2c_files_give_clear_errors(tmp_path):
     (tmp_path / "bad.bin").write_bytes(struct.pack("<7i", 32, 64, 2, 5, 2, 9, 64) + data[28:])
     with pytest.raises(Llama2cError, match="corrupted header"):
         load_llama2c(tmp_path / "bad.bin")
+    (tmp_path / "v2.bin").write_bytes(struct.pack("<Ii", 0x616B3432, 2) + data[28:])
+    with pytest.raises(Llama2cError, match="v2.bin: llama2.c's export format version 2"):
+        load_llama2c(tmp_path / "v2.bin")
     nan = bytearray(data)
     nan[40:44] = struct.pack("<f", float("nan"))
     (tmp_path / "nan.bin").write_bytes(bytes(nan))
@@ -215,18 +226,19 @@ def test_bad_llama2c_files_give_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("gate", ["topk", "hash"])
 def test_cached_decoding_matches_a_full_forward(gate, ids):
-    moe = convert_to_moe(tiny_llama(), [0, 1], num_experts=4, top_k=2, gate_type=gate,
+    moe = convert_to_moe(small_llama(), [0, 1], num_experts=4, top_k=2, gate_type=gate,
                          expert_init_noise=0.5)
     with torch.no_grad():
-        head = moe(ids[:, :-1], use_cache=True)
-        step = moe(ids[:, -1:], past_key_values=head.past_key_values, use_cache=True)
+        cache = kv_cache(moe)
+        moe(ids[:, :-1], use_cache=True, **cache)  # fills the cache in place
+        step = moe(ids[:, -1:], use_cache=True, **cache)
         full = moe(ids)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_generated_text_keeps_its_spaces(tmp_path):
     tok = _tokenizer(tmp_path)
-    moe = convert_to_moe(tiny_llama(), [1], num_experts=2, top_k=1)
+    moe = convert_to_moe(small_llama(), [1], num_experts=2, top_k=1)
     result = generate(moe, tok, "the cat", temperature=0, max_new_tokens=6)
     prompt_ids = tok.encode("the cat")
     assert "the cat" + result.text == tok.decode(prompt_ids + result.token_ids)
@@ -234,7 +246,7 @@ def test_generated_text_keeps_its_spaces(tmp_path):
 
 def test_generation_reports_expert_usage_and_entropy(tmp_path, capsys):
     tok = _tokenizer(tmp_path)
-    moe = convert_to_moe(tiny_llama(), [0, 1], num_experts=4, top_k=2)
+    moe = convert_to_moe(small_llama(), [0, 1], num_experts=4, top_k=2)
     result = generate(moe, tok, "the cat", temperature=0.8, max_new_tokens=12, seed=3,
                       show_expert_stats=True, show_routing_entropy=True)
     assert 0 < len(result.token_ids) <= 12
@@ -252,30 +264,202 @@ def test_generation_reports_expert_usage_and_entropy(tmp_path, capsys):
     assert len(greedy) == 2 and all(len(r.token_ids) <= 4 for r in greedy)
 
 
+
+
+def test_generation_uses_the_current_cache_api(tmp_path):
+    moe = convert_to_moe(small_llama(), [0], num_experts=2, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        result = generate(moe, _tokenizer(tmp_path), "the", temperature=0, max_new_tokens=4)
+    assert len(result.token_ids) == 4
+
+
+def test_conversion_is_reproducible_from_its_seed(ids):
+    a, b = (convert_to_moe(small_llama(), [0, 1], num_experts=4, seed=7) for _ in range(2))
+    c = convert_to_moe(small_llama(), [0, 1], num_experts=4, seed=8)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    weight_a, weight_c = (next(m.model.layers[0].mlp.moe.gate.router.parameters())
+                          for m in (a, c))
+    assert not torch.equal(weight_a, weight_c)  # the seed reaches the routers
+
+
+# -- the tiny local model -------------------------------------------------------------------
+
+def test_the_tiny_model_is_fixed_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    one, two = tiny_llama(), tiny_llama()
+    assert torch.rand(1) == before  # building it drew nothing from the caller's stream
+    for p, q in zip(one.parameters(), two.parameters(), strict=True):
+        assert torch.equal(p, q)
+    tok = CharTokenizer()
+    assert one.config.vocab_size == tok.vocab_size
+    ids = tok.encode("Once upon a time,\nthe end.")
+    assert ids[0] == 1 and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == "Once upon a time,\nthe end."
+    assert tok.decode(tok.encode("naïve")) == "na\ufffdve"  # outside printable ASCII: <unk>
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``moe-pipeline generate ARGS``, a FutureWarning (transformers' old cache API) fatal."""
+    return subprocess.run([sys.executable, "-W", "error::FutureWarning", "-m", "pipeline.cli",
+                           "generate", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.integration  # the CLI in a subprocess
+def test_cli_generates_with_the_tiny_local_model():
+    proc = cli("--tiny", "--max-new-tokens", "16", "--prompt", "Once")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert NOTICE in lines[0]
+    assert lines[1].startswith("converted layers [0, 1, 2, 3] of 4:")
+    stats = lines[2:6]
+    assert [line.split(":")[0] for line in stats] == [f"layer {i}" for i in range(4)]
+    for line in stats:  # usage sums to 100% less the experts under 1% left out, rounded
+        percents = [int(p.split("=")[1].rstrip("%")) for p in line.split()[2:-1]]
+        assert 90 <= sum(percents) <= 104 and line.split()[-1].startswith("entropy=")
+    assert lines[6].startswith("Once")
+    assert "FutureWarning" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.integration  # the CLI in a subprocess
 def test_cli_converts_a_llama2c_checkpoint_and_generates(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    model = write_llama2c(tiny_llama(), tmp_path / "model.bin")
+    model = write_llama2c(small_llama(), tmp_path / "model.bin")
     _tokenizer(tmp_path)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", str(model), "--tokenizer",
-         str(tmp_path / "tokenizer.bin"), "--layers", "1", "--experts", "4",
-         "--max-new-tokens", "8", "--prompt", "the"],
-        capture_output=True, text=True, cwd=root, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(root)})
+    proc = cli(str(model), "--tokenizer", str(tmp_path / "tokenizer.bin"), "--layers", "1",
+               "--experts", "4", "--max-new-tokens", "8", "--prompt", "the")
     assert proc.returncode == 0, proc.stderr
     assert "converted layers [1] of 2" in proc.stdout
     assert "layer 1:" in proc.stdout and "entropy=" in proc.stdout
-    truncated = tmp_path / "cut.bin"
-    truncated.write_bytes(model.read_bytes()[:1000])
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", str(truncated), "--tokenizer",
-         str(tmp_path / "tokenizer.bin")], capture_output=True, text=True, cwd=root,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
-    assert proc.returncode == 1 and proc.stderr.startswith("error: ")
-    assert "cut.bin: truncated" in proc.stderr
+
+
+def _hf_tokenizer():
+    """A character-level Hugging Face tokenizer made here (ids below `small_llama`'s vocab)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = " abcdefghijklmnopqrstuvwxyz.,"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: 3 + i for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _bad_files(tmp_path: Path, case: str) -> tuple[list[str], Path]:
+    """The command-line arguments of one wrong-file case, and the path the error must name."""
+    model = write_llama2c(small_llama(), tmp_path / "model.bin")
+    tokenizer = write_tokenizer(PIECES, [0.0] * VOCAB, tmp_path / "tokenizer.bin")
+    hf = tmp_path / "hf"
+    if case.startswith("hf"):
+        small_llama().save_pretrained(hf)
+    if case == "bin-without-tokenizer":
+        return [str(model)], model
+    if case == "json-tokenizer":
+        tokenizer.write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+        return [str(model), "--tokenizer", str(tokenizer)], tokenizer
+    if case == "truncated-bin":
+        model.write_bytes(model.read_bytes()[:1000])
+        return [str(model), "--tokenizer", str(tokenizer)], model
+    if case == "garbage-bin":
+        model.write_bytes(os.urandom(4096))
+        return [str(model), "--tokenizer", str(tokenizer)], model
+    if case == "missing-file":
+        absent = tmp_path / "absent.bin"
+        return [str(absent), "--tokenizer", str(tokenizer)], absent
+    if case == "hf-without-config":
+        (hf / "config.json").unlink()
+    elif case == "hf-without-weights":
+        (hf / "model.safetensors").unlink()
+    elif case == "hf-with-a-tokenizer-file":
+        _hf_tokenizer().save_pretrained(hf)
+        return [str(hf), "--tokenizer", str(tokenizer)], tokenizer
+    return [str(hf)], hf  # hf-without-tokenizer: save_pretrained of the model alone
+
+
+@pytest.mark.integration  # the CLI in a subprocess
+@pytest.mark.parametrize("case", [
+    "bin-without-tokenizer", "json-tokenizer", "truncated-bin", "garbage-bin", "missing-file",
+    "hf-without-config", "hf-without-weights", "hf-without-tokenizer",
+    "hf-with-a-tokenizer-file"])
+def test_cli_names_each_missing_or_wrong_file_in_one_line(tmp_path, case):
+    args, culprit = _bad_files(tmp_path, case)
+    proc = cli(*args)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {culprit}: "), proc.stderr
+
+
+def test_load_llama_reads_a_hugging_face_directory(tmp_path):
+    for tie in (False, True):
+        dense = small_llama(tie=tie)
+        dense.save_pretrained(tmp_path / f"tie{tie}")
+        _hf_tokenizer().save_pretrained(tmp_path / f"tie{tie}")
+        model, tok = load_llama(tmp_path / f"tie{tie}")
+        ids = torch.tensor([tok.encode("the cat")])
+        assert ids[0, 0] == 1
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, dense(ids).logits)
+    _hf_tokenizer().save_pretrained(tmp_path / "tok")  # a tokenizer from elsewhere
+    model, tok = load_llama(tmp_path / "tieFalse", tmp_path / "tok")
+    result = generate(convert_to_moe(model, [0], num_experts=2), tok, "the", temperature=0,
+                      max_new_tokens=3)
+    assert len(result.token_ids) == 3
+
+
+def test_load_llama_refuses_wrong_weights_and_tokenizers(tmp_path):
+    import safetensors.torch
+
+    hf = tmp_path / "hf"
+    small_llama().save_pretrained(hf)
+    _hf_tokenizer().save_pretrained(hf)
+    weights = hf / "model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="1 weights missing .*model.layers.1.mlp.up_proj"):
+        load_llama(hf)
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="hf: cannot load the weights: "):
+        load_llama(hf)
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ModelFileError, match="config.json: model_type 'gpt2'"):
+        load_llama(hf)
+    small_llama().save_pretrained(hf)  # sound weights and config again, a broken tokenizer
+    (hf / "tokenizer.json").write_text("not json")
+    with pytest.raises(ModelFileError, match="hf: cannot load the tokenizer: "):
+        load_llama(hf)
+    # A llama2.c tokenizer of another vocabulary than the checkpoint's.
+    model = write_llama2c(small_llama(), tmp_path / "model.bin")
+    other = write_tokenizer(PIECES[:100], [0.0] * 100, tmp_path / "tok512.bin")
+    with pytest.raises(ModelFileError, match="tok512.bin: 100 tokens, where model.bin has a "
+                                             f"vocabulary of {VOCAB}"):
+        load_llama(model, other)
+
+
+def test_llama2c_tokenizer_refuses_files_that_are_not_tokenizers(tmp_path):
+    (tmp_path / "json.bin").write_text('{"model": {}}')
+    with pytest.raises(Llama2cError, match="json.bin: a JSON file, not a llama2.c tokenizer"):
+        Llama2cTokenizer(tmp_path / "json.bin")
+    (tmp_path / "huge.bin").write_bytes(struct.pack("<I", 1 << 30) + bytes(64))
+    with pytest.raises(Llama2cError, match="maximum token length of 1073741824"):
+        Llama2cTokenizer(tmp_path / "huge.bin")
+    (tmp_path / "long.bin").write_bytes(struct.pack("<IfI", 4, 0.0, 9) + b"x" * 9)
+    with pytest.raises(Llama2cError, match="token 0 .* has 9 bytes"):
+        Llama2cTokenizer(tmp_path / "long.bin")
+    # A real tokenizer whose maximum length is 123, the byte of "{", is still read.
+    pieces = [b"<unk>", b"<s>", b"</s>", b"x" * 123]
+    tok = Llama2cTokenizer(write_tokenizer(pieces, [0.0] * 4, tmp_path / "t.bin"))
+    assert tok.max_token_length == 123 and tok.vocab_size == 4

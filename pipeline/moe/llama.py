@@ -1,9 +1,9 @@
 """Dense → MoE conversion of Llama models ("sparse upcycling") and generation with stats.
 
 `convert_to_moe` replaces the MLP of chosen decoder layers of a Hugging Face
-``LlamaForCausalLM`` (a local checkpoint, or a llama2.c file via `llama2c.load_llama2c`) with
-`MoEMLP` layers whose experts start from the dense MLP (Komatsuzaki et al., Sparse Upcycling,
-arXiv:2212.05055):
+``LlamaForCausalLM`` (read from local files by `llama_files.load_llama`, or made by
+`tiny_llama.tiny_llama`) with `MoEMLP` layers whose experts start from the dense MLP
+(Komatsuzaki et al., Sparse Upcycling, arXiv:2212.05055):
 
 * ``copy``: every expert is the dense MLP. With gated experts and any gate whose weights sum
   to one per token (top-k, noisy top-k in eval, hash, random, expert choice at full capacity)
@@ -20,6 +20,7 @@ arXiv:2212.05055):
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, NamedTuple
 
@@ -106,6 +107,8 @@ def convert_to_moe(model: nn.Module, layers: list[int], num_experts: int = 8, to
 
     Extra keyword arguments go to each layer's `MoEConfig` (``capacity_factor``,
     ``load_balance_weight``, ``num_shared_experts``...). The original model is untouched.
+    ``seed`` fixes everything random in the conversion (routers, perturbation noise): the
+    same arguments give the same MoE model.
     """
     if expert_init_strategy not in INIT_STRATEGIES:
         raise ConfigError("expert_init_strategy", expert_init_strategy,
@@ -120,22 +123,26 @@ def convert_to_moe(model: nn.Module, layers: list[int], num_experts: int = 8, to
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    for i in layers:
-        mlp = _layers(out)[i].mlp
-        d, hidden = mlp.gate_proj.weight.shape[1], mlp.gate_proj.weight.shape[0]
-        if expert_init_strategy == "split":
-            if hidden % num_experts:
-                raise ConfigError("num_experts", num_experts,
-                                  f"a divisor of the MLP's hidden size {hidden} for 'split'")
-            hidden //= num_experts
-        cfg = MoEConfig(input_dim=d, hidden_dim=hidden, output_dim=d, num_experts=num_experts,
-                        top_k_experts=top_k, expert_type=expert_type, activation="silu",
-                        gate_type=gate_type, balance_loss=balance_loss,
-                        dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
-                        **config)
-        moe = MoEMLP(cfg).to(next(mlp.parameters()).device)
-        _init_experts(moe.moe, mlp, expert_init_strategy, expert_init_noise, gen)
-        _layers(out)[i].mlp = moe
+    dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    # The routers' initialisation draws from the global RNG: a forked one seeded with
+    # ``seed`` makes the conversion reproducible without disturbing the caller's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in layers:
+            mlp = _layers(out)[i].mlp
+            d, hidden = mlp.gate_proj.weight.shape[1], mlp.gate_proj.weight.shape[0]
+            if expert_init_strategy == "split":
+                if hidden % num_experts:
+                    raise ConfigError("num_experts", num_experts,
+                                      f"a divisor of the MLP's hidden size {hidden} for 'split'")
+                hidden //= num_experts
+            cfg = MoEConfig(input_dim=d, hidden_dim=hidden, output_dim=d, num_experts=num_experts,
+                            top_k_experts=top_k, expert_type=expert_type, activation="silu",
+                            gate_type=gate_type, balance_loss=balance_loss,
+                            dtype=dtype, **config)
+            moe = MoEMLP(cfg).to(next(mlp.parameters()).device)
+            _init_experts(moe.moe, mlp, expert_init_strategy, expert_init_noise, gen)
+            _layers(out)[i].mlp = moe
     if gate_type in TOKEN_ID_GATES:
         out.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
     return out
@@ -170,6 +177,20 @@ class GenerationResult(NamedTuple):
     routing_entropy: dict[int, float]  # decoder layer -> mean per-token entropy, nats
 
 
+def kv_cache(model: nn.Module) -> dict[str, Any]:
+    """A fresh ``DynamicCache`` keyed by the name this transformers' forward takes it under.
+
+    transformers 5 renamed the argument ``past_key_values`` to ``cache`` (the old name, and
+    reading ``output.past_key_values``, raise a FutureWarning until its removal in 5.40);
+    4.x knows only ``past_key_values``. Every forward fills the cache in place, so a decoding
+    loop passes the same ``**kv_cache(model)`` each step and never reads it back.
+    """
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: DynamicCache()}
+
+
 def _sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
@@ -199,7 +220,8 @@ def generate(moe_model: nn.Module, tokenizer: Any, prompt: str, temperature: flo
         ids = list(tokenizer.encode(prompt))
         eos = getattr(tokenizer, "eos_token_id", None)
         limit = getattr(moe_model.config, "max_position_embeddings", None) or math.inf
-        out = moe_model(torch.tensor([ids], device=device), use_cache=True)
+        cache = kv_cache(moe_model)
+        out = moe_model(torch.tensor([ids], device=device), use_cache=True, **cache)
         new: list[int] = []
         for _ in range(max_new_tokens):
             nxt = _sample(out.logits[:, -1], temperature, gen)
@@ -207,8 +229,7 @@ def generate(moe_model: nn.Module, tokenizer: Any, prompt: str, temperature: flo
             if token == eos or len(ids) + len(new) >= limit:
                 break
             new.append(token)
-            out = moe_model(nxt.view(1, 1), past_key_values=out.past_key_values,
-                            use_cache=True)
+            out = moe_model(nxt.view(1, 1), use_cache=True, **cache)
         stats = {i: _layer_stats(m.record) for i, m in mlps.items()}
     finally:
         for m in mlps.values():

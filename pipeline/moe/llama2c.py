@@ -19,6 +19,7 @@ of the adjacent pair whose concatenation has the highest score.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -28,7 +29,13 @@ from torch import Tensor
 from pipeline.errors import PipelineError
 
 HEADER = struct.Struct("<7i")
+# llama2.c's own tokenizers hold pieces of at most 27 bytes (32000 tokens) or fewer; a
+# larger header value means the file is something else.
+MAX_TOKEN_BYTES = 1024
 BOS, EOS = 1, 2
+# llama2.c's later export versions (export.py --version 1 or 2, and forks' own) begin with
+# uint32 0x616b3432 ("ak42" in ASCII), then the version.
+EXPORT_MAGIC = struct.pack("<I", 0x616B3432)
 
 
 class Llama2cError(PipelineError):
@@ -55,6 +62,11 @@ def read_header(path: Path, data: bytes) -> dict[str, int]:
     if len(data) < HEADER.size:
         raise Llama2cError(path, f"truncated: {len(data)} bytes, shorter than the "
                            f"{HEADER.size}-byte header")
+    if data[:4] == EXPORT_MAGIC:
+        (version,) = struct.unpack_from("<i", data, 4)
+        raise Llama2cError(path, f"llama2.c's export format version {version}: this reader "
+                           "takes the original one (version 0, as stories*.bin are; "
+                           "llama2.c's export.py --version 0 writes it)")
     dim, hidden, layers, heads, kv_heads, vocab, seq_len = HEADER.unpack_from(data)
     shared = vocab > 0
     vocab = abs(vocab)
@@ -83,17 +95,21 @@ def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
     """Header and named float32 tensors of a llama2.c checkpoint, checked for size."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        # The header and the file's size are checked before the weights are read, so that a
+        # wrong file of gigabytes (a PyTorch or GGUF checkpoint) is refused without reading it.
+        with path.open("rb") as f:
+            header = read_header(path, f.read(HEADER.size))
+            parts = _sizes(header)
+            expected = HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in parts)
+            size = path.stat().st_size
+            if size != expected:
+                what = "truncated" if size < expected else "has trailing bytes"
+                raise Llama2cError(path, f"{what}: {size} bytes where the header "
+                                   f"{header} implies {expected}")
+            data = bytearray(f.read())
     except OSError as err:
         raise Llama2cError(path, f"cannot read: {err.strerror}") from err
-    header = read_header(path, data)
-    parts = _sizes(header)
-    expected = HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in parts)
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "has trailing bytes"
-        raise Llama2cError(path, f"{what}: {len(data)} bytes where the header "
-                           f"{header} implies {expected}")
-    flat = torch.frombuffer(bytearray(data[HEADER.size:]), dtype=torch.float32)
+    flat = torch.frombuffer(data, dtype=torch.float32)
     tensors, offset = {}, 0
     for name, shape in parts:
         n = torch.Size(shape).numel()
@@ -106,9 +122,17 @@ def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
 
 def load_llama2c(path: str | Path):
     """A Hugging Face ``LlamaForCausalLM`` holding a llama2.c checkpoint's weights."""
+    return build_llama(*read_tensors(path))
+
+
+def build_llama(h: dict[str, int], t: dict[str, Tensor]):
+    """The ``LlamaForCausalLM`` of `read_tensors`' header and tensors.
+
+    Apart from `load_llama2c` so that a caller can check the header (the vocabulary against
+    its tokenizer) before paying for importing transformers.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    h, t = read_tensors(path)
     config = LlamaConfig(
         vocab_size=h["vocab_size"], hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
         num_hidden_layers=h["n_layers"], num_attention_heads=h["n_heads"],
@@ -169,6 +193,35 @@ def write_llama2c(model, path: str | Path) -> Path:
     return path
 
 
+def _read_vocabulary(path: Path, data: bytes) -> tuple[int, list[bytes], list[float]]:
+    """Maximum token length, pieces and scores of a ``tokenizer.bin``'s bytes, each checked."""
+    pieces: list[bytes] = []
+    scores: list[float] = []
+    offset = 4
+    try:
+        (max_len,) = struct.unpack_from("<I", data, 0)
+        if not 0 < max_len <= MAX_TOKEN_BYTES:
+            raise Llama2cError(path, "not a llama2.c tokenizer: its header gives a maximum "
+                               f"token length of {max_len} bytes")
+        while offset < len(data):
+            score, n = struct.unpack_from("<fI", data, offset)
+            if n > max_len or not math.isfinite(score):
+                raise Llama2cError(path, f"not a llama2.c tokenizer: token {len(pieces)} (byte "
+                                   f"{offset}) has {n} bytes and score {score}, where the "
+                                   f"header allows {max_len} bytes")
+            piece = data[offset + 8: offset + 8 + n]
+            if len(piece) != n:
+                raise struct.error("piece runs past the end")
+            pieces.append(piece)
+            scores.append(score)
+            offset += 8 + n
+    except struct.error as err:
+        raise Llama2cError(path, f"truncated tokenizer at byte {offset}: {err}") from err
+    if len(pieces) < 3:
+        raise Llama2cError(path, "a tokenizer needs at least <unk>, <s> and </s>")
+    return max_len, pieces, scores
+
+
 class Llama2cTokenizer:
     """llama2.c's ``tokenizer.bin``: scored vocabulary, BPE merges by score."""
 
@@ -178,23 +231,15 @@ class Llama2cTokenizer:
             data = path.read_bytes()
         except OSError as err:
             raise Llama2cError(path, f"cannot read: {err.strerror}") from err
-        self.pieces: list[bytes] = []
-        self.scores: list[float] = []
-        offset = 4
         try:
-            (self.max_token_length,) = struct.unpack_from("<I", data, 0)
-            while offset < len(data):
-                score, n = struct.unpack_from("<fI", data, offset)
-                piece = data[offset + 8: offset + 8 + n]
-                if len(piece) != n:
-                    raise struct.error("piece runs past the end")
-                self.pieces.append(piece)
-                self.scores.append(score)
-                offset += 8 + n
-        except struct.error as err:
-            raise Llama2cError(path, f"truncated tokenizer at byte {offset}: {err}") from err
-        if len(self.pieces) < 3:
-            raise Llama2cError(path, "a tokenizer needs at least <unk>, <s> and </s>")
+            self.max_token_length, self.pieces, self.scores = _read_vocabulary(path, data)
+        except Llama2cError:
+            # Asked only after the binary reading failed: a real tokenizer.bin may begin with
+            # the byte of "{" (a maximum token length of 123).
+            if data.lstrip()[:1] in (b"{", b"["):
+                raise Llama2cError(path, "a JSON file, not a llama2.c tokenizer.bin (a Hugging "
+                                   "Face tokenizer.json belongs in a model directory)") from None
+            raise
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         self.bos_token_id, self.eos_token_id = BOS, EOS
 

@@ -24,8 +24,8 @@ from sqlalchemy.orm import sessionmaker
 
 import pipeline
 from pipeline.errors import PipelineError
-from pipeline.moe.config import MoEConfig
 from pipeline.inputs import describe_bad
+from pipeline.moe.config import MoEConfig
 from pipeline.records import BadItem, CurateResult, Item
 from pipeline.storage.sql import (
     Batch,
