@@ -9,6 +9,7 @@ under it (`StaleWriteError`: another writer got in) re-warms the cache and decid
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +25,9 @@ from pipeline.records import CurateResult, DraftReport, stable_id
 from pipeline.storage.graph import GraphStore, StaleWriteError
 
 ShardLocks = Callable[[str], AbstractContextManager]
+# How long the list of the graph's constellations (for cross-shard lookups) is kept before it
+# is read again: a new model's constellations appear within this many seconds.
+SHARDS_TTL_S = 30.0
 
 
 class Librarian:
@@ -42,6 +46,8 @@ class Librarian:
         self.checkpoint_dir = Path(kg_checkpoint_dir) if kg_checkpoint_dir else None
         self.save_interval = kg_save_interval
         self.cross_shard = cross_shard
+        self._shards: list[str] = []
+        self._shards_at = -float("inf")
         # (shard, model) -> the cache of that model's insights of the shard (model None: all)
         self.caches: dict[tuple[str, str | None], EmbeddingCache] = {}
         self._saved_at: dict[tuple[str, str | None], int] = {}
@@ -112,8 +118,13 @@ class Librarian:
         """The other shards' caches, caught up: read, never written, under this lock."""
         if not self.cross_shard:
             return {}
+        now = time.monotonic()
+        # Constellations come and go rarely: the list is read again after a while, or at
+        # once when it lacks this very shard (a model whose constellations are new here).
+        if now - self._shards_at > SHARDS_TTL_S or shard not in self._shards:
+            self._shards, self._shards_at = self.graph.constellations(), now
         out = {}
-        for other in self.graph.constellations():
+        for other in self._shards:
             if other != shard:
                 cache = self.cache(other, model)
                 cache.catch_up(self.graph, other, model)

@@ -206,3 +206,8 @@ def test_quality_bench_quick_prints_the_shared_json_shape():
     assert 0 < refs["texts_kmeans_nmi"] <= 1
     assert 0 < refs["texts_nearest_name_accuracy"] <= 1
     assert 0.5 <= refs["texts_leader_best_t"] <= 0.95
+    # The pipeline's own figures, measured through the real code: meaning, not speed, so a
+    # regression of the routing or the dedup shows here.
+    res = record["results"]
+    assert res["texts_zero_shot_nmi"] >= 0.75 and res["texts_supervised_accuracy"] >= 0.9
+    assert res["texts_dedup_precision"] >= 0.97 and res["texts_dedup_f1"] >= 0.97

@@ -294,6 +294,9 @@ class GraphStore:
         decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
         """
         top = self.max_seq(shard)
+        if top <= after:  # nothing new: the common case of a catch-up, one query
+            return ShardRows([], np.empty(0, np.int64), np.empty((0, dim), np.float16), [],
+                             top)
         expected = self.count_after(shard, after, model, dim)
         ids: list[str] = []
         summaries: list[str] = []
