@@ -154,8 +154,11 @@ class Librarian:
             cache.add_support(merged_rows)
         for other, row, _ in decision.foreign.values():
             others[other].add_support([row])
-        cache.add([i.id for i in new], np.stack([i.embedding for i in new])
-                  if new else np.zeros((0, self.dim), np.float32), [i.seq for i in new],
+        # The rows as the graph holds them (float16), so a warm process and a fresh one
+        # decide alike at the threshold.
+        rows = (np.stack([i.embedding for i in new]).astype(np.float16).astype(np.float32)
+                if new else np.zeros((0, self.dim), np.float32))
+        cache.add([i.id for i in new], rows, [i.seq for i in new],
                   texts=[i.summary for i in new])
         self._maybe_snapshot(shard, model, cache)
         mapping = {**done, **{s.report_id: s.insight_id for s in batch.supports}}

@@ -40,6 +40,7 @@ class Runtime:
         self.settings = settings
         self.Session = Session
         self.device = device or settings.torch_device()
+        self._serving: Settings | None = None
         self._system: MixtureOfExpertsSystem | None = None
         self._config: MoEConfig | None = None
         self._fingerprint: str | None = None
@@ -59,24 +60,35 @@ class Runtime:
 
     # -- the served model ------------------------------------------------------------------
     @property
+    def serving(self) -> Settings:
+        """The settings with the served checkpoint resolved, once for this process: the
+        config, the weights and the fingerprint all come from the same one, even if `train`
+        writes a newer checkpoint meanwhile."""
+        if self._serving is None:
+            path = serving.served_path(self.settings)
+            self._serving = (self.settings if path is None
+                             else self.settings.model_copy(update={"model_path": path}))
+        return self._serving
+
+    @property
     def config(self) -> MoEConfig:
         """The served model's config, read without loading its weights."""
         if self._config is None:
             self._config = (self._system.config if self._system is not None
-                            else serving.model_config(self.settings))
+                            else serving.model_config(self.serving))
         return self._config
 
     @property
     def system(self) -> MixtureOfExpertsSystem:
         if self._system is None:
-            self._system = serving.load_system(self.settings, self.device)
+            self._system = serving.load_system(self.serving, self.device)
             self._config = self._system.config
         return self._system
 
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = serving.model_fingerprint(self.settings, self.config)
+            self._fingerprint = serving.model_fingerprint(self.serving, self.config)
         return self._fingerprint
 
     # -- storage ---------------------------------------------------------------------------

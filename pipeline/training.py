@@ -88,9 +88,11 @@ def _with_constellations(base: MoEConfig, names: dict[str, str]) -> MoEConfig:
     k = EXPERTS_PER_CONSTELLATION
     groups = {name: {"experts": list(range(k * g, k * g + k)), "description": desc}
               for g, (name, desc) in enumerate(names.items())}
+    top_c = (None if base.top_k_constellations is None
+             else min(base.top_k_constellations, len(names)))
     return dataclasses.replace(base, num_experts=k * len(names), constellations=groups,
                                top_k_experts=min(base.top_k_experts, k),
-                               expert_specializations=None, top_k_constellations=None)
+                               expert_specializations=None, top_k_constellations=top_c)
 
 
 def _held_out(items: Sequence[Item], share: float = 0.2, salt: str = "split") -> np.ndarray:
@@ -167,8 +169,11 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
                                                  settings.text_model)
         targets = _seeded_kmeans(x, protos)
         mode = "unsupervised"
-    cfg = config if (config is not None and not constellations) else \
-        _with_constellations(base, names)
+    keep = config is not None and not constellations and config.constellations is not None
+    cfg = config if keep else _with_constellations(base, names)
+    if [n for n, _ in cfg.constellation_members()] != list(names):
+        raise TrainError(f"the model's constellations {[n for n, _ in cfg.constellation_members()]}"
+                         f" are not the ones trained for ({list(names)})")
     system = serving.build_system(cfg, settings)
     if mode == "unsupervised" and not constellations and config is None and labels is None \
             and num_constellations:

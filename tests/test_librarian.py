@@ -317,3 +317,20 @@ def test_two_models_insights_never_merge(graph):
     models = graph.run_cypher("MATCH (i:Insight {shard: $s}) RETURN i.model AS m, count(*) AS n "
                               "ORDER BY m", {"s": shard})
     assert models == [{"m": m1, "n": 4}, {"m": m2, "n": 4}]
+
+
+def test_a_report_that_joined_an_existing_edge_is_recognised_on_replay(graph):
+    """Support is one edge per (insight, source); the edge lists every report behind it, so
+    a redelivered part whose reports only joined it is still a no-op."""
+    shard = f"r-{uuid.uuid4().hex[:8]}"
+    lib = _librarian(graph)
+    emb = clustered(np.random.default_rng(13), 1, 1, noise=0.0)
+    lib.curate(shard, reports_for(emb, "job-r1", shard))
+    second = reports_for(emb, "job-r2", shard)  # the same item (source) in another job
+    assert lib.curate(shard, second).merged == 1
+    replay = lib.curate(shard, second)
+    assert (replay.skipped, replay.inserted, replay.merged) == (1, 0, 0)
+    rows = graph.run_cypher("MATCH (i:Insight {shard: $s})-[e:SUPPORTED_BY]->() "
+                            "RETURN count(e) AS n, size(e.reports) AS reports, "
+                            "size(e.jobs) AS jobs", {"s": shard})
+    assert rows == [{"n": 1, "reports": 2, "jobs": 2}]

@@ -159,3 +159,21 @@ def test_train_errors_are_one_line_from_the_cli(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and expected in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_train_with_a_config_of_no_constellations_gives_them_from_the_labels(tmp_path):
+    from pipeline import training
+    from pipeline.moe.config import MoEConfig
+    from pipeline.settings import Settings
+
+    x, label, _ = _planted(60, 2, 8, seed=6)
+    items = [{"id": f"c{i}", "vector": row.tolist(), "meta": {"topic": f"t{int(g)}"}}
+             for i, (row, g) in enumerate(zip(x, label, strict=True))]
+    config = MoEConfig(input_dim=8, hidden_dim=8, output_dim=8, num_experts=4, top_k_experts=2,
+                       num_layers=1, use_compile=False, use_amp=False)
+    settings = Settings(state_dir=tmp_path, device="cpu", model_path=None)
+    result = training.train(items, settings, config=config, label_field="topic", epochs=3)
+    assert list(result.constellations) == ["t0", "t1"]
+    from pipeline.moe.checkpoint import read_config
+
+    assert [n for n, _ in read_config(result.path).constellation_members()] == ["t0", "t1"]

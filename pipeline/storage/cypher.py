@@ -85,7 +85,7 @@ UNWIND supports AS s
 MERGE (src:{SOURCE} {{id: s.source}})
 ON CREATE SET src.text = s.text
 CREATE (i)-[:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job,
-                              jobs: [s.job]}}]->(src)
+                              jobs: s.jobs, reports: s.reports}}]->(src)
 WITH DISTINCT i, produced, similar
 UNWIND produced AS p
 MATCH (x:{EXPERT} {{id: p.expert}})
@@ -102,9 +102,11 @@ MATCH (i:{INSIGHT} {{id: r.insight}})
 MERGE (s:{SOURCE} {{id: r.source}})
 ON CREATE SET s.text = r.text
 MERGE (i)-[e:{SUPPORTED_BY}]->(s)
-ON CREATE SET e.report_id = r.report, e.weight = r.weight, e.job_id = r.job, e.jobs = [r.job]
-ON MATCH SET e.jobs = CASE WHEN r.job IN coalesce(e.jobs, [])
-                           THEN e.jobs ELSE coalesce(e.jobs, []) + r.job END
+ON CREATE SET e.report_id = r.report, e.weight = r.weight, e.job_id = r.job,
+              e.jobs = r.jobs, e.reports = r.reports
+ON MATCH SET e.jobs = coalesce(e.jobs, []) + [j IN r.jobs WHERE NOT j IN coalesce(e.jobs, [])],
+             e.reports = coalesce(e.reports, [e.report_id])
+                         + [x IN r.reports WHERE NOT x IN coalesce(e.reports, [e.report_id])]
 """
 
 # The larger weight wins, so replaying a batch (or merging the same expert twice) is stable.
@@ -141,8 +143,8 @@ ON CREATE SET run.created_at = $created_at, run.config = $config
 SUPPORTED_REPORTS = f"""
 UNWIND $rows AS r
 MATCH (s:{SOURCE} {{id: r.source}})<-[e:{SUPPORTED_BY}]-(i:{INSIGHT})
-WHERE e.report_id = r.report
-RETURN e.report_id AS report, i.id AS insight
+WHERE r.report IN coalesce(e.reports, [e.report_id])
+RETURN r.report AS report, i.id AS insight
 """
 
 # What a similarity answer shows of each insight it found.

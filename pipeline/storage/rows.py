@@ -76,15 +76,29 @@ def batch_rows(batch: CuratedBatch, existing: set[str],
     # Support counts distinct sources: one SUPPORTED_BY per (insight, source), whatever
     # number of jobs (or reports of one item) back it; the first report names the edge.
     for row in nested.values():
-        row["supports"] = list({s["source"]: s for s in reversed(row["supports"])}.values())[::-1]
-    old["supports"] = list({(s["insight"], s["source"]): s
-                            for s in reversed(old["supports"])}.values())[::-1]
+        row["supports"] = _one_per_source(row["supports"])
+    old["supports"] = _one_per_source(old["supports"])
     for key in ("supports", "produced"):
         empty = [i for i, row in nested.items() if not row[key]]
         if empty:
             raise ValueError(f"insight {empty[0]} is new but has no {key} rows")
     return {"insights": list(nested.values()), "old_supports": old["supports"],
             "old_produced": old["produced"], "old_similar": old["similar"]}
+
+
+def _one_per_source(rows: list[Row]) -> list[Row]:
+    """Support rows merged per (insight, source): the first names the edge; every report and
+    job that backs it is listed (``reports``, what replay detection looks up; ``jobs``)."""
+    merged: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        key = (r["insight"], r["source"])
+        if key not in merged:
+            merged[key] = {**r, "reports": [r["report"]], "jobs": [r["job"]]}
+            continue
+        m = merged[key]
+        m["reports"] += [r["report"]] if r["report"] not in m["reports"] else []
+        m["jobs"] += [r["job"]] if r["job"] not in m["jobs"] else []
+    return list(merged.values())
 
 
 def model_rows(constellations: dict[str, list[str]]) -> list[Row]:
