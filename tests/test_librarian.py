@@ -334,3 +334,20 @@ def test_a_report_that_joined_an_existing_edge_is_recognised_on_replay(graph):
                             "RETURN count(e) AS n, size(e.reports) AS reports, "
                             "size(e.jobs) AS jobs", {"s": shard})
     assert rows == [{"n": 1, "reports": 2, "jobs": 2}]
+
+
+def test_librarians_on_a_redis_broker_share_redis_locks(tmp_path):
+    """With only CELERY_BROKER_URL set to a Redis, in-process locks would let two librarian
+    processes write one shard at once."""
+    from pipeline.settings import Settings
+    from pipeline.storage.locks import LocalShardLock, RedisShardLock, shard_locks
+
+    def locks(**kw):
+        return shard_locks(Settings(**{"state_dir": tmp_path, "redis_url": None,
+                                       "celery_broker_url": None, **kw}))
+
+    assert isinstance(locks(), LocalShardLock)  # the embedded default: one process
+    assert isinstance(locks(celery_broker_url="redis://127.0.0.1:6379/14"), RedisShardLock)
+    assert isinstance(locks(redis_url="redis://127.0.0.1:6379/13"), RedisShardLock)
+    assert isinstance(locks(celery_broker_url="amqp://guest:guest@127.0.0.1//"),
+                      LocalShardLock)

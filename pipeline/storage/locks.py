@@ -92,7 +92,20 @@ class RedisShardLock:
                 return
 
 
+def lock_url(settings: Settings) -> str | None:
+    """The Redis the shard locks live in: ``REDIS_URL``, else a Redis ``CELERY_BROKER_URL``
+    (librarians sharing a Redis broker must share their locks too: in-process locks would
+    let two of them write one shard at once), else none (one process: in-process locks)."""
+    if settings.redis_url:
+        return settings.redis_url
+    broker = settings.celery_broker_url
+    if broker and broker.startswith(("redis://", "rediss://")):
+        return broker
+    return None
+
+
 def shard_locks(settings: Settings | None = None) -> LocalShardLock | RedisShardLock:
-    """Redis locks when ``REDIS_URL`` is set (the stack), in-process ones otherwise."""
+    """Redis locks where processes share a Redis (`lock_url`), in-process ones otherwise."""
     settings = settings or Settings()
-    return RedisShardLock(settings.redis_url) if settings.redis_url else LocalShardLock()
+    url = lock_url(settings)
+    return RedisShardLock(url) if url else LocalShardLock()
