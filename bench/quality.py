@@ -276,8 +276,6 @@ def _routing_scores(tag: str, kind: str, truth: list[str], pred: list[str]) -> d
 def measure_routing(tag: str, data: Dataset, tmp: Path, quick: bool) -> dict[str, float]:
     """Zero-shot (descriptions only), supervised and unsupervised ``train``, each routed
     through the served model; trained models are scored on the items training held out."""
-    import dataclasses
-
     from pipeline import serving, training
 
     domains = sorted(set(data.domains or []))
@@ -289,7 +287,7 @@ def measure_routing(tag: str, data: Dataset, tmp: Path, quick: bool) -> dict[str
     else:
         names = {data.label_name(d): DESCRIPTIONS[d] for d in domains}
         cfg = training._with_constellations(serving.default_config(), names)
-        system = serving.build_system(dataclasses.replace(cfg), settings).eval()
+        system = serving.build_system(cfg, settings).eval()
     out.update(_routing_scores(tag, "zero_shot", truth, _route_names(
         system, _items(data, tag), settings)))
     epochs = 10 if quick else 30

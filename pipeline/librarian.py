@@ -41,7 +41,6 @@ class Librarian:
                  lexical_floor: float = 0.45, cross_shard: bool = True) -> None:
         self.graph, self.locks, self.dim, self.run_id = graph, locks, dim, run_id
         self.rule = Rule(dedup_threshold, related_threshold, lexical_threshold, lexical_floor)
-        self.dedup_threshold, self.related_threshold = dedup_threshold, related_threshold
         self.device, self.max_kg_nodes = device, max_kg_nodes
         self.checkpoint_dir = Path(kg_checkpoint_dir) if kg_checkpoint_dir else None
         self.save_interval = kg_save_interval
@@ -65,6 +64,14 @@ class Librarian:
                    max_kg_nodes=k.max_kg_nodes, kg_checkpoint_dir=k.kg_checkpoint_dir,
                    kg_save_interval=k.kg_save_interval, lexical_threshold=k.lexical_threshold,
                    lexical_floor=k.lexical_floor)
+
+    @property
+    def dedup_threshold(self) -> float:
+        return self.rule.threshold
+
+    @property
+    def related_threshold(self) -> float:
+        return self.rule.related
 
     def cache(self, shard: str, model: str | None = None) -> EmbeddingCache:
         """The shard's cache (of ``model``'s insights only, if given): from its snapshot if
