@@ -5,6 +5,7 @@ Each test writes under its own shard names (unique ids), never wiping what other
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import uuid
@@ -161,6 +162,16 @@ def test_local_server_reuses_a_running_one_and_keeps_data_across_restarts(tmp_pa
         assert second.pid != first.pid
         with server.connect() as g:
             assert g.max_seq("persist") == 2
+        # A server started by a release before the read-only user is restarted once, with it.
+        info = tmp_path / "graph" / "server.json"
+        info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items()
+                                    if k != "reader"}))
+        third = server.start()
+        assert third.pid != second.pid and third.reader
+        with server.connect() as g:
+            assert g.reader is not None
+            assert g.run_cypher("MATCH (i:Insight {shard: 'persist'}) RETURN count(i) AS n") \
+                == [{"n": 3}]
     finally:
         server.stop()
 

@@ -7,7 +7,6 @@ vector index) is chosen by `Dialect.for_agent` from the server's reported agent 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 INSIGHT, SOURCE, EXPERT, CONSTELLATION, RUN = "Insight", "Source", "Expert", "Constellation", "Run"
@@ -22,13 +21,16 @@ class Dialect:
 
     name: str  # "neo4j" or "arcadedb"
     vector_index: bool
+    # Whether EXPLAIN's summary gives the query's true type ('r', 'rw', 'w', 's'). ArcadeDB's
+    # (26.10) reports 'w' for every EXPLAIN, even of a MATCH ... RETURN, and runs none.
+    explain_query_type: bool = False
 
     @classmethod
     def for_agent(cls, agent: str) -> Dialect:
         """ArcadeDB reports e.g. 'Neo4j/5.26.0 compatible (ArcadeDB 26.10.2)'."""
         if "arcadedb" in agent.lower():
             return cls("arcadedb", vector_index=False)
-        return cls("neo4j", vector_index=agent.startswith("Neo4j/5"))
+        return cls("neo4j", vector_index=agent.startswith("Neo4j/5"), explain_query_type=True)
 
     def schema(self, vector_dim: int | None = None) -> list[str]:
         """Idempotent DDL: uniqueness on every id, (shard, seq) on insights, optional vectors."""
@@ -192,27 +194,3 @@ MATCH (i:{INSIGHT}) WHERE i.shard = $shard AND i.seq > $lo AND i.seq <= $hi
 RETURN collect(i.id) AS ids, collect(i.seq) AS seqs, collect(i.embedding) AS embeddings,
        collect(coalesce(i.summary, '')) AS summaries
 """
-
-# Writing clauses and procedures a read-only query must not contain (after literals and
-# comments are removed).
-# Not after '.', ':' or '$': a property, label or parameter called `set` is no clause.
-_WRITE = re.compile(
-    r"(?<![.:$\w])(CREATE|MERGE|DELETE|DETACH|SET|REMOVE|DROP|FOREACH|LOAD\s+CSV|"
-    r"IN\s+TRANSACTIONS|GRANT|REVOKE|DENY|ALTER|RENAME)\b"
-    r"|\bCALL\s+(apoc\.(create|merge|refactor|periodic|nodes\.delete|atomic|trigger|cypher|"
-    r"export|import|load|schema|lock|do|custom|uuid|ttl)|db\.create|dbms\.|"
-    r"gds\.[\w.]*\.(write|mutate))",
-    re.IGNORECASE,
-)
-_LITERALS = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|//[^\n]*|/\*.*?\*/",
-                       re.DOTALL)
-
-
-def writing_clause(query: str) -> str | None:
-    """The first writing clause in ``query`` (ignoring strings and comments), or None.
-
-    Backtick quotes are dropped but their names kept: ``CALL `apoc`.`merge`.`node` `` is
-    still a call of apoc.merge.node.
-    """
-    match = _WRITE.search(_LITERALS.sub(" ", query).replace("`", ""))
-    return None if match is None else match.group(0).upper()

@@ -8,6 +8,12 @@ running. The official neo4j driver talks to it like to Neo4j (see `graph.GraphSt
 The server's own process is this module run as ``python -m pipeline.storage.embedded
 ROOT BOLT_PORT HTTP_PORT``: it starts ArcadeDB with the Bolt plugin, creates the database on
 first use, and stops cleanly when a ``stop`` file appears in ROOT.
+
+Two database users: ``root`` (the pipeline's writes, and users' ``--write`` queries) and
+``reader``, whose group may read records of every type and do nothing else (no record
+writes, no schema, no security, no database settings), so that users' read-only queries are
+refused by the server itself whatever their text. Both passwords are generated once and kept
+owner-only beside the data. LOAD CSV can open neither a local file nor a URL, for any user.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
 
 DATABASE = "insights"
 USERNAME = "root"
+READER = "reader"  # the user, and its group, that users' read-only queries run as
 BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
 
 
@@ -82,6 +89,7 @@ class ServerInfo:
     pid: int
     bolt_port: int
     http_port: int
+    reader: bool = False  # has the read-only user (False: started by an earlier release)
 
     @property
     def uri(self) -> str:
@@ -105,7 +113,14 @@ class LocalGraphServer:
 
     def password(self) -> str:
         """The server's root password, generated once and kept owner-only."""
-        path = self.root / "password"
+        return self._secret("password")
+
+    def reader_password(self) -> str:
+        """The read-only user's password, generated once and kept owner-only."""
+        return self._secret("reader-password")
+
+    def _secret(self, name: str) -> str:
+        path = self.root / name
         if not path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -133,17 +148,23 @@ class LocalGraphServer:
         with open(self.root / "start.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             info = self.running()
+            if info is not None and not info.reader:
+                # Started by a release before the read-only user (and with LOAD CSV open to
+                # local files): restarted once, on the same data, so that reads are guarded.
+                self.stop()
+                info = None
             return info if info is not None else self._spawn()
 
     def _spawn(self) -> ServerInfo:
         self.password()
+        self.reader_password()
         (self.root / "ready").unlink(missing_ok=True)
         (self.root / "stop").unlink(missing_ok=True)
         bolt = _free_port()
         http = _free_port()
         while http == bolt:
             http = _free_port()
-        info = ServerInfo(pid=0, bolt_port=bolt, http_port=http)
+        info = ServerInfo(pid=0, bolt_port=bolt, http_port=http, reader=True)
         log = self.log_file.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.storage.embedded", str(self.root.resolve()),
@@ -202,13 +223,57 @@ class LocalGraphServer:
         from pipeline.storage.graph import GraphStore
 
         info = self.start()
-        return GraphStore.connect(info.uri, USERNAME, self.password(), DATABASE, timeout_s)
+        return GraphStore.connect(info.uri, USERNAME, self.password(), DATABASE, timeout_s,
+                                  reader=(READER, self.reader_password()))
+
+
+# What the reader's group may do in the database: read records of every type. The empty
+# database-level list withholds updateSchema (CREATE INDEX, new labels), updateSecurity (which
+# ArcadeDB also requires of LOAD CSV and of user commands) and updateDatabaseSettings.
+READER_GROUP = {"access": [], "resultSetLimit": -1, "readTimeout": -1,
+                "types": {"*": {"access": ["readRecord"]}}}
+
+
+def _close_file_access() -> None:
+    """LOAD CSV may open no local file and fetch no URL, for any user, root included.
+
+    These are JVM-wide settings: ArcadeDB 26.10 reads them from a database's configuration,
+    which falls back to the global values, not to the server's (set through the server's
+    config dict, they were measured to have no effect). The process runs one server only.
+    """
+    import jpype
+
+    config = jpype.JClass("com.arcadedb.GlobalConfiguration")
+    config.OPENCYPHER_LOAD_CSV_ALLOW_FILE_URLS.setValue(False)
+    config.OPENCYPHER_LOAD_CSV_ALLOW_REMOTE_URLS.setValue(False)
+
+
+def _ensure_reader(server, password: str) -> None:
+    """The read-only group and user, made again at every start as this module defines them
+    (an edited group or user file cannot widen them across a restart).
+
+    The Python wrapper has no security API; the Java server's `ServerSecurity` has, and
+    persists what it is given to ``config/server-groups.json`` and ``server-users.jsonl``.
+    """
+    import jpype
+
+    json_object = jpype.JClass("com.arcadedb.serializer.json.JSONObject")
+    security = server._java_server.getSecurity()
+    security.saveGroup(DATABASE, READER, json_object(json.dumps(READER_GROUP)))
+    if security.existsUser(READER):
+        security.dropUser(READER)
+    security.createUser(json_object(json.dumps({
+        "name": READER, "password": str(security.encodePassword(password)),
+        "databases": {DATABASE: [READER]}})))
 
 
 def _serve(root: Path, bolt_port: int, http_port: int) -> None:
     """The server process: run ArcadeDB until SIGTERM."""
     import arcadedb_embedded
+    from arcadedb_embedded.jvm import start_jvm
 
+    start_jvm()
+    _close_file_access()
     password = (root / "password").read_text().strip()
     server = arcadedb_embedded.ArcadeDBServer(
         str(root / "server"), root_password=password,
@@ -217,6 +282,7 @@ def _serve(root: Path, bolt_port: int, http_port: int) -> None:
     server.start()
     if not (root / "server" / "databases" / DATABASE).exists():
         server.create_database(DATABASE)
+    _ensure_reader(server, (root / "reader-password").read_text().strip())
     (root / "stop").unlink(missing_ok=True)
     (root / "ready").write_text(str(os.getpid()))
     while not (root / "stop").exists():

@@ -5,6 +5,12 @@ deterministic ids, so a replayed batch changes nothing), reads a shard's embeddi
 preallocated array for the hot cache, and runs users' Cypher read-only unless a write is
 asked for explicitly. Writes go through the driver's managed transactions, which retry
 transient errors (deadlock, leader switch, session expiry) with backoff.
+
+A read-only query is refused in three layers: by `cypher_guard` before it is sent (deny by
+default), by the server (it runs as a user that may only read, where the store has one, and
+always in a READ transaction, which Neo4j enforces), and by the query type the server
+reports (EXPLAIN first where that type is true, the summary after), in a transaction that is
+rolled back whatever happened.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from neo4j import Driver, GraphDatabase, ManagedTransaction
+from neo4j import Driver, GraphDatabase, ManagedTransaction, ResultSummary
 from neo4j.exceptions import (
     AuthError,
     ClientError,
@@ -29,7 +35,8 @@ from neo4j.exceptions import (
 
 from pipeline.errors import PipelineError
 from pipeline.records import CuratedBatch
-from pipeline.storage import cypher, rows
+from pipeline.storage import cypher, cypher_guard, rows
+from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it from here
 
 
 class GraphUnavailable(PipelineError):
@@ -37,7 +44,8 @@ class GraphUnavailable(PipelineError):
 
     def __init__(self, uri: str, reason: str) -> None:
         self.uri = uri
-        super().__init__(f"graph at {uri} is unavailable: {reason}")
+        # One line: a driver's reason can run over several.
+        super().__init__(f"graph at {uri} is unavailable: {' '.join(reason.split())}")
 
 
 class StaleWriteError(PipelineError):
@@ -52,15 +60,6 @@ class StaleWriteError(PipelineError):
     def __init__(self, shard: str, reason: str) -> None:
         self.shard = shard
         super().__init__(f"shard {shard!r}: {reason}")
-
-
-class ReadOnlyQueryError(PipelineError):
-    """A query sent as read-only would write; names the clause."""
-
-    def __init__(self, clause: str) -> None:
-        self.clause = clause
-        super().__init__(f"query contains the writing clause {clause}; to change the graph, "
-                         "run it with --write (write=True from Python)")
 
 
 class QueryError(PipelineError):
@@ -94,11 +93,17 @@ class ShardRows:
 
 
 class GraphStore:
-    """The project's graph: schema, batched writes, cache reads, user queries."""
+    """The project's graph: schema, batched writes, cache reads, user queries.
+
+    ``driver`` does the pipeline's own reads and writes and users' ``write=True`` queries;
+    ``reader``, when given, is a driver logged in as a user the server lets only read, and
+    runs users' read-only queries (without one, they run on ``driver`` in READ transactions).
+    """
 
     def __init__(self, driver: Driver, database: str | None = None, uri: str = "",
-                 vector_index: bool = False) -> None:
+                 vector_index: bool = False, reader: Driver | None = None) -> None:
         self.driver, self.database, self.uri = driver, database, uri
+        self.reader = reader
         self.dialect = cypher.Dialect.for_agent(driver.get_server_info().agent)
         self.with_vector = vector_index and self.dialect.vector_index
         self.auth: tuple[str, str | None] | None = None
@@ -106,30 +111,24 @@ class GraphStore:
     @classmethod
     def connect(cls, uri: str, username: str, password: str | None,
                 database: str | None = None, timeout_s: float = 30.0,
-                vector_index: bool = False) -> GraphStore:
-        """Open a driver and wait (up to ``timeout_s``) until the server answers."""
-        driver = GraphDatabase.driver(uri, auth=(username, password or ""),
-                                      max_transaction_retry_time=timeout_s,
-                                      connection_acquisition_timeout=timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                driver.verify_connectivity()
-                store = cls(driver, database, uri, vector_index)
-                store.auth = (username, password)  # for helpers that open their own driver
-                return store
-            except AuthError as err:
-                driver.close()
-                raise GraphUnavailable(uri, f"authentication failed ({err.message})") from err
-            except (ServiceUnavailable, SessionExpired, OSError) as err:
-                if time.monotonic() >= deadline:
-                    driver.close()
-                    raise GraphUnavailable(uri, f"no answer within {timeout_s:.0f} s "
-                                           f"({err})") from err
-                time.sleep(0.2)
+                vector_index: bool = False,
+                reader: tuple[str, str] | None = None) -> GraphStore:
+        """Open a driver and wait (up to ``timeout_s``) until the server answers; with
+        ``reader`` (user, password), a second one for users' read-only queries."""
+        driver = _open_driver(uri, (username, password or ""), timeout_s)
+        try:
+            reader_driver = _open_driver(uri, reader, timeout_s) if reader else None
+        except GraphUnavailable:
+            driver.close()
+            raise
+        store = cls(driver, database, uri, vector_index, reader_driver)
+        store.auth = (username, password)  # for helpers that open their own driver
+        return store
 
     def close(self) -> None:
         self.driver.close()
+        if self.reader is not None:
+            self.reader.close()
 
     def __enter__(self) -> GraphStore:
         return self
@@ -330,11 +329,13 @@ class GraphStore:
     # -- user queries ----------------------------------------------------------------------
     def run_cypher(self, query: str, params: dict[str, Any] | None = None,
                    write: bool = False) -> list[dict[str, Any]]:
-        """Run a user's Cypher; read-only unless ``write=True``.
+        """Run a user's Cypher; read-only unless ``write=True`` (which runs it as the
+        store's own user, in a write transaction).
 
-        A read-only query is refused before sending if it holds a writing clause, and runs
-        in an explicit transaction that is always rolled back, so that nothing it does can
-        persist on any server (the driver's READ mode alone is not enforced by every one).
+        A read-only query must pass `cypher_guard.check_read_only` (`ReadOnlyQueryError`
+        otherwise, nothing sent), then runs on the reader driver where there is one, in a
+        READ transaction that is always rolled back; a query type the server reports as a
+        write (or schema change) is refused too.
         """
         params = params or {}
         if write:
@@ -342,19 +343,20 @@ class GraphStore:
                 return [r.data() for r in tx.run(query, params)]
             with self._user_query():
                 return self._write(work, conflict_retries=0)  # a user's write: not ours to retry
-        clause = cypher.writing_clause(query)
-        if clause is not None:
-            raise ReadOnlyQueryError(clause)
-        with self._outage(), self._user_query(), self._session(read=True) as session:
+        cypher_guard.check_read_only(query)
+        driver = self.reader or self.driver
+        with (self._outage(), self._user_query(),
+              driver.session(database=self.database, default_access_mode="READ") as session):
             tx = session.begin_transaction()
             try:
+                if self.dialect.explain_query_type:
+                    _refuse_writes(tx.run("EXPLAIN " + query, params).consume(), "planned")
                 result = tx.run(query, params)
                 data = [r.data() for r in result]
                 summary = result.consume()
             finally:
                 tx.rollback()
-        if summary.query_type in ("w", "rw", "s") or summary.counters.contains_updates:
-            raise ReadOnlyQueryError(f"(query type {summary.query_type!r}, rolled back)")
+        _refuse_writes(summary, "rolled back")
         return data
 
     def labels(self) -> list[str]:
@@ -364,3 +366,33 @@ class GraphStore:
         """Remove a set of shards' insights (tests and resets; never the pipeline itself)."""
         self.run_cypher(f"MATCH (i:{cypher.INSIGHT}) WHERE i.shard IN $shards DETACH DELETE i",
                         {"shards": list(shards)}, write=True)
+
+
+def _open_driver(uri: str, auth: tuple[str, str], timeout_s: float) -> Driver:
+    """A driver that the server answered (waiting up to ``timeout_s``); `GraphUnavailable`
+    when it does not, or refuses the credentials."""
+    driver = GraphDatabase.driver(uri, auth=auth, max_transaction_retry_time=timeout_s,
+                                  connection_acquisition_timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            driver.verify_connectivity()
+            return driver
+        except AuthError as err:
+            driver.close()
+            raise GraphUnavailable(uri, f"authentication of {auth[0]!r} failed "
+                                   f"({err.message})") from err
+        except (ServiceUnavailable, SessionExpired, OSError) as err:
+            if time.monotonic() >= deadline:
+                driver.close()
+                raise GraphUnavailable(uri, f"no answer within {timeout_s:.0f} s "
+                                       f"({err})") from err
+            time.sleep(0.2)
+
+
+def _refuse_writes(summary: ResultSummary, when: str) -> None:
+    """`ReadOnlyQueryError` if the server says the query writes or changes the schema."""
+    if (summary.query_type in ("w", "rw", "s") or summary.counters.contains_updates
+            or summary.counters.contains_system_updates):
+        raise ReadOnlyQueryError(f"the server reports query type {summary.query_type!r} "
+                                 f"({when})")
