@@ -3,88 +3,270 @@
 An item is ``{"id": ..., "text": ...}`` or ``{"id": ..., "vector": [...]}``, with an optional
 ``meta`` object. A bad item becomes a `BadItem` naming its line, id and field; the good items
 of the same job are kept. Items without an id get a hash of their content.
+
+Whatever a line holds, reading it gives an `Item` or a `BadItem`, never an exception: the
+limits below are what the rest of the pipeline can hold (an id fits the SQL column, a text
+and a vector go through the encoder, the model and the graph), and each error names its
+limit. A UTF-8 byte order mark at the start of a file is skipped.
+
+Vectors of a job share one width: the served model's vector width when it is fixed
+(``dim``, from ``MOE_VECTOR_DIM``), else the width most of the job's vectors have (ties: the
+earliest), never merely the first line's. The encoder's seeded projection maps that width to
+the model's ``input_dim``.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.records import BadItem, Item, stable_id
 
+MAX_LINE_BYTES = 4 * 1024 * 1024  # a line is read whole: bounded, whatever the file holds
+MAX_ID_CHARS = 255  # the SQL column item ids are recorded in (item_errors.item_id)
+MAX_TEXT_CHARS = 100_000  # the encoder reads the first 256 tokens; the graph keeps the text
+MAX_META_DEPTH = 32
+MAX_VECTOR_VALUES = 16_384  # the projection to the model's width is (width, input_dim)
+# Integers longer than this are not converted (Python refuses past 4,300 digits, and any
+# integer past 39 digits overflows float32 anyway): they are kept as a `LongInteger`.
+MAX_INT_DIGITS = 255
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-def _check(raw: Any, line: int, dim: int | None) -> Item | BadItem:
+
+class LongInteger(float):
+    """An integer literal of more than `MAX_INT_DIGITS` digits, left unconverted: infinite
+    as a float, and it knows how many digits it had (for the error that names it)."""
+
+    digits: int
+
+    def __new__(cls, literal: str) -> LongInteger:
+        value = super().__new__(cls, "-inf" if literal.startswith("-") else "inf")
+        value.digits = len(literal.lstrip("-"))
+        return value
+
+
+def _parse_int(literal: str) -> int | LongInteger:
+    return int(literal) if len(literal) <= MAX_INT_DIGITS else LongInteger(literal)
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON kind, as an error names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value),
+                                                                 type(value).__name__)
+
+
+def string_problem(value: str, limit: int) -> str | None:
+    """Why a string cannot be stored as it is (too long, a NUL, a lone surrogate), or None.
+
+    Every SQL and graph driver encodes strings as UTF-8: a lone surrogate (``"\\ud800"`` in
+    JSON) is not a Unicode scalar value and cannot be encoded, and PostgreSQL text holds no
+    NUL."""
+    if len(value) > limit:
+        return f"longer than {limit} characters ({len(value)})"
+    if "\x00" in value:
+        return f"holds a NUL character (at position {value.index(chr(0))})"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"holds a lone surrogate (\\u{ord(value[err.start]):04x} at position "
+                f"{err.start}): not valid Unicode")
+    return None
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """Meta nested deeper than `MAX_META_DEPTH`, or holding a string no store can encode.
+
+    Iterative, and it stops at the limit: a Python dict nested 10,000 deep is refused, not
+    recursed into."""
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_META_DEPTH:
+                return f"nested deeper than {MAX_META_DEPTH} levels"
+            children = list(value.items()) if isinstance(value, dict) else value
+            for child in children:
+                if isinstance(value, dict):
+                    key, child = child
+                    if isinstance(key, str) and (why := string_problem(key, MAX_TEXT_CHARS)):
+                        return f"a key {why}"
+                stack.append((child, depth + 1))
+        elif isinstance(value, str) and (why := string_problem(value, MAX_TEXT_CHARS)):
+            return f"a string {why}"
+    return None
+
+
+def _value_problem(index: int, value: Any) -> str | None:
+    """Why one vector value is not a float32 number, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected numbers only (value {index} is {_kind(value)})"
+    if isinstance(value, LongInteger):
+        return (f"value {index} is an integer of {value.digits} digits: it overflows "
+                f"float32 (at most {FLOAT32_MAX:.4g})")
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"holds NaN or infinity (value {index})"
+    try:
+        with np.errstate(over="ignore"):
+            finite = bool(np.isfinite(np.float32(value)))
+    except OverflowError:  # an int past float64
+        finite = False
+    if not finite:
+        shown = (f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+                 if isinstance(value, int) and value.bit_length() > 1000 else f"{value:.4g}")
+        return f"value {index} ({shown}) overflows float32 (at most {FLOAT32_MAX:.4g})"
+    return None
+
+
+def read_vector(vector: Any) -> tuple[list[float] | None, str | None]:
+    """A vector's values as floats, each finite as a float32 (what the model computes in),
+    or why not. Plain lists of ints and floats take one numpy pass; anything else is looked
+    at value by value, to name the first bad one."""
+    if not isinstance(vector, list) or not vector:
+        return None, "expected a non-empty list of numbers"
+    if len(vector) > MAX_VECTOR_VALUES:
+        return None, f"more than {MAX_VECTOR_VALUES} values ({len(vector)})"
+    if set(map(type, vector)) <= {int, float}:
+        try:
+            x = np.array(vector, dtype=np.float64)
+        except OverflowError:  # an int past float64: the loop below names it
+            x = None
+        if x is not None:
+            with np.errstate(over="ignore"):
+                if np.isfinite(x.astype(np.float32)).all():
+                    return x.tolist(), None
+    for index, value in enumerate(vector):
+        if why := _value_problem(index, value):
+            return None, why
+    return [float(v) for v in vector], None
+
+
+def _check_id(raw_id: Any) -> tuple[str | None, str | None]:
+    """The item's id as a string (None: none given), or why it cannot be one."""
+    if raw_id is None:
+        return None, None
+    if isinstance(raw_id, LongInteger):
+        return None, f"longer than {MAX_ID_CHARS} characters ({raw_id.digits} digits)"
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        return None, f"expected a string or an integer, got {_kind(raw_id)}"
+    if isinstance(raw_id, int):
+        if raw_id.bit_length() > 4 * MAX_ID_CHARS:  # str() of a huge int is slow, or refused
+            return None, f"longer than {MAX_ID_CHARS} characters"
+        raw_id = str(raw_id)
+    return raw_id, string_problem(raw_id, MAX_ID_CHARS)
+
+
+def _check(raw: Any, line: int) -> Item | BadItem:
+    """One item's fields, each checked against what the pipeline can hold (the vector's
+    width is the job's, checked in `validate`)."""
     if not isinstance(raw, dict):
-        return BadItem(line, None, "item", f"expected a JSON object, got {type(raw).__name__}")
-    item_id = raw.get("id")
-    if item_id is not None and not isinstance(item_id, str | int):
-        return BadItem(line, None, "id", "expected a string or an integer")
-    item_id = None if item_id is None else str(item_id)
+        return BadItem(line, None, "item", f"expected a JSON object, got {_kind(raw)}")
+    item_id, why = _check_id(raw.get("id"))
+    if why:
+        shown = raw.get("id") if isinstance(raw.get("id"), str) else item_id
+        return BadItem(line, shown, "id", why)
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         return BadItem(line, item_id, "meta", "expected an object")
+    if why := _meta_problem(meta):
+        return BadItem(line, item_id, "meta", why)
     text, vector = raw.get("text"), raw.get("vector")
     if (text is None) == (vector is None):
         return BadItem(line, item_id, "text", "expected exactly one of 'text' or 'vector'")
     if text is not None:
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            return BadItem(line, item_id, "text", f"expected a string, got {_kind(text)}")
+        if why := string_problem(text, MAX_TEXT_CHARS):
+            return BadItem(line, item_id, "text", why)
+        if not text.strip():
             return BadItem(line, item_id, "text", "expected non-empty text")
-        content = "text:" + text
-    else:
-        if not isinstance(vector, list) or not vector:
-            return BadItem(line, item_id, "vector", "expected a non-empty list of numbers")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in vector):
-            return BadItem(line, item_id, "vector", "expected numbers only")
-        if not all(math.isfinite(v) for v in vector):
-            return BadItem(line, item_id, "vector", "holds NaN or infinity")
-        if dim is not None and len(vector) != dim:
-            return BadItem(line, item_id, "vector", f"expected {dim} values, got {len(vector)}")
-        content = "vector:" + json.dumps(vector)
-    return Item(item_id or stable_id("item", content), line, text,
-                None if vector is None else [float(v) for v in vector], meta)
+        return Item(item_id or stable_id("item", "text:" + text), line, text, None, meta)
+    values, why = read_vector(vector)
+    if why:
+        return BadItem(line, item_id, "vector", why)
+    return Item(item_id or stable_id("item", "vector:" + json.dumps(vector)), line, None,
+                values, meta)
+
+
+def job_width(items: Iterable[Item], dim: int | None = None) -> tuple[int | None, str]:
+    """The vector width of a job, and where it comes from: ``dim`` (the served model's)
+    when given, else the width most of its vectors have (ties: the one seen first)."""
+    if dim is not None:
+        return dim, "the served model's vector width, MOE_VECTOR_DIM"
+    widths = Counter(len(i.vector) for i in items if i.vector is not None)
+    if not widths:
+        return None, ""
+    return widths.most_common(1)[0][0], "the width most of this job's vectors have"
 
 
 def validate(raws: Iterable[tuple[int, Any]], dim: int | None = None
              ) -> tuple[list[Item], list[BadItem]]:
-    """Check (line, raw) pairs; ``dim`` fixes the vector width (else the first vector's)."""
+    """Check (line, raw) pairs; ``dim`` fixes the vector width (else see `job_width`)."""
+    checked = [(line, raw if isinstance(raw, BadItem) else _check(raw, line))
+               for line, raw in raws]
+    width, why = job_width((r for _, r in checked if isinstance(r, Item)), dim)
     items: list[Item] = []
     bad: list[BadItem] = []
     seen: set[str] = set()
-    for line, raw in raws:
-        if isinstance(raw, BadItem):
-            bad.append(raw)
-            continue
-        result = _check(raw, line, dim)
+    for line, result in checked:
+        if isinstance(result, Item) and result.vector is not None and \
+                len(result.vector) != width:
+            result = BadItem(line, result.id, "vector",
+                             f"expected {width} values, got {len(result.vector)} ({why})")
         if isinstance(result, Item) and result.id in seen:
             result = BadItem(line, result.id, "id", "duplicate id within the job")
         if isinstance(result, BadItem):
             bad.append(result)
             continue
-        if dim is None and result.vector is not None:
-            dim = len(result.vector)
         seen.add(result.id)
         items.append(result)
     return items, bad
 
 
-def _lines(path: Path) -> Iterable[tuple[int, Any]]:
+def _parse(number: int, raw_line: bytes) -> Any:
+    """One line's JSON, or the `BadItem` that says why it is not JSON we can read."""
+    try:
+        text = raw_line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return BadItem(number, None, "line", f"not UTF-8 ({err.reason})")
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as err:
+        return BadItem(number, None, "line", f"invalid JSON: {err.msg} (column {err.colno})")
+    except RecursionError:
+        return BadItem(number, None, "line", "invalid JSON: nested too deep to read (meta "
+                       f"may nest {MAX_META_DEPTH} levels)")
+    except ValueError as err:  # a number the parser refuses
+        return BadItem(number, None, "line", f"invalid JSON: {err}")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON or `BadItem`) for each non-blank line; a line is never held
+    past `MAX_LINE_BYTES`."""
     with path.open("rb") as f:
-        for number, raw_line in enumerate(f, start=1):
-            if not raw_line.strip():
-                continue
-            try:
-                text = raw_line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield number, BadItem(number, None, "line", f"not UTF-8 ({err.reason})")
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as err:
+        number = 0
+        while raw_line := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw_line) > MAX_LINE_BYTES and not raw_line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # skip to the end of this line
                 yield number, BadItem(number, None, "line",
-                                      f"invalid JSON: {err.msg} (column {err.colno})")
+                                      f"longer than {MAX_LINE_BYTES} bytes")
+                continue
+            if number == 1 and raw_line.startswith(codecs.BOM_UTF8):
+                raw_line = raw_line[len(codecs.BOM_UTF8):]
+            if raw_line.strip():
+                yield number, _parse(number, raw_line)
 
 
 def read_items(source: str | Path | list[dict[str, Any]], dim: int | None = None
@@ -104,10 +286,15 @@ def describe_bad(bad: Sequence[BadItem], limit: int = 3) -> str:
     the whole reason), and a hint when the file was empty or not JSON Lines at all."""
     if not bad:
         return "no item at all (an empty file?); " + JSONL_HINT
-    shown = "; ".join(f"line {b.line}" + (f" id {b.item_id!r}" if b.item_id else "")
+    shown = "; ".join(f"line {b.line}" + (f" id {_shown_id(b.item_id)}" if b.item_id else "")
                       + f": {b.field}: {b.message}" for b in bad[:limit])
     more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
     hint = ""
     if all(b.field == "line" and b.message.startswith("invalid JSON") for b in bad):
         hint = "; no line is JSON: is this a CSV, or one JSON array? " + JSONL_HINT
     return f"{len(bad)} bad: {shown}{more}{hint}"
+
+
+def _shown_id(item_id: str) -> str:
+    """An id as an error line shows it: quoted and escaped, at most 60 characters."""
+    return repr(item_id if len(item_id) <= 60 else item_id[:57] + "...")

@@ -25,6 +25,19 @@ def stable_id(*parts: str, length: int = 24) -> str:
     return digest[:length]
 
 
+def storable(text: str, limit: int) -> str:
+    """``text`` as any SQL or graph store can hold it, in at most ``limit`` characters: a
+    lone surrogate (not encodable as UTF-8) and NUL (which PostgreSQL text refuses) are
+    written as their escapes, and what is past the limit is cut, ending with an ellipsis.
+
+    For what an error record stores (a bad item's id, a message quoting input): recording
+    an error must never fail for the very content it reports."""
+    if "\x00" in text or not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace(
+            "\x00", "\\x00")
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def report_id(job_id: str, item_id: str, constellation: str) -> str:
     return stable_id("report", job_id, item_id, constellation)
 
@@ -62,9 +75,11 @@ class Item:
 
 @dataclass(frozen=True)
 class BadItem:
-    """An input that was refused: where it was, its id if it had one, the field and why."""
+    """An input that was refused: where it was, its id if it had one, the field and why.
+    (``line`` is None for an item that failed after validation, in a step that knows its id
+    but not its line.)"""
 
-    line: int
+    line: int | None
     item_id: str | None
     field: str
     message: str

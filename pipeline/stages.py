@@ -5,6 +5,10 @@ Both ways to run call these functions and nothing else does the work. `route_bat
 passes one that curates the part at once (`curate_part`), the Celery task one that sends it
 to the shard's librarian queue. Each function counts its delivery in the ledger first, so a
 redelivered batch or part finishes what an earlier delivery began and repeats nothing.
+
+One item never sinks its batch: an item that breaks encode, route or curate, or whose row or
+output is NaN or infinite, is recorded as a bad item of the job and its batch goes on
+without it (`pipeline.isolation`; nothing extra runs while nothing is wrong).
 """
 
 from __future__ import annotations
@@ -14,21 +18,33 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import neo4j.exceptions
+import numpy as np
 import torch
 
 from pipeline import encoders
 from pipeline.errors import PipelineError
 from pipeline.inputs import read_items
+from pipeline.isolation import describe, isolate
 from pipeline.moe.system import MixtureOfExpertsSystem
-from pipeline.records import DraftReport, Item, ItemBatch, ShardPart, report_id
+from pipeline.records import BadItem, DraftReport, Item, ItemBatch, ShardPart, report_id
 from pipeline.runtime import Runtime, worker_name
 from pipeline.settings import Settings
 from pipeline.storage import ledger
 
 Ship = Callable[[ShardPart], None]
+
+# What an item can cause in a step. Encode and route do no I/O: any error there but a
+# PipelineError (a missing encoder, a model mismatch) may be an item's. Curate writes the
+# graph: only errors a report's own content can cause (a string the driver cannot encode, a
+# statement the server refuses for its values); an outage is none of them, and is retried
+# as before, not tried once per report.
+COMPUTE_FAULTS: tuple[type[BaseException], ...] = (Exception,)
+CURATE_FAULTS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, ArithmeticError, neo4j.exceptions.ClientError)
 
 
 def encode(items: Sequence[Item], input_dim: int, seed: int = 0,
@@ -41,6 +57,12 @@ def encode(items: Sequence[Item], input_dim: int, seed: int = 0,
 class Routed:
     reports: list[DraftReport]
     metrics: ledger.RoutingMetrics
+    unfinite: list[int] = field(default_factory=list)  # rows whose output is NaN or inf
+
+
+def _bad(item: Item, message: str) -> BadItem:
+    return BadItem(item.line, item.id, "text" if item.text is not None else "vector",
+                   message)
 
 
 @torch.no_grad()
@@ -49,7 +71,8 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
     """The model's forward with draft reports, turned into host records (one sync, here).
 
     A chosen constellation none of whose experts any token of the item reached (possible
-    where routing is flat and the supervisor untrained) gives no report.
+    where routing is flat and the supervisor untrained) gives no report; neither does an
+    item whose output is NaN or infinite (listed in ``unfinite``, for `route_each`).
     """
     system.eval()
     device = next(system.parameters()).device
@@ -61,8 +84,13 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
     weights = rep.expert_weights.float().cpu().numpy()
     names = system.constellation.names
     experts = system.constellation.expert_names
+    n = len(items)
+    finite_B = (np.isfinite(emb.reshape(n, -1)).all(1) & np.isfinite(scores.reshape(n, -1))
+                .all(1) & np.isfinite(weights.reshape(n, -1)).all(1))
     reports = []
     for b, item in enumerate(items):
+        if not finite_B[b]:
+            continue
         for c in range(ids.shape[1]):
             shard = names[ids[b, c]]
             fired = {experts[e]: float(w) for e, w in enumerate(weights[b, c]) if w > 0}
@@ -77,7 +105,59 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
         len(reports), float(torch.stack([a.balance_loss for a in out.aux]).mean()),
         float(torch.stack([a.router_entropy for a in out.aux]).mean()),
         {experts[e]: u for e, u in enumerate(usage)})
-    return Routed(reports, metrics)
+    return Routed(reports, metrics, [b for b in range(n) if not finite_B[b]])
+
+
+def encode_each(items: Sequence[Item], input_dim: int, settings: Settings, device: str
+                ) -> tuple[list[Item], torch.Tensor, list[BadItem]]:
+    """`encode`, isolating the items that break it or whose row is NaN or infinite once
+    projected (finite values too large for float32 arithmetic): the items kept, their
+    ``(n, input_dim)`` rows, and the ones that failed."""
+    s = settings
+    step = isolate(lambda its: encode(its, input_dim, s.seed, s.text_model, device), items,
+                   COMPUTE_FAULTS)
+    bad = [_bad(item, f"encode failed: {describe(err)}") for item, err in step.failed]
+    kept, x = step.kept, step.result
+    finite_N = torch.isfinite(x).all(1)  # the rows are on the host: no device sync
+    if not bool(finite_N.all()):
+        if not bool(finite_N.any()):
+            raise PipelineError(f"every item's row is NaN or infinite once projected to the "
+                                f"model's input width ({input_dim})")
+        ok = finite_N.tolist()
+        bad += [_bad(item, f"NaN or infinite once projected to the model's input width "
+                           f"({input_dim}): values too large") for item, good in zip(
+                    kept, ok, strict=True) if not good]
+        kept, x = [item for item, good in zip(kept, ok, strict=True) if good], x[finite_N]
+    return kept, x, bad
+
+
+def route_each(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item],
+               job_id: str) -> tuple[Routed, list[BadItem]]:
+    """`route`, isolating the items that break it or whose output is NaN or infinite; the
+    survivors are routed again without them, so the batch's figures are theirs."""
+    bad: list[BadItem] = []
+    rows = list(range(len(items)))
+
+    def work(rs: list[int]) -> Routed:  # the whole batch as it is, or some of its rows
+        whole = len(rs) == len(items)
+        return route(system, x if whole else x[rs], items if whole else [items[i] for i in rs],
+                     job_id)
+
+    while True:
+        step = isolate(work, rows, COMPUTE_FAULTS)
+        bad += [_bad(items[i], f"route failed: {describe(err)}") for i, err in step.failed]
+        routed = step.result
+        if not routed.unfinite:
+            return routed, bad
+        if len(routed.unfinite) == len(items):
+            raise PipelineError(f"the model's output is NaN or infinite for every item of "
+                                f"the batch ({len(items)}): is the checkpoint broken?")
+        dropped = {step.kept[p] for p in routed.unfinite}
+        bad += [_bad(items[i], "the model's output for it is NaN or infinite (values too "
+                               "large for the model?)") for i in sorted(dropped)]
+        rows = [i for i in step.kept if i not in dropped]
+        if not rows:
+            return Routed([], ledger.RoutingMetrics(0, None, None, {})), bad
 
 
 def by_shard(reports: Sequence[DraftReport]) -> dict[str, list[DraftReport]]:
@@ -120,11 +200,13 @@ def route_batch(rt: Runtime, batch: ItemBatch, ship: Ship,
     system = rt.system
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    x = encode(batch.items, system.config.input_dim, s.seed, s.text_model, rt.device)
+    items, x, bad = encode_each(batch.items, system.config.input_dim, s, rt.device)
     timings["encode"] = time.perf_counter() - t
     t = time.perf_counter()
-    routed = route(system, x, batch.items, batch.job_id)
+    routed, unrouted = route_each(system, x, items, batch.job_id)
     timings["route"] = time.perf_counter() - t
+    if bad or unrouted:  # recorded before the batch can complete, so its job counts them
+        ledger.record_item_errors(rt.Session, batch.job_id, bad + unrouted)
     groups = by_shard(routed.reports)
     pending = ledger.record_routing(rt.Session, batch.batch_id, routed.metrics,
                                     {k: len(v) for k, v in groups.items()}, timings)
@@ -152,19 +234,30 @@ def curate_part(rt: Runtime, part: ShardPart,
     config = rt.run_config(part.run_id)
     rt.ensure_run(part.run_id, config)
     t = time.perf_counter()
-    result = rt.librarian(config).curate(part.shard, part.reports, run_id=part.run_id,
-                                         model=part.model)
+    librarian = rt.librarian(config)
+    step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,
+                                                    model=part.model),
+                   part.reports, CURATE_FAULTS)
+    result = step.result
+    if step.failed:
+        ledger.record_item_errors(rt.Session, part.reports[0].job_id, [
+            BadItem(None, r.item_id, "text" if r.text else "vector",
+                    f"curate failed: {describe(err)}") for r, err in step.failed])
     ledger.finish_part(rt.Session, part.batch_id, part.shard, result, time.perf_counter() - t)
+    # After isolation the kept reports were written one by one, then replayed: count them
+    # by what their first curation did.
+    inserted, merged = result.outcome() if step.failed else (result.inserted, result.merged)
     return {"batch": part.batch_id, "shard": part.shard, "status": "done",
-            "inserted": result.inserted, "merged": result.merged}
+            "inserted": inserted, "merged": merged}
 
 
 def query_input(rt: Runtime, text: str | None, vector: Sequence[float] | None
                 ) -> torch.Tensor:
-    """One question as the model's input row, validated like an item."""
+    """One question as the model's input row, validated like an item: a vector of another
+    width than the served model's (``MOE_VECTOR_DIM``, when it is fixed) is refused."""
     raw: dict[str, Any] = ({"id": "query", "text": text} if text is not None
-                           else {"id": "query", "vector": [float(v) for v in vector or []]})
-    items, bad = read_items([raw])
+                           else {"id": "query", "vector": list(vector or [])})
+    items, bad = read_items([raw], dim=rt.settings.vector_dim)
     if bad:
         raise PipelineError(f"query: {bad[0].field}: {bad[0].message}")
     s = rt.settings

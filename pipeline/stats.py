@@ -27,8 +27,11 @@ class RunStats:
     constellation_usage: dict[str, float]  # constellation -> share of draft reports
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
+def _mean(xs: list[float | None]) -> float:
+    """The mean of the figures there are: a batch whose figure came out NaN or infinite is
+    recorded with NULL (`ledger.record_routing`) and left out, not averaged in."""
+    known = [x for x in xs if x is not None]
+    return sum(known) / len(known) if known else 0.0
 
 
 def run_stats(Session: sessionmaker, run_id: str | None = None) -> RunStats:
@@ -38,7 +41,8 @@ def run_stats(Session: sessionmaker, run_id: str | None = None) -> RunStats:
     usage: dict[str, float] = {}
     for n, m in rows.batches:  # weighted by the batch's items
         for expert, share in m.expert_usage.items():
-            usage[expert] = usage.get(expert, 0.0) + share * n / max(items, 1)
+            if share is not None:
+                usage[expert] = usage.get(expert, 0.0) + share * n / max(items, 1)
     reports = sum(m.reports for _, m in rows.batches)
     merged = sum(m.merged for _, m in rows.batches)
     total_parts = sum(n for _, n in rows.shard_reports) or 1

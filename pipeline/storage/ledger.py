@@ -14,6 +14,7 @@ Two ways to run share this bookkeeping, which is also what makes redelivery safe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import pipeline
 from pipeline.errors import PipelineError
 from pipeline.inputs import describe_bad
 from pipeline.moe.config import MoEConfig
-from pipeline.records import BadItem, CurateResult, Item
+from pipeline.records import BadItem, CurateResult, Item, storable
 from pipeline.storage.sql import (
     Batch,
     BatchMetrics,
@@ -37,6 +38,10 @@ from pipeline.storage.sql import (
 )
 
 DONE_BATCH = ("completed", "failed")
+# What the error columns keep: a message is cut here, an id to its column's width; both are
+# made storable first (`records.storable`), so recording an error cannot itself fail.
+MAX_ERROR_CHARS = 2000
+ITEM_ID_CHARS = 255
 REDO_BATCH = ("queued", "running", "routing")  # a delivery in these states does the work
 
 
@@ -46,12 +51,26 @@ class JobFailed(PipelineError):
 
 @dataclass
 class RoutingMetrics:
-    """What routing one batch measured (host floats), recorded beside its parts."""
+    """What routing one batch measured (host floats), recorded beside its parts; None where
+    there is no figure (a batch with no item left to route)."""
 
     reports: int
-    balance_loss: float
-    routing_entropy: float
-    expert_usage: dict[str, float]
+    balance_loss: float | None
+    routing_entropy: float | None
+    expert_usage: dict[str, float | None]
+
+
+def _finite(value: float | None) -> float | None:
+    """A figure as SQL keeps it: NaN and infinity become NULL (PostgreSQL would store NaN as
+    if it were a measurement, and JSON has no NaN)."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _item_error(job_id: str, b: BadItem) -> dict[str, Any]:
+    """An `ItemError` row's values, each storable whatever the bad item held."""
+    return {"job_id": job_id, "line": b.line, "field": b.field[:64],
+            "item_id": None if b.item_id is None else storable(b.item_id, ITEM_ID_CHARS),
+            "message": storable(b.message, MAX_ERROR_CHARS)}
 
 
 @dataclass
@@ -72,8 +91,7 @@ def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadIt
                   status="running" if items else "failed",
                   error=None if items else "no valid item",
                   finished_at=None if items else time.time())
-        s.add_all([run, job] + [ItemError(job=job, item_id=b.item_id, line=b.line,
-                                          field=b.field, message=b.message) for b in bad])
+        s.add_all([run, job] + [ItemError(**_item_error(job.id, b)) for b in bad])
         batches = []
         for index in range(0, len(items), batch_size):
             chunk = list(items[index: index + batch_size])
@@ -151,9 +169,11 @@ def record_routing(Session: sessionmaker, batch_id: str, routed: RoutingMetrics,
                          .values(status="routing", timings=timings)).rowcount
         if not mine:
             return None
-        s.merge(BatchMetrics(batch_id=batch_id, balance_loss=routed.balance_loss,
-                             routing_entropy=routed.routing_entropy,
-                             expert_usage=routed.expert_usage, reports=routed.reports,
+        s.merge(BatchMetrics(batch_id=batch_id, balance_loss=_finite(routed.balance_loss),
+                             routing_entropy=_finite(routed.routing_entropy),
+                             expert_usage={e: _finite(u)
+                                           for e, u in routed.expert_usage.items()},
+                             reports=routed.reports,
                              new_insights=0, merged=0, dedup_rate=0.0))
         existing = {p.shard: p for p in s.scalars(
             select(BatchPart).where(BatchPart.batch_id == batch_id))}
@@ -161,6 +181,20 @@ def record_routing(Session: sessionmaker, batch_id: str, routed: RoutingMetrics,
                   for shard, n in shards.items() if shard not in existing)
     return [shard for shard in shards
             if shard not in existing or not existing[shard].dispatched]
+
+
+def record_item_errors(Session: sessionmaker, job_id: str, bad: Sequence[BadItem]) -> None:
+    """Items that failed inside a batch (encode, route, curate): recorded as bad items of
+    the job, once each however often the batch is delivered (an item's (id, field) is
+    recorded once)."""
+    rows = [_item_error(job_id, b) for b in bad]
+    with Session.begin() as s:
+        have = set(s.execute(select(ItemError.item_id, ItemError.field).where(
+            ItemError.job_id == job_id,
+            ItemError.item_id.in_([r["item_id"] for r in rows]))).all())
+        fresh = {(r["item_id"], r["field"]): r for r in rows
+                 if (r["item_id"], r["field"]) not in have}
+        s.add_all(ItemError(**r) for r in fresh.values())
 
 
 def mark_dispatched(Session: sessionmaker, batch_id: str, shards: Sequence[str]) -> None:
@@ -182,7 +216,7 @@ def mark_routed(Session: sessionmaker, batch_id: str) -> None:
 def fail_batch(Session: sessionmaker, batch_id: str, error: str) -> None:
     with Session.begin() as s:
         s.execute(update(Batch).where(Batch.id == batch_id, Batch.status.not_in(DONE_BATCH))
-                  .values(status="failed", error=error[:2000]))
+                  .values(status="failed", error=storable(error, MAX_ERROR_CHARS)))
     settle_batch(Session, batch_id)
 
 
@@ -211,7 +245,7 @@ def fail_part(Session: sessionmaker, batch_id: str, shard: str, error: str) -> N
         s.execute(update(BatchPart).where(
             BatchPart.batch_id == batch_id, BatchPart.shard == shard,
             BatchPart.status.not_in(("done", "failed"))).values(
-                status="failed", error=error[:2000]))
+                status="failed", error=storable(error, MAX_ERROR_CHARS)))
     settle_batch(Session, batch_id)
 
 
@@ -290,7 +324,8 @@ def _finish_run(s, job_id: str) -> None:  # noqa: ANN001
 def fail_job(Session: sessionmaker, job_id: str, error: str) -> None:
     with Session.begin() as s:
         if s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-                status="failed", error=error[:2000], finished_at=time.time())).rowcount:
+                status="failed", error=storable(error, MAX_ERROR_CHARS),
+                finished_at=time.time())).rowcount:
             _finish_run(s, job_id)
 
 def run_config(Session: sessionmaker, run_id: str) -> MoEConfig:
@@ -300,6 +335,13 @@ def run_config(Session: sessionmaker, run_id: str) -> MoEConfig:
     if data is None:
         raise PipelineError(f"run {run_id}: not in SQL (a message for another database?)")
     return MoEConfig.from_dict(data)
+
+
+def bad_item_count(Session: sessionmaker, job_id: str) -> int:
+    """The job's bad items: refused at validation, or failed alone inside a batch."""
+    with Session() as s:
+        return s.scalar(select(func.count()).select_from(ItemError).where(
+            ItemError.job_id == job_id))
 
 
 def job_status(Session: sessionmaker, job_id: str) -> str:
