@@ -22,6 +22,7 @@ from pipeline.inputs import read_items
 from pipeline.queue.app import ROUTE_BATCH, make_app
 from pipeline.queue.messages import batch_message
 from pipeline.records import ItemBatch, ShardPart
+from pipeline.redact import masked
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.storage import ledger
@@ -60,8 +61,8 @@ def submit(source: Source, settings: Settings, batch_size: int | None = None) ->
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as err:  # kombu raises its own or the transport's error
-        raise PipelineError(f"broker {settings.broker_url()} unreachable: {err}") from err
-    items, bad = read_items(source)
+        raise PipelineError(f"broker {masked(settings.broker_url())} unreachable: {err}") from err
+    items, bad = read_items(source, settings.vector_dim)
     with Runtime.from_settings(settings) as rt:
         job = ledger.create_job(rt.Session, items, bad, rt.config, "queued", batch_size,
                                 "queued")
@@ -77,7 +78,7 @@ def submit(source: Source, settings: Settings, batch_size: int | None = None) ->
             ledger.fail_job(rt.Session, job.job_id, f"submission interrupted after {sent} "
                             f"of {len(job.batches)} batches: {type(err).__name__}: {err}")
             if isinstance(err, Exception):
-                raise PipelineError(f"job {job.job_id}: sending to {settings.broker_url()} "
+                raise PipelineError(f"job {job.job_id}: sending to {masked(settings.broker_url())} "
                                     f"failed after {sent} of {len(job.batches)} batches "
                                     f"({err}); the job is marked failed") from err
             raise
@@ -107,7 +108,7 @@ def run_local(source: Source, settings: Settings, batch_size: int | None = None,
     """Run a job in this process; ``progress(n)`` is told as each batch's n items finish."""
     batch_size = batch_size or settings.batch_size
     start = time.perf_counter()
-    items, bad = read_items(source)
+    items, bad = read_items(source, settings.vector_dim)
     with Runtime.from_settings(settings) as rt:
         job = ledger.create_job(rt.Session, items, bad, rt.config, "local", batch_size,
                                 rt.device)
@@ -132,10 +133,16 @@ def run_local(source: Source, settings: Settings, batch_size: int | None = None,
                     progress(len(chunk))
         except BaseException as err:  # an outage or an interrupt: the job must not look alive
             ledger.fail_job(rt.Session, job.job_id, f"stopped: {type(err).__name__}: {err}")
+            if isinstance(err, GraphUnavailable | LockTimeout):
+                raise PipelineError(
+                    f"{err}; job {job.job_id} stopped and is marked failed: once the graph "
+                    "answers again, run the same file again to finish it (what was written "
+                    "is not written twice)") from err
             raise
         status = ledger.job_status(rt.Session, job.job_id)
+        bad_count = ledger.bad_item_count(rt.Session, job.job_id)
     if status == "failed":
         raise JobFailed(f"job {job.job_id}: every batch failed; see "
                         f"`moe-pipeline status {job.job_id}`")
-    return JobSummary(job.job_id, job.run_id, status, len(items), len(bad), totals["reports"],
+    return JobSummary(job.job_id, job.run_id, status, len(items), bad_count, totals["reports"],
                       totals["inserted"], totals["merged"], time.perf_counter() - start)

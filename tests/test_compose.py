@@ -34,7 +34,8 @@ APP_SERVICES = {n for n, s in SERVICES.items() if s.get("image", "").startswith(
 # Variables only docker compose and the third-party images read (documented in .env.example).
 COMPOSE_ONLY = {"COMPOSE_PROFILES", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB",
                 "REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "NEO4J_HTTP_PORT",
-                "NEO4J_BOLT_PORT", "POSTGRES_PORT", "REDIS_PORT", "FLOWER_PORT"}
+                "NEO4J_BOLT_PORT", "POSTGRES_PORT", "REDIS_PORT", "FLOWER_PORT",
+                "RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBITMQ_PORT"}
 
 
 def env_example() -> dict[str, str]:
@@ -56,8 +57,13 @@ def settings_variables() -> set[str]:
 
 
 def test_the_expected_services_exist():
-    assert set(SERVICES) == {"neo4j", "redis", "postgres", "migrate", "gpu-worker",
+    assert set(SERVICES) == {"neo4j", "redis", "rabbitmq", "postgres", "migrate", "gpu-worker",
                              "cpu-worker", "librarian", "query", "flower"}
+    # RabbitMQ carries the tasks (a dead worker's messages come back at once); Redis the
+    # shard locks and query answers.
+    env = SERVICES["librarian"]["environment"]
+    assert env["CELERY_BROKER_URL"].startswith("amqp://") and env["REDIS_URL"].startswith(
+        "redis://")
     assert SERVICES["gpu-worker"]["profiles"] == ["gpu"]
     assert SERVICES["cpu-worker"]["profiles"] == ["cpu"]
     assert env_example()["COMPOSE_PROFILES"] in ("gpu", "cpu")

@@ -56,9 +56,9 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 # Lower layers never import higher ones (a module may import its own layer or below).
 LAYERS = [
-    {"pipeline.errors", "pipeline.settings", "pipeline.records"},
+    {"pipeline.errors", "pipeline.settings", "pipeline.records", "pipeline.redact"},
     {"pipeline.moe", "pipeline.storage", "pipeline.cache", "pipeline.inputs",
-     "pipeline.lexical", "pipeline.quality", "pipeline.topics"},
+     "pipeline.isolation", "pipeline.lexical", "pipeline.quality", "pipeline.topics"},
     {"pipeline.encoders", "pipeline.dedup", "pipeline.librarian", "pipeline.serving"},
     {"pipeline.runtime"},
     {"pipeline.stages"},

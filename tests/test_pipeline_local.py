@@ -164,7 +164,8 @@ def test_cli_query_reads_and_refuses_writes_unless_asked(settings):
     assert json.loads(ok.stdout) == {"tag": tag, "n": 42}
     refused = cli("CREATE (:Probe {tag: $tag})", "--param", f"tag={tag}")
     assert refused.returncode == 1
-    assert refused.stderr.startswith("error: query contains the writing clause CREATE")
+    assert refused.stderr.startswith("error: read-only query refused: CREATE is not a read "
+                                     "clause")
     assert cli("CREATE (:Probe {tag: $tag})", "--param", f"tag={tag}", "--write").returncode == 0
     table = cli("MATCH (p:Probe {tag: $tag}) RETURN p.tag AS tag", "--param", f"tag={tag}")
     assert table.stdout.splitlines() == ["tag" + " " * (len(tag) - 3), tag]

@@ -56,6 +56,7 @@ def test_batch_and_report_messages_round_trip():
     assert (batch.batch_id, batch.job_id, batch.run_id, batch.model) == ("B", "J", "R", "F")
     back = batch.items
     assert [(i.id, i.text) for i in back] == [("a", None), ("b", "hello"), ("c", None)]
+    assert [i.line for i in back] == [1, 2, 3]  # the file's lines, for errors mid-batch
     assert np.array_equal(back[2].vector, np.array([3.0, 4.0], np.float32))
     emb = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     reports = [DraftReport(f"r{i}", "J", f"i{i}", "math", emb[i], 0.5, {"e0": 0.7}, "t")

@@ -61,14 +61,15 @@ def redis_url():
 class Stack:
     """Environment and worker processes of one test's queued pipeline."""
 
-    def __init__(self, tmp_path: Path, graph, redis_url: str, neo4j_uri: str | None = None):
+    def __init__(self, tmp_path: Path, graph, redis_url: str, neo4j_uri: str | None = None,
+                 broker_url: str | None = None):
         import redis
 
         redis.Redis.from_url(redis_url).flushdb()
         self.tmp = tmp_path
         self.env = {**os.environ, "MOE_STATE_DIR": str(tmp_path / "state"),
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'runs.sqlite3'}",
-                    "CELERY_BROKER_URL": redis_url, "REDIS_URL": redis_url,
+                    "CELERY_BROKER_URL": broker_url or redis_url, "REDIS_URL": redis_url,
                     "NEO4J_URI": neo4j_uri or graph.uri, "NEO4J_USERNAME": graph.auth[0],
                     "NEO4J_PASSWORD": graph.auth[1] or "", "MOE_DEVICE": "cpu",
                     "PYTHONUNBUFFERED": "1"}
@@ -101,6 +102,18 @@ class Stack:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+    def secrets_in_logs(self) -> list[str]:
+        """Passwords of this stack's URLs found in any worker log (there must be none)."""
+        from urllib.parse import urlsplit
+
+        found = []
+        for name in ("CELERY_BROKER_URL", "REDIS_URL", "DATABASE_URL"):
+            password = urlsplit(self.env.get(name, "")).password
+            if password and any(f":{password}@" in log.read_text(errors="replace")
+                                for _, log in self.procs):
+                found.append(name)
+        return found
 
     def logs(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
@@ -264,25 +277,96 @@ def test_killed_pool_process_is_requeued_at_once_and_nothing_doubles(stack):
     assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
 
 
-def test_killed_whole_worker_comes_back_after_visibility_timeout(stack):
-    stack.env["MOE_VISIBILITY_TIMEOUT_S"] = "8"  # short for the test; an hour by default
+@pytest.fixture
+def rabbitmq_url():
+    """A RabbitMQ vhost of the test's own (TEST_RABBITMQ_URL names a server; the default is
+    the local one as guest/guest). The vhost is made with ``rabbitmqctl`` where this
+    machine's user may run it, and removed after."""
+    import uuid
+
+    import kombu
+
+    base = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+    vhost = f"moe-test-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True,
+                          timeout=60).returncode == 0 if _which("rabbitmqctl") else False
+    if made:
+        subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost,
+                        base.split("://", 1)[1].split(":", 1)[0], ".*", ".*", ".*"],
+                       capture_output=True, timeout=60, check=True)
+    url = f"{base}/{vhost}" if made else f"{base}//"
+    try:
+        with kombu.Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+            if not made:  # the shared default vhost: start from empty queues of ours
+                for queue in ("gpu", "query", "librarian.alpha", "librarian.beta"):
+                    with contextlib.suppress(Exception):
+                        conn.default_channel.queue_purge(queue)
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"no RabbitMQ at {base}: {err}")
+    yield url
+    if made:
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+def _which(cmd: str) -> bool:
+    import shutil
+
+    return shutil.which(cmd) is not None
+
+
+def _kill_mid_batch_and_restart(stack: Stack, raw: list[dict]) -> tuple[str, str, float]:
+    """SIGKILL the whole GPU worker (main process and pool) while it holds a batch, start
+    another, and return (job id, the victim batch, seconds from the restart to the end)."""
     gpu = stack.worker("gpu", MOE_FAULT_STALL_S="3")
     stack.worker("librarian")
-    raw = _items(40, seed=13)
     job = _submit(stack, raw, batch_size=20)
     Session = session_factory(stack.settings().sql_url(), run_migrations=False)
     victim = _running_batch(Session, job.job_id)
-    stack.kill(gpu)  # main process and pool: nobody is left to requeue the message
-    killed = time.monotonic()
+    stack.kill(gpu)  # nobody is left to requeue the message: the broker or a lease must
     stack.worker("gpu")
-    state = _wait(stack, job.job_id)
-    waited = time.monotonic() - killed
+    restarted = time.monotonic()
+    state = _wait(stack, job.job_id, timeout_s=150)
     assert state.status == "completed", stack.logs()
+    return job.job_id, victim.id, time.monotonic() - restarted
+
+
+def test_a_worker_killed_whole_on_redis_gets_its_batch_back_through_its_lease(stack):
+    # The default visibility timeout (an hour): the batch must come back through its lease.
+    # A 15 s lease keeps the test short; the default is 60 s, the bound two minutes.
+    stack.env["MOE_LEASE_TIMEOUT_S"] = "15"
+    raw = _items(40, seed=13)
+    job_id, victim, waited = _kill_mid_batch_and_restart(stack, raw)
+    assert waited < 120, f"{waited:.0f} s"
+    Session = session_factory(stack.settings().sql_url(), run_migrations=False)
     with Session() as s:
-        assert s.get(Batch, victim.id).attempts == 2
-    assert waited >= 8 - 1  # it came back through the visibility timeout, not before
-    expected = _expected_reports(stack.settings(), job.job_id, raw)
-    assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
+        batch = s.get(Batch, victim)
+        assert batch.attempts == 2 and batch.requeues == 1
+    assert "handed back to the broker (requeue 1)" in stack.logs()
+    expected = _expected_reports(stack.settings(), job_id, raw)
+    assert sorted(_graph_reports(stack.graph, job_id)) == sorted(expected)
+    assert stack.secrets_in_logs() == []
+
+
+def test_a_worker_killed_whole_on_rabbitmq_gets_its_batch_back_at_once(tmp_path, graph,
+                                                                        redis_url,
+                                                                        rabbitmq_url):
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials for worker processes")
+    stack = Stack(tmp_path, graph, redis_url, broker_url=rabbitmq_url)
+    try:
+        raw = _items(40, seed=18)
+        job_id, victim, waited = _kill_mid_batch_and_restart(stack, raw)
+        assert waited < 60, f"{waited:.0f} s"  # redelivered when the connection dropped
+        Session = session_factory(stack.settings().sql_url(), run_migrations=False)
+        with Session() as s:
+            batch = s.get(Batch, victim)
+            assert batch.attempts == 2 and batch.requeues == 0  # no lease was needed
+        expected = _expected_reports(stack.settings(), job_id, raw)
+        assert sorted(_graph_reports(graph, job_id)) == sorted(expected)
+        assert stack.secrets_in_logs() == [] and "guest:guest" not in stack.logs()
+    finally:
+        stack.close()
 
 
 def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):

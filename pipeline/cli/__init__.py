@@ -12,6 +12,7 @@ exit status 1. Commands import what they run inside their bodies: ``--help``, ``
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.redact import redacted
 from pipeline.settings import Settings
 
 
@@ -44,21 +46,35 @@ def _register() -> None:
 _register()
 
 
+def _error(message: str) -> None:
+    """One line on stderr, with every password in it masked (a driver's error text may
+    quote a URL, and the configured graph password is masked wherever it appears)."""
+    try:
+        secrets = [Settings().neo4j_password]
+    except Exception:  # settings that do not even parse: mask the URLs alone
+        secrets = []
+    click.echo(f"error: {redacted(message, secrets)}", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import OperationalError as SQLError
 
+    # The graph driver logs its own retries and dropped connections; the command says what
+    # matters in one line, so those stay out of the terminal (a user's logging config that
+    # wants them still gets them: the records propagate).
+    logging.getLogger("neo4j").addHandler(logging.NullHandler())
     try:
         cli.main(args=argv, standalone_mode=False)
     except PipelineError as err:
-        click.echo(f"error: {err}", err=True)
+        _error(str(err))
         sys.exit(1)
     except SQLError as err:
-        click.echo(f"error: SQL database unreachable ({Settings().sql_url()}): "
-                   f"{str(err.orig).strip().splitlines()[0] if err.orig else err}", err=True)
+        _error(f"SQL database unreachable ({Settings().sql_url()}): "
+               f"{str(err.orig).strip().splitlines()[0] if err.orig else err}")
         sys.exit(1)
     except BrokerError as err:
-        click.echo(f"error: broker unreachable ({Settings().broker_url()}): {err}", err=True)
+        _error(f"broker unreachable ({Settings().broker_url()}): {err}")
         sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(130)

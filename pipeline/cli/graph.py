@@ -8,6 +8,7 @@ import click
 
 from pipeline.cli.progress import note_server_start
 from pipeline.errors import PipelineError
+from pipeline.redact import masked
 from pipeline.settings import Settings
 
 
@@ -82,7 +83,12 @@ def _vector_file(path: str) -> list[float]:
             isinstance(v, int | float) and not isinstance(v, bool) for v in data):
         raise PipelineError(f"{path}: expected a non-empty JSON list of numbers, or "
                             f"{{\"vector\": [...]}}")
-    return [float(v) for v in data]
+    from pipeline.inputs import read_items
+
+    items, bad = read_items([{"id": "query", "vector": data}])  # the items' own checks
+    if bad:
+        raise PipelineError(f"{path}: {bad[0].field}: {bad[0].message}")
+    return list(items[0].vector)
 
 
 def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]:
@@ -98,7 +104,7 @@ def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]
     except PipelineError:
         raise
     except Exception as err:  # the broker, or the worker's own error, passed on
-        raise PipelineError(f"similar via {settings.broker_url()}: "
+        raise PipelineError(f"similar via {masked(settings.broker_url())}: "
                             f"{type(err).__name__}: {err}") from err
 
 
@@ -154,7 +160,7 @@ def up(settings: Settings) -> None:
     from pipeline.storage.embedded import LocalGraphServer
 
     if settings.neo4j_uri:
-        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): no embedded server needed")
+        click.echo(f"NEO4J_URI is set ({masked(settings.neo4j_uri)}): no embedded server needed")
         return
     note_server_start(settings)
     info = LocalGraphServer(settings.state_dir).start()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import click
 
 from pipeline.cli.progress import note_server_start, progress
 from pipeline.errors import PipelineError
+from pipeline.redact import masked, redacted
 from pipeline.settings import Settings
 
 BATCH_HELP = "items per batch [default: MOE_BATCH_SIZE, 256]"
@@ -30,7 +32,7 @@ def run(settings: Settings, file: str, batch_size: int | None) -> None:
                f"({summary.bad_items} bad), {summary.reports} draft reports -> "
                f"{summary.inserted} new insights, {summary.merged} merged, "
                f"in {summary.seconds:.1f} s")
-    click.echo(f"graph: {settings.neo4j_uri or 'embedded (moe-pipeline status)'}; "
+    click.echo(f"graph: {masked(settings.neo4j_uri) or 'embedded (moe-pipeline status)'}; "
                f"run id {summary.run_id}")
 
 
@@ -48,7 +50,7 @@ def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
 
     job = jobs.submit(file, settings, batch_size)
     click.echo(f"job {job.job_id} queued: {len(job.batches)} batches "
-               f"(broker {settings.broker_url()}; run {job.run_id})")
+               f"(broker {masked(settings.broker_url())}; run {job.run_id})")
     if not wait:
         click.echo(f"follow it with: moe-pipeline status {job.job_id}")
         return
@@ -91,9 +93,25 @@ def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
     names = [n.strip() for n in shards.split(",") if n.strip()] if shards else [
         n for n, _ in model_config(settings).constellation_members()]
     queues = ",".join(queue_worker.queues(kind, names))
-    click.echo(f"{kind} worker on queues {queues} (broker {settings.broker_url()})",
+    click.echo(f"{kind} worker on queues {queues} (broker {masked(settings.broker_url())})",
                err=True)
     queue_worker.serve(settings, kind, names, concurrency, loglevel, name, ctx.args)
+
+
+def _waiting(row, queue: str, settings: Settings, now: float) -> str:  # noqa: ANN001
+    """Why a batch or part that is not finished waits: for a worker, or on its worker."""
+    if row.status == "queued":
+        return f"  (waiting for a worker on queue {queue})"
+    if row.status not in ("running", "routing"):
+        return ""
+    heard = now - (row.heartbeat_at or row.updated_at)
+    why = f"  (on {row.worker}, last heard {heard:.0f} s ago"
+    if heard > settings.lease_timeout_s:
+        why += (f": silent past the {settings.lease_timeout_s:.0f} s lease, so presumed dead; "
+                "a running worker hands it back to the broker")
+    if row.requeues:
+        why += f"; requeued {row.requeues}x"
+    return why + ")"
 
 
 @click.command()
@@ -107,12 +125,14 @@ def status(settings: Settings, job_id: str | None, limit: int) -> None:
     from pipeline.storage.embedded import LocalGraphServer
     from pipeline.storage.sql import Job, session_factory
 
+    click.echo(f"state dir: {settings.state_dir.resolve()} ({settings.state_dir_source()})")
     if settings.neo4j_uri:
-        click.echo(f"graph: {settings.neo4j_uri} (NEO4J_URI)")
+        click.echo(f"graph: {masked(settings.neo4j_uri)} (NEO4J_URI)")
     else:
         info = LocalGraphServer(settings.state_dir).running()
-        click.echo(f"graph: embedded, {'up at ' + info.uri if info else 'down'}")
-    click.echo(f"sql: {settings.sql_url()}")
+        click.echo(f"graph: embedded in {settings.state_dir.resolve() / 'graph'}, "
+                   f"{'up at ' + info.uri if info else 'down'}")
+    click.echo(f"sql: {masked(settings.sql_url())}")
     Session = session_factory(settings.sql_url())
     with Session() as s:
         if job_id is None:
@@ -126,16 +146,23 @@ def status(settings: Settings, job_id: str | None, limit: int) -> None:
             return
         job = s.get(Job, job_id)
         if job is None:
-            raise PipelineError(f"no job {job_id!r} in {settings.sql_url()}")
+            raise PipelineError(f"no job {job_id!r} in {masked(settings.sql_url())}")
         click.echo(f"job {job.id}: {job.status}, {job.submitted_items} items, run {job.run_id}"
-                   + (f", error: {job.error}" if job.error else ""))
+                   + (f", error: {redacted(job.error)}" if job.error else ""))
+        now = time.time()
         for b in job.batches:
             m = b.metrics
             timing = " ".join(f"{k}={v:.2f}s" for k, v in b.timings.items())
             tail = (f"  reports={m.reports} new={m.new_insights} merged={m.merged}"
                     if m else "")
             click.echo(f"  batch {b.index:>4} {b.status:<10} attempts={b.attempts} "
-                       f"{timing}{tail}")
+                       f"{timing}{tail}{_waiting(b, 'gpu', settings, now)}")
+            for part in b.parts:
+                if part.status not in ("done", "failed"):
+                    click.echo(f"    part {part.shard!r} {part.status} attempts={part.attempts}"
+                               + _waiting(part, f"librarian.{part.shard}", settings, now))
+                elif part.status == "failed":
+                    click.echo(f"    part {part.shard!r} failed: {redacted(part.error or '')}")
         for e in job.item_errors:
             click.echo(f"  bad item line {e.line} id {e.item_id}: {e.field}: {e.message}")
 

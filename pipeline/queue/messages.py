@@ -23,14 +23,17 @@ def batch_message(batch: ItemBatch) -> dict[str, Any]:
                else None)
     return {"batch_id": batch.batch_id, "job_id": batch.job_id, "run_id": batch.run_id,
             "model": batch.model, "ids": [item.id for item in items],
+            "lines": [item.line for item in items],  # so an item failing mid-batch is
+            # reported at its line of the file
             "texts": [item.text for item in items], "vector_rows": rows, "vectors": vectors}
 
 
 def message_batch(message: dict[str, Any]) -> ItemBatch:
     vectors = dict(zip(message["vector_rows"], message["vectors"] if message["vector_rows"]
                        else [], strict=True))
-    items = [Item(item_id, line, text, vectors.get(line)) for line, (item_id, text)
-             in enumerate(zip(message["ids"], message["texts"], strict=True))]
+    lines = message.get("lines") or list(range(len(message["ids"])))  # older senders
+    items = [Item(item_id, line, text, vectors.get(row)) for row, (item_id, line, text)
+             in enumerate(zip(message["ids"], lines, message["texts"], strict=True))]
     return ItemBatch(message["batch_id"], message["job_id"], message["run_id"],
                      message["model"], items)
 

@@ -21,6 +21,7 @@ import sqlalchemy.exc
 from celery.exceptions import Reject, Retry
 
 from pipeline.errors import PipelineError
+from pipeline.redact import redacted
 from pipeline.storage.graph import GraphUnavailable
 from pipeline.storage.locks import LockTimeout
 
@@ -90,8 +91,7 @@ def best_effort(fn, *args: Any) -> None:  # noqa: ANN001
     try:
         fn(*args)
     except Exception as err:  # noqa: BLE001
-        log.warning("%s failed: %s", getattr(fn, "__name__", fn),
-                                            err)
+        log.warning("%s failed: %s", getattr(fn, "__name__", fn), redacted(str(err)))
 
 
 def backoff(retries: int) -> float:

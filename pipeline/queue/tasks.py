@@ -18,9 +18,11 @@ from celery import shared_task
 from pipeline import stages
 from pipeline.queue import messages, worker
 from pipeline.queue.app import CURATE_PART, ROUTE_BATCH, SIMILAR, librarian_queue
+from pipeline.queue.lease import beating
 from pipeline.queue.policy import guarded
 from pipeline.records import ShardPart
 from pipeline.storage import ledger
+from pipeline.storage.leases import Lease
 
 
 @shared_task(bind=True, name=ROUTE_BATCH)
@@ -31,18 +33,29 @@ def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN00
         self.app.send_task(CURATE_PART, args=[messages.part_message(part)],
                            queue=librarian_queue(part.shard))
 
-    return guarded(self, lambda on_attempt: stages.route_batch(rt, batch, ship, on_attempt),
-                   lambda n: ledger.release_batch(rt.Session, batch.batch_id, n),
-                   lambda error: ledger.fail_batch(rt.Session, batch.batch_id, error))
+    with _lease(self, rt, Lease(batch.batch_id)):
+        return guarded(self,
+                       lambda on_attempt: stages.route_batch(rt, batch, ship, on_attempt),
+                       lambda n: ledger.release_batch(rt.Session, batch.batch_id, n),
+                       lambda error: ledger.fail_batch(rt.Session, batch.batch_id, error))
 
 
 @shared_task(bind=True, name=CURATE_PART)
 def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     rt, part = worker.runtime(), messages.message_part(message)
-    return guarded(self, lambda on_attempt: stages.curate_part(rt, part, on_attempt),
-                   lambda n: ledger.release_part(rt.Session, part.batch_id, part.shard, n),
-                   lambda error: ledger.fail_part(rt.Session, part.batch_id, part.shard,
-                                                  error))
+    with _lease(self, rt, Lease(part.batch_id, part.shard)):
+        return guarded(self, lambda on_attempt: stages.curate_part(rt, part, on_attempt),
+                       lambda n: ledger.release_part(rt.Session, part.batch_id, part.shard,
+                                                     n),
+                       lambda error: ledger.fail_part(rt.Session, part.batch_id, part.shard,
+                                                      error))
+
+
+def _lease(task, rt, lease: Lease):  # noqa: ANN001, ANN202
+    """Beat for the work while the task runs; the Redis transport's delivery tag is what
+    a requeue needs (RabbitMQ redelivers by itself and has none to give here)."""
+    tag = (task.request.properties or {}).get("delivery_tag")
+    return beating(rt.Session, lease, tag, rt.settings.lease_timeout_s)
 
 
 @shared_task(name=SIMILAR, ignore_result=False, acks_late=False)

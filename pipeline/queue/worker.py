@@ -16,11 +16,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from pipeline.encoders import EncoderUnavailable, text_encoder
 from pipeline.queue.app import GPU_QUEUE, QUERY_QUEUE, librarian_queue, make_app
 from pipeline.queue.policy import transient_errors
+from pipeline.redact import redacted
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 
@@ -29,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # This process's worker: set by `serve` before the pool forks (the children inherit it), and
 # the pool process's runtime, built after the fork.
-_PROCESS: dict[str, Any] = {"settings": None, "kind": None, "runtime": None}
+_PROCESS: dict[str, Any] = {"settings": None, "kind": None, "runtime": None, "reaper": None}
 
 
 def queues(kind: str, shards: Sequence[str]) -> list[str]:
@@ -43,7 +49,7 @@ def serve(settings: Settings, kind: str, shards: Sequence[str], concurrency: int
           loglevel: str = "INFO", name: str | None = None,
           extra: Sequence[str] = ()) -> None:
     """Run the worker until it is stopped."""
-    _PROCESS.update(settings=settings, kind=kind, runtime=None)
+    _PROCESS.update(settings=settings, kind=kind, runtime=None, reaper=None)
     argv = ["worker", "-Q", ",".join(queues(kind, shards)), "-P", "prefork",
             "-c", str(concurrency), "--prefetch-multiplier", "1",
             "-n", name or f"{kind}-{os.getpid()}@%h", "--loglevel", loglevel,
@@ -92,7 +98,7 @@ def _load_once(**_: Any) -> None:
         try:
             runtime().graph  # noqa: B018 - connect now
         except transient_errors() as err:
-            log.warning("graph not reachable at start: %s", err)
+            log.warning("graph not reachable at start: %s", redacted(str(err)))
         if kind == "query":
             runtime().system  # noqa: B018
 
@@ -101,3 +107,27 @@ def _load_once(**_: Any) -> None:
 def _close(**_: Any) -> None:
     if _PROCESS["runtime"] is not None:
         _PROCESS["runtime"].close()
+
+
+@worker_ready.connect
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    """The worker's main process requeues lapsed leases (`pipeline.queue.lease`): on the
+    Redis broker only, where a dead worker's message would otherwise wait for the
+    visibility timeout."""
+    from pipeline.queue.lease import Reaper, is_redis
+    from pipeline.storage.sql import session_factory
+
+    settings = _PROCESS["settings"] or Settings()
+    app = sender.app if sender is not None else make_app(settings)
+    if not is_redis(app):
+        return
+    Session = session_factory(settings.sql_url(), run_migrations=False, pooled=False)
+    reaper = Reaper(app, Session, settings.lease_timeout_s, settings.max_attempts)
+    reaper.start()
+    _PROCESS["reaper"] = reaper
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: Any) -> None:
+    if _PROCESS["reaper"] is not None:
+        _PROCESS["reaper"].stop()

@@ -3,6 +3,10 @@ embedded server of the state dir (started on first use, left running for later c
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from pipeline.errors import PipelineError
+from pipeline.redact import masked
 from pipeline.settings import Settings
 from pipeline.storage.embedded import LocalGraphServer
 from pipeline.storage.graph import GraphStore
@@ -11,6 +15,12 @@ from pipeline.storage.graph import GraphStore
 def open_graph(settings: Settings) -> GraphStore:
     """A connected `GraphStore` on the graph the settings name."""
     if settings.neo4j_uri:
+        parts = urlsplit(settings.neo4j_uri)
+        if parts.username or parts.password:
+            # The driver refuses such a URI with an error that quotes it, password and all.
+            raise PipelineError(f"NEO4J_URI {masked(settings.neo4j_uri)}: a user or password "
+                                "in the URI is not supported; set NEO4J_USERNAME and "
+                                "NEO4J_PASSWORD instead")
         return GraphStore.connect(settings.neo4j_uri, settings.neo4j_username,
                                   settings.neo4j_password, settings.neo4j_database,
                                   settings.graph_connect_timeout_s,

@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.pool import NullPool
 
 # Named constraints, so migrations can refer to them on every backend.
 NAMING = {
@@ -115,6 +116,13 @@ class Batch(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
 
+    # The lease of the delivery working on it (`pipeline.storage.leases`): the broker's
+    # delivery tag, the time its worker last said it is alive, and how many times a lapsed
+    # lease was handed back to the broker.
+    delivery: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
     job: Mapped[Job] = relationship(back_populates="batches")
     metrics: Mapped[BatchMetrics | None] = relationship(back_populates="batch")
     parts: Mapped[list[BatchPart]] = relationship(back_populates="batch",
@@ -141,6 +149,13 @@ class BatchPart(Base):
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
 
+    # The lease of the delivery working on it (`pipeline.storage.leases`): the broker's
+    # delivery tag, the time its worker last said it is alive, and how many times a lapsed
+    # lease was handed back to the broker.
+    delivery: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
     batch: Mapped[Batch] = relationship(back_populates="parts")
 
 
@@ -150,9 +165,11 @@ class BatchMetrics(Base):
     __tablename__ = "batch_metrics"
 
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
-    balance_loss: Mapped[float] = mapped_column(Float)
-    routing_entropy: Mapped[float] = mapped_column(Float)
-    expert_usage: Mapped[dict[str, float]] = mapped_column(JSON)  # expert -> share
+    # NULL where the figure came out NaN or infinite (never stored as if it were one):
+    # the batch's good items still count.
+    balance_loss: Mapped[float | None] = mapped_column(Float)
+    routing_entropy: Mapped[float | None] = mapped_column(Float)
+    expert_usage: Mapped[dict[str, float | None]] = mapped_column(JSON)  # expert -> share
     reports: Mapped[int] = mapped_column(Integer)
     new_insights: Mapped[int] = mapped_column(Integer)
     merged: Mapped[int] = mapped_column(Integer)
@@ -176,13 +193,15 @@ class ItemError(Base):
     job: Mapped[Job] = relationship(back_populates="item_errors")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets foreign keys on and a busy timeout for workers."""
+def make_engine(url: str, pooled: bool = True) -> Engine:
+    """An engine for ``url``; SQLite gets foreign keys on and a busy timeout for workers.
+    ``pooled=False`` keeps no connection open between uses (for a process that forks)."""
+    extra: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **extra)
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _record) -> None:  # noqa: ANN001
@@ -193,7 +212,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **extra)
 
 
 def alembic_config(url: str):
@@ -213,8 +232,9 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def session_factory(url: str, run_migrations: bool = True) -> sessionmaker:
+def session_factory(url: str, run_migrations: bool = True, pooled: bool = True
+                    ) -> sessionmaker:
     """Migrate (by default) and return a session factory bound to ``url``."""
     if run_migrations:
         migrate(url)
-    return sessionmaker(make_engine(url), expire_on_commit=False)
+    return sessionmaker(make_engine(url, pooled), expire_on_commit=False)

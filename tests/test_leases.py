@@ -1,0 +1,67 @@
+"""Leases in SQL, on SQLite and PostgreSQL: beats, lapses, and exactly one claim."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline import serving
+from pipeline.inputs import read_items
+from pipeline.queue.lease import Reaper
+from pipeline.storage import leases, ledger
+from pipeline.storage.leases import Lease
+from pipeline.storage.sql import Batch, session_factory
+
+
+def _one_batch(sql_url: str):
+    Session = session_factory(sql_url)
+    items, _ = read_items([{"id": f"l{i}", "vector": [1.0, float(i)]} for i in range(3)])
+    job = ledger.create_job(Session, items, [], serving.default_config(), "queued", 10, "cpu")
+    (batch_id, _), = job.batches
+    return Session, batch_id
+
+
+def test_a_silent_lease_lapses_and_exactly_one_claim_wins(sql_url):
+    Session, batch_id = _one_batch(sql_url)
+    lease = Lease(batch_id)
+    assert not leases.beat(Session, lease, "tag-1")  # queued: nobody works on it yet
+    assert ledger.begin_batch(Session, batch_id, "w1", "cpu", 3) == ("run", 1)
+    assert leases.beat(Session, lease, "tag-1")
+    now = time.time()
+    assert leases.lapsed(Session, 60, now=now) == []  # it just beat
+    later = now + 120
+    (gone,) = leases.lapsed(Session, 60, now=later)
+    assert (gone.lease, gone.delivery, gone.worker, gone.requeues) == (lease, "tag-1", "w1", 0)
+    assert gone.silent_s >= 119
+    # Two workers see it at once: one claim wins, and the lease is no longer lapsed.
+    assert leases.claim(Session, gone, 60, now=later)
+    assert not leases.claim(Session, gone, 60, now=later)
+    assert leases.lapsed(Session, 60, now=later) == []
+    with Session() as s:
+        assert s.get(Batch, batch_id).requeues == 1
+    # The requeued message's delivery counts an attempt like any other.
+    assert ledger.begin_batch(Session, batch_id, "w2", "cpu", 3) == ("run", 2)
+
+
+def test_a_lease_that_beats_again_is_not_claimed(sql_url):
+    Session, batch_id = _one_batch(sql_url)
+    lease = Lease(batch_id)
+    ledger.begin_batch(Session, batch_id, "w1", "cpu", 3)
+    leases.beat(Session, lease, "tag-1")
+    (gone,) = leases.lapsed(Session, 60, now=time.time() + 120)
+    leases.beat(Session, lease, "tag-1")  # its worker was only slow, and speaks again
+    assert not leases.claim(Session, gone, 60, now=time.time())
+
+
+def test_work_requeued_past_max_attempts_is_failed_with_its_reason(sql_url):
+    Session, batch_id = _one_batch(sql_url)
+    ledger.begin_batch(Session, batch_id, "w1", "cpu", 3)
+    leases.beat(Session, Lease(batch_id), "tag-1")
+    with Session.begin() as s:  # requeued twice already, each time silent again
+        s.get(Batch, batch_id).requeues = 2
+        s.get(Batch, batch_id).heartbeat_at = time.time() - 600
+    reaper = Reaper(app=None, Session=Session, timeout_s=60, max_attempts=2)
+    assert reaper.sweep() == []  # nothing handed to the broker: it is failed instead
+    with Session() as s:
+        batch = s.get(Batch, batch_id)
+        assert batch.status == "failed" and "went silent 3 times" in batch.error
+    assert leases.lapsed(Session, 60, now=time.time() + 600) == []

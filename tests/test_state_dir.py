@@ -1,0 +1,38 @@
+"""The state dir is the user's data dir wherever a command runs, unless MOE_STATE_DIR says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.settings import Settings
+
+
+def test_the_default_state_dir_is_the_user_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOE_STATE_DIR", raising=False)
+    monkeypatch.delenv("STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    settings = Settings()
+    assert settings.state_dir == tmp_path / "data" / "moe-pipeline"
+    assert settings.state_dir_source() == "the default"
+    monkeypatch.setenv("MOE_STATE_DIR", str(tmp_path / "mine"))
+    assert Settings().state_dir == tmp_path / "mine"
+    assert Settings().state_dir_source() == "MOE_STATE_DIR"
+
+
+def test_status_names_the_same_state_dir_from_any_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MOE_STATE_DIR", "STATE_DIR", "DATABASE_URL", "NEO4J_URI")}
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    state = (tmp_path / "data" / "moe-pipeline").resolve()
+    seen = []
+    for cwd in (tmp_path, Path("/")):
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"], cwd=cwd,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        seen.append(out.stdout.splitlines()[:2])
+    assert seen[0] == seen[1] == [f"state dir: {state} (the default)",
+                                  f"graph: embedded in {state / 'graph'}, down"]
