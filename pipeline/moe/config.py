@@ -22,6 +22,7 @@ ROUTER_GATES = ("topk", "switch", "noisy_topk")
 TOKEN_CHOICE_GATES = ("topk", "switch", "noisy_topk", "hash", "random")
 BALANCE_LOSSES = ("none", "switch", "group", "aux_free")
 DISPATCH_MODES = ("dropless", "capacity")
+KERNELS = ("triton", "torch")
 DTYPES = ("float32", "bfloat16", "float16")
 AMP_DTYPES = ("bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -90,7 +91,10 @@ class MoEConfig:
 
     Dispatch: ``"dropless"`` runs every assignment (grouped GEMM on CUDA); ``"capacity"`` keeps
     static shapes (for ``torch.compile(fullgraph=True)`` and CUDA graphs) and drops what exceeds
-    ``capacity_factor`` times the balanced load.
+    ``capacity_factor`` times the balanced load. ``kernels="triton"`` runs dropless dispatch of
+    standard and gated experts on the Triton kernels of `pipeline.moe.kernels` where they can
+    run (CUDA with triton installed), the router's top-k fused into them for the learned
+    gates; ``"torch"`` keeps the readable torch path everywhere. The CPU takes the torch path.
 
     System: ``num_layers`` MoE blocks behind a supervisor. ``constellations`` names groups of
     experts (``{"mathematics": [0, 3, 7], ...}``, overlaps allowed, every expert in one at
@@ -117,7 +121,9 @@ class MoEConfig:
 
     Optimizations (read by `FullyOptimizedMoESystem`; the base system runs without them):
     ``use_compile`` with ``compile_mode``, ``use_amp`` with ``amp_dtype`` (float16 brings a
-    gradient scaler), ``use_gradient_checkpointing``.
+    gradient scaler), ``use_gradient_checkpointing``; on CUDA, ``use_cuda_graphs`` serves
+    `FullyOptimizedMoESystem.infer` from CUDA graphs over a static input buffer of
+    ``cuda_graph_max_tokens`` tokens (a larger batch is refused, naming the setting).
     """
 
     input_dim: int = 512
@@ -144,6 +150,7 @@ class MoEConfig:
     aux_free_update_rate: float = 0.001
 
     dispatch: str = "dropless"
+    kernels: str = "triton"
     dtype: str = "float32"
     router_dtype: str = "float32"
 
@@ -169,6 +176,8 @@ class MoEConfig:
     use_amp: bool = True
     amp_dtype: str = "bfloat16"
     use_gradient_checkpointing: bool = False
+    use_cuda_graphs: bool = True
+    cuda_graph_max_tokens: int = 8192
 
     def __post_init__(self) -> None:
         # JSON has no tuples: keep what a checkpoint's config.json reads back identical.
@@ -189,6 +198,7 @@ class MoEConfig:
         _choice("gate_type", self.gate_type, GATE_TYPES)
         _choice("balance_loss", self.balance_loss, BALANCE_LOSSES)
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
+        _choice("kernels", self.kernels, KERNELS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("router_dtype", self.router_dtype, DTYPES)
         for name in ("jitter_noise", "load_balance_weight", "z_loss_weight",
@@ -263,7 +273,8 @@ class MoEConfig:
         _non_negative("constellation_balance_weight", self.constellation_balance_weight)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        for name in ("use_compile", "use_amp", "use_gradient_checkpointing"):
+        _positive_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens)
+        for name in ("use_compile", "use_amp", "use_gradient_checkpointing", "use_cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")
         self._check_specializations()

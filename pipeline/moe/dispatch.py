@@ -62,7 +62,9 @@ def dropless(x_TD: Tensor, routing: TokenChoice, experts: Experts,
 
     The grouped products are ``torch._grouped_mm`` where it runs natively (bf16, Hopper and
     newer) and `_blocked` otherwise; neither reads anything back to the host. On the CPU
-    see `_dropless_split`.
+    see `_dropless_split`. (`MoELayer` sends standard and gated experts on CUDA to the Triton
+    kernels of `pipeline.moe.kernels` instead, unless ``config.kernels == "torch"``: this is
+    their readable reference.)
     """
     if not x_TD.is_cuda:
         return _dropless_split(x_TD, routing, experts, counts_E, pool)

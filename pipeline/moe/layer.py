@@ -5,6 +5,11 @@ Legend: T tokens, D input dim, O output dim, E experts, B batch, N sequence leng
 ``MoELayer(config)(x)`` takes ``(T, D)`` or ``(B, N, D)`` and returns ``(y, aux)`` with ``y``
 of the same leading shape and width O, and ``aux`` a `MoEAux` of tensors only: nothing in
 the forward reads a value back to the host (except the CPU's dropless split).
+
+On CUDA, dropless token choice runs on the Triton kernels of `pipeline.moe.kernels` unless
+``config.kernels == "torch"``; for the learned routers (top-k, switch, noisy top-k in eval)
+the router's softmax and top-k run inside their routing prologue. The torch path beside it
+stays the readable reference.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError, InputShapeError
-from pipeline.moe import dispatch
+from pipeline.moe import dispatch, kernels
 from pipeline.moe.balancing import (
     aux_free_bias_update,
     expert_counts,
@@ -117,14 +122,26 @@ class MoELayer(nn.Module):
         # unless aux-free balancing is on, which MoEConfig allows only for learned routers.
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         allowed_TE = None if constraint is None else constraint.allowed[input_T]
-        routing = self.gate(x_in, token_ids_T=ids_T, bias_E=self.balance_bias,
-                            allowed_TE=allowed_TE, batch=B)
+        use_kernels = self._use_kernels(x_TD)
+        plan = None
+        if use_kernels and self._kernel_routes():
+            logits_TE = self.gate.router(x_in)
+            probs_TE, ids_TK, w_TK, plan = kernels.route(
+                logits_TE, cfg.top_k_experts, bias_E=self.balance_bias, allowed_TE=allowed_TE,
+                renormalize=cfg.gate_type != "switch")
+            routing = TokenChoice(ids_TK, w_TK, probs_TE, logits_TE)
+        else:
+            routing = self.gate(x_in, token_ids_T=ids_T, bias_E=self.balance_bias,
+                                allowed_TE=allowed_TE, batch=B)
         if constraint is not None and constraint.scale is not None:
             scale_TK = constraint.scale[input_T].gather(1, routing.expert_ids)
             routing = routing._replace(weights=routing.weights * scale_TK)
         sink = dispatch.Pool(input_T, x_TD.new_zeros(
             cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype)) if pool else None
-        out = _DISPATCH[type(routing)](self, x_TD, routing, sink)
+        if use_kernels:
+            out = self._dispatch_kernels(x_TD, routing, plan, sink)
+        else:
+            out = _DISPATCH[type(routing)](self, x_TD, routing, sink)
         y_TO = out.y_TO
         if self.shared is not None:
             y_TO = y_TO + self.shared.forward_padded(x_TD.unsqueeze(0))[0]
@@ -142,6 +159,28 @@ class MoELayer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return self.experts.dtype
+
+    def _use_kernels(self, x_TD: Tensor) -> bool:
+        """Whether this forward's dispatch runs on the Triton kernels (module docstring)."""
+        cfg = self.config
+        return (cfg.kernels == "triton" and cfg.dispatch == "dropless" and cfg.is_token_choice
+                and cfg.expert_type in kernels.KERNEL_EXPERT_TYPES
+                and not (self.training and cfg.dropout > 0)  # dropout sits between the GEMMs
+                and x_TD.shape[0] > 0 and kernels.applies(x_TD))
+
+    def _kernel_routes(self) -> bool:
+        """Whether the gate's maths is the routing prologue's: softmax, top-k, weights."""
+        gate = self.config.gate_type
+        if gate == "switch":
+            return not (self.training and self.config.jitter_noise > 0)
+        return gate == "topk" or (gate == "noisy_topk" and not self.training)
+
+    def _dispatch_kernels(self, x_TD: Tensor, routing: TokenChoice,
+                          plan: kernels.Plan | None, sink: dispatch.Pool | None) -> _Dispatched:
+        y_TO, plan = kernels.dropless(x_TD, routing.expert_ids, routing.weights, self.experts,
+                                      plan, sink)
+        return _Dispatched(y_TO, routing.probs, plan.counts_E.float(), routing.logits,
+                           _no_drops(x_TD))
 
     # -- dispatch, one method per kind of routing (the table `_DISPATCH` below) -------------
     # ``sink`` is None except for token choice: `_check` refuses ``pool`` for the others.

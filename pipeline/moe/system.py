@@ -5,8 +5,9 @@ chosen per input.
 
 ``MixtureOfExpertsSystem`` is the plain model, readable and easy to debug;
 ``FullyOptimizedMoESystem`` runs the same modules under torch.compile, mixed precision and
-gradient checkpointing as its config asks. Both keep the original framework's API:
-``forward``, ``training_step``, ``save``/``load`` and ``model_info``.
+gradient checkpointing as its config asks, and on CUDA serves ``infer`` from CUDA graphs
+(`GraphedInference`). Both keep the original framework's API: ``forward``,
+``training_step``, ``save``/``load`` and ``model_info``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import ConfigError, InputShapeError
@@ -243,19 +245,93 @@ class MixtureOfExpertsSystem(nn.Module):
         return (block.moe for block in self.blocks)
 
 
+# Compile modes whose inductor output already replays as CUDA graphs (cudagraph trees).
+_INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def graph_tokens(x: Tensor, max_tokens: int) -> int:
+    """Tokens of an inference batch ``(B, N, D)`` or ``(B, D)``, refused past ``max_tokens``
+    (`MoEConfig.cuda_graph_max_tokens`, the static buffer's size)."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    if tokens > max_tokens:
+        raise InputShapeError("x", tuple(x.shape), f"at most cuda_graph_max_tokens={max_tokens} "
+                              f"tokens (batch x sequence, here {tokens}) for CUDA-graph "
+                              "inference: raise MoEConfig.cuda_graph_max_tokens, split the "
+                              "batch, or set use_cuda_graphs=False")
+    return tokens
+
+
+class GraphedInference:
+    """The inference forward as CUDA graphs over one static input buffer.
+
+    The buffer holds ``max_tokens`` tokens, allocated once (per dtype and width); a batch of shape
+    ``(B, N, D)`` is copied into its first ``B*N`` rows and replays the graph captured for that
+    shape (captured on first sight, after two warm-up calls on a side stream that compile,
+    autotune and fill the allocator). Graphs share one memory pool: each replay's outputs are
+    cloned before the next replay may reuse their memory, and replays run on one stream, so
+    sharing is safe (the pattern of torch.cuda.graph's docs, "sharing memory across captures").
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self._buffers: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
+        self._pool: Any = None
+
+    def __call__(self, fn: Callable[[Tensor, bool], SystemOutput], x: Tensor, device: torch.device,
+                 reports: bool) -> SystemOutput:
+        tokens = graph_tokens(x, self.max_tokens)
+        key = (tuple(x.shape), x.dtype, device, reports)
+        if key not in self._graphs:
+            slot = (device, x.dtype, x.shape[-1])
+            buf = self._buffers.get(slot)
+            if buf is None:
+                buf = torch.empty(self.max_tokens * x.shape[-1], dtype=x.dtype, device=device)
+                self._buffers[slot] = buf
+            static_x = buf[: tokens * x.shape[-1]].view(x.shape)
+            static_x.copy_(x)
+            self._graphs[key] = self._capture(fn, static_x, device, reports)
+        graph, static_x, out = self._graphs[key]
+        static_x.copy_(x)
+        graph.replay()
+        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
+
+    def _capture(self, fn: Callable[[Tensor, bool], SystemOutput], static_x: Tensor,
+                 device: torch.device, reports: bool) -> tuple:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(static_x, reports)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn(static_x, reports)
+        return graph, static_x, out
+
+
 class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
     """The same model under torch.compile, autocast and gradient checkpointing.
 
     Each switch comes from the config: ``use_compile`` (with ``compile_mode``), ``use_amp``
     (``amp_dtype``; float16 trains with a gradient scaler), ``use_gradient_checkpointing``
-    (blocks recompute their activations in backward). With ``dispatch="capacity"`` and
-    ``compile_mode="reduce-overhead"`` on CUDA, inference replays as a CUDA graph.
+    (blocks recompute their activations in backward). On CUDA, ``infer`` replays CUDA graphs
+    (`GraphedInference`, ``use_cuda_graphs`` with ``cuda_graph_max_tokens``), unless the
+    compile mode already does (``reduce-overhead``, ``max-autotune``).
     """
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self._compiled: Callable[..., SystemOutput] | None = None
         self._scaler: torch.amp.GradScaler | None = None
+        self._graphs: GraphedInference | None = None
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> FullyOptimizedMoESystem:
+        # .to()/.cuda()/.half() may replace the parameters a captured graph reads.
+        self._graphs = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _runner(self) -> Callable[..., SystemOutput]:
         if not self.config.use_compile:
@@ -289,7 +365,23 @@ class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
 
     @torch.inference_mode()
     def infer(self, x: Tensor, reports: bool = False) -> SystemOutput:
-        """Inference: eval mode, no autograd, the compiled and autocast forward."""
+        """Inference: eval mode, no autograd, the compiled and autocast forward; on CUDA
+        replayed from a CUDA graph (a batch past ``cuda_graph_max_tokens`` tokens is refused
+        with `InputShapeError` naming the setting)."""
         self.eval()
+        device = next(self.parameters()).device
+        cfg = self.config
+        if (device.type == "cuda" and cfg.use_cuda_graphs
+                and not (cfg.use_compile and cfg.compile_mode in _INDUCTOR_GRAPH_MODES)):
+            if self._graphs is None:
+                self._graphs = GraphedInference(cfg.cuda_graph_max_tokens)
+            return self._graphs(self._graph_forward, x, device, reports)
         with self._autocast():
+            return self._runner()(x, reports=reports)
+
+    def _graph_forward(self, x: Tensor, reports: bool) -> SystemOutput:
+        # Autocast's cast cache must be off under capture: cached casts would outlive it.
+        amp = contextlib.nullcontext() if not self.config.use_amp else torch.autocast(
+            "cuda", dtype=getattr(torch, self.config.amp_dtype), cache_enabled=False)
+        with amp:
             return self._runner()(x, reports=reports)
