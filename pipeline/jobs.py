@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.inputs import read_items
 from pipeline.queue.app import ROUTE_BATCH, make_app
 from pipeline.queue.messages import batch_message
-from pipeline.records import ItemBatch, ShardPart
+from pipeline.records import BadItem, Item, ItemBatch, ShardPart
 from pipeline.redact import masked
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
@@ -33,7 +33,15 @@ from pipeline.storage.locks import LockTimeout
 __all__ = ["JobFailed", "JobSummary", "NewJob", "Progress", "progress", "run_local", "submit",
            "wait"]
 
-Source = str | Path | list[dict[str, Any]]
+# A JSONL file, a list of item dicts, or what `read_items` already made of one (a file that
+# can be read only once, a pipe or a FIFO, is read once by the caller and passed on so).
+Source = str | Path | list[dict[str, Any]] | tuple[list[Item], list[BadItem]]
+
+
+def _read(source: Source, settings: Settings) -> tuple[list[Item], list[BadItem]]:
+    if isinstance(source, tuple):
+        return source
+    return read_items(source, settings.vector_dim)
 
 
 @dataclass
@@ -62,7 +70,7 @@ def submit(source: Source, settings: Settings, batch_size: int | None = None) ->
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as err:  # kombu raises its own or the transport's error
         raise PipelineError(f"broker {masked(settings.broker_url())} unreachable: {err}") from err
-    items, bad = read_items(source, settings.vector_dim)
+    items, bad = _read(source, settings)
     with Runtime.from_settings(settings) as rt:
         job = ledger.create_job(rt.Session, items, bad, rt.config, "queued", batch_size,
                                 "queued")
@@ -108,7 +116,7 @@ def run_local(source: Source, settings: Settings, batch_size: int | None = None,
     """Run a job in this process; ``progress(n)`` is told as each batch's n items finish."""
     batch_size = batch_size or settings.batch_size
     start = time.perf_counter()
-    items, bad = read_items(source, settings.vector_dim)
+    items, bad = _read(source, settings)
     with Runtime.from_settings(settings) as rt:
         job = ledger.create_job(rt.Session, items, bad, rt.config, "local", batch_size,
                                 rt.device)

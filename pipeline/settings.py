@@ -107,6 +107,14 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.state_dir / 'runs.sqlite3').resolve()}"
 
+    def secrets(self) -> list[str]:
+        """Every password these settings hold, to mask wherever one turns up in output."""
+        from pipeline.redact import url_password
+
+        found = [self.neo4j_password] + [url_password(u) for u in (
+            self.database_url, self.redis_url, self.celery_broker_url, self.neo4j_uri)]
+        return [s for s in found if s]
+
     def state_dir_source(self) -> str:
         """Where ``state_dir`` came from, for status lines."""
         return "MOE_STATE_DIR" if "state_dir" in self.model_fields_set else "the default"

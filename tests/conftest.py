@@ -86,7 +86,9 @@ def embedded_server(tmp_path_factory):
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     from pipeline.storage.embedded import LocalGraphServer
 
-    server = LocalGraphServer(tmp_path_factory.mktemp("state"))
+    # Commands are cut at 15 s (120 s by default), so that the test of a runaway read is short;
+    # nothing else the suite sends takes a tenth of that.
+    server = LocalGraphServer(tmp_path_factory.mktemp("state"), command_timeout_s=15)
     server.start()
     yield server
     server.stop()

@@ -331,12 +331,14 @@ def _kill_mid_batch_and_restart(stack: Stack, raw: list[dict]) -> tuple[str, str
     return job.job_id, victim.id, time.monotonic() - restarted
 
 
-def test_a_worker_killed_whole_on_redis_gets_its_batch_back_through_its_lease(stack):
+def test_a_worker_killed_whole_on_redis_gets_its_batch_back_through_its_lease(
+        stack, record_property):
     # The default visibility timeout (an hour): the batch must come back through its lease.
     # A 15 s lease keeps the test short; the default is 60 s, the bound two minutes.
     stack.env["MOE_LEASE_TIMEOUT_S"] = "15"
     raw = _items(40, seed=13)
     job_id, victim, waited = _kill_mid_batch_and_restart(stack, raw)
+    record_property("seconds_from_restart_to_done", round(waited, 1))
     assert waited < 120, f"{waited:.0f} s"
     Session = session_factory(stack.settings().sql_url(), run_migrations=False)
     with Session() as s:
@@ -348,15 +350,15 @@ def test_a_worker_killed_whole_on_redis_gets_its_batch_back_through_its_lease(st
     assert stack.secrets_in_logs() == []
 
 
-def test_a_worker_killed_whole_on_rabbitmq_gets_its_batch_back_at_once(tmp_path, graph,
-                                                                        redis_url,
-                                                                        rabbitmq_url):
+def test_a_worker_killed_whole_on_rabbitmq_gets_its_batch_back_at_once(
+        tmp_path, graph, redis_url, rabbitmq_url, record_property):
     if graph.auth is None:
         pytest.skip("this graph backend gives no credentials for worker processes")
     stack = Stack(tmp_path, graph, redis_url, broker_url=rabbitmq_url)
     try:
         raw = _items(40, seed=18)
         job_id, victim, waited = _kill_mid_batch_and_restart(stack, raw)
+        record_property("seconds_from_restart_to_done", round(waited, 1))
         assert waited < 60, f"{waited:.0f} s"  # redelivered when the connection dropped
         Session = session_factory(stack.settings().sql_url(), run_migrations=False)
         with Session() as s:
@@ -384,6 +386,9 @@ def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
         assert [b.status for b in batches] == ["completed", "failed", "completed"]
         assert batches[1].attempts == 3 and "gave up after 2 attempts" in batches[1].error
         assert "1 of 3 batches failed" in s.get(Job, job.job_id).error
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", job.job_id],
+                            env=stack.env, capture_output=True, text=True, timeout=60)
+    assert "why: gave up after 2 attempts" in status.stdout, status.stdout + status.stderr
     good = raw[:20] + raw[40:]
     expected = _expected_reports(stack.settings(), job.job_id, good)
     assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)

@@ -559,6 +559,17 @@ def test_the_reader_sees_and_ends_only_its_own_transactions(graph, embedded_serv
     assert done["rows"][0]["m"] == marker  # the administrator's query ran to its end
 
 
+def test_a_runaway_read_is_ended_by_the_server(graph, embedded_server):
+    """The reader cannot end its own query, and a client that gives up leaves it running:
+    the server's command timeout ends it (15 s for the test session's server)."""
+    started = time.monotonic()
+    with pytest.raises(QueryError, match="TransactionTimedOut|timeout"):
+        graph.run_cypher("UNWIND range(1, 20000000) AS x UNWIND range(1, 20000000) AS y "
+                         "WITH x WHERE x < 0 RETURN count(x) AS n")
+    assert time.monotonic() - started < 60
+    assert graph.run_cypher("RETURN 1 AS one") == [{"one": 1}]  # and the server goes on
+
+
 def test_load_csv_reads_no_file_and_no_url_even_as_the_administrator(graph, embedded_server):
     if graph.dialect.name != "arcadedb":
         pytest.skip("file access is this project's setting on the embedded server only")

@@ -21,6 +21,8 @@ PG, REDIS, AMQP, NEO = "PGsecret-7d1", "RDsecret-5e2", "AMsecret-3c4", "N4secret
     (f"redis://:{REDIS}@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
     (f"amqp://moe:{AMQP}@rabbitmq:5672/", "amqp://moe:***@rabbitmq:5672/"),
     ("amqp://moe:p@ss:w@rd@host//", "amqp://moe:***@host//"),  # '@' and ':' inside
+    ("redis://user:pa/ss@127.0.0.1:6390/11", "redis://user:***@127.0.0.1:6390/11"),  # '/'
+    ("postgresql://u:sec ret@h/db", "postgresql://u:***@h/db"),  # a space
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
     ("sqlite:////tmp/runs.sqlite3", "sqlite:////tmp/runs.sqlite3"),
     (f"host=db user=moe password={PG} dbname=moe", "host=db user=moe password=*** dbname=moe"),
@@ -47,7 +49,7 @@ def test_no_command_prints_a_password(tmp_path):
                 NEO4J_URI="bolt://127.0.0.1:1")
     (tmp_path / "items.jsonl").write_text('{"id": "a", "vector": [1, 2]}\n')
     pg_trust = f"postgresql+psycopg://postgres:{PG}@127.0.0.1:5432/test"  # trust auth
-    pg_down = f"postgresql+psycopg://moe:{PG}@127.0.0.1:1/moe"
+    pg_down = f"postgresql+psycopg://moe:{PG}/x y@127.0.0.1:1/moe"  # '/' and a space
     outputs = {
         "status": _cli("status", env={**base, "DATABASE_URL": pg_trust,
                                       "CELERY_BROKER_URL": f"amqp://moe:{AMQP}@127.0.0.1:1//",
@@ -59,6 +61,11 @@ def test_no_command_prints_a_password(tmp_path):
             **base, "CELERY_BROKER_URL": f"amqp://moe:{AMQP}@127.0.0.1:1//"}),
         "query, graph down": _cli("query", "RETURN 1", env={
             **base, "NEO4J_URI": "bolt://neo4j:" + NEO + "@127.0.0.1:1"}),
+        "query, '/' in the URI's password": _cli("query", "RETURN 1", env={
+            **base, "NEO4J_URI": "bolt://neo4j:" + NEO + "/x@127.0.0.1:1"}),
+        "submit, '/' in the broker's password": _cli("submit", str(tmp_path / "items.jsonl"),
+                                                     env={**base, "CELERY_BROKER_URL":
+                                                          f"redis://u:{REDIS}/x@127.0.0.1:1/0"}),
     }
     # A worker's start line and its log, with a broker that never answers.
     worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "query"],

@@ -50,10 +50,22 @@ def _error(message: str) -> None:
     """One line on stderr, with every password in it masked (a driver's error text may
     quote a URL, and the configured graph password is masked wherever it appears)."""
     try:
-        secrets = [Settings().neo4j_password]
+        secrets = Settings().secrets()
     except Exception:  # settings that do not even parse: mask the URLs alone
         secrets = []
     click.echo(f"error: {redacted(message, secrets)}", err=True)
+
+
+def _is_settings_error(err: Exception) -> bool:
+    """A URL of the settings that its driver cannot take (bad syntax, an unknown scheme).
+    Matched against the drivers' own classes only if they are loaded (an error of theirs
+    means they are): importing the graph driver here would cost every command 0.3 s."""
+    kinds: list[type] = []
+    if (sa := sys.modules.get("sqlalchemy.exc")) is not None:
+        kinds += [sa.ArgumentError, sa.NoSuchModuleError]
+    if (neo := sys.modules.get("neo4j.exceptions")) is not None:
+        kinds.append(neo.ConfigurationError)
+    return isinstance(err, tuple(kinds))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -75,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     except BrokerError as err:
         _error(f"broker unreachable ({Settings().broker_url()}): {err}")
+        sys.exit(1)
+    except Exception as err:
+        if not _is_settings_error(err):
+            raise
+        _error(f"settings: {type(err).__name__}: {err}")
         sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(130)

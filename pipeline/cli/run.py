@@ -24,10 +24,10 @@ def run(settings: Settings, file: str, batch_size: int | None) -> None:
     from pipeline.inputs import read_items
     from pipeline.jobs import run_local
 
-    total = len(read_items(file)[0])
+    read = read_items(file, settings.vector_dim)  # once: FILE may be a pipe
     note_server_start(settings)
-    with progress(total, "items") as bar:
-        summary = run_local(file, settings, batch_size=batch_size, progress=bar.update)
+    with progress(len(read[0]), "items") as bar:
+        summary = run_local(read, settings, batch_size=batch_size, progress=bar.update)
     click.echo(f"job {summary.job_id} {summary.status}: {summary.items} items "
                f"({summary.bad_items} bad), {summary.reports} draft reports -> "
                f"{summary.inserted} new insights, {summary.merged} merged, "
@@ -46,9 +46,10 @@ def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
            timeout: float | None) -> None:
     """Queue a JSONL file of items for the Celery workers (the stack)."""
     from pipeline import jobs
+    from pipeline.inputs import read_items
     from pipeline.storage.sql import session_factory
 
-    job = jobs.submit(file, settings, batch_size)
+    job = jobs.submit(read_items(file, settings.vector_dim), settings, batch_size)
     click.echo(f"job {job.job_id} queued: {len(job.batches)} batches "
                f"(broker {masked(settings.broker_url())}; run {job.run_id})")
     if not wait:
@@ -157,6 +158,8 @@ def status(settings: Settings, job_id: str | None, limit: int) -> None:
                     if m else "")
             click.echo(f"  batch {b.index:>4} {b.status:<10} attempts={b.attempts} "
                        f"{timing}{tail}{_waiting(b, 'gpu', settings, now)}")
+            if b.status == "failed" and b.error:
+                click.echo(f"    why: {redacted(b.error)}")
             for part in b.parts:
                 if part.status not in ("done", "failed"):
                     click.echo(f"    part {part.shard!r} {part.status} attempts={part.attempts}"

@@ -8,8 +8,11 @@ working rows whose heartbeat is older than the timeout (`Reaper`), claims one (e
 worker wins, see `storage.leases.claim`) and moves its message from Redis's unacked set back
 to the head of its queue, as Redis itself would after the visibility timeout. Work comes back
 within about ``lease_timeout_s`` (a minute by default) of the death, or of the first worker to
-start afterwards. A row requeued more than ``max_attempts`` times is failed with its reason, so
-nothing waits forever on a message the broker no longer has.
+start afterwards. Only a message still in the unacked set is handed back: one already back in
+its queue is waiting for a worker and is left alone.
+
+Heartbeats are stamped with the worker's clock and read with the reaper's: the hosts' clocks
+must agree to well within the lease (NTP does; a minute is the default lease).
 
 RabbitMQ needs none of this: it redelivers a dead consumer's unacknowledged messages as soon
 as the connection drops. The heartbeat is written there too (`status` shows it).
@@ -26,7 +29,7 @@ from celery import Celery
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.redact import redacted
-from pipeline.storage import leases, ledger
+from pipeline.storage import leases
 from pipeline.storage.leases import Lease
 
 log = logging.getLogger(__name__)
@@ -73,35 +76,33 @@ def is_redis(app: Celery) -> bool:
 class Reaper:
     """The requeuing loop of one worker's main process (Redis broker only)."""
 
-    def __init__(self, app: Celery, Session: sessionmaker, timeout_s: float,
-                 max_attempts: int) -> None:
-        self.app, self.Session = app, Session
-        self.timeout_s, self.max_attempts = timeout_s, max_attempts
+    def __init__(self, app: Celery, Session: sessionmaker, timeout_s: float) -> None:
+        self.app, self.Session, self.timeout_s = app, Session, timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sweep(self) -> list[Lease]:
-        """Requeue (or, past ``max_attempts`` requeues, fail) every lapsed lease; returns
-        the leases this call requeued."""
+        """Hand back to the broker the message of every lapsed lease that is still held in
+        Redis's unacked set; returns the leases this call handed back.
+
+        A lapsed lease whose message is *not* in the unacked set is left alone: its message
+        is already back in the queue (handed back earlier, or by the visibility timeout) and
+        waits for a worker, or it was acknowledged by a delivery that finished. Counting it
+        again would fail work that is only waiting. Giving up on work that kills every
+        worker is the redelivery's business (`ledger.begin_batch` counts the attempts)."""
         requeued = []
-        for item in leases.lapsed(self.Session, self.timeout_s):
-            if not leases.claim(self.Session, item, self.timeout_s):
-                continue  # another worker took it, or its worker came back
-            if item.requeues >= self.max_attempts:
-                reason = (f"its worker ({item.worker}) went silent {item.requeues + 1} times "
-                          "and its message was not seen again")
-                if item.lease.shard is None:
-                    ledger.fail_batch(self.Session, item.lease.batch_id, reason)
-                else:
-                    ledger.fail_part(self.Session, item.lease.batch_id, item.lease.shard,
-                                     reason)
-                continue
-            with self.app.connection_for_write() as conn:
-                conn.default_channel.qos.restore_by_tag(item.delivery, leftmost=True)
-            log.warning("%s: worker %s silent for %.0f s, its message handed back to the "
-                        "broker (requeue %d)", item.lease, item.worker, item.silent_s,
-                        item.requeues + 1)
-            requeued.append(item.lease)
+        with self.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            for item in leases.lapsed(self.Session, self.timeout_s):
+                with channel.conn_or_acquire() as client:
+                    held = client.hexists(channel.unacked_key, item.delivery)
+                if not held or not leases.claim(self.Session, item, self.timeout_s):
+                    continue  # waiting in its queue, done, or another worker took it
+                channel.qos.restore_by_tag(item.delivery, leftmost=True)
+                log.warning("%s: worker %s silent for %.0f s, its message handed back to the "
+                            "broker (requeue %d)", item.lease, item.worker, item.silent_s,
+                            item.requeues + 1)
+                requeued.append(item.lease)
         return requeued
 
     def _run(self) -> None:

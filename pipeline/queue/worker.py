@@ -122,7 +122,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     if not is_redis(app):
         return
     Session = session_factory(settings.sql_url(), run_migrations=False, pooled=False)
-    reaper = Reaper(app, Session, settings.lease_timeout_s, settings.max_attempts)
+    reaper = Reaper(app, Session, settings.lease_timeout_s)
     reaper.start()
     _PROCESS["reaper"] = reaper
 

@@ -3,20 +3,24 @@ embedded server of the state dir (started on first use, left running for later c
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from pipeline.errors import PipelineError
-from pipeline.redact import masked
+from pipeline.redact import masked, userinfo
 from pipeline.settings import Settings
 from pipeline.storage.embedded import LocalGraphServer
 from pipeline.storage.graph import GraphStore
+
+BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 
 
 def open_graph(settings: Settings) -> GraphStore:
     """A connected `GraphStore` on the graph the settings name."""
     if settings.neo4j_uri:
-        parts = urlsplit(settings.neo4j_uri)
-        if parts.username or parts.password:
+        scheme = settings.neo4j_uri.split("://", 1)[0] if "://" in settings.neo4j_uri else ""
+        if scheme not in BOLT_SCHEMES:
+            raise PipelineError(f"NEO4J_URI {masked(settings.neo4j_uri)}: expected a Bolt URI "
+                                f"({', '.join(s + '://' for s in BOLT_SCHEMES)}), such as "
+                                "bolt://127.0.0.1:7687")
+        if userinfo(settings.neo4j_uri) is not None:
             # The driver refuses such a URI with an error that quotes it, password and all.
             raise PipelineError(f"NEO4J_URI {masked(settings.neo4j_uri)}: a user or password "
                                 "in the URI is not supported; set NEO4J_USERNAME and "

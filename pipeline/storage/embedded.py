@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 DATABASE = "insights"
 USERNAME = "root"
 READER = "reader"  # the user, and its group, that users' read-only queries run as
+COMMAND_TIMEOUT_S = 120.0  # the server ends any one command after this long
 BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
 
 
@@ -99,8 +100,10 @@ class ServerInfo:
 class LocalGraphServer:
     """Start, find, and stop the embedded graph server of one state dir."""
 
-    def __init__(self, state_dir: str | Path, start_timeout_s: float = 90.0) -> None:
+    def __init__(self, state_dir: str | Path, start_timeout_s: float = 90.0,
+                 command_timeout_s: float = COMMAND_TIMEOUT_S) -> None:
         self.root = Path(state_dir).resolve() / "graph"
+        self.command_timeout_s = command_timeout_s  # for a server this object starts
         self.start_timeout_s = start_timeout_s
 
     @property
@@ -168,7 +171,7 @@ class LocalGraphServer:
         log = self.log_file.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.storage.embedded", str(self.root.resolve()),
-             str(info.bolt_port), str(info.http_port)],
+             str(info.bolt_port), str(info.http_port), str(self.command_timeout_s)],
             cwd=self.root,  # ArcadeDB writes its log/ folder into the working directory
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)  # survives the CLI that started it; stop() ends it
@@ -234,8 +237,9 @@ READER_GROUP = {"access": [], "resultSetLimit": -1, "readTimeout": -1,
                 "types": {"*": {"access": ["readRecord"]}}}
 
 
-def _close_file_access() -> None:
-    """LOAD CSV may open no local file and fetch no URL, for any user, root included.
+def _limit_commands(command_timeout_s: float) -> None:
+    """LOAD CSV may open no local file and fetch no URL, for any user, root included; no
+    command runs longer than ``command_timeout_s``.
 
     These are JVM-wide settings: ArcadeDB 26.10 reads them from a database's configuration,
     which falls back to the global values, not to the server's (set through the server's
@@ -246,6 +250,10 @@ def _close_file_access() -> None:
     config = jpype.JClass("com.arcadedb.GlobalConfiguration")
     config.OPENCYPHER_LOAD_CSV_ALLOW_FILE_URLS.setValue(False)
     config.OPENCYPHER_LOAD_CSV_ALLOW_REMOTE_URLS.setValue(False)
+    # Every command ends within this (a read-only query included: the reader cannot
+    # TERMINATE its own runaway query, and the group's readTimeout is not applied to Cypher
+    # over Bolt, measured). The pipeline's own writes take well under a second a batch.
+    config.COMMAND_TIMEOUT.setValue(int(command_timeout_s * 1000))
 
 
 def _ensure_reader(server, password: str) -> None:
@@ -267,13 +275,13 @@ def _ensure_reader(server, password: str) -> None:
         "databases": {DATABASE: [READER]}})))
 
 
-def _serve(root: Path, bolt_port: int, http_port: int) -> None:
+def _serve(root: Path, bolt_port: int, http_port: int, command_timeout_s: float) -> None:
     """The server process: run ArcadeDB until SIGTERM."""
     import arcadedb_embedded
     from arcadedb_embedded.jvm import start_jvm
 
     start_jvm()
-    _close_file_access()
+    _limit_commands(command_timeout_s)
     password = (root / "password").read_text().strip()
     server = arcadedb_embedded.ArcadeDBServer(
         str(root / "server"), root_password=password,
@@ -294,7 +302,8 @@ def _serve(root: Path, bolt_port: int, http_port: int) -> None:
 
 if __name__ == "__main__":
     try:
-        _serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+        _serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+               float(sys.argv[4]) if len(sys.argv) > 4 else COMMAND_TIMEOUT_S)
     except PipelineError as err:  # pragma: no cover - reported through the log
         print(err, file=sys.stderr)
         sys.exit(1)

@@ -29,6 +29,7 @@ from neo4j.exceptions import (
     AuthError,
     ClientError,
     ConstraintError,
+    DatabaseError,
     ServiceUnavailable,
     SessionExpired,
 )
@@ -37,6 +38,10 @@ from pipeline.errors import PipelineError
 from pipeline.records import CuratedBatch
 from pipeline.storage import cypher, cypher_guard, rows
 from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it from here
+
+# A user's read-only query ends after this long on Neo4j (the transaction timeout; the
+# embedded server has its own command timeout, `embedded.COMMAND_TIMEOUT_S`).
+READ_TIMEOUT_S = 120.0
 
 
 class GraphUnavailable(PipelineError):
@@ -151,6 +156,8 @@ class GraphStore:
         except ClientError as err:
             if isinstance(err, AuthError):
                 raise
+            raise QueryError(err.code or "", err.message or str(err)) from err
+        except DatabaseError as err:  # ArcadeDB reports an unknown function this way
             raise QueryError(err.code or "", err.message or str(err)) from err
 
     @contextlib.contextmanager
@@ -347,7 +354,7 @@ class GraphStore:
         driver = self.reader or self.driver
         with (self._outage(), self._user_query(),
               driver.session(database=self.database, default_access_mode="READ") as session):
-            tx = session.begin_transaction()
+            tx = session.begin_transaction(timeout=READ_TIMEOUT_S)  # Neo4j ends it there
             try:
                 if self.dialect.explain_query_type:
                     _refuse_writes(tx.run("EXPLAIN " + query, params).consume(), "planned")
