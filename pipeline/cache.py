@@ -1,21 +1,40 @@
 """The hot embedding cache: one shard's insight embeddings on the device, for fast top-k.
 
-Legend: N cached rows, Q queries, D embedding dim, K results per query.
+Legend: N cached rows, Q queries, D embedding dim, K results per query, C candidates per
+query (K and a margin), R rows in one tile of the scan.
 
 A preallocated ``(capacity, D)`` tensor grows by doubling (never per insert); ids, seqs and
-support counts sit beside it on the host. Rows are L2-normalised on insert, so a search is
-one matmul and one top-k per chunk of rows (cosine similarity), exact (brute force), with no
-host sync until the caller reads the result. fp16 on CUDA (half the bytes to scan), fp32 on
-the CPU (where fp16 matmuls are slow). The graph is the source of truth: `warm` loads a shard,
-`catch_up` adds rows with ``seq > watermark``, and `save`/`load` snapshot the cache so a
-restart need not re-read every insight through Cypher. Each row keeps its insight's summary
-too, for the librarian's lexical comparison. A cache may hold one model's insights of a
-shard only (``model``): its watermark still follows the whole shard's seq, which is what the
-graph write's fence checks.
+support counts sit beside it on the host. Rows are L2-normalised on insert and kept in
+float32: these are the cache's values (the graph's float16 embeddings are exact in float32),
+what `embeddings` returns and what snapshots hold. The graph is the source of truth: `warm`
+loads a shard, `catch_up` adds rows with ``seq > watermark``, and `save`/`load` snapshot the
+cache so a restart need not re-read every insight through Cypher. Each row keeps its
+insight's summary too, for the librarian's lexical comparison. A cache may hold one model's
+insights of a shard only (``model``): its watermark still follows the whole shard's seq,
+which is what the graph write's fence checks.
+
+`search` is exact, a brute-force scan, with no host sync until the caller reads the result.
+The scan runs in `scan_dtype`: float16 on CUDA, bfloat16 on CPUs with AMX tiles, float32 on
+other CPUs (AVX2 alone, or AVX512-BF16 without AMX, where a bfloat16 scan ran slower). A
+narrow scan reads its own copy of the rows and keeps C = K + `MARGIN` candidates per query;
+those are scored again in float32 from the float32 rows, and their top K, with float32
+scores, are the answer.
+
+"Exact" means the top K by float32 inner product over the float32 rows: what FAISS
+``IndexFlatIP`` returns when given the same rows, up to the last bit of a float32 sum (so
+scores within an ulp may swap). It holds when the true top K are among the scan's top C.
+Rounding the inputs moves a narrow score by about 2e-4 in bfloat16 (std, 384 dims, near a
+score of 1) and 3e-5 in float16, while planted near-duplicates' scores lie 2e-4 apart: alone,
+a float16 scan gave FAISS's top 10 on 73-75% of clustered queries (on a GPU) and a bfloat16
+one on 37%; with the re-rank bfloat16 gives 100% (`bench/similarity.py`), as does float16 in
+a CPU emulation of the GPU's rounding. The price is memory: the scan copy
+takes 2 bytes per dim per row beside the float32 rows' 4 (1M x 384: 0.77 GB beside 1.54 GB),
+on the device; a float32 scan has no copy.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.moe.grouped_mm import cpu_linear
+from pipeline.moe.grouped_mm import cpu_linear, onednn_available, onednn_dtypes
 
 
 class ShardReader(Protocol):
@@ -43,24 +62,111 @@ def _as_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
     return t.to(device=device, dtype=torch.float32)
 
 
-def _scores(q_QD: Tensor, rows_ND: Tensor) -> Tensor:
-    """``q @ rows^T`` in float32; on the CPU by oneDNN, twice MKL's rate on AMD here."""
+# Candidates beyond K that a narrow scan hands to the float32 re-rank. On bench/similarity.py's
+# clustered set (100k x 384, each query's top 10 within 2e-4) a bfloat16 scan held all of the
+# exact top 10 among its top 16 on 99.3% of 1,024 queries and among its top 20 on 100%; 14
+# (top 24) cost 5-6% of a search on 2 cores of a Xeon with AMX, 24 cost 13%. Clusters 3x
+# tighter need more for bfloat16 (top 24: 93%, top 34: 99.8%); float16 is 8x finer, and a
+# float32 scan needs none.
+MARGIN = 14
+# (queries per chunk, scores per tile) by device and scan dtype. On the CPU tiles stay under
+# 32 MiB, which glibc's allocator recycles instead of page-faulting in afresh (float32 at
+# 2^25 scores: 2,250 against 3,700 queries/s at 2^22); 256 queries a chunk measured fastest
+# on the Xeon for both dtypes (against 128, 512 and 1,024), the GEMM being slower below and
+# the top-k of wider tiles cheaper per score.
+TILING = {("cpu", torch.bfloat16): (256, 1 << 23), ("cpu", torch.float32): (256, 1 << 22),
+          ("cuda", torch.float16): (512, 1 << 28), ("cuda", torch.float32): (512, 1 << 28)}
+# Strided groups whose maxima prune a CPU tile before its top-k (see `_tile_top`): 8 measured
+# faster than 4 or 16 on 32,768-row tiles.
+GROUPS = 8
+
+
+@functools.cache
+def _amx_bf16_cpu() -> bool:
+    """Whether oneDNN multiplies bfloat16 on this CPU's AMX tiles. Only there does a bfloat16
+    scan pay: on a Xeon with AMX, scan and re-rank ran 2.1-3.0x FAISS where a float32 scan ran
+    0.8-0.9x; with oneDNN held to AVX512-BF16 (``ONEDNN_MAX_CPU_ISA``, as on an EPYC of Zen 4)
+    they ran 0.61x where float32 ran 0.89x. On AVX2 alone oneDNN has no bfloat16 kernel."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return amx and onednn_available() and torch.bfloat16 in onednn_dtypes()
+
+
+def scan_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a cache on ``device`` scans in by default (decided by what the device has)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and _amx_bf16_cpu() else torch.float32
+
+
+def _tile_scores(q_QD: Tensor, rows_RD: Tensor, shift_R: Tensor | None) -> Tensor:
+    """``q @ rows^T`` in the scan dtype, ``(Q, R)``; plus ``shift_R`` (all -1) if given.
+
+    A narrow scan is shifted by -1 inside the GEMM, where the bias is added to the float32
+    accumulator before the one rounding to the output dtype: a score near 1, where
+    near-duplicates sit, is then rounded at the resolution of its distance from 1 (bfloat16:
+    steps of 6e-5 at 0.99, 8e-6 at 0.999, against 4e-3 unshifted). On the CPU by oneDNN (twice
+    MKL's float32 rate on AMD here; bfloat16 on AMX tiles), else by the default kernels.
+    """
+    if q_QD.device.type == "cpu" and onednn_available() and q_QD.dtype in onednn_dtypes():
+        if shift_R is None:
+            return cpu_linear(q_QD, rows_RD)
+        return torch.ops.mkldnn._linear_pointwise(q_QD, rows_RD, shift_R, "none", [], "")
+    if shift_R is None:
+        return q_QD @ rows_RD.t()
+    return torch.addmm(shift_R, q_QD, rows_RD.t())
+
+
+def _tile_top(s_QR: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """The top ``c`` scores of each row of a tile and their columns, ``(Q, c)`` each, unsorted.
+
+    On the CPU a wide tile is pruned first. Split a row's columns into G groups: its top c
+    lie in at most c groups, and those are among the c groups with the highest maxima (a
+    group outside them is beaten by c other maxima, c scores at least its best; with ties,
+    the chosen groups still hold c scores at least the c-th best maximum, so the same
+    values). Groups are strided (columns j, j + R/G, ...), so their maxima are G - 1
+    elementwise maxima of contiguous slices, and the top c maxima are found the same way,
+    recursively: top-ks over a few hundred maxima of maxima and over c * G gathered values
+    replace one over R. CPU top-k is a partial sort per row, several times the cost of the
+    maxima.
+    """
+    q, r = s_QR.shape
+    if s_QR.device.type != "cpu" or r % GROUPS or r < 4 * GROUPS * c:
+        return torch.topk(s_QR, c, dim=1, sorted=False)
+    width = r // GROUPS
+    _, groups_Qc = _tile_top(s_QR.view(q, GROUPS, width).amax(1), c)
+    cols = (groups_Qc.unsqueeze(2)
+            + torch.arange(0, r, width, device=s_QR.device)).view(q, c * GROUPS)
+    s_Qc, j = torch.topk(s_QR.gather(1, cols), c, dim=1, sorted=False)
+    return s_Qc, cols.gather(1, j)
+
+
+def _rerank(q_QD: Tensor, rows_ND: Tensor, cand_QC: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top ``k`` of each query's candidates by float32 score: ``scores, rows (Q, K)``."""
+    rows_QCD = rows_ND.index_select(0, cand_QC.reshape(-1)).view(*cand_QC.shape, -1)
     if q_QD.device.type == "cpu":
-        return cpu_linear(q_QD, rows_ND).float()
-    return (q_QD @ rows_ND.t()).float()
+        # (1, D) x (D, C) per query: half the time of (C, D) x (D, 1) in MKL's batched GEMM.
+        s_QC = torch.bmm(q_QD.unsqueeze(1), rows_QCD.transpose(1, 2)).squeeze(1)
+    else:  # products and a sum, never TF32, whatever torch.backends.cuda.matmul allows
+        s_QC = (rows_QCD * q_QD.unsqueeze(1)).sum(-1)
+    s_QK, j = torch.topk(s_QC, k, dim=1)
+    return s_QK, cand_QC.gather(1, j)
 
 
 class EmbeddingCache:
-    """Top-k cosine search over one shard's insights."""
+    """Top-k cosine search over one shard's insights.
+
+    ``dtype`` is the scan's dtype (default `scan_dtype` of the device); float32 scans the
+    float32 rows themselves, with no second copy and no re-rank.
+    """
 
     def __init__(self, dim: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, capacity: int = 1024,
                  max_rows: int | None = None) -> None:
         self.dim = dim
         self.device = torch.device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or scan_dtype(self.device)
         self.max_rows = max_rows
-        self._emb = torch.empty(max(1, capacity), dim, dtype=self.dtype, device=self.device)
+        self._emb, self._scan = self._buffers(max(1, capacity))
         self.ids: list[str] = []
         self.texts: list[str] = []  # each row's insight summary ("" where none)
         self._seqs = np.empty(0, dtype=np.int64)
@@ -84,15 +190,29 @@ class EmbeddingCache:
     def seqs(self) -> np.ndarray:
         return self._seqs
 
+    def _buffers(self, capacity: int) -> tuple[Tensor, Tensor]:
+        """The float32 rows ``(capacity, D)`` and the scan's copy (the same tensor when the
+        scan is float32)."""
+        rows = torch.empty(capacity, self.dim, dtype=torch.float32, device=self.device)
+        if self.dtype == torch.float32:
+            return rows, rows
+        return rows, torch.empty(capacity, self.dim, dtype=self.dtype, device=self.device)
+
+    def _put(self, start: int, rows_ND: Tensor) -> None:
+        """Write float32 unit rows at ``start`` (and their scan copy)."""
+        self._emb[start: start + len(rows_ND)] = rows_ND
+        if self._scan is not self._emb:
+            self._scan[start: start + len(rows_ND)] = rows_ND.to(self.dtype)
+
     def _reserve(self, rows: int) -> None:
         if rows <= self.capacity:
             return
         capacity = self.capacity
         while capacity < rows:
             capacity *= 2
-        grown = torch.empty(capacity, self.dim, dtype=self.dtype, device=self.device)
-        grown[: len(self)] = self.embeddings
-        self._emb = grown
+        old = self.embeddings
+        self._emb, self._scan = self._buffers(capacity)
+        self._put(0, old)
 
     def add(self, ids: Sequence[str], embeddings: Tensor | np.ndarray, seqs: Sequence[int],
             support: Sequence[int] | None = None, texts: Sequence[str] | None = None) -> None:
@@ -120,7 +240,7 @@ class EmbeddingCache:
                              f"{self.dim})")
         start = len(self)
         self._reserve(start + n)
-        self._emb[start: start + n] = torch.nn.functional.normalize(emb, dim=-1).to(self.dtype)
+        self._put(start, torch.nn.functional.normalize(emb, dim=-1))
         self.ids.extend(ids)
         self.texts.extend(t or "" for t in texts)
         self._seqs = np.concatenate([self._seqs, seq_arr])
@@ -144,47 +264,77 @@ class EmbeddingCache:
         gone = np.sort(order[:n])
         keep = np.setdiff1d(np.arange(len(self)), gone, assume_unique=True)
         kept = torch.from_numpy(keep).to(self.device)
-        self._emb[: len(keep)] = self.embeddings.index_select(0, kept)
+        self._put(0, self.embeddings.index_select(0, kept))
         evicted = [self.ids[i] for i in gone]
         self.ids = [self.ids[i] for i in keep]
         self.texts = [self.texts[i] for i in keep]
         self._seqs, self._support = self._seqs[keep], self._support[keep]
         return evicted
 
-    @torch.no_grad()
-    def search(self, queries: Tensor | np.ndarray, k: int, query_chunk: int = 512,
+    def search(self, queries: Tensor | np.ndarray, k: int, query_chunk: int | None = None,
                score_budget: int | None = None) -> tuple[Tensor, Tensor]:
         """Top-``k`` cosine similarities of each query: ``(Q, D) -> scores, rows (Q, K)``.
 
-        Scores are float32, rows index `ids`; ``K = min(k, N)``. Chunked over queries and
-        rows so that at most ``score_budget`` scores exist at a time, whatever the sizes.
-        Exact: a brute-force scan. The default budget is 2^22 scores (16 MiB) on the CPU,
-        where blocks that small are recycled by the allocator instead of page-faulted in
-        afresh (measured here: 3,700 against 2,250 queries/s at 2^25), and 2^28 on a GPU.
+        Scores are float32, best first; rows index `ids`; ``K = min(k, N)``. Exact (see the
+        module docstring): a brute-force scan, and a float32 re-rank when the scan is narrow.
+        Chunked over queries (``query_chunk`` at a time) and rows so that at most
+        ``score_budget`` scores exist at a time, whatever the sizes; the defaults are
+        `TILING`'s for the device and scan dtype.
         """
-        if score_budget is None:
-            score_budget = 1 << 28 if self.device.type == "cuda" else 1 << 22
-        q = _as_tensor(queries, self.device)
-        q = torch.nn.functional.normalize(q.reshape(-1, self.dim), dim=-1).to(self.dtype)
+        return self._top(queries, k, True, query_chunk, score_budget)
+
+    def scan(self, queries: Tensor | np.ndarray, k: int, query_chunk: int | None = None,
+             score_budget: int | None = None) -> tuple[Tensor, Tensor]:
+        """The scan's own top-``k``, without the re-rank: what a narrow dtype alone finds
+        (order among near-ties is lost; scores are its rounded ones, as float32). For
+        measuring what the re-rank costs and buys; `search` is the answer."""
+        return self._top(queries, k, False, query_chunk, score_budget)
+
+    @torch.no_grad()
+    def _top(self, queries: Tensor | np.ndarray, k: int, rerank: bool,
+             query_chunk: int | None, score_budget: int | None) -> tuple[Tensor, Tensor]:
+        tiling = TILING.get((self.device.type, self.dtype), (512, 1 << 22))
+        query_chunk, score_budget = query_chunk or tiling[0], score_budget or tiling[1]
+        q_QD = torch.nn.functional.normalize(
+            _as_tensor(queries, self.device).reshape(-1, self.dim), dim=-1)
         n, k = len(self), min(k, len(self))
-        row_chunk = max(k, 1, score_budget // max(1, min(query_chunk, q.shape[0])))
-        scores = torch.empty(q.shape[0], k, dtype=torch.float32, device=self.device)
-        rows = torch.empty(q.shape[0], k, dtype=torch.int64, device=self.device)
-        if k == 0:
+        narrow = self._scan is not self._emb
+        c = min(n, k + MARGIN) if narrow and rerank else k
+        scores = torch.empty(q_QD.shape[0], k, dtype=torch.float32, device=self.device)
+        rows = torch.empty(q_QD.shape[0], k, dtype=torch.int64, device=self.device)
+        if k == 0 or q_QD.shape[0] == 0:
             return scores, rows
-        for qs in range(0, q.shape[0], query_chunk):
-            block = q[qs: qs + query_chunk]
-            best_s = best_i = None
-            for rs in range(0, n, row_chunk):
-                sims = _scores(block, self._emb[rs: min(n, rs + row_chunk)])
-                s, i = torch.topk(sims, min(k, sims.shape[1]), dim=1)
-                i += rs
-                if best_s is not None:
-                    s, j = torch.topk(torch.cat([best_s, s], 1), k, dim=1)
-                    i = torch.cat([best_i, i], 1).gather(1, j)
-                best_s, best_i = s, i
-            scores[qs: qs + block.shape[0]], rows[qs: qs + block.shape[0]] = best_s, best_i
+        row_chunk = max(c, score_budget // min(query_chunk, q_QD.shape[0]))
+        for qs in range(0, q_QD.shape[0], query_chunk):
+            q_chunk = q_QD[qs: qs + query_chunk]
+            s_QC, i_QC = self._candidates(q_chunk.to(self.dtype), c, row_chunk)
+            if narrow and rerank:
+                s_QK, i_QK = _rerank(q_chunk, self._emb, i_QC, k)
+            else:
+                s_QK, j = torch.topk(s_QC, k, dim=1)
+                s_QK, i_QK = s_QK.float() + (1 if narrow else 0), i_QC.gather(1, j)
+            scores[qs: qs + len(q_chunk)], rows[qs: qs + len(q_chunk)] = s_QK, i_QK
         return scores, rows
+
+    def _candidates(self, q_QD: Tensor, c: int, row_chunk: int) -> tuple[Tensor, Tensor]:
+        """The scan's top ``c`` for a chunk of queries (in the scan dtype): scores (shifted
+        by -1 when narrow) and rows, ``(Q, C)`` each, unsorted; ``row_chunk`` rows a tile."""
+        n = len(self)
+        shift_R = (None if self._scan is self._emb else
+                   torch.full((min(n, row_chunk),), -1.0, dtype=self.dtype, device=self.device))
+        tops, cols = [], []
+        for rs in range(0, n, row_chunk):
+            re = min(n, rs + row_chunk)
+            sims = _tile_scores(q_QD, self._scan[rs:re],
+                                None if shift_R is None else shift_R[: re - rs])
+            s, i = _tile_top(sims, min(c, re - rs))
+            tops.append(s)
+            cols.append(i.add_(rs))
+        s_QC, i_QC = torch.cat(tops, 1), torch.cat(cols, 1)
+        if s_QC.shape[1] > c:  # several tiles: the best c of their candidates
+            s_QC, j = torch.topk(s_QC, c, dim=1, sorted=False)
+            i_QC = i_QC.gather(1, j)
+        return s_QC, i_QC
 
     def ids_at(self, rows: Tensor) -> list[list[str]]:
         """Ids for the row indices `search` returned (reads them back to the host)."""
@@ -256,7 +406,8 @@ class EmbeddingCache:
         # Headroom for the catch-up that follows, so it does not double a large buffer.
         cache = cls(meta["dim"], device, dtype, capacity=max(1024, n + n // 8),
                     max_rows=max_rows)
-        cache._emb[:n] = tensors["embeddings"].to(device=cache.device, dtype=cache.dtype)
+        # float32 since this release; float16 in older snapshots of GPU caches.
+        cache._put(0, tensors["embeddings"].to(device=cache.device, dtype=torch.float32))
         cache.ids = ids
         texts_file = path / "texts.json"  # absent from snapshots of older releases
         cache.texts = json.loads(texts_file.read_text()) if texts_file.exists() else [""] * n
