@@ -64,8 +64,8 @@ def _as_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
 
 # Candidates beyond K that a narrow scan hands to the float32 re-rank. On bench/similarity.py's
 # clustered set (100k x 384, each query's top 10 within 2e-4) a bfloat16 scan held all of the
-# exact top 10 among its top 16 on 99.3% of 1,024 queries and among its top 20 on 100%; 14
-# (top 24) cost 5-6% of a search on 2 cores of a Xeon with AMX, 24 cost 13%. Clusters 3x
+# exact top 10 among its top 16 on 99.3% of 1,024 queries and among its top 20 on 100%. 14
+# (top 24) cost 5-11% of a search on 2 cores of a Xeon with AMX, 24 cost 13-40%. Clusters 3x
 # tighter need more for bfloat16 (top 24: 93%, top 34: 99.8%); float16 is 8x finer, and a
 # float32 scan needs none.
 MARGIN = 14
@@ -183,7 +183,7 @@ class EmbeddingCache:
 
     @property
     def embeddings(self) -> Tensor:
-        """The filled rows, ``(N, D)``."""
+        """The filled rows, ``(N, D)`` float32 (as added, normalised)."""
         return self._emb[: len(self)]
 
     @property
