@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
+import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -118,6 +121,60 @@ def timed(fns: dict[str, Callable[[], object]], rounds: int, device: torch.devic
             end.synchronize()
             times[name].append(start.elapsed_time(end) / 1e3 / reps)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def cpu_rounds(fns: dict[str, Callable[[], object]], rounds: int,
+               warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of every round of each function on the CPU, the functions taking turns (what
+    `common.interleaved` takes the median of), for the spread of per-round ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    """Min, quartiles and max, rounded: the spread of a ratio over rounds."""
+    if len(values) == 1:
+        values = values * 2
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"min": round(min(values), 3), "q1": round(q1, 3), "median": round(q2, 3),
+            "q3": round(q3, 3), "max": round(max(values), 3)}
+
+
+class OthersLoad:
+    """How busy the rest of the machine kept its CPUs while a block ran: CPU time used by
+    everything but this process, as a share of wall time x CPUs (Linux /proc/stat; None
+    elsewhere). What the 1-minute load average cannot say, since it counts us too."""
+
+    def __enter__(self) -> OthersLoad:
+        self.share: float | None = None
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._snapshot()
+        if end is not None and self._start is not None:
+            wall, busy, own = (b - a for a, b in zip(self._start, end, strict=True))
+            self.share = round(max(0.0, busy - own) / (wall * (os.cpu_count() or 1)), 3)
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system, then irq softirq steal (idle and iowait are not busy)
+        busy = (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
 
 
 def roofline(flops: float, device: torch.device, dtype: torch.dtype,
@@ -275,8 +332,15 @@ def hf_section(cfg: MoEConfig, sizes: dict[str, int], rounds: dict[str, int],
             fns["ours_cuda_graph"] = cuda_graph(lambda t: layer(t)[0], x)
         # Three warm-up calls each: on the CPU the first calls of a size fault in fresh pages
         # for their temporaries (seen here: 3.4 s, 2.2 s, then 0.6 s for ours at 8,192).
-        secs = timed(fns, rounds[label], device, reps=10 if device.type == "cuda" else 1,
-                     warmup=3)
+        per_round = None
+        with OthersLoad() as load:
+            if device.type == "cuda":
+                secs = timed(fns, rounds[label], device, reps=10, warmup=3)
+            else:
+                per_round = cpu_rounds(fns, rounds[label], warmup=3)
+                secs = {k: statistics.median(ts) for k, ts in per_round.items()}
+        rec["load"][label] = {"others_cpu_share": load.share,
+                              "loadavg_1min_after": round(os.getloadavg()[0], 2)}
         rate = {k: tokens / v for k, v in secs.items()}
         flops = expert_flops(cfg, tokens)
         for name, r in rate.items():
@@ -292,6 +356,9 @@ def hf_section(cfg: MoEConfig, sizes: dict[str, int], rounds: dict[str, int],
             ratios[f"ours_vs_hf_{impl}_fwd_{label}"] = best_ours / rate[f"hf_qwen3_{impl}"]
         targets[f"ours_vs_hf_fastest_fwd_{label}"] = target(
             1.25, ratios[f"ours_vs_hf_fastest_fwd_{label}"])
+        if per_round is not None:  # each round's ratio, the two calls seconds apart
+            rec["spread"][f"ours_vs_hf_fastest_fwd_{label}"] = quantiles(
+                [h / o for h, o in zip(per_round[hf_best], per_round["ours"], strict=True)])
 
 
 # -- section 3 (CUDA): ours eager / compiled / CUDA graph, Triton kernels / torch path --------
@@ -432,10 +499,13 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         dims = SEED
         sizes, rounds = {"8x128": 8 * 128, "8192": 8192}, args.rounds or (15 if cuda else 7)
-        hf_rounds = {"8x128": args.rounds or 15, "8192": args.rounds or (15 if cuda else 9)}
+        # More rounds on the CPU than one would think: other jobs on a shared 2-core machine
+        # make single rounds swing 3x either way (see ``spread`` and ``load`` in the record).
+        hf_rounds = {"8x128": args.rounds or (15 if cuda else 21),
+                     "8192": args.rounds or 15}
     cfg = MoEConfig(**dims, expert_type=args.expert_type, dtype=args.dtype)
     rec: dict[str, dict] = {k: {} for k in ("results", "references", "ratios", "targets",
-                                            "notes", "roofline")}
+                                            "notes", "roofline", "spread", "load")}
     loop_section(cfg, sizes, rounds, device, dtype, rec)
     gated = MoEConfig(**dims, expert_type="gated", dtype=args.dtype)
     hf_section(gated, sizes, hf_rounds, device, dtype, rec)
@@ -449,13 +519,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = {**{k: v for k, v in cfg.to_dict().items() if k in (
         "input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts", "expert_type",
         "activation", "gate_type", "dispatch", "kernels", "dtype")}, "tokens": sizes,
-        "rounds": rounds, "quick": args.quick,
+        "rounds": rounds, "hf_rounds": hf_rounds, "quick": args.quick,
         "kernels_active": kernels.applies(torch.empty(0, device=device))}
     if cuda and not args.quick:
         config["qwen3"] = {**QWEN3, "tokens": 32 * 1024}
         config["decode_tokens"] = list(DECODE)
     return emit("moe_layer", device, config, rec["results"], rec["references"], rec["ratios"],
-                rec["targets"], notes=rec["notes"],
+                rec["targets"], notes=rec["notes"], spread=rec["spread"], load=rec["load"],
                 flops_fwd={k: expert_flops(cfg, t) for k, t in sizes.items()},
                 note="flops count routed expert matmuls only; ratios are medians of "
                      "interleaved rounds on the same weights and inputs; 'gated_*' entries "

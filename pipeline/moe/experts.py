@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from pipeline.moe.grouped_mm import (
     ExpertSlices,
     activation_fn,
-    cpu_linear,
     grouped_linear_cuda,
     padded_linear,
 )
@@ -89,12 +88,14 @@ class Experts(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def ffn(self, x: Tensor, lin: Linear) -> Tensor:
-        """The expert maths on rows ``x`` with ``lin`` doing the grouped products."""
+    def ffn(self, x: Tensor, lin: Linear, mul: Callable[[Tensor, Tensor], Tensor] = torch.mul,
+            ) -> Tensor:
+        """The expert maths on rows ``x`` with ``lin`` doing the grouped products (and ``mul``
+        the gated product, which the CPU's split path does in place)."""
         if self.expert_type == "standard":
             h = lin(x, self.w1, self.activation)
         elif self.expert_type == "gated":
-            h = lin(x, self.w1, "silu") * lin(x, self.w3, None)
+            h = mul(lin(x, self.w1, "silu"), lin(x, self.w3, None))
         else:
             h = lin(lin(lin(x, self.w1_r, None), self.w1_u, None), self.w1_c, self.activation)
         if self.dropout:
@@ -128,4 +129,4 @@ class Experts(nn.Module):
 
     def forward_one(self, expert: int, rows: Tensor, slices: ExpertSlices) -> Tensor:
         """Expert ``expert`` alone on its rows ``(n, I) -> (n, O)``: the CPU's split path."""
-        return self.ffn(rows, lambda h, w, act: cpu_linear(h, slices.weight(w, expert), act))
+        return self.ffn(rows, lambda h, w, act: slices.linear(h, w, expert, act), slices.mul)

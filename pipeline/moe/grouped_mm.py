@@ -16,7 +16,8 @@ torchtitan's grouped experts do, so one stacked tensor serves all three paths:
   the host and each group is one GEMM. On x86 it calls oneDNN's linear kernel (the one inductor
   uses for frozen CPU graphs): measured here on an AMD EPYC (Zen 5), fp32 oneDNN ran at
   390-450 GFLOP/s on these shapes where ``torch.mm`` (MKL, which takes its AVX2 path on AMD)
-  ran at 150-200. ``torch._grouped_mm`` exists on CPU but ran at 68 GFLOP/s.
+  ran at 150-200. ``torch._grouped_mm`` exists on CPU but ran at 68 GFLOP/s. On Intel CPUs,
+  where MKL takes its AVX-512 path, large fp32 products go to MKL instead (`mkl_preferred`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def activation_fn(name: str | None, x: Tensor) -> Tensor:
     if name == "silu":
         return F.silu(x)
     raise ValueError(f"activation={name!r} is unknown")
+
+
+def activation_(name: str | None, x: Tensor) -> Tensor:
+    """`activation_fn` in place, for outputs no autograd graph will read again."""
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_(x, approximate="tanh" if name == "gelu_tanh" else "none")
+    if name == "relu":
+        return x.relu_()
+    if name == "silu":
+        return F.silu(x, inplace=True)
+    return activation_fn(name, x)
 
 
 def padded_linear(x_ECI: Tensor, w_EOI: Tensor) -> Tensor:
@@ -96,6 +108,36 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
 
 
+@functools.cache
+def _cpu_vendor() -> str:
+    """``vendor_id`` from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" if unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def mkl_preferred() -> bool:
+    """Whether large fp32 products go to MKL (``F.linear``) rather than oneDNN.
+
+    MKL takes its AVX-512 kernels only on Intel CPUs, so the vendor decides, at run time
+    (on an AMD EPYC MKL ran at half oneDNN's rate). See `MKL_MIN_ROWS` for "large".
+    """
+    return torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
+
+
+# Rows from which MKL beats oneDNN where `mkl_preferred`. Measured on an Intel Xeon (AVX-512,
+# 2 cores), the gated seed layer's experts without autograd: at 192 rows per expert
+# (2,048 tokens) oneDNN took 142 ms and MKL 155; at 384 rows MKL 266 and oneDNN 277; at 768
+# rows (8,192 tokens) MKL 510 and oneDNN 558; forward and backward of the standard layer at
+# 8,192 tokens, MKL 1.25 s and oneDNN 1.45. oneDNN fuses the activation into its GEMM, which
+# pays at small row counts, and its kernels lag MKL's at large ones.
+MKL_MIN_ROWS = 256
+
+
 def _onednn_linear(x: Tensor, w: Tensor, act: str | None = None) -> Tensor:
     attr, algorithm = _ONEDNN_ACT[act]
     return torch.ops.mkldnn._linear_pointwise(x, w, None, attr, [], algorithm)
@@ -137,18 +179,37 @@ def cpu_linear(x: Tensor, w: Tensor, act: str | None = None) -> Tensor:
 
 
 class ExpertSlices:
-    """Per-expert views of stacked weights for the CPU's one-GEMM-per-expert path.
+    """The CPU split path's state for one forward: per-expert weight views, and whether its
+    temporaries may be overwritten in place.
 
     ``weight(w_EOI, e)`` unbinds each stacked weight once per forward and caches the views,
     so backward stacks each weight's gradient once instead of writing a full ``(E, O, I)``
     zero tensor per expert (what indexing ``w[e]`` would cost in backward).
+
+    ``inplace=True`` says that no autograd graph will read the forward's temporaries: the
+    activations and products then overwrite their inputs instead of allocating (rows, H)
+    tensors.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inplace: bool = False) -> None:
         self._slices: dict[int, tuple[Tensor, ...]] = {}
+        self.inplace = inplace
 
     def weight(self, w_EOI: Tensor, expert: int) -> Tensor:
         key = id(w_EOI)
         if key not in self._slices:
             self._slices[key] = w_EOI.unbind(0)
         return self._slices[key][expert]
+
+    def linear(self, x_nI: Tensor, w_EOI: Tensor, expert: int, act: str | None) -> Tensor:
+        """``act(x @ w_EOI[expert]^T)``: ``(n, I) -> (n, O)``, a new tensor."""
+        w_OI = self.weight(w_EOI, expert)
+        if (x_nI.dtype == w_OI.dtype == torch.float32 and x_nI.shape[0] >= MKL_MIN_ROWS
+                and mkl_preferred()):
+            y_nO = F.linear(x_nI, w_OI)
+            return activation_(act, y_nO) if self.inplace else activation_fn(act, y_nO)
+        return cpu_linear(x_nI, w_OI, act)
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a * b``, written into ``a`` (a temporary of this forward) when in place."""
+        return a.mul_(b) if self.inplace else a * b
