@@ -93,6 +93,36 @@ def test_routing_prologue_matches_the_top_k_gate(device, case):
     _check_plan(plan, ids, E)
 
 
+@pytest.mark.parametrize("block", [None, 16], ids=["one-kernel", "two-kernels"])
+def test_a_nan_router_row_still_gets_a_whole_plan(device, block):
+    """NaN logits give that token NaN weights (as the torch path does), distinct real
+    experts and a plan that places every assignment; other tokens route as before."""
+    T, E, K = 40, 8, 3
+    logits = torch.randn(T, E, device=device)
+    logits[3] = float("nan")
+    logits[5, 2] = float("nan")
+    probs, ids, w, plan = fused_experts.route(logits, K, block_tokens=block,
+                                              interpreted=kernels.interpreted())
+    assert int(ids.min()) >= 0 and int(ids.max()) < E
+    assert all(len(set(row)) == K for row in ids.tolist())
+    _check_plan(plan, ids, E)
+    assert torch.isnan(w[3]).all() and torch.isnan(w[5]).all()
+    clean = [t for t in range(T) if t not in (3, 5)]
+    _, want_ids, want_w = _topk_reference(logits[clean], K)
+    assert torch.equal(ids[clean], want_ids)
+    torch.testing.assert_close(w[clean], want_w, atol=1e-6, rtol=1e-5)
+
+
+def test_fewer_allowed_experts_than_k_still_picks_distinct_ones(device):
+    allowed = torch.zeros(20, 8, dtype=torch.bool, device=device)
+    allowed[:, 5] = True
+    _, ids, w, plan = fused_experts.route(torch.randn(20, 8, device=device), 3,
+                                          allowed_TE=allowed, interpreted=kernels.interpreted())
+    assert all(len(set(row)) == 3 and row[0] == 5 for row in ids.tolist())
+    _check_plan(plan, ids, 8)
+    torch.testing.assert_close(w[:, 0], torch.ones(20, device=device))
+
+
 def test_routing_backward_matches_autograd_through_the_gate_maths(device):
     logits = torch.randn(24, 8, device=device, requires_grad=True)
     c_p, c_w = torch.randn(24, 8, device=device), torch.randn(24, 3, device=device)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import MoEConfig, MoELayer
-from pipeline.moe.grouped_mm import activation_fn
+from pipeline.moe.grouped_mm import activation_fn, packable
 
 D, H, O, E = 12, 20, 10, 6
 
@@ -190,6 +190,78 @@ def test_cpu_inference_in_place_matches_reference(case, mkl, monkeypatch):
     torch.testing.assert_close(x1.grad, x2.grad, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(y_grad.detach(), y, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(aux.pooled, aux_grad.pooled.detach(), atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def lanes_on(monkeypatch):
+    """Lanes for fp32 too, from one row, on two threads: the bf16 rule needs AMX or
+    AVX-512 BF16, which not every CPU here has, and the lanes' logic is the same."""
+    from pipeline.moe import dispatch
+
+    monkeypatch.setattr(dispatch, "LANE_DTYPES", (torch.float32,))
+    monkeypatch.setattr(dispatch, "onednn_dtypes", lambda: (torch.float32,))
+    monkeypatch.setattr(dispatch, "LANE_MIN_ROWS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield dispatch
+    torch.set_num_threads(threads)
+
+
+def _lanes_and_not(dispatch, monkeypatch, layer, x, mode):
+    with mode():
+        y_lanes, aux_lanes = layer(x, pool=True)
+        monkeypatch.setattr(dispatch, "LANE_DTYPES", ())
+        y_one, aux_one = layer(x, pool=True)
+        monkeypatch.setattr(dispatch, "LANE_DTYPES", (torch.float32,))
+    return y_lanes, aux_lanes, y_one, aux_one
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode],
+                         ids=["no_grad", "inference"])
+def test_cpu_lanes_give_the_one_thread_answer(lanes_on, monkeypatch, mode):
+    """Experts run on two one-thread lanes give the sequential output and pool, under
+    no_grad and inference mode (both per thread), and leave the caller's thread count."""
+    layer = make(gate_type="topk", expert_type="gated").eval()
+    x = torch.randn(4, 9, D)
+    sizes = [5, 0, 9, 1, 3, 3]
+    assert lanes_on.cpu_lanes(torch.float32, sizes) == 2
+    groups = lanes_on.balanced_groups(sizes, 2)
+    assert sorted(e for g in groups for e in g) == [0, 2, 3, 4, 5]
+    assert sorted(sum(sizes[e] for e in g) for g in groups) == [10, 11]
+    y_lanes, aux_lanes, y_one, aux_one = _lanes_and_not(lanes_on, monkeypatch, layer, x, mode)
+    torch.testing.assert_close(y_lanes, y_one, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(aux_lanes.pooled, aux_one.pooled, atol=1e-6, rtol=1e-5)
+    assert not y_lanes.requires_grad
+    assert torch.get_num_threads() == 2
+    # With autograd the lanes stay off: the backward needs one graph on one thread.
+    y, _ = layer(x.requires_grad_())
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.skipif(not packable(torch.bfloat16), reason="oneDNN has no bf16 products on this CPU (no AVX-512 BF16/AMX)")
+def test_packed_bf16_experts_give_the_plain_answer_and_follow_weight_updates(monkeypatch):
+    """In eval without autograd bf16 experts multiply by oneDNN-packed copies of their
+    weights: the same output as the plain products, and an in-place weight update (an
+    optimizer step, a load_state_dict) is seen by the next forward."""
+    from pipeline.moe import grouped_mm
+
+    layer = make(gate_type="topk", expert_type="gated").to(torch.bfloat16).eval()
+    x = torch.randn(4, 16, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        packed = layer(x)[0]
+        assert id(layer.experts.w1) in grouped_mm._PACKED
+        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", ())
+        plain = layer(x)[0]
+        torch.testing.assert_close(packed, plain)
+        layer.experts.w2.mul_(2)
+        plain2 = layer(x)[0]
+        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", (torch.bfloat16,))
+        torch.testing.assert_close(layer(x)[0], plain2)
+    torch.testing.assert_close(plain2.float(), 2 * plain.float(), atol=2e-2, rtol=2e-2)
+    w1 = id(layer.experts.w1)
+    del layer
+    assert w1 not in grouped_mm._PACKED  # the packs went with the parameter
 
 
 def test_routers_learn_through_combine_weights():

@@ -67,18 +67,22 @@ def _choose_block(b, logits_ptr, bias_ptr, allowed_ptr, probs_ptr, ids_ptr, w_pt
         score = p
         if HAS_BIAS:
             score = score + tl.load(bias_ptr + cols, mask=cols < E, other=0.0)[None, :]
-        score = tl.where(ok, score, float("-inf"))
+        # A NaN score (NaN logits) counts as -inf, so each pick is a real expert not yet
+        # taken: past the allowed ones (or on a NaN row) the lowest such column. The
+        # token's weights are then NaN, as on the torch path, and its plan stays whole.
+        score = tl.where(ok & (score == score), score, float("-inf"))
+        taken = tl.broadcast_to(cols[None, :] >= E, (BLOCK_T, E_P))
         kcols = tl.arange(0, K_P)
         ids = tl.zeros((BLOCK_T, K_P), dtype=tl.int32)
         w = tl.zeros((BLOCK_T, K_P), dtype=tl.float32)
         for j in tl.static_range(K):
-            best = tl.max(score, 1)
-            idx = tl.min(tl.where(score == best[:, None], cols[None, :], E_P), 1)
+            best = tl.max(tl.where(taken, float("-inf"), score), 1)
+            idx = tl.min(tl.where(~taken & (score == best[:, None]), cols[None, :], E_P), 1)
             hit = cols[None, :] == idx[:, None]
             ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
             w = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, p, 0.0), 1)[:, None], w)
             hist += tl.sum((hit & live[:, None]).to(tl.int32), 0)
-            score = tl.where(hit, float("-inf"), score)
+            taken = taken | hit
         if RENORM:
             w = w / tl.sum(w, 1)[:, None]
         kept = live[:, None] & (kcols[None, :] < K)
@@ -145,20 +149,15 @@ def _route_choose_kernel(logits_ptr, bias_ptr, allowed_ptr, probs_ptr, ids_ptr, 
 
 
 @triton.jit
-def _route_place_kernel(ids_ptr, hist_ptr, counts_ptr, offsets_ptr, slot_row_ptr,
+def _route_place_kernel(ids_ptr, hist_ptr, prefix_ptr, counts_ptr, offsets_ptr, slot_row_ptr,
                         row_slot_ptr, T, NB, E: tl.constexpr, E_P: tl.constexpr,
-                        K: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
-    """Launch 2 of 2: totals and the blocks-before prefix from the histograms, then place."""
+                        K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Launch 2 of 2 (after a cumsum of the histograms over blocks, ``prefix``): each program
+    places its block from the totals and the blocks before it."""
     b = tl.program_id(0)
     cols = tl.arange(0, E_P)
-    total = tl.zeros((E_P,), dtype=tl.int32)
-    before = tl.zeros((E_P,), dtype=tl.int32)
-    for c in range(0, NB, CHUNK):
-        blk = c + tl.arange(0, CHUNK)
-        h = tl.load(hist_ptr + blk[:, None] * E_P + cols[None, :], mask=(blk < NB)[:, None],
-                    other=0)
-        total += tl.sum(h, 0)
-        before += tl.sum(tl.where((blk < b)[:, None], h, 0), 0)
+    total = tl.load(prefix_ptr + (NB - 1) * E_P + cols)
+    before = tl.load(prefix_ptr + b * E_P + cols) - tl.load(hist_ptr + b * E_P + cols)
     ends = tl.cumsum(total, 0)
     if b == 0:
         tl.store(counts_ptr + cols, total, mask=cols < E)
@@ -218,8 +217,11 @@ def launch(logits_TE: Tensor | None, ids_TK: Tensor | None, num_experts: int, k:
         hist = torch.empty(blocks, E_P, dtype=torch.int32, device=dev)
         _route_choose_kernel[(blocks,)](logits, bias, allowed, probs, ids_TK, w, hist, T,
                                         **flags, **choice, num_warps=warps)
-        _route_place_kernel[(blocks,)](ids_TK, hist, counts, offsets, slot_row, row_slot, T,
-                                       blocks, **flags, CHUNK=16, num_warps=warps)
+        # Each block's offset from one scan, not from every program re-reading every
+        # histogram (NB^2 * E reads: 16 GB at 131k tokens and 256 experts).
+        prefix = torch.cumsum(hist, 0, dtype=torch.int32)
+        _route_place_kernel[(blocks,)](ids_TK, hist, prefix, counts, offsets, slot_row,
+                                       row_slot, T, blocks, **flags, num_warps=warps)
     return probs_TE, ids_TK, w_TK, Plan(counts, offsets, row_slot, slot_row)
 
 
