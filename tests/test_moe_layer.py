@@ -239,7 +239,8 @@ def test_cpu_lanes_give_the_one_thread_answer(lanes_on, monkeypatch, mode):
     assert x.grad is not None
 
 
-@pytest.mark.skipif(not packable(torch.bfloat16), reason="oneDNN has no bf16 products on this CPU (no AVX-512 BF16/AMX)")
+@pytest.mark.skipif(not packable(torch.bfloat16),
+                    reason="oneDNN has no bf16 products on this CPU (no AVX-512 BF16/AMX)")
 def test_packed_bf16_experts_give_the_plain_answer_and_follow_weight_updates(monkeypatch):
     """In eval without autograd bf16 experts multiply by oneDNN-packed copies of their
     weights: the same output as the plain products, and an in-place weight update (an
