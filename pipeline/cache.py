@@ -210,9 +210,14 @@ class EmbeddingCache:
         capacity = self.capacity
         while capacity < rows:
             capacity *= 2
-        old = self.embeddings
-        self._emb, self._scan = self._buffers(capacity)
-        self._put(0, old)
+        # Filled before they are published: a search running meanwhile sees old or new rows,
+        # never empty ones.
+        n = len(self)
+        emb, scan = self._buffers(capacity)
+        emb[:n] = self._emb[:n]
+        if scan is not emb:
+            scan[:n] = self._scan[:n]
+        self._emb, self._scan = emb, scan
 
     def add(self, ids: Sequence[str], embeddings: Tensor | np.ndarray, seqs: Sequence[int],
             support: Sequence[int] | None = None, texts: Sequence[str] | None = None) -> None:
@@ -278,7 +283,8 @@ class EmbeddingCache:
         Scores are float32, best first; rows index `ids`; ``K = min(k, N)``. Exact (see the
         module docstring): a brute-force scan, and a float32 re-rank when the scan is narrow.
         Chunked over queries (``query_chunk`` at a time) and rows so that at most
-        ``score_budget`` scores exist at a time, whatever the sizes; the defaults are
+        ``score_budget`` scores (and as many floats of re-rank candidates) exist at a time,
+        whatever the sizes; the defaults are
         `TILING`'s for the device and scan dtype.
         """
         return self._top(queries, k, True, query_chunk, score_budget)
@@ -309,7 +315,11 @@ class EmbeddingCache:
             q_chunk = q_QD[qs: qs + query_chunk]
             s_QC, i_QC = self._candidates(q_chunk.to(self.dtype), c, row_chunk)
             if narrow and rerank:
-                s_QK, i_QK = _rerank(q_chunk, self._emb, i_QC, k)
+                # The re-rank gathers (Q, C, D) floats: sub-chunks keep them in the budget.
+                step = max(1, score_budget // (c * self.dim))
+                parts = [_rerank(q_chunk[j: j + step], self._emb, i_QC[j: j + step], k)
+                         for j in range(0, len(q_chunk), step)]
+                s_QK, i_QK = (torch.cat(t) for t in zip(*parts, strict=True))
             else:
                 s_QK, j = torch.topk(s_QC, k, dim=1)
                 s_QK, i_QK = s_QK.float() + (1 if narrow else 0), i_QC.gather(1, j)

@@ -59,6 +59,11 @@ def test_cuda_inference_replays_graphs_that_match_the_eager_forward(kernels):
         torch.testing.assert_close(got.reports.embeddings, want.reports.embeddings,
                                    atol=2e-2, rtol=2e-2)
     assert len(system._graphs._graphs) == 3  # one graph per shape, the repeat replayed
+    system._graphs.max_graphs = 2  # a new shape evicts the least recently replayed graph
+    x = torch.randn(3, 8, 16, device="cuda")
+    torch.testing.assert_close(system.infer(x).output, eager.infer(x).output,
+                               atol=2e-2, rtol=2e-2)
+    assert [k[0] for k in system._graphs._graphs] == [(5, 16), (3, 8, 16)]
     with pytest.raises(InputShapeError, match="cuda_graph_max_tokens=64"):
         system.infer(torch.randn(5, 16, 16, device="cuda"))
 

@@ -42,7 +42,8 @@ def _ptrs(dtype: str, *names: str) -> dict[str, str]:
 def test_the_up_projection_builds_for_hopper(gated):
     from pipeline.moe.kernels import grouped_gemm as gg
 
-    types = {**_ptrs("bf16", "x_ptr", "w1_ptr", "w3_ptr", "h_ptr", "pre_ptr"),
+    types = {**_ptrs("bf16", "x_ptr", "w1_ptr", "w3_ptr", "h_ptr", "pre1_ptr",
+                            "pre3_ptr"),
              **_ptrs("i32", "row_slot_ptr", "counts_ptr"),
              **dict.fromkeys(("N", "D", "H", "stride_xt", "stride_we", "stride_wh",
                               "ROWS_KEY"), "i32")}
@@ -94,8 +95,8 @@ def test_the_routing_prologue_builds_for_hopper(one_kernel):
         return
     assert _compile(rt._route_choose_kernel, {**common, "hist_ptr": "*i32"}, consts,
                     ()).asm["cubin"]
-    types = {"ids_ptr": "*i64", **_ptrs("i32", "hist_ptr", "counts_ptr", "offsets_ptr",
-                                        "slot_row_ptr", "row_slot_ptr"), "T": "i32",
-             "NB": "i32"}
+    types = {"ids_ptr": "*i64", **_ptrs("i32", "hist_ptr", "prefix_ptr", "counts_ptr",
+                                        "offsets_ptr", "slot_row_ptr", "row_slot_ptr"),
+             "T": "i32", "NB": "i32"}
     assert _compile(rt._route_place_kernel, types,
-                    dict(E=128, E_P=128, K=8, BLOCK_T=64, CHUNK=16), ()).asm["cubin"]
+                    dict(E=128, E_P=128, K=8, BLOCK_T=64), ()).asm["cubin"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -270,19 +272,36 @@ class GraphedInference:
     autotune and fill the allocator). Graphs share one memory pool: each replay's outputs are
     cloned before the next replay may reuse their memory, and replays run on one stream, so
     sharing is safe (the pattern of torch.cuda.graph's docs, "sharing memory across captures").
+    A lock keeps two threads from interleaving copy, replay and clone.
+
+    At most ``max_graphs`` shapes keep their graph; past that the least recently replayed
+    one goes (a server seeing many sequence lengths would otherwise hold a graph and its
+    memory for each of them).
     """
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, max_graphs: int = 16) -> None:
         self.max_tokens = max_tokens
+        self.max_graphs = max_graphs
         self._buffers: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Any]] = (
+            OrderedDict())
         self._pool: Any = None
+        self._lock = threading.Lock()
 
     def __call__(self, fn: Callable[[Tensor, bool], SystemOutput], x: Tensor, device: torch.device,
                  reports: bool) -> SystemOutput:
+        with self._lock:
+            return self._replay(fn, x, device, reports)
+
+    def _replay(self, fn: Callable[[Tensor, bool], SystemOutput], x: Tensor,
+                device: torch.device, reports: bool) -> SystemOutput:
         tokens = graph_tokens(x, self.max_tokens)
         key = (tuple(x.shape), x.dtype, device, reports)
-        if key not in self._graphs:
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+        else:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
             slot = (device, x.dtype, x.shape[-1])
             buf = self._buffers.get(slot)
             if buf is None:

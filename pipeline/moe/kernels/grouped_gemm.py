@@ -76,7 +76,8 @@ def _tile(pid_m, counts_ptr, E: tl.constexpr, E_P: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, pre_ptr, row_slot_ptr, counts_ptr, N, D, H,
+def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, pre1_ptr, pre3_ptr, row_slot_ptr, counts_ptr, N,
+               D, H,
                stride_xt, stride_we, stride_wh, stride_wd, ROWS_KEY,
                E: tl.constexpr, E_P: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr,
                GATED: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
@@ -119,9 +120,11 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, pre_ptr, row_slot_ptr, counts_ptr, 
     keep = live[:, None] & (cols[None, :] < H)
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=keep)
     if SAVE:
-        tl.store(pre_ptr + out, acc1.to(pre_ptr.dtype.element_ty), mask=keep)
+        # Two planes by two pointers: an offset of N * H in the kernel's int32 would wrap
+        # past 2^31 (64k tokens x top-8 x H 4096).
+        tl.store(pre1_ptr + out, acc1.to(pre1_ptr.dtype.element_ty), mask=keep)
         if GATED:
-            tl.store(pre_ptr + N * H + out, acc3.to(pre_ptr.dtype.element_ty), mask=keep)
+            tl.store(pre3_ptr + out, acc3.to(pre3_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -287,7 +290,8 @@ def up_proj(x_TD: Tensor, w1_EHD: Tensor, w3_EHD: Tensor | None, plan: Plan, top
     pre = x_TD.new_empty(2 if w3_EHD is not None else 1, N, H) if save else None
     _launch(_up_tuned, _up_kernel, _row_grid(N, H, E), N * H * D, interpreted,
             x_TD, w1_EHD, w3_EHD if w3_EHD is not None else w1_EHD, h,
-            pre if pre is not None else h, plan.row_slot_N, plan.counts_E, N, D, H,
+            pre[0] if pre is not None else h, pre[-1] if pre is not None else h,
+            plan.row_slot_N, plan.counts_E, N, D, H,
             x_TD.stride(0), *w1_EHD.stride(), _rows_key(N, E),
             E=E, E_P=triton.next_power_of_2(E), TOPK=top_k, ACT=ACTIVATIONS[activation],
             GATED=w3_EHD is not None, SAVE=save, UPCAST=interpreted,
