@@ -14,6 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Fresh interpreters importing torch: seconds each, out of the editing tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 
 

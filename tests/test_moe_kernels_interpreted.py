@@ -17,6 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A fresh interpreter running the kernel tests interpreted: 20 s, out of the editing tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="triton is not installed (pip install -e '.[dev]')")

@@ -16,6 +16,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Fresh interpreters importing torch: seconds each, out of the editing tier.
+pytestmark = pytest.mark.slow
+
 BASIC = """
 from pipeline import MoEConfig, FullyOptimizedMoESystem
 import torch
