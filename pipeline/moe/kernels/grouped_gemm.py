@@ -76,6 +76,35 @@ def _tile(pid_m, counts_ptr, E: tl.constexpr, E_P: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
+def _k_loop(a_ptrs, b1_ptrs, b3_ptrs, live, n_ok, K, stride_bk, GATED: tl.constexpr,
+            UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile's products over ``K``: ``A B1`` and (``GATED``, sharing A's loads) ``A B3``, in
+    float32. ``a_ptrs`` (BLOCK_M, BLOCK_K) step along K by one, ``b*_ptrs`` (BLOCK_K,
+    BLOCK_N) by ``stride_bk``; rows past ``live`` and columns past ``n_ok`` read zeros."""
+    ks = tl.arange(0, BLOCK_K)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kin = ks < K - k0
+        a = tl.load(a_ptrs, mask=live[:, None] & kin[None, :], other=0.0)
+        b1 = tl.load(b1_ptrs, mask=kin[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b1 = b1.to(tl.float32)
+        acc1 = tl.dot(a, b1, acc1, input_precision=PREC)
+        if GATED:
+            b3 = tl.load(b3_ptrs, mask=kin[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                b3 = b3.to(tl.float32)
+            acc3 = tl.dot(a, b3, acc3, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        b1_ptrs += BLOCK_K * stride_bk
+        b3_ptrs += BLOCK_K * stride_bk
+    return acc1, acc3
+
+
+@triton.jit
 def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, pre1_ptr, pre3_ptr, row_slot_ptr, counts_ptr, N,
                D, H,
                stride_xt, stride_we, stride_wh, stride_wd, ROWS_KEY,
@@ -93,26 +122,8 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, pre1_ptr, pre3_ptr, row_slot_ptr, c
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + ks[None, :]
     w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wh + ks[:, None] * stride_wd
-    b1_ptrs = w1_ptr + w_off
-    b3_ptrs = w3_ptr + w_off
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kin = ks < D - k0
-        a = tl.load(a_ptrs, mask=live[:, None] & kin[None, :], other=0.0)
-        b1 = tl.load(b1_ptrs, mask=kin[:, None] & (cols[None, :] < H), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b1 = b1.to(tl.float32)
-        acc1 = tl.dot(a, b1, acc1, input_precision=PREC)
-        if GATED:
-            b3 = tl.load(b3_ptrs, mask=kin[:, None] & (cols[None, :] < H), other=0.0)
-            if UPCAST:
-                b3 = b3.to(tl.float32)
-            acc3 = tl.dot(a, b3, acc3, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        b1_ptrs += BLOCK_K * stride_wd
-        b3_ptrs += BLOCK_K * stride_wd
+    acc1, acc3 = _k_loop(a_ptrs, w1_ptr + w_off, w3_ptr + w_off, live, cols < H, D, stride_wd,
+                         GATED, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     h = _act(acc1, ACT)
     if GATED:
         h = h * acc3
@@ -144,17 +155,8 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, wts_ptr, row_slot_ptr, counts_ptr, H, O,
     a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * H + ks[None, :]
     b_ptrs = (w2_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wo
               + ks[:, None] * stride_wh)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kin = ks < H - k0
-        a = tl.load(a_ptrs, mask=live[:, None] & kin[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kin[:, None] & (cols[None, :] < O), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wh
+    acc, _ = _k_loop(a_ptrs, b_ptrs, b_ptrs, live, cols < O, H, stride_wh, False, UPCAST, PREC,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
     keep = live[:, None] & (cols[None, :] < O)
     if SCATTER:
         slot = tl.load(row_slot_ptr + rows, mask=live, other=0)
