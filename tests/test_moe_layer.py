@@ -239,6 +239,30 @@ def test_cpu_lanes_give_the_one_thread_answer(lanes_on, monkeypatch, mode):
     assert x.grad is not None
 
 
+def test_cpu_lanes_leave_the_router_its_gradient_and_new_threads_their_count(lanes_on):
+    """Frozen experts with a trained router: the lanes (which run without autograd) stay off,
+    so the router's gradient arrives; and making the lanes leaves the thread count a thread
+    started later begins with."""
+    import threading
+
+    layer = make(gate_type="topk", expert_type="gated")
+    layer.experts.requires_grad_(False)
+    x = torch.randn(2, 8, D)
+    (layer(x)[0] ** 2).sum().backward()
+    want = layer.gate.router.weight.grad.clone()
+    layer.zero_grad()
+    lanes_on.lane_pool(2)
+    with torch.no_grad():
+        layer(x)  # lanes on: nothing wants a gradient
+    (layer(x)[0] ** 2).sum().backward()
+    torch.testing.assert_close(layer.gate.router.weight.grad, want)
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert seen == [2]
+
+
 @pytest.mark.skipif(not packable(torch.bfloat16),
                     reason="oneDNN has no bf16 products on this CPU (no AVX-512 BF16/AMX)")
 def test_packed_bf16_experts_give_the_plain_answer_and_follow_weight_updates(monkeypatch):
@@ -260,6 +284,13 @@ def test_packed_bf16_experts_give_the_plain_answer_and_follow_weight_updates(mon
         monkeypatch.setattr(grouped_mm, "PACK_DTYPES", (torch.bfloat16,))
         torch.testing.assert_close(layer(x)[0], plain2)
     torch.testing.assert_close(plain2.float(), 2 * plain.float(), atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # an edit no version counter sees, then eval() again
+        layer.experts.w2.data.mul_(0.5)
+        layer.eval()
+        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", ())
+        plain3 = layer(x)[0]
+        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", (torch.bfloat16,))
+        torch.testing.assert_close(layer(x)[0], plain3)
     w1 = id(layer.experts.w1)
     del layer
     assert w1 not in grouped_mm._PACKED  # the packs went with the parameter

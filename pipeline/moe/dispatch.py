@@ -151,10 +151,16 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
         return y_TO
 
     busy = [e for e in range(len(sizes)) if sizes[e]]
-    lanes = cpu_lanes(x_TD.dtype, sizes) if slices.inplace else 1
+    # Lanes run without autograd, so not while the router's weights want a gradient (frozen
+    # experts, trained router); and not under training dropout, whose draws from the one
+    # generator would come in whatever order the lanes ran.
+    lanes = 1
+    if (slices.inplace and not (torch.is_grad_enabled() and w_A.requires_grad)
+            and not (experts.training and experts.dropout)):
+        lanes = cpu_lanes(x_TD.dtype, sizes)
     if lanes < 2:
         return run(busy)
-    slices.prefetch(experts.parameters())
+    slices.prefetch(experts.parameters(), x_TD.dtype)
     # Grad and inference modes are per thread: a lane takes the caller's (no autograd here).
     mode = torch.inference_mode if torch.is_inference_mode_enabled() else torch.no_grad
 
@@ -198,23 +204,39 @@ def balanced_groups(sizes: list[int], lanes: int) -> list[list[int]]:
     return [sorted(g) for g in groups if g]
 
 
-_LANE_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LANES: list[ThreadPoolExecutor] = []  # the one pool, once made
 _LANE_LOCK = threading.Lock()
 
 
 def lane_pool(lanes: int) -> ThreadPoolExecutor:
-    """A pool of ``lanes`` threads whose own intra-op thread count is one
-    (``torch.set_num_threads`` is per thread under OpenMP: the caller's stays as it was).
+    """The process's pool of at least ``lanes`` threads, each with one intra-op thread.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size and also the count
+    every thread started later begins with; so each lane thread is started and set to one
+    here, all at once, and the caller's count is then set again, which leaves the caller and
+    later threads as they were. A larger ``lanes`` replaces the pool with a larger one.
 
     Not for forked children: OpenMP cannot run a team again in a child forked after its
     parent ran one (seen here: the child's first multi-threaded product never returns), so
     a prefork worker's parent must not run the model first, lanes or no lanes."""
     with _LANE_LOCK:
-        if lanes not in _LANE_POOLS:
-            _LANE_POOLS[lanes] = ThreadPoolExecutor(
-                lanes, thread_name_prefix="moe-lane", initializer=torch.set_num_threads,
-                initargs=(1,))
-        return _LANE_POOLS[lanes]
+        if _LANES and _LANES[0]._max_workers >= lanes:
+            return _LANES[0]
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="moe-lane")
+        started = threading.Barrier(lanes)
+
+        def one_thread() -> None:
+            torch.set_num_threads(1)
+            started.wait()  # every task on its own thread: all lanes start now
+
+        for done in [pool.submit(one_thread) for _ in range(lanes)]:
+            done.result()
+        torch.set_num_threads(threads)
+        if _LANES:
+            _LANES.pop().shutdown(wait=False)
+        _LANES.append(pool)
+        return pool
 
 
 def fixed_capacity(x_TD: Tensor, routing: TokenChoice, experts: Experts,

@@ -28,6 +28,7 @@ from pipeline.moe.grouped_mm import (
     activation_fn,
     grouped_linear_cuda,
     padded_linear,
+    release_packed,
 )
 
 Linear = Callable[[Tensor, Tensor, "str | None"], Tensor]
@@ -83,6 +84,12 @@ class Experts(nn.Module):
             self.w2 = _uniform((E, O, H), H, dtype)
             if expert_type == "gated":
                 self.w3 = _uniform((E, H, I), I, dtype)
+
+    def train(self, mode: bool = True) -> Experts:
+        """Also drops the CPU's packed bf16 weights (`packed_weights`): switching to eval
+        after editing weights through ``.data`` (which no version counter sees) repacks."""
+        release_packed(self.parameters())
+        return super().train(mode)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -182,13 +182,17 @@ def cpu_linear(x: Tensor, w: Tensor, act: str | None = None) -> Tensor:
 
 # oneDNN's own blocked layouts of bf16 expert weights, made once per weight version: a
 # product on a packed weight skips the reorder that oneDNN otherwise does on every call.
+# A version is the parameter's version counter (bumped by in-place writes: optimizer steps,
+# load_state_dict, copy_ under no_grad) and its storage, which the entry keeps alive so that
+# new storage cannot reuse its address. Writes through ``.data`` bump no counter: after one,
+# `release_packed` (``Experts.train``/``eval`` call it) makes the next forward pack again.
 # Measured on an Intel Xeon (AMX, 2 cores), the seed layer's gated bf16 experts at 96 rows
 # each (8 x 128 tokens): 40 ms packed against 56 ms plain; at 768 rows no difference; fp32
 # (no AMX) ran slower packed (170 against 200 GFLOP/s). Held by the parameter's id with a
 # weak reference that drops the packs with it (a tensor cannot be a WeakKeyDictionary key:
 # its == is elementwise); kept off the module, so that copying or pickling it never meets
 # an opaque oneDNN tensor.
-_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], tuple[Tensor, ...]]] = {}
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], Tensor, tuple[Tensor, ...]]] = {}
 PACK_DTYPES = (torch.bfloat16,)
 
 
@@ -209,8 +213,14 @@ def packed_weights(w_EOI: Tensor) -> tuple[Tensor, ...]:
                           for w_OI in w_EOI.detach().unbind(0))
         ident = id(w_EOI)
         ref = weakref.ref(w_EOI, lambda _, ident=ident: _PACKED.pop(ident, None))
-        hit = _PACKED[ident] = (ref, key, packs)
-    return hit[2]
+        hit = _PACKED[ident] = (ref, key, w_EOI.detach(), packs)
+    return hit[3]
+
+
+def release_packed(weights: Iterable[Tensor]) -> None:
+    """Drop the packs of ``weights``: the next bf16 inference forward packs them again."""
+    for w in weights:
+        _PACKED.pop(id(w), None)
 
 
 class ExpertSlices:
@@ -237,13 +247,13 @@ class ExpertSlices:
             self._slices[key] = w_EOI.unbind(0)
         return self._slices[key][expert]
 
-    def prefetch(self, weights: Iterable[Tensor]) -> None:
-        """Unbind (and pack) every stacked weight now, before lanes on other threads read
-        them."""
+    def prefetch(self, weights: Iterable[Tensor], dtype: torch.dtype) -> None:
+        """Unbind every stacked weight now, and pack those of the products' ``dtype`` (under
+        autocast others are cast per call), before lanes on other threads read them."""
         for w_EOI in weights:
             if w_EOI.dim() == 3:
                 self.weight(w_EOI, 0)
-                if self.packed:
+                if self.packed and w_EOI.dtype == dtype:
                     self._slices[-id(w_EOI)] = packed_weights(w_EOI)
 
     def linear(self, x_nI: Tensor, w_EOI: Tensor, expert: int, act: str | None) -> Tensor:
