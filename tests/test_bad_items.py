@@ -374,8 +374,7 @@ def test_every_kind_in_one_queued_job_keeps_every_good_item(tmp_path, graph, sql
     stack = Stack(tmp_path, graph, queue_redis)
     stack.env["DATABASE_URL"] = sql_url
     try:
-        stack.worker("gpu")
-        stack.worker("librarian")
+        stack.workers("gpu", "librarian")
         job = jobs.submit(path, stack.settings(), batch_size=10)
         Session = session_factory(stack.settings().sql_url(), run_migrations=False)
         state = jobs.wait(Session, job.job_id, 120, poll_s=0.2)

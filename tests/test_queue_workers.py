@@ -84,18 +84,29 @@ class Stack:
             return Settings()
 
     def worker(self, kind: str, **env: str) -> subprocess.Popen:
-        log = self.tmp / f"{kind}-{len(self.procs)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "INFO"],
-            cwd=self.tmp, env={**self.env, **env}, stdout=log.open("w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((proc, log))
+        """Start a worker of ``kind`` and wait until it is ready."""
+        return self.workers((kind, env))[0]
+
+    def workers(self, *specs: str | tuple[str, dict[str, str]]) -> list[subprocess.Popen]:
+        """Start workers (each a kind, or a kind and its extra environment) side by side,
+        then wait until every one is ready: their imports and model loads overlap."""
+        started = []
+        for spec in specs:
+            kind, env = (spec, {}) if isinstance(spec, str) else spec
+            log = self.tmp / f"{kind}-{len(self.procs)}.log"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "INFO"],
+                cwd=self.tmp, env={**self.env, **env}, stdout=log.open("w"),
+                stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs.append((proc, log))
+            started.append((kind, proc, log))
         deadline = time.monotonic() + 90
-        while " ready." not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{kind} worker did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        return proc
+        for kind, proc, log in started:
+            while " ready." not in log.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{kind} worker did not start:\n{log.read_text()}")
+                time.sleep(0.2)
+        return [proc for _, proc, _ in started]
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL the whole worker: its main process and its pool."""
@@ -189,9 +200,7 @@ def _submit(stack: Stack, raw: list[dict], batch_size: int) -> jobs.NewJob:
 
 
 def test_queued_job_end_to_end_then_query_and_similar(stack):
-    stack.worker("gpu")
-    stack.worker("librarian")
-    stack.worker("query")
+    stack.workers("gpu", "librarian", "query")
     raw = _items(90, seed=11) + [{"id": "bad", "vector": [1.0, float("nan")]}]
     path = stack.tmp / "items.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in raw) + "\n{not json\n")
@@ -261,8 +270,7 @@ def _running_batch(Session, job_id: str, timeout_s: float = 60) -> Batch:
 
 
 def test_killed_pool_process_is_requeued_at_once_and_nothing_doubles(stack):
-    stack.worker("gpu", MOE_FAULT_STALL_S="4")
-    stack.worker("librarian")
+    stack.workers(("gpu", {"MOE_FAULT_STALL_S": "4"}), "librarian")
     raw = _items(60, seed=12)
     job = _submit(stack, raw, batch_size=20)
     Session = session_factory(stack.settings().sql_url(), run_migrations=False)
@@ -318,8 +326,7 @@ def _which(cmd: str) -> bool:
 def _kill_mid_batch_and_restart(stack: Stack, raw: list[dict]) -> tuple[str, str, float]:
     """SIGKILL the whole GPU worker (main process and pool) while it holds a batch, start
     another, and return (job id, the victim batch, seconds from the restart to the end)."""
-    gpu = stack.worker("gpu", MOE_FAULT_STALL_S="3")
-    stack.worker("librarian")
+    gpu, _ = stack.workers(("gpu", {"MOE_FAULT_STALL_S": "3"}), "librarian")
     job = _submit(stack, raw, batch_size=20)
     Session = session_factory(stack.settings().sql_url(), run_migrations=False)
     victim = _running_batch(Session, job.job_id)
@@ -375,8 +382,7 @@ def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
     raw = _items(60, seed=14)
     poison = raw[25]["id"]  # in the second batch
     stack.env["MOE_MAX_ATTEMPTS"] = "2"
-    stack.worker("gpu", MOE_FAULT_KILL_ITEM=poison)
-    stack.worker("librarian")
+    stack.workers(("gpu", {"MOE_FAULT_KILL_ITEM": poison}), "librarian")
     job = _submit(stack, raw, batch_size=20)
     state = _wait(stack, job.job_id)
     assert state.status == "completed_with_errors" and state.failed == 1, stack.logs()
@@ -398,8 +404,7 @@ def test_a_poison_shard_part_fails_its_batch_and_the_job_still_ends(stack):
     raw = _items(40, seed=16)
     poison = raw[5]["id"]  # its report lands in one shard part of the first batch
     stack.env["MOE_MAX_ATTEMPTS"] = "2"
-    stack.worker("gpu")
-    stack.worker("librarian", MOE_FAULT_KILL_ITEM=poison)
+    stack.workers("gpu", ("librarian", {"MOE_FAULT_KILL_ITEM": poison}))
     job = _submit(stack, raw, batch_size=20)
     state = _wait(stack, job.job_id)
     assert state.status == "completed_with_errors" and state.failed == 1, stack.logs()

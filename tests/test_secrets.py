@@ -50,6 +50,14 @@ def test_no_command_prints_a_password(tmp_path):
     (tmp_path / "items.jsonl").write_text('{"id": "a", "vector": [1, 2]}\n')
     pg_trust = f"postgresql+psycopg://postgres:{PG}@127.0.0.1:5432/test"  # trust auth
     pg_down = f"postgresql+psycopg://moe:{PG}/x y@127.0.0.1:1/moe"  # '/' and a space
+    # A worker's start line and its log, with a broker that never answers: started first,
+    # so that its 12 s pass while the commands below run.
+    started = time.monotonic()
+    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "query"],
+                              env={**base, "CELERY_BROKER_URL":
+                                   f"redis://:{REDIS}@127.0.0.1:1/0"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     outputs = {
         "status": _cli("status", env={**base, "DATABASE_URL": pg_trust,
                                       "CELERY_BROKER_URL": f"amqp://moe:{AMQP}@127.0.0.1:1//",
@@ -67,13 +75,7 @@ def test_no_command_prints_a_password(tmp_path):
                                                      env={**base, "CELERY_BROKER_URL":
                                                           f"redis://u:{REDIS}/x@127.0.0.1:1/0"}),
     }
-    # A worker's start line and its log, with a broker that never answers.
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "query"],
-                              env={**base, "CELERY_BROKER_URL":
-                                   f"redis://:{REDIS}@127.0.0.1:1/0"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    time.sleep(12)
+    time.sleep(max(0.0, 12 - (time.monotonic() - started)))
     os.killpg(worker.pid, signal.SIGKILL)
     outputs["worker"] = worker.communicate(timeout=30)[0]
     assert "query worker on queues query (broker redis://:***@127.0.0.1:1/0)" in \
