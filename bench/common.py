@@ -44,9 +44,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-                warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns every round."""
+def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int,
+                       device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of every round of each function, the functions taking turns every round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -59,7 +59,14 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns every round."""
+    return {name: statistics.median(ts)
+            for name, ts in interleaved_rounds(fns, rounds, device, warmup).items()}
 
 
 def target(goal: float, value: float) -> dict[str, Any]:

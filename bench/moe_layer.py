@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_refs  # noqa: E402  (imports common first, which then takes bench/ off sys.path)
-from common import emit, interleaved, target  # noqa: E402
+from common import emit, interleaved, interleaved_rounds, target  # noqa: E402
 
 from pipeline import MoEConfig, MoELayer  # noqa: E402
 from pipeline.moe import dispatch, kernels  # noqa: E402
@@ -121,22 +121,6 @@ def timed(fns: dict[str, Callable[[], object]], rounds: int, device: torch.devic
             end.synchronize()
             times[name].append(start.elapsed_time(end) / 1e3 / reps)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
-def cpu_rounds(fns: dict[str, Callable[[], object]], rounds: int,
-               warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of every round of each function on the CPU, the functions taking turns (what
-    `common.interleaved` takes the median of), for the spread of per-round ratios."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -337,7 +321,7 @@ def hf_section(cfg: MoEConfig, sizes: dict[str, int], rounds: dict[str, int],
             if device.type == "cuda":
                 secs = timed(fns, rounds[label], device, reps=10, warmup=3)
             else:
-                per_round = cpu_rounds(fns, rounds[label], warmup=3)
+                per_round = interleaved_rounds(fns, rounds[label], device, warmup=3)
                 secs = {k: statistics.median(ts) for k, ts in per_round.items()}
         rec["load"][label] = {"others_cpu_share": load.share,
                               "loadavg_1min_after": round(os.getloadavg()[0], 2)}

@@ -284,8 +284,7 @@ class EmbeddingCache:
         module docstring): a brute-force scan, and a float32 re-rank when the scan is narrow.
         Chunked over queries (``query_chunk`` at a time) and rows so that at most
         ``score_budget`` scores (and as many floats of re-rank candidates) exist at a time,
-        whatever the sizes; the defaults are
-        `TILING`'s for the device and scan dtype.
+        whatever the sizes; the defaults are `TILING`'s for the device and scan dtype.
         """
         return self._top(queries, k, True, query_chunk, score_budget)
 

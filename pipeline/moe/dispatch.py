@@ -168,8 +168,10 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
         with mode():
             return run(group)
 
-    partial = list(lane_pool(lanes).map(lane, balanced_groups(sizes, lanes)))
-    return torch.stack(partial).sum(0) if len(partial) > 2 else partial[0].add_(partial[1])
+    y_TO, *rest = lane_pool(lanes).map(lane, balanced_groups(sizes, lanes))
+    for y in rest:
+        y_TO.add_(y)
+    return y_TO
 
 
 # Lanes: on the CPU, bf16 experts run side by side, one thread each, rather than one after
@@ -204,7 +206,7 @@ def balanced_groups(sizes: list[int], lanes: int) -> list[list[int]]:
     return [sorted(g) for g in groups if g]
 
 
-_LANES: list[ThreadPoolExecutor] = []  # the one pool, once made
+_LANE_POOL: ThreadPoolExecutor | None = None
 _LANE_LOCK = threading.Lock()
 
 
@@ -219,9 +221,10 @@ def lane_pool(lanes: int) -> ThreadPoolExecutor:
     Not for forked children: OpenMP cannot run a team again in a child forked after its
     parent ran one (seen here: the child's first multi-threaded product never returns), so
     a prefork worker's parent must not run the model first, lanes or no lanes."""
+    global _LANE_POOL
     with _LANE_LOCK:
-        if _LANES and _LANES[0]._max_workers >= lanes:
-            return _LANES[0]
+        if _LANE_POOL is not None and _LANE_POOL._max_workers >= lanes:
+            return _LANE_POOL
         threads = torch.get_num_threads()
         pool = ThreadPoolExecutor(lanes, thread_name_prefix="moe-lane")
         started = threading.Barrier(lanes)
@@ -233,9 +236,9 @@ def lane_pool(lanes: int) -> ThreadPoolExecutor:
         for done in [pool.submit(one_thread) for _ in range(lanes)]:
             done.result()
         torch.set_num_threads(threads)
-        if _LANES:
-            _LANES.pop().shutdown(wait=False)
-        _LANES.append(pool)
+        if _LANE_POOL is not None:
+            _LANE_POOL.shutdown(wait=False)
+        _LANE_POOL = pool
         return pool
 
 

@@ -238,6 +238,7 @@ class ExpertSlices:
 
     def __init__(self, inplace: bool = False, packed: bool = False) -> None:
         self._slices: dict[int, tuple[Tensor, ...]] = {}
+        self._packs: dict[int, tuple[Tensor, ...]] = {}
         self.inplace = inplace
         self.packed = packed and inplace
 
@@ -247,6 +248,13 @@ class ExpertSlices:
             self._slices[key] = w_EOI.unbind(0)
         return self._slices[key][expert]
 
+    def packs(self, w_EOI: Tensor) -> tuple[Tensor, ...]:
+        """`packed_weights` of ``w_EOI``, looked up once per forward."""
+        key = id(w_EOI)
+        if key not in self._packs:
+            self._packs[key] = packed_weights(w_EOI)
+        return self._packs[key]
+
     def prefetch(self, weights: Iterable[Tensor], dtype: torch.dtype) -> None:
         """Unbind every stacked weight now, and pack those of the products' ``dtype`` (under
         autocast others are cast per call), before lanes on other threads read them."""
@@ -254,15 +262,12 @@ class ExpertSlices:
             if w_EOI.dim() == 3:
                 self.weight(w_EOI, 0)
                 if self.packed and w_EOI.dtype == dtype:
-                    self._slices[-id(w_EOI)] = packed_weights(w_EOI)
+                    self.packs(w_EOI)
 
     def linear(self, x_nI: Tensor, w_EOI: Tensor, expert: int, act: str | None) -> Tensor:
         """``act(x @ w_EOI[expert]^T)``: ``(n, I) -> (n, O)``, a new tensor."""
         if self.packed and x_nI.dtype == w_EOI.dtype and x_nI.shape[0] > 0:
-            key = -id(w_EOI)
-            if key not in self._slices:
-                self._slices[key] = packed_weights(w_EOI)
-            return _onednn_linear(x_nI.contiguous(), self._slices[key][expert], act)
+            return _onednn_linear(x_nI.contiguous(), self.packs(w_EOI)[expert], act)
         w_OI = self.weight(w_EOI, expert)
         if (x_nI.dtype == w_OI.dtype == torch.float32 and x_nI.shape[0] >= MKL_MIN_ROWS
                 and mkl_preferred()):
