@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +51,19 @@ SERVER_FIXTURES = {"graph", "sql_url", "redis_url", "stack", "embedded_server"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The current Neo4j release runs a chosen few modules; elsewhere its cases are deselected
+    # (not skipped: they were never meant to run).
+    keep, dropped = [], []
+    for item in items:
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("graph")
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if backend == "neo4j-current" and module not in CURRENT_NEO4J_MODULES:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
@@ -72,11 +87,103 @@ def _seed() -> None:
 
 
 # -- real servers ---------------------------------------------------------------------------
-# The graph: the embedded server (always), Neo4j in a container (where Docker runs) and the
-# server in NEO4J_URI (when set). SQL: a SQLite file, and PostgreSQL from TEST_POSTGRES_URL
-# (default: this project's machines' local server), each test database made fresh.
+# The graph: the embedded server (always); real Neo4j Community started in-process by
+# tools/neo4j/launcher.sh (neo4j-harness from Maven Central): the 5.26 LTS that
+# docker-compose.yml pins on every graph test, and the current release (Java 21+) on the
+# graph, guard and librarian tests; and the server in NEO4J_URI when set. SQL: a SQLite file,
+# and PostgreSQL from TEST_POSTGRES_URL (default: the local server that scripts/services.sh
+# starts), each test database made fresh.
 
-GRAPH_BACKENDS = ["embedded", "neo4j-container", "neo4j-env"]
+GRAPH_BACKENDS = ["embedded", "neo4j", "neo4j-current"]
+if os.environ.get("NEO4J_URI"):  # a server of the user's own, as well
+    GRAPH_BACKENDS.append("neo4j-env")
+# The current Neo4j release runs on the modules that exercise the server most directly.
+CURRENT_NEO4J_MODULES = {"test_graph", "test_read_only_guard", "test_librarian"}
+CURRENT_NEO4J = "2026.08.1"
+LAUNCHER = Path(__file__).resolve().parent.parent / "tools" / "neo4j" / "launcher.sh"
+
+
+class Neo4jHarness:
+    """One Neo4j server started by the launcher, alive while this object's pipe is open."""
+
+    def __init__(self, version: str | None, workdir: Path) -> None:
+        self.version, self.workdir = version, workdir
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "launcher.log"
+
+    def start(self, timeout_s: float = 300.0) -> dict[str, str]:
+        import json
+        import selectors
+
+        args = ["bash", str(LAUNCHER), "--dir", str(self.workdir / "data")]
+        if self.version:
+            args += ["--version", self.version]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log)
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        line = b""
+        if selector.select(timeout_s):
+            line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.poll()
+            self.stop()
+            why = self._last_line()
+            if code == 3:  # no JDK, Maven or jars for this version: a user's laptop
+                pytest.skip(f"no Neo4j {self.version or 'LTS'}: {why}")
+            raise RuntimeError(f"the Neo4j launcher gave no ready line in {timeout_s:.0f} s "
+                               f"(exit {code}): {why}; log {self.log}")
+        ready = json.loads(line)
+        env = dict(row.split("=", 1) for row in
+                   Path(ready["env_file"]).read_text().splitlines() if "=" in row)
+        return {**ready, "password": env["NEO4J_PASSWORD"]}
+
+    def _last_line(self) -> str:
+        lines = [ln for ln in self.log.read_text(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith("WARNING")]
+        return lines[-1] if lines else "nothing logged"
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # the launcher serves until its stdin closes
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _neo4j_enabled() -> None:
+    if os.environ.get("MOE_TEST_NEO4J", "1") == "0":
+        pytest.skip("MOE_TEST_NEO4J=0: the Neo4j backends are turned off")
+
+
+@pytest.fixture(scope="session")
+def neo4j_server(tmp_path_factory):
+    """Neo4j 5.26 LTS (the version docker-compose.yml pins), started once per test run:
+    {"uri", "user", "password", "version"}."""
+    _neo4j_enabled()
+    server = Neo4jHarness(None, tmp_path_factory.mktemp("neo4j"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def neo4j_current_server(tmp_path_factory):
+    """The current Neo4j release (MOE_TEST_NEO4J_CURRENT, default CURRENT_NEO4J); skipped
+    with the reason where no Java 21+ is found."""
+    _neo4j_enabled()
+    version = os.environ.get("MOE_TEST_NEO4J_CURRENT", CURRENT_NEO4J)
+    server = Neo4jHarness(version, tmp_path_factory.mktemp("neo4j-current"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -95,38 +202,27 @@ def embedded_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", params=GRAPH_BACKENDS)
-def graph(request, tmp_path_factory):
+def graph(request):
     """A GraphStore on a real server, with the project's schema."""
+    from pipeline.storage.graph import GraphStore
+
     backend = request.param
     if backend == "embedded":
         store = request.getfixturevalue("embedded_server").connect()
-        store.ensure_schema()
-        yield store
-        store.close()
-        return
-    from pipeline.storage.graph import GraphStore
-
-    if backend == "neo4j-env":
+    elif backend == "neo4j-env":
         uri = os.environ.get("NEO4J_URI")
         if not uri:
             pytest.skip("NEO4J_URI is not set")
         store = GraphStore.connect(uri, os.environ.get("NEO4J_USERNAME", "neo4j"),
                                    os.environ.get("NEO4J_PASSWORD"),
                                    os.environ.get("NEO4J_DATABASE"))
-        store.ensure_schema()
-        yield store
-        store.close()
-        return
-    if not _docker_engine():
-        pytest.skip("needs a Docker engine for a Neo4j container: none reachable here")
-    from testcontainers.neo4j import Neo4jContainer
-
-    with Neo4jContainer("neo4j:5.26") as container:
-        store = GraphStore.connect(container.get_connection_url(), "neo4j",
-                                   container.password)
-        store.ensure_schema()
-        yield store
-        store.close()
+    else:
+        server = request.getfixturevalue(
+            "neo4j_server" if backend == "neo4j" else "neo4j_current_server")
+        store = GraphStore.connect(server["uri"], server["user"], server["password"])
+    store.ensure_schema()
+    yield store
+    store.close()
 
 
 def _postgres_admin_url() -> str:

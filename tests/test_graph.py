@@ -187,6 +187,11 @@ def test_dialect_comes_from_the_servers_agent():
     (vector,) = [s for s in neo4j.schema(vector_dim=384) if "VECTOR" in s]
     assert "`vector.dimensions`: 384" in vector and "'cosine'" in vector
     assert len(neo4j.schema()) == 6  # five uniqueness constraints and (shard, seq)
+    # Calendar-versioned Neo4j (2025.01 on) has the vector index too; 5.14 and older do not.
+    for agent, has in [("Neo4j/2025.01.0", True), ("Neo4j/2026.08.1", True),
+                       ("Neo4j/5.15.0", True), ("Neo4j/5.14.0", False), ("Neo4j/4.4.48", False),
+                       ("Neo4j/dev", False)]:
+        assert Dialect.for_agent(agent).vector_index is has, agent
 
 
 def test_concurrent_writers_on_different_shards_both_land(graph):

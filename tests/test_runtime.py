@@ -26,19 +26,41 @@ def test_the_runtime_builds_each_part_once_and_only_when_asked(graph, tmp_path):
     assert rt._graph is None  # closed
 
 
-@pytest.mark.docker
-def test_the_vector_index_exists_on_neo4j_after_the_runtime_opens_the_graph(tmp_path):
-    """The width comes from the served model: `ensure_schema` is given it (it never was)."""
-    from testcontainers.neo4j import Neo4jContainer
+@pytest.mark.parametrize("server", ["neo4j_server", "neo4j_current_server"])
+def test_the_vector_index_exists_on_neo4j_and_answers_cypher(server, request, tmp_path):
+    """The width comes from the served model (`ensure_schema` is given it), the index is made
+    on 5.26 and on the calendar-versioned releases alike, and a read-only user query of it
+    finds an insight's own embedding first."""
+    import uuid
 
-    with Neo4jContainer("neo4j:5.26") as container:
-        settings = Settings(state_dir=tmp_path, neo4j_uri=container.get_connection_url(),
-                            neo4j_password=container.password, graph_vector_index=True,
-                            device="cpu")
-        with Runtime.from_settings(settings) as rt, rt.graph.driver.session() as session:
-            rows = session.run(
-                "SHOW INDEXES YIELD name, type, options WHERE name = 'insight_embedding' "
-                "RETURN type, options").data()
+    import numpy as np
+
+    from pipeline.records import CuratedBatch, Insight, Produced, Support
+
+    neo4j = request.getfixturevalue(server)
+    dim = default_config().input_dim
+    settings = Settings(state_dir=tmp_path, neo4j_uri=neo4j["uri"],
+                        neo4j_password=neo4j["password"], graph_vector_index=True, device="cpu")
+    with Runtime.from_settings(settings) as rt:
+        graph = rt.graph
+        rows = graph.driver.execute_query(
+            "SHOW INDEXES YIELD name, type, options WHERE name = 'insight_embedding' "
+            "RETURN type, options").records
         assert rows and rows[0]["type"] == "VECTOR"
-        dims = rows[0]["options"]["indexConfig"]["vector.dimensions"]
-        assert dims == default_config().input_dim
+        assert rows[0]["options"]["indexConfig"]["vector.dimensions"] == dim
+        shard = f"vec-{uuid.uuid4().hex[:8]}"
+        emb = np.random.default_rng(3).standard_normal((4, dim)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        batch = CuratedBatch("run-vec")
+        for k in range(4):
+            batch.insights.append(Insight(f"{shard}-{k}", shard, k, emb[k], "run-vec", f"s{k}"))
+            batch.supports.append(Support(f"{shard}-{k}", f"{shard}-src{k}", f"{shard}-r{k}",
+                                          "job-v", 0.5, f"text {k}"))
+            batch.produced.append(Produced(f"{shard}-{k}", f"{shard}-e0", 0.6))
+        graph.write_batch(batch)
+        graph.driver.execute_query("CALL db.awaitIndexes(120)")
+        found = graph.run_cypher(
+            "CALL db.index.vector.queryNodes('insight_embedding', 50, $v) YIELD node, score "
+            "WHERE node.shard = $shard RETURN node.id AS id, score",
+            {"v": emb[2].tolist(), "shard": shard})
+        assert found[0]["id"] == f"{shard}-2" and found[0]["score"] > 0.99

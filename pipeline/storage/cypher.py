@@ -15,6 +15,23 @@ MEMBER_OF, SIMILAR_TO, DISCOVERED_IN = "MEMBER_OF", "SIMILAR_TO", "DISCOVERED_IN
 LABELS = (INSIGHT, SOURCE, EXPERT, CONSTELLATION, RUN)
 
 
+# `CREATE VECTOR INDEX ... OPTIONS {indexConfig: ...}` is Neo4j 5.15's syntax (5.11-5.14 had
+# only a procedure); every calendar-versioned release (2025.01 on) has it too.
+VECTOR_INDEX_SINCE = (5, 15)
+
+
+def neo4j_version(agent: str) -> tuple[int, ...]:
+    """'Neo4j/2026.08.1' -> (2026, 8, 1); an agent with no readable version -> (0,)."""
+    _, _, version = agent.partition("/")
+    parts = []
+    for piece in version.split(" ", 1)[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or (0,)
+
+
 @dataclass(frozen=True)
 class Dialect:
     """What a server accepts beyond the shared subset."""
@@ -27,10 +44,12 @@ class Dialect:
 
     @classmethod
     def for_agent(cls, agent: str) -> Dialect:
-        """ArcadeDB reports e.g. 'Neo4j/5.26.0 compatible (ArcadeDB 26.10.2)'."""
+        """ArcadeDB reports e.g. 'Neo4j/5.26.0 compatible (ArcadeDB 26.10.2)'; Neo4j
+        'Neo4j/5.26.30', and from 2025 on calendar versions such as 'Neo4j/2026.08.1'."""
         if "arcadedb" in agent.lower():
             return cls("arcadedb", vector_index=False)
-        return cls("neo4j", vector_index=agent.startswith("Neo4j/5"), explain_query_type=True)
+        return cls("neo4j", vector_index=neo4j_version(agent) >= VECTOR_INDEX_SINCE,
+                   explain_query_type=True)
 
     def schema(self, vector_dim: int | None = None) -> list[str]:
         """Idempotent DDL: uniqueness on every id, (shard, seq) on insights, optional vectors."""
