@@ -8,7 +8,8 @@ flushed). The two take turns for ``--rounds`` rounds, each on fresh items, and t
 are medians. Queued items/s count from the first message sent to the job's completion in
 SQL. The time split per stage comes from the batches' recorded timings.
 
-Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R]``
+Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R] [--neo4j]``
+(``--neo4j``: a real Neo4j from tools/neo4j/launcher.sh is the graph of both paths)
 (``common`` takes bench/ off ``sys.path`` first, so this file does not shadow the package).
 """
 
@@ -26,6 +27,8 @@ import time
 import numpy as np
 import torch
 from sqlalchemy import select
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, target  # noqa: E402
@@ -84,12 +87,25 @@ def queued(raw: list[dict], settings: Settings, batch_size: int) -> tuple[str, f
     return job.job_id, time.perf_counter() - start
 
 
+def _agent(settings: Settings) -> str:
+    from pipeline.storage.connect import open_graph
+
+    graph = open_graph(settings)
+    try:
+        return graph.driver.get_server_info().agent
+    finally:
+        graph.close()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--items", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--neo4j", action="store_true",
+                   help="a real Neo4j (tools/neo4j/launcher.sh) as the graph of both paths, "
+                        "instead of the embedded server")
     args = p.parse_args(argv)
     n = args.items or (600 if args.quick else 10_000)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -102,10 +118,22 @@ def main(argv: list[str] | None = None) -> dict:
            "DATABASE_URL": f"sqlite:///{state}/runs.sqlite3", "CELERY_BROKER_URL": broker,
            "REDIS_URL": broker}
     env.pop("NEO4J_URI", None)  # both paths on the embedded server of this state dir
+    graph_kw: dict = {"neo4j_uri": None}
+    if args.neo4j:
+        sys.path.insert(0, os.path.join(ROOT, "tools", "neo4j"))
+        from harness import Neo4jHarness
+
+        server = Neo4jHarness().start()
+        env.update(NEO4J_URI=server.uri, NEO4J_USERNAME=server.user,
+                   NEO4J_PASSWORD=server.password)
+        graph_kw = {"neo4j_uri": server.uri, "neo4j_username": server.user,
+                    "neo4j_password": server.password}
+    else:
+        server = LocalGraphServer(state)
+        server.start()
     settings = Settings(state_dir=state, device="cpu", celery_broker_url=broker,
-                        redis_url=broker, database_url=env["DATABASE_URL"], neo4j_uri=None)
-    server = LocalGraphServer(state)
-    server.start()
+                        redis_url=broker, database_url=env["DATABASE_URL"], **graph_kw)
+    agent = _agent(settings)
     workers = Workers(env, state)
     local_rates, queued_rates, splits = [], [], {"embedded": [], "queued": []}
     try:
@@ -128,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     return emit("pipeline", torch.device("cpu"),
                 {"items": n, "batch_size": args.batch_size, "rounds": rounds,
                  "queued": "1 gpu worker (cpu here) + 1 librarian worker, Redis broker",
+                 "graph": agent,
                  "model": {k: v for k, v in default_config().to_dict().items()
                            if k in ("input_dim", "hidden_dim", "num_experts", "top_k_experts",
                                     "num_layers")}, "quick": args.quick},

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,60 +100,15 @@ if os.environ.get("NEO4J_URI"):  # a server of the user's own, as well
 # The current Neo4j release runs on the modules that exercise the server most directly.
 CURRENT_NEO4J_MODULES = {"test_graph", "test_read_only_guard", "test_librarian"}
 CURRENT_NEO4J = "2026.08.1"
-LAUNCHER = Path(__file__).resolve().parent.parent / "tools" / "neo4j" / "launcher.sh"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "neo4j"))
+from harness import Neo4jHarness, Neo4jUnavailable  # noqa: E402
 
 
-class Neo4jHarness:
-    """One Neo4j server started by the launcher, alive while this object's pipe is open."""
-
-    def __init__(self, version: str | None, workdir: Path) -> None:
-        self.version, self.workdir = version, workdir
-        self.proc: subprocess.Popen | None = None
-        self.log = workdir / "launcher.log"
-
-    def start(self, timeout_s: float = 300.0) -> dict[str, str]:
-        import json
-        import selectors
-
-        args = ["bash", str(LAUNCHER), "--dir", str(self.workdir / "data")]
-        if self.version:
-            args += ["--version", self.version]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=log)
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        line = b""
-        if selector.select(timeout_s):
-            line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.poll()
-            self.stop()
-            why = self._last_line()
-            if code == 3:  # no JDK, Maven or jars for this version: a user's laptop
-                pytest.skip(f"no Neo4j {self.version or 'LTS'}: {why}")
-            raise RuntimeError(f"the Neo4j launcher gave no ready line in {timeout_s:.0f} s "
-                               f"(exit {code}): {why}; log {self.log}")
-        ready = json.loads(line)
-        env = dict(row.split("=", 1) for row in
-                   Path(ready["env_file"]).read_text().splitlines() if "=" in row)
-        return {**ready, "password": env["NEO4J_PASSWORD"]}
-
-    def _last_line(self) -> str:
-        lines = [ln for ln in self.log.read_text(errors="replace").splitlines()
-                 if ln.strip() and not ln.startswith("WARNING")]
-        return lines[-1] if lines else "nothing logged"
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()  # the launcher serves until its stdin closes
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _start_neo4j(version: str | None, workdir: Path) -> Neo4jHarness:
+    try:
+        return Neo4jHarness(version, workdir).start()
+    except Neo4jUnavailable as why:  # no JDK, Maven or jars for it: a user's laptop
+        pytest.skip(str(why))
 
 
 def _neo4j_enabled() -> None:
@@ -166,11 +121,10 @@ def neo4j_server(tmp_path_factory):
     """Neo4j 5.26 LTS (the version docker-compose.yml pins), started once per test run:
     {"uri", "user", "password", "version"}."""
     _neo4j_enabled()
-    server = Neo4jHarness(None, tmp_path_factory.mktemp("neo4j"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    server = _start_neo4j(None, tmp_path_factory.mktemp("neo4j"))
+    yield {"uri": server.uri, "user": server.user, "password": server.password,
+           "version": server.server_version}
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -179,11 +133,10 @@ def neo4j_current_server(tmp_path_factory):
     with the reason where no Java 21+ is found."""
     _neo4j_enabled()
     version = os.environ.get("MOE_TEST_NEO4J_CURRENT", CURRENT_NEO4J)
-    server = Neo4jHarness(version, tmp_path_factory.mktemp("neo4j-current"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    server = _start_neo4j(version, tmp_path_factory.mktemp("neo4j-current"))
+    yield {"uri": server.uri, "user": server.user, "password": server.password,
+           "version": server.server_version}
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -220,6 +173,8 @@ def graph(request):
         server = request.getfixturevalue(
             "neo4j_server" if backend == "neo4j" else "neo4j_current_server")
         store = GraphStore.connect(server["uri"], server["user"], server["password"])
+        # As the embedded test server's command timeout: the runaway-read test is short.
+        store.read_timeout_s = 15.0
     store.ensure_schema()
     yield store
     store.close()

@@ -98,6 +98,25 @@ def test_graph_ingest_bench_quick_runs_against_the_embedded_server():
                                       "cache_read_rows_per_s"}
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_graph_ingest_bench_quick_runs_both_servers_on_the_same_rows(neo4j_server):
+    pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NEO4J_PASSWORD": neo4j_server["password"]}
+    proc = subprocess.run([sys.executable, "bench/graph_ingest.py", "--quick", "--neo4j",
+                           "--uri", neo4j_server["uri"]], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    servers = record["config"]["servers"]
+    assert "ArcadeDB" in servers["embedded"] and servers["neo4j"].startswith("Neo4j/5.26")
+    for key in ("ours_batch_1", "ours_batch_1000", "ours_read_shard", "naive_one_at_a_time"):
+        assert record["results"][f"neo4j_{key}_per_s"] > 0, key
+        assert record["references"][f"embedded_{key}_per_s"] > 0, key
+        assert record["ratios"][f"neo4j_vs_embedded_{key}"] > 0, key
+    assert neo4j_server["password"] not in proc.stdout + proc.stderr
+
+
 def test_similarity_bench_quick_compares_against_faiss_and_numpy():
     proc = _run("bench/similarity.py", "--quick")
     assert proc.returncode == 0, proc.stderr

@@ -99,7 +99,7 @@ def test_no_secret_is_committed():
 def test_every_service_has_a_healthcheck_or_a_reason():
     for name, service in SERVICES.items():
         assert "healthcheck" in service or service.get("x-healthcheck-reason"), name
-    for name in APP_SERVICES - {"migrate"}:
+    for name in APP_SERVICES - {"migrate", "flower"}:
         assert SERVICES[name]["depends_on"]["migrate"]["condition"] == \
             "service_completed_successfully"
     assert SERVICES["migrate"]["command"] == ["alembic", "upgrade", "head"]
@@ -112,7 +112,9 @@ def test_worker_commands_name_kinds_whose_queues_the_app_routes_to():
                             default_config().constellation_members()}}
     assert queues["gpu"] == {GPU_QUEUE} and queues["query"] == {QUERY_QUEUE}
     kinds = set()
-    for name in APP_SERVICES - {"migrate"}:
+    # Flower runs from the same image so that it can read the workers' message format.
+    assert SERVICES["flower"]["command"][:4] == ["celery", "-A", "pipeline.queue.app", "flower"]
+    for name in APP_SERVICES - {"migrate", "flower"}:
         command = SERVICES[name]["command"]
         assert command[:2] == ["moe-pipeline", "worker"], name
         assert command[2] in queues, f"{name}: no worker kind {command[2]!r}"
@@ -136,7 +138,7 @@ def test_images_are_pinned_and_ports_stay_on_localhost():
     dockerfile = (ROOT / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert base.startswith("pytorch/pytorch:2.") and "cuda" in base
-    assert re.search(r"^USER moe$", dockerfile, re.M) and "'.[text]'" in dockerfile
+    assert re.search(r"^USER moe$", dockerfile, re.M) and "'.[text,monitor]'" in dockerfile
     assert 'VOLUME ["/var/lib/moe"]' in dockerfile
 
 

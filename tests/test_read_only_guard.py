@@ -387,14 +387,19 @@ def seeded(graph):
 
 
 @pytest.fixture
-def cli(embedded_server, monkeypatch):
-    """``moe-pipeline ARGS`` in this process, on the session's embedded server: (exit
-    status, stdout, stderr)."""
+def cli(graph, embedded_server, monkeypatch):
+    """``moe-pipeline ARGS`` in this process, on the session's graph: the embedded server
+    through its state dir, Neo4j through NEO4J_URI as a user sets it: (exit status, stdout,
+    stderr)."""
     from pipeline.cli import main
 
-    for name in ("NEO4J_URI", "MOE_NEO4J_URI"):
+    for name in ("NEO4J_URI", "MOE_NEO4J_URI", "NEO4J_PASSWORD", "NEO4J_USERNAME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MOE_STATE_DIR", str(embedded_server.root.parent))
+    if graph.dialect.name != "arcadedb":
+        monkeypatch.setenv("NEO4J_URI", graph.uri)
+        monkeypatch.setenv("NEO4J_USERNAME", graph.auth[0])
+        monkeypatch.setenv("NEO4J_PASSWORD", graph.auth[1])
 
     def run(*args: str) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
@@ -425,12 +430,10 @@ def test_probes_are_refused_by_run_cypher_and_change_nothing(graph, seeded, embe
 
 
 def test_probes_are_refused_by_the_cli_and_change_nothing(cli, graph, seeded, embedded_server):
-    if graph.dialect.name != "arcadedb":
-        pytest.skip("the CLI is tested on the embedded server")
     tag, admin = seeded
     password = embedded_server.root / "password"
     before = _snapshot(admin, graph.database, tag)
-    secrets = _secrets(graph, embedded_server)
+    secrets = _secrets(graph, embedded_server if graph.dialect.name == "arcadedb" else None)
     for query, named in PROBES:
         code, out, err = cli("query", query.replace("{password}", str(password)),
                              "--param", f"tag={tag}")
@@ -445,7 +448,7 @@ def test_probes_are_refused_by_the_cli_and_change_nothing(cli, graph, seeded, em
 def test_legitimate_reads_answer_through_run_cypher_and_the_cli(graph, seeded, cli):
     tag, _ = seeded
     params = {"tag": tag, "create": "CREATE", "set": "SET"}
-    on_cli = graph.dialect.name == "arcadedb"
+    on_cli = True
     for query, expected in READS:
         rows = graph.run_cypher(query, params)
         if expected is not None:
@@ -465,10 +468,9 @@ def test_write_keeps_working_as_the_administrator(graph, seeded, cli):
                      write=True)
     count = "MATCH (s:Source {id: $id}) RETURN count(s) AS n"
     assert graph.run_cypher(count, {"id": probe}) == [{"n": 1}]
-    if graph.dialect.name == "arcadedb":
-        code, out, err = cli("query", "--write", "MATCH (s:Source {id: $id}) SET s.n = 7 "
-                             "RETURN s.n AS n", "--param", f"id={probe}", "--json")
-        assert (code, out.strip()) == (0, '{"n": 7}'), err
+    code, out, err = cli("query", "--write", "MATCH (s:Source {id: $id}) SET s.n = 7 "
+                         "RETURN s.n AS n", "--param", f"id={probe}", "--json")
+    assert (code, out.strip()) == (0, '{"n": 7}'), err
     graph.run_cypher("MATCH (s:Source {id: $id}) DETACH DELETE s", {"id": probe}, write=True)
     assert graph.run_cypher(count, {"id": probe}) == [{"n": 0}]
 
@@ -522,6 +524,45 @@ def test_the_embedded_server_itself_refuses_writes_from_the_reader(graph, seeded
         reader.close()
 
 
+def test_neo4j_itself_refuses_every_write_in_a_read_transaction(graph, seeded):
+    """Neo4j Community has one role for every user, so what keeps a read-only query from
+    writing on the server's side is READ access mode alone. Sent in READ mode with no check
+    in front, every probe and every write above is refused or changes nothing: those that run
+    are reads to Neo4j (a comment the guard cannot read unambiguously, a SHOW), and LOAD CSV
+    reads no file and no address because the server is configured as docker-compose.yml
+    configures it."""
+    from neo4j import READ_ACCESS
+
+    if graph.dialect.name == "arcadedb":
+        pytest.skip("READ access mode is Neo4j's; the embedded server's reader is tested above")
+    tag, admin = seeded
+    before = _snapshot(admin, graph.database, tag)
+    secrets = _secrets(graph)
+    ran, refused = [], 0
+    for query in SERVER_REFUSES + [q for q, _ in PROBES if q.strip()]:
+        query = query.replace("{password}", "etc/passwd")
+        try:
+            with admin.session(database=graph.database, default_access_mode=READ_ACCESS) as s:
+                result = s.run(query, tag=tag)
+                rows = result.data()
+                summary = result.consume()
+        except Neo4jError as err:
+            refused += 1
+            assert not any(secret in str(err) for secret in secrets), query
+        else:
+            assert not summary.counters.contains_updates, query
+            assert not summary.counters.contains_system_updates, query
+            assert "LOAD CSV" not in query.upper(), (query, rows[:2])
+            assert not any(secret in str(rows) for secret in secrets), query
+            ran.append(query)
+        assert _snapshot(admin, graph.database, tag) == before, query
+    # Every write is among the refused; what ran is reads to Neo4j, and only those.
+    for query in ran:
+        assert not re.search(r"\b(CREATE|MERGE|SET|DELETE|REMOVE|DROP)\b", query) or \
+            re.search(r"//|EXPLAIN|\\u005c", query), query
+    assert refused > 100, refused
+
+
 def test_the_reader_sees_and_ends_only_its_own_transactions(graph, embedded_server):
     if graph.dialect.name != "arcadedb":
         pytest.skip("the reader user is the embedded server's")
@@ -571,12 +612,16 @@ def test_a_runaway_read_is_ended_by_the_server(graph, embedded_server):
 
 
 def test_load_csv_reads_no_file_and_no_url_even_as_the_administrator(graph, embedded_server):
-    if graph.dialect.name != "arcadedb":
-        pytest.skip("file access is this project's setting on the embedded server only")
-    secrets = _secrets(graph, embedded_server)
+    """The embedded server's setting, and the Neo4j configuration of docker-compose.yml and
+    the test launcher (no file URLs, every address blocked)."""
+    if os.environ.get("NEO4J_URI") and graph.uri == os.environ["NEO4J_URI"]:
+        pytest.skip("a Neo4j of the user's own: its file and URL settings are the user's")
+    embedded = graph.dialect.name == "arcadedb"
+    secrets = _secrets(graph, embedded_server if embedded else None)
+    refusal = "disabled" if embedded else "allow_csv_import_from_file_urls|blocked|Invalid URL"
     for url in ("file:///etc/passwd", "/etc/passwd", f"file://{embedded_server.root}/password",
-                "http://127.0.0.1:9/x.csv"):
-        with pytest.raises(QueryError, match="disabled") as refused:
+                "http://127.0.0.1:9/x.csv", "http://[::1]:9/x.csv"):
+        with pytest.raises(QueryError, match=refusal) as refused:
             graph.run_cypher(f"LOAD CSV FROM '{url}' AS line RETURN line", write=True)
         assert not any(secret in str(refused.value) for secret in secrets), url
 

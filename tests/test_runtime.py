@@ -64,3 +64,31 @@ def test_the_vector_index_exists_on_neo4j_and_answers_cypher(server, request, tm
             "WHERE node.shard = $shard RETURN node.id AS id, score",
             {"v": emb[2].tolist(), "shard": shard})
         assert found[0]["id"] == f"{shard}-2" and found[0]["score"] > 0.99
+
+
+@pytest.mark.parametrize("server", ["neo4j_server", "neo4j_current_server"])
+def test_the_schema_is_idempotent_and_a_vector_index_of_another_width_is_named(server,
+                                                                                request):
+    """Every process ensures the schema at start: a second, third start changes nothing, and
+    an index made for another model's width is one clear error, not a silently stale index."""
+    from pipeline.errors import PipelineError
+    from pipeline.storage.graph import GraphStore
+
+    neo4j = request.getfixturevalue(server)
+    dim = default_config().input_dim
+    for _ in range(3):  # three processes starting, one after another
+        graph = GraphStore.connect(neo4j["uri"], "neo4j", neo4j["password"], vector_index=True)
+        try:
+            graph.ensure_schema(vector_dim=dim)
+            names = {r["name"] for r in graph.driver.execute_query(
+                "SHOW INDEXES YIELD name RETURN name").records}
+        finally:
+            graph.close()
+        assert {"insight_embedding", "insight_shard_seq", "source_id", "insight_id"} <= names
+    graph = GraphStore.connect(neo4j["uri"], "neo4j", neo4j["password"], vector_index=True)
+    try:
+        with pytest.raises(PipelineError, match=f"is {dim} wide and the served model's "
+                                                "embeddings 16: drop it"):
+            graph.ensure_schema(vector_dim=16)
+    finally:
+        graph.close()

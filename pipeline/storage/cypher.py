@@ -66,6 +66,12 @@ class Dialect:
         return ddl
 
 
+# Neo4j only: the width of the vector index `Dialect.schema` makes, when it exists.
+VECTOR_INDEX_WIDTH = """
+SHOW INDEXES YIELD name, type, options WHERE name = 'insight_embedding' AND type = 'VECTOR'
+RETURN options.indexConfig.`vector.dimensions` AS width
+"""
+
 # A curated batch is written under its shard's lock, so the writer knows which insights are
 # new: those are CREATEd with all their edges in one pass over the rows (no insight is looked
 # up again by id, and no MERGE on a relationship to a hub such as a Constellation node, which

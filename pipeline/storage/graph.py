@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ class GraphStore:
         self.dialect = cypher.Dialect.for_agent(driver.get_server_info().agent)
         self.with_vector = vector_index and self.dialect.vector_index
         self.auth: tuple[str, str | None] | None = None
+        # How long a user's read-only query may run on Neo4j before the server ends it.
+        self.read_timeout_s = READ_TIMEOUT_S
 
     @classmethod
     def connect(cls, uri: str, username: str, password: str | None,
@@ -151,9 +154,7 @@ class GraphStore:
         variable) becomes `QueryError`: one line, the server's message."""
         try:
             yield
-        except ConstraintError:
-            raise
-        except ClientError as err:
+        except ClientError as err:  # a uniqueness violation of a user's write included
             if isinstance(err, AuthError):
                 raise
             raise QueryError(err.code or "", err.message or str(err)) from err
@@ -177,6 +178,16 @@ class GraphStore:
         with self._outage(), self._session() as session:
             for statement in self.dialect.schema(vector_dim if self.with_vector else None):
                 session.run(statement).consume()
+            if self.with_vector and vector_dim is not None:
+                # IF NOT EXISTS keeps an index of another width without a word, and Neo4j
+                # then leaves every new embedding out of it.
+                found = session.run(cypher.VECTOR_INDEX_WIDTH).data()
+                width = found[0]["width"] if found else vector_dim
+                if width != vector_dim:
+                    raise PipelineError(
+                        f"the graph's vector index insight_embedding is {width} wide and the "
+                        f"served model's embeddings {vector_dim}: drop it (moe-pipeline query "
+                        "--write 'DROP INDEX insight_embedding') and it is made anew")
 
     def ensure_run(self, run_id: str, config: dict[str, Any],
                    constellations: dict[str, list[str]]) -> None:
@@ -354,10 +365,10 @@ class GraphStore:
         driver = self.reader or self.driver
         with (self._outage(), self._user_query(),
               driver.session(database=self.database, default_access_mode="READ") as session):
-            tx = session.begin_transaction(timeout=READ_TIMEOUT_S)  # Neo4j ends it there
+            tx = session.begin_transaction(timeout=self.read_timeout_s)  # Neo4j ends it there
             try:
                 if self.dialect.explain_query_type:
-                    _refuse_writes(tx.run("EXPLAIN " + query, params).consume(), "planned")
+                    _refuse_writes(_explain(tx, query, params), "planned")
                 result = tx.run(query, params)
                 data = [r.data() for r in result]
                 summary = result.consume()
@@ -378,8 +389,11 @@ class GraphStore:
 def _open_driver(uri: str, auth: tuple[str, str], timeout_s: float) -> Driver:
     """A driver that the server answered (waiting up to ``timeout_s``); `GraphUnavailable`
     when it does not, or refuses the credentials."""
+    # Neo4j's INFORMATION notifications ("constraint already exists" for every statement of
+    # ensure_schema at every start) filled each worker's log; warnings still come through.
     driver = GraphDatabase.driver(uri, auth=auth, max_transaction_retry_time=timeout_s,
-                                  connection_acquisition_timeout=timeout_s)
+                                  connection_acquisition_timeout=timeout_s,
+                                  notifications_min_severity="WARNING")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -395,6 +409,27 @@ def _open_driver(uri: str, auth: tuple[str, str], timeout_s: float) -> Driver:
                 raise GraphUnavailable(uri, f"no answer within {timeout_s:.0f} s "
                                        f"({err})") from err
             time.sleep(0.2)
+
+
+_EXPLAIN = "EXPLAIN "
+
+
+def _explain(tx: Any, query: str, params: dict[str, Any]) -> ResultSummary:
+    """The plan's summary. A query the server cannot plan is reported as the user wrote it:
+    Neo4j quotes the query it was sent, and counts columns from our prefix."""
+    try:
+        return tx.run(_EXPLAIN + query, params).consume()
+    except ClientError as err:
+        if isinstance(err, AuthError) or not err.message:
+            raise
+        shift = len(_EXPLAIN)
+
+        def column(m: re.Match) -> str:
+            return (f"(line 1, column {max(1, int(m.group(1)) - shift)} "
+                    f"(offset: {max(0, int(m.group(2)) - shift)}))")
+
+        message = re.sub(r"\(line 1, column (\d+) \(offset: (\d+)\)\)", column, err.message)
+        raise QueryError(err.code or "", message.replace('"' + _EXPLAIN, '"')) from err
 
 
 def _refuse_writes(summary: ResultSummary, when: str) -> None:

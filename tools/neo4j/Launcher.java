@@ -17,8 +17,12 @@ import java.nio.file.StandardOpenOption;
 import java.nio.file.attribute.PosixFilePermissions;
 import java.security.SecureRandom;
 import java.time.Duration;
+import java.util.List;
 import java.util.Map;
 
+import inet.ipaddr.IPAddressString;
+
+import org.neo4j.configuration.GraphDatabaseInternalSettings;
 import org.neo4j.configuration.GraphDatabaseSettings;
 import org.neo4j.configuration.connectors.BoltConnector;
 import org.neo4j.configuration.connectors.HttpConnector;
@@ -42,6 +46,12 @@ public class Launcher {
                 .withConfig(BoltConnector.listen_address, new SocketAddress("127.0.0.1", port))
                 .withConfig(HttpConnector.enabled, false)
                 .withConfig(GraphDatabaseSettings.auth_enabled, true)
+                // As docker-compose.yml configures its Neo4j: LOAD CSV, a read to Neo4j that
+                // READ access mode lets through, may open no local file and no URL (else a
+                // read-only session reads /etc/passwd, or reaches any host from the server).
+                .withConfig(GraphDatabaseSettings.allow_file_urls, false)
+                .withConfig(GraphDatabaseInternalSettings.cypher_ip_blocklist,
+                        List.of(new IPAddressString("0.0.0.0/0"), new IPAddressString("::/0")))
                 // A test server: a small page cache, and no transaction runs past 10 minutes.
                 .withConfig(GraphDatabaseSettings.pagecache_memory, 256L * 1024 * 1024)
                 .withConfig(GraphDatabaseSettings.transaction_timeout, Duration.ofMinutes(10))
