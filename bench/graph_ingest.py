@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="with --neo4j: the launcher's version [default: the compose pin]")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--full", action="store_true", help="6 edges per insight, not 4")
+    p.add_argument("--vector", action="store_true",
+                   help="Neo4j keeps the list-of-floats copy under its vector index "
+                        "(GRAPH_VECTOR_INDEX=true)")
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
         embedded = None
@@ -161,14 +164,16 @@ def main(argv: list[str] | None = None) -> dict:
         neo4j = None
         if args.uri:
             neo4j = GraphStore.connect(args.uri, args.user,
-                                       args.password or os.environ.get("NEO4J_PASSWORD"))
+                                       args.password or os.environ.get("NEO4J_PASSWORD"),
+                                       vector_index=args.vector)
             stack.callback(neo4j.close)
         elif args.neo4j:
             sys.path.insert(0, os.path.join(ROOT, "tools", "neo4j"))
             from harness import Neo4jHarness
 
             harness = stack.enter_context(Neo4jHarness(args.neo4j_version))
-            neo4j = GraphStore.connect(harness.uri, harness.user, harness.password)
+            neo4j = GraphStore.connect(harness.uri, harness.user, harness.password,
+                                       vector_index=args.vector)
             stack.callback(neo4j.close)
         if args.neo4j:
             return run_both(embedded, neo4j, args)
@@ -186,7 +191,7 @@ def plan(args: argparse.Namespace) -> tuple[int, dict[int, int], tuple[int, int]
 
 def warm(graph: GraphStore, src: Source, tag: str, quick: bool) -> None:
     """Warm the server's JIT on a shard of its own."""
-    graph.ensure_schema()
+    graph.ensure_schema(vector_dim=DIM)
     for _ in range(1 if quick else 8):
         graph.write_batch(src.batch(f"warm-{tag}", 200 if quick else 1000))
 
@@ -248,7 +253,8 @@ def run_both(embedded: GraphStore, neo4j: GraphStore, args: argparse.Namespace) 
                 {"servers": {name: g.driver.get_server_info().agent
                              for name, g in servers.items()},
                  "dim": DIM, "edges_per_insight": 6 if args.full else 4, "sizes": sizes,
-                 "rounds": rounds, "quick": args.quick, "same_rows": True},
+                 "rounds": rounds, "quick": args.quick, "same_rows": True,
+                 "neo4j_vector_index": neo4j.with_vector},
                 results, references, ratios, targets,
                 note="insights/s count nodes written with all their edges; the embedded "
                      "server is the reference; medians of rounds, the servers taking turns")

@@ -92,7 +92,9 @@ def model_fingerprint(settings: Settings, config: MoEConfig) -> str:
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-        weights = digest.hexdigest()
+        # The names in index order too: the same weights under permuted names are another
+        # model (each name is a different set of supervisor rows).
+        weights = f"{digest.hexdigest()} order={checkpoint.constellation_order(config)}"
     else:
         weights = f"seed={settings.seed}"
     encoder = Path(settings.text_model).name if settings.text_model else "bundled-minilm"

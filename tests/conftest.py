@@ -51,13 +51,16 @@ SERVER_FIXTURES = {"graph", "sql_url", "redis_url", "stack", "embedded_server"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The current Neo4j release runs a chosen few modules; elsewhere its cases are deselected
-    # (not skipped: they were never meant to run).
+    # The current Neo4j release runs a chosen few modules, and a case marked
+    # `backends(NAME, ...)` only those graph backends; the others are deselected (not skipped:
+    # they were never meant to run).
     keep, dropped = [], []
     for item in items:
         backend = getattr(getattr(item, "callspec", None), "params", {}).get("graph")
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if backend == "neo4j-current" and module not in CURRENT_NEO4J_MODULES:
+        only = item.get_closest_marker("backends")
+        if backend == "neo4j-current" and module not in CURRENT_NEO4J_MODULES or \
+                backend and only and backend not in only.args:
             dropped.append(item)
         else:
             keep.append(item)

@@ -21,6 +21,7 @@ from pipeline.moe.config import MoEConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+ORDER = "constellation_order"
 
 
 class CheckpointError(PipelineError):
@@ -43,20 +44,53 @@ def save(model: nn.Module, config: MoEConfig, path: str | Path,
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS))
-    record = {"config": config.to_dict(), **(extra or {})}
-    (path / CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True))
+    # A constellation's index is its place in the `constellations` mapping, and the
+    # supervisor's row of that index is its meaning. JSON objects carry no order that every
+    # writer and reader keeps (sorting the keys once filed every insight under another
+    # constellation's name), so the order is saved as a list of its own.
+    record = {"config": config.to_dict(), ORDER: constellation_order(config), **(extra or {})}
+    (path / CONFIG).write_text(json.dumps(record, indent=2))
     return path
 
 
-def read_config(path: str | Path) -> MoEConfig:
-    """The config a checkpoint was saved with."""
+def constellation_order(config: MoEConfig) -> list[str] | None:
+    """The configured constellations' names in index order (None without constellations)."""
+    return list(config.constellations) if config.constellations is not None else None
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The whole of a checkpoint's config.json."""
     path = Path(path)
     try:
         record = json.loads((path / CONFIG).read_text())
-        return MoEConfig.from_dict(record["config"])
     except FileNotFoundError as err:
         raise CheckpointError(path, f"no {CONFIG} (is this a checkpoint directory?)") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except json.JSONDecodeError as err:
+        raise CheckpointError(path, f"{CONFIG} is not a saved config: {err}") from err
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(path, f"{CONFIG} is not a saved config: no 'config' object")
+    return record
+
+
+def read_config(path: str | Path) -> MoEConfig:
+    """The config a checkpoint was saved with, its constellations in their saved order."""
+    path = Path(path)
+    record = read_record(path)
+    data = dict(record["config"])
+    groups = data.get("constellations")
+    if isinstance(groups, dict) and len(groups) > 1:
+        order = record.get(ORDER)
+        if order is None:
+            raise CheckpointError(path, "saved without its constellation order (an older "
+                                  "release sorted the names, which can swap them): train it "
+                                  "again with `moe-pipeline train`")
+        if not isinstance(order, list) or sorted(order) != sorted(groups):
+            raise CheckpointError(path, f"{ORDER} {order!r} does not list the constellations "
+                                  f"{sorted(groups)!r}")
+        data["constellations"] = {name: groups[name] for name in order}
+    try:
+        return MoEConfig.from_dict(data)
+    except (KeyError, TypeError) as err:
         raise CheckpointError(path, f"{CONFIG} is not a saved config: {err}") from err
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import threading
 from collections import OrderedDict
@@ -34,6 +35,9 @@ from pipeline.moe.constellation import ExpertConstellation
 from pipeline.moe.fitting import FitResult, fit
 from pipeline.moe.layer import MoEAux, MoELayer, RoutingConstraint
 from pipeline.moe.supervisor import SupervisorDecision, SupervisorGating
+
+# config.json: each constellation name -> a digest of the supervisor row that scores it.
+SUPERVISOR_ROWS = "supervisor_rows"
 
 
 class DraftReportBatch(NamedTuple):
@@ -218,12 +222,30 @@ class MixtureOfExpertsSystem(nn.Module):
     # -- persistence and introspection -----------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Weights (safetensors) and config (JSON) into directory ``path``."""
-        return ckpt.save(self, self.config, path, extra={"class": type(self).__name__})
+        return ckpt.save(self, self.config, path, extra={
+            "class": type(self).__name__, SUPERVISOR_ROWS: self._supervisor_rows()})
 
     def load(self, path: str | Path) -> MixtureOfExpertsSystem:
-        """Load weights saved by `save`; refuses a checkpoint of a different config."""
+        """Load weights saved by `save`; refuses a checkpoint of a different config, and one
+        whose constellation names no longer sit on the supervisor rows they were saved with."""
         ckpt.load(self, self.config, path)
+        saved = ckpt.read_record(path).get(SUPERVISOR_ROWS)
+        if saved is not None:
+            moved = [name for name, digest in self._supervisor_rows().items()
+                     if saved.get(name) != digest]
+            if moved:
+                raise ckpt.CheckpointError(
+                    Path(path), f"constellation(s) {', '.join(moved)} are not on the "
+                    "supervisor rows they were saved with: config.json's constellation order "
+                    "was changed after saving")
         return self
+
+    def _supervisor_rows(self) -> dict[str, str]:
+        """Each constellation's name -> a digest of its supervisor scoring row: the name and
+        the row that decides for it must travel together."""
+        weight_CD = self.supervisor.score.weight.detach().float().cpu().contiguous()
+        return {name: hashlib.sha256(weight_CD[c].numpy().tobytes()).hexdigest()[:16]
+                for c, name in enumerate(self.constellation.names)}
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MixtureOfExpertsSystem:

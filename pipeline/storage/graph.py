@@ -389,11 +389,12 @@ class GraphStore:
 def _open_driver(uri: str, auth: tuple[str, str], timeout_s: float) -> Driver:
     """A driver that the server answered (waiting up to ``timeout_s``); `GraphUnavailable`
     when it does not, or refuses the credentials."""
-    # Neo4j's INFORMATION notifications ("constraint already exists" for every statement of
-    # ensure_schema at every start) filled each worker's log; warnings still come through.
+    # No server notifications: Neo4j's ("constraint already exists" for every statement of
+    # ensure_schema, "property `model` does not exist" before the first insight) are logged by
+    # the driver, and filled every worker's log and a command's stderr with lines of JSON.
     driver = GraphDatabase.driver(uri, auth=auth, max_transaction_retry_time=timeout_s,
                                   connection_acquisition_timeout=timeout_s,
-                                  notifications_min_severity="WARNING")
+                                  notifications_min_severity="OFF")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
