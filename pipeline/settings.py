@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # model's input_dim. At most `inputs.MAX_VECTOR_VALUES` (16384).
     vector_dim: int | None = Field(None, gt=0, le=16_384)
     batch_size: int = Field(256, gt=0)
+    # `similar` answers nothing below this cosine (report space): an off-topic question then
+    # says "nothing close" instead of listing the least distant noise. Chosen from
+    # measurements on examples/texts.jsonl (see the README's Questions section).
+    similar_floor: float = Field(0.3, ge=-1.0, le=1.0)
     # The broker hands an unacknowledged message to another worker after this many seconds:
     # it must exceed the longest a batch can take (queue wait after prefetch included), or
     # a batch still running is delivered twice. A worker that dies whole delays its batch

@@ -264,30 +264,83 @@ def query_input(rt: Runtime, text: str | None, vector: Sequence[float] | None
     return encode(items, rt.config.input_dim, s.seed, s.text_model, rt.device)
 
 
+@dataclass
+class SimilarAnswer:
+    """`similar`'s answer: the hits at or above ``floor``, best first, what was searched, and
+    how many insights of other models sit in those constellations unsearched."""
+
+    hits: list[dict[str, Any]]
+    floor: float
+    searched: list[str]
+    other_models: int = 0
+    below_floor: int = 0  # hits the floor held back
+
+    def to_message(self) -> dict[str, Any]:
+        return {"hits": self.hits, "floor": self.floor, "searched": self.searched,
+                "other_models": self.other_models, "below_floor": self.below_floor}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> SimilarAnswer:
+        return cls(list(message["hits"]), float(message["floor"]), list(message["searched"]),
+                   int(message.get("other_models", 0)), int(message.get("below_floor", 0)))
+
+
 @torch.no_grad()
 def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None = None,
-            k: int = 10) -> list[dict[str, Any]]:
-    """Insights nearest to one text or vector, in the space they live in: the input goes
-    through the model like an item, and each report it would draft is searched in its
-    constellation's shard (cache caught up by seq first). Best ``k`` over the shards, an
-    insight once."""
+            k: int = 10, *, constellation: str | None = None, min_score: float | None = None,
+            like: str | None = None) -> SimilarAnswer:
+    """Insights nearest one text, vector or stored item (``like``: an insight's or a
+    source's id), over every constellation of the served model (or ``constellation``).
+
+    The question goes through the model like an item, and its report in each constellation
+    (`reports_in`: what it would draft there, whether or not it would be routed there) is
+    searched in that constellation's cache, caught up by seq first; the caches' top-k are
+    exact, and so is their merge. Hits below ``min_score`` (default the settings'
+    ``similar_floor``) are held back: an off-topic question answers nothing rather than
+    noise. An insight given by id is searched with its own stored embedding, itself left out.
+    """
     system = rt.system
-    x = query_input(rt, text, vector)
-    system.eval()
-    device = next(system.parameters()).device
-    rep = system.draft_reports(x.reshape(1, -1).to(device)).reports
-    ids = rep.constellation_ids[0].cpu().tolist()
-    emb = rep.embeddings[0].float().cpu()
     names = system.constellation.names
+    if constellation is not None and constellation not in names:
+        raise PipelineError(f"--constellation {constellation!r}: the served model has "
+                            f"{', '.join(names)}")
+    shards = [constellation] if constellation is not None else list(names)
+    floor = rt.settings.similar_floor if min_score is None else float(min_score)
     librarian = rt.librarian(system.config)
+    exclude = None
+    queries: dict[str, torch.Tensor]
+    stored = rt.graph.lookup(like) if like is not None else None
+    if stored is not None and stored.get("embedding") is not None:
+        exclude = like
+        query = torch.from_numpy(np.frombuffer(stored["embedding"], "<f2").astype(np.float32))
+        queries = {shard: query for shard in shards}
+    else:
+        if like is not None:
+            if stored is None:
+                raise PipelineError(f"--id {like!r}: no insight or source has this id")
+            text, vector = stored.get("text") or None, None
+            if text is None:
+                raise PipelineError(f"--id {like!r}: a source with no text (a vector item): "
+                                    "ask with --vector-file")
+            exclude = None
+        x = query_input(rt, text, vector)
+        system.eval()
+        device = next(system.parameters()).device
+        index = [names.index(shard) for shard in shards]
+        emb = system.reports_in(x.reshape(-1).to(device), index).embeddings[:, 0].float().cpu()
+        queries = {shard: emb[c] for c, shard in enumerate(shards)}
     best: dict[str, dict] = {}
-    for c, shard_index in enumerate(ids):
-        for hit in librarian.search(emb[c], k, shards=[names[shard_index]],
-                                    model=rt.fingerprint):
+    for shard, query in queries.items():
+        for hit in librarian.search(query, k + 1, shards=[shard], model=rt.fingerprint):
+            if hit["node_id"] == exclude:
+                continue
             if hit["node_id"] not in best or best[hit["node_id"]]["similarity"] < hit[
                     "similarity"]:
                 best[hit["node_id"]] = hit
-    hits = sorted(best.values(), key=lambda h: -h["similarity"])[:k]
+    ranked = sorted(best.values(), key=lambda h: -h["similarity"])[:k]
+    hits = [h for h in ranked if h["similarity"] >= floor]
     details = rt.graph.insight_details([h["node_id"] for h in hits])
-    return [{**h, **{key: details.get(h["node_id"], {}).get(key)
+    hits = [{**h, **{key: details.get(h["node_id"], {}).get(key)
                      for key in ("summary", "support", "sources")}} for h in hits]
+    return SimilarAnswer(hits, floor, shards, rt.graph.other_models(shards, rt.fingerprint),
+                         len(ranked) - len(hits))

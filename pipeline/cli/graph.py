@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -112,25 +113,35 @@ def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]
 @click.option("--text", help="find insights near this text")
 @click.option("--vector-file", type=click.Path(exists=True, dir_okay=False),
               help="...or near this vector (JSON list, {\"vector\": [...]}, or .npy)")
-@click.option("--k", default=10, show_default=True)
+@click.option("--id", "like", metavar="ID",
+              help="...or more like this stored insight (its embedding) or source (its text)")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--constellation", metavar="NAME",
+              help="search this constellation only [default: every one]")
+@click.option("--min-score", type=click.FloatRange(-1.0, 1.0),
+              help="answer nothing below this cosine [default: MOE_SIMILAR_FLOOR, 0.3]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 @click.option("--queue/--local", "via_queue", default=None,
               help="ask a query worker, or answer here [default: the queue when "
                    "CELERY_BROKER_URL is set]")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.pass_obj
-def similar(settings: Settings, text: str | None, vector_file: str | None, k: int,
-            as_json: bool, via_queue: bool | None, timeout: float) -> None:
-    """Insights most similar to a text or a vector, from the hot embedding cache."""
-    if (text is None) == (vector_file is None):
-        raise click.UsageError("give exactly one of --text or --vector-file")
+def similar(settings: Settings, text: str | None, vector_file: str | None, like: str | None,
+            k: int, constellation: str | None, min_score: float | None, as_json: bool,
+            via_queue: bool | None, timeout: float) -> None:
+    """Insights most similar to a text, a vector or a stored item, over every constellation."""
+    from pipeline.stages import SimilarAnswer
+
+    if sum(v is not None for v in (text, vector_file, like)) != 1:
+        raise click.UsageError("give exactly one of --text, --vector-file or --id")
     vector = _vector_file(vector_file) if vector_file else None
     asked = via_queue
     via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
     if via_queue:
         from pipeline.queue.messages import SimilarQuery
 
-        hits = _ask_worker(settings, SimilarQuery(text, vector, k).to_message(), timeout)
+        message = SimilarQuery(text, vector, k, constellation, min_score, like).to_message()
+        answer = SimilarAnswer.from_message(_ask_worker(settings, message, timeout))
     else:
         from pipeline import stages
         from pipeline.runtime import Runtime
@@ -140,17 +151,36 @@ def similar(settings: Settings, text: str | None, vector_file: str | None, k: in
                        "unset; --queue asks one on REDIS_URL)", err=True)
         note_server_start(settings)
         with Runtime.from_settings(settings) as rt:
-            hits = stages.similar(rt, text, vector, k)
+            answer = stages.similar(rt, text, vector, k, constellation=constellation,
+                                    min_score=min_score, like=like)
     if as_json:
-        for hit in hits:
+        for hit in answer.hits:
             click.echo(json.dumps(hit, default=str))
-        return
-    if not hits:
-        click.echo("(no insights yet)")
-    for hit in hits:
-        summary = (hit.get("summary") or ", ".join(hit.get("sources") or []))[:60]
-        click.echo(f"{hit['similarity']:.3f}  {hit['shard']:<14} {hit['node_id']}  "
-                   f"support={hit.get('support')}  {summary}")
+    else:
+        for hit in answer.hits:
+            summary = (hit.get("summary") or ", ".join(hit.get("sources") or []))[:60]
+            click.echo(f"{hit['similarity']:.3f}  {hit['shard']:<14} {hit['node_id']}  "
+                       f"support={hit.get('support')}  {summary}")
+    for line in _similar_notes(answer):
+        click.echo(line, err=as_json)
+
+
+def _similar_notes(answer: Any) -> list[str]:
+    """What a reader needs beside the hits: why there are none, what was not searched."""
+    notes = []
+    if not answer.hits:
+        where = ", ".join(answer.searched)
+        notes.append(f"nothing close: no insight of {where} at cosine >= {answer.floor:.2f}"
+                     + (f" ({answer.below_floor} below it; --min-score lowers the floor)"
+                        if answer.below_floor else " (the served model's insights are none)"))
+    if answer.other_models:
+        notes.append(f"{answer.other_models} insight(s) of other models in these "
+                     "constellations were not searched (their report space is another model's):"
+                     " run their files again to re-draft them with the served model, or remove "
+                     "them: moe-pipeline query --write \"MATCH (i:Insight) WHERE i.model <> "
+                     "$current DETACH DELETE i\" --param current=FINGERPRINT (moe-pipeline "
+                     "models shows it)")
+    return notes
 
 
 @click.command()

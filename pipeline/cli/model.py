@@ -217,15 +217,18 @@ def models(settings: Settings) -> None:
     if settings.model_path:
         click.echo(f"served: {settings.model_path} (MOE_MODEL_PATH)")
     elif served is None:
-        click.echo("served: the default model (no trained checkpoint in "
-                   f"{serving.models_dir(settings)})")
+        click.echo(f"served: the default model "
+                   f"{serving.model_fingerprint(settings, serving.default_config())} (no "
+                   f"trained checkpoint in {serving.models_dir(settings)})")
     for path in reversed(found):
         meta_file = path / "train.json"
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         config = serving.checkpoint.read_config(path)
         mark = "*" if served is not None and path.resolve() == served.resolve() else " "
         quality = " ".join(f"{k}={v:.3f}" for k, v in meta.get("quality", {}).items())
-        click.echo(f"{mark} {path.name}  {meta.get('mode', '?'):<12} "
+        fingerprint = serving.model_fingerprint(
+            settings.model_copy(update={"model_path": path}), config)
+        click.echo(f"{mark} {path.name}  {fingerprint}  {meta.get('mode', '?'):<12} "
                    f"{', '.join(n for n, _ in config.constellation_members())}  {quality}")
 
 

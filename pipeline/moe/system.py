@@ -126,14 +126,20 @@ class MixtureOfExpertsSystem(nn.Module):
                                      top_k, shards)
 
     # -- forward ---------------------------------------------------------------------------
-    def run(self, x: Tensor, reports: bool = False) -> SystemOutput:
-        """The whole forward. ``x`` is ``(B, N, D)`` or ``(B, D)`` (one token per input)."""
+    def run(self, x: Tensor, reports: bool = False,
+            chosen_BC: Tensor | None = None) -> SystemOutput:
+        """The whole forward. ``x`` is ``(B, N, D)`` or ``(B, D)`` (one token per input).
+        ``chosen_BC`` (int64 constellation ids) overrides the supervisor's choice: what an
+        input would report in constellations it was not routed to (`reports_in`)."""
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.input_dim:
             raise InputShapeError("x", tuple(x.shape), f"(batch, seq, {cfg.input_dim}) or "
                                   f"(batch, {cfg.input_dim})")
         x_BND = x if x.dim() == 3 else x.unsqueeze(1)
         decision = self.supervisor(x_BND)
+        if chosen_BC is not None:
+            decision = decision._replace(chosen=chosen_BC,
+                                         scores=decision.probs.gather(1, chosen_BC))
         confine = cfg.constellations_constrain_routing
         constraint = None
         if confine:
@@ -183,6 +189,15 @@ class MixtureOfExpertsSystem(nn.Module):
         """Forward that also returns the draft reports (``.reports``)."""
         with self._autocast():
             return self._runner()(x, reports=True)
+
+    def reports_in(self, x_D: Tensor, constellations: list[int]) -> DraftReportBatch:
+        """The reports one input ``(D,)`` would draft in each of ``constellations``, whatever
+        the supervisor would choose: ``embeddings`` is ``(len(constellations), 1, D)``. The
+        eager forward: a question, not the serving hot path."""
+        chosen_B1 = torch.tensor(constellations, device=x_D.device).unsqueeze(1)
+        x_BD = x_D.reshape(1, -1).expand(len(constellations), -1)
+        with self._autocast():
+            return self.run(x_BD, reports=True, chosen_BC=chosen_B1).reports
 
     # -- training --------------------------------------------------------------------------
     def init_supervisor(self, prototypes_GD: Tensor, temperature: float = 0.05) -> None:

@@ -61,17 +61,25 @@ def message_part(message: dict[str, Any]) -> ShardPart:
 
 @dataclass(frozen=True)
 class SimilarQuery:
-    """``similar``: a text or a vector (the model's input width), and how many answers."""
+    """``similar``: a text, a vector (the model's input width) or a stored id, how many
+    answers, and optionally one constellation and a floor."""
 
     text: str | None = None
     vector: list[float] | None = None
     k: int = 10
+    constellation: str | None = None
+    min_score: float | None = None
+    like: str | None = None
 
     def to_message(self) -> dict[str, Any]:
-        return {"text": self.text, "vector": self.vector, "k": self.k}
+        return {"text": self.text, "vector": self.vector, "k": self.k,
+                "constellation": self.constellation, "min_score": self.min_score,
+                "like": self.like}
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> SimilarQuery:
         vector = message.get("vector")
+        floor = message.get("min_score")
         return cls(message.get("text"), None if vector is None else [float(v) for v in vector],
-                   int(message.get("k", 10)))
+                   int(message.get("k", 10)), message.get("constellation"),
+                   None if floor is None else float(floor), message.get("like"))

@@ -59,6 +59,7 @@ def _lease(task, rt, lease: Lease):  # noqa: ANN001, ANN202
 
 
 @shared_task(name=SIMILAR, ignore_result=False, acks_late=False)
-def similar(message: dict[str, Any]) -> list[dict[str, Any]]:
-    query = messages.SimilarQuery.from_message(message)
-    return stages.similar(worker.runtime(), query.text, query.vector, query.k)
+def similar(message: dict[str, Any]) -> dict[str, Any]:
+    q = messages.SimilarQuery.from_message(message)
+    return stages.similar(worker.runtime(), q.text, q.vector, q.k, constellation=q.constellation,
+                          min_score=q.min_score, like=q.like).to_message()

