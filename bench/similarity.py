@@ -227,6 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
     results["top_k_agreement"] = agree  # type: ignore[assignment]
     results["exact_queries"] = exact  # type: ignore[assignment]
     results["float64_arbitration"] = misses  # type: ignore[assignment]
+    every = all_constellations_cost(device, rng, 5000 if args.quick else 50_000,
+                                    20 if args.quick else 200)
+    results.update({k: v for k, v in every.items() if k.startswith("all_")})
+    references.update({k: v for k, v in every.items() if k.startswith("one_")})
+    ratios["all_vs_one_constellation_p50"] = round(
+        every["all_constellations_p50_ms"] / every["one_constellation_p50_ms"], 3)
     return emit("similarity", device, {"dim": DIM, "k": K, "sizes": sizes,
                                        "batch_queries": n_batch, "rounds": rounds_at,
                                        "scan_dtype": str(scan_dtype(device)),
@@ -243,6 +249,60 @@ def main(argv: list[str] | None = None) -> dict:
                      "References search the cache's own float32 rows; scan is the narrow scan "
                      "alone, without the float32 re-rank; rerank_overhead_pct: median over "
                      "rounds of search time / scan time - 1.")
+
+
+@torch.no_grad()
+def all_constellations_cost(device: torch.device, rng, rows: int, repeat: int
+                            ) -> dict[str, float]:
+    """What `similar` over every constellation costs against the old one-constellation
+    search, per question: the default model (four constellations, 384 wide) drafts the
+    question's report in each (`reports_in`) and each shard's cache (``rows`` insights) is
+    searched, top-10 merged; the reference drafts the routed report and searches its shard.
+    Both take turns per question; p50 and p99 in ms. The graph's catch-up (one count query
+    per shard when nothing is new) is not in either figure."""
+    from pipeline.serving import build_system, default_config
+    from pipeline.settings import Settings
+
+    config = default_config()
+    system = build_system(config, Settings(device=str(device))).to(device).eval()
+    names = system.constellation.names
+    caches = {}
+    for name in names:
+        data = dataset("clustered", rows, rng)
+        caches[name] = EmbeddingCache(DIM, device, capacity=rows)
+        caches[name].add([f"{name}-{i}" for i in range(rows)], data, np.arange(rows))
+    questions = torch.from_numpy(unit(rng.standard_normal((repeat, DIM), dtype=np.float32)))
+
+    def one(x: torch.Tensor) -> None:
+        rep = system.draft_reports(x.reshape(1, -1).to(device)).reports
+        shard = names[int(rep.constellation_ids[0, 0])]
+        caches[shard].search(rep.embeddings[0, :1].float(), K)
+
+    def every(x: torch.Tensor) -> None:
+        emb = system.reports_in(x.to(device), list(range(len(names)))).embeddings[:, 0].float()
+        hits = []
+        for c, name in enumerate(names):
+            scores, found = caches[name].search(emb[c:c + 1], K)
+            hits += list(zip(scores[0].tolist(), found[0].tolist(), strict=True))
+        sorted(hits, reverse=True)[:K]
+
+    times: dict[str, list[float]] = {"one": [], "all": []}
+    for x in questions[:3]:  # warm up
+        one(x), every(x)
+    for x in questions:
+        for name, fn in (("one", one), ("all", every)):
+            start = time.perf_counter()
+            fn(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, label in (("one", "one_constellation"), ("all", "all_constellations")):
+        ts = sorted(times[name])
+        out[f"{label}_p50_ms"] = round(ts[len(ts) // 2], 3)
+        out[f"{label}_p99_ms"] = round(ts[min(len(ts) - 1, int(0.99 * len(ts)))], 3)
+    out["all_constellations_rows_per_shard"] = rows
+    return out
 
 
 def snapshot_ready(cache: EmbeddingCache, data: np.ndarray, rng) -> dict[str, float]:

@@ -7,7 +7,9 @@ D embedding dim.
 cosine >= ``dedup_threshold`` or becomes a leader itself (greedy in batch order, so
 deterministic); (2) each leader's top-1 in the cache decides merge (>= threshold) or insert;
 (3) inserted leaders get SIMILAR_TO edges to cached and to other new insights with
-``related_threshold <= cosine < dedup_threshold``. Leaders are pairwise below the threshold
+``related_threshold <= cosine < dedup_threshold``, and to such neighbours in the other
+constellations' caches (``others``: a note near two topics links across them). Leaders are
+pairwise below the threshold
 and inserts are below it against the cache, so no two insights of a shard ever reach it.
 
 `build_batch` turns a decision into the graph rows of one transaction (`CuratedBatch`).
@@ -109,6 +111,9 @@ class Decision:
     # leader -> (other shard, its cache row, score): a restatement of an insight that lives
     # in another shard joins it there (the report was routed elsewhere this time)
     foreign: dict[int, tuple[str, int, float]] = field(default_factory=dict)
+    # new insight (leader) -> [(other shard, its cache row, score)]: near neighbours in other
+    # constellations (related, not duplicates), linked like those of its own shard
+    related_foreign: dict[int, list[tuple[str, int, float]]] = field(default_factory=dict)
 
     @property
     def merged(self) -> int:
@@ -157,6 +162,7 @@ def decide(emb_ND: Tensor, cache: EmbeddingCache, dedup_threshold: float | Rule,
     target_row = np.full(len(leader), -1, dtype=np.int64)
     related_cached: dict[int, list[tuple[int, float]]] = {}
     foreign: dict[int, tuple[str, int, float]] = {}
+    related_foreign: dict[int, list[tuple[str, int, float]]] = {}
     inserts: list[int] = []
     emb_L = emb[torch.from_numpy(leaders).to(emb.device)]
     # Lexical matches may sit below the cosine top-1: the rule is applied to the top 32 by
@@ -183,6 +189,12 @@ def decide(emb_ND: Tensor, cache: EmbeddingCache, dedup_threshold: float | Rule,
             related_cached[int(li)] = [(int(r), float(s))
                                        for r, s in zip(rows[j][near], cos[j][near],
                                                        strict=True)][:k_related]
+        linked = [(float(s), name, int(r)) for name, _, m in elsewhere
+                  for r, s in zip(m[1][j], m[0][j], strict=True)
+                  if rule.related <= s < rule.threshold]
+        if linked:
+            related_foreign[int(li)] = [(name, r, s) for s, name, r in
+                                        sorted(linked, reverse=True)[:k_related]]
     related_new: dict[int, list[tuple[int, float]]] = {}
     if len(inserts) > 1:
         ins = torch.tensor(inserts, device=emb.device)
@@ -192,7 +204,8 @@ def decide(emb_ND: Tensor, cache: EmbeddingCache, dedup_threshold: float | Rule,
                      if rule.related <= sims[a, b] < rule.threshold]
             if pairs:
                 related_new[inserts[a]] = pairs
-    return Decision(leader, target_row, inserts, related_cached, related_new, foreign)
+    return Decision(leader, target_row, inserts, related_cached, related_new, foreign,
+                    related_foreign)
 
 
 def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
@@ -224,4 +237,6 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
                              for row, score in decision.related_cached.get(li, []))
         batch.similar.extend(Similar(new_ids[li], new_ids[other], score)
                              for other, score in decision.related_new.get(li, []))
+        batch.similar.extend(Similar(new_ids[li], (others or {})[name].ids[row], score)
+                             for name, row, score in decision.related_foreign.get(li, []))
     return batch, insights

@@ -120,6 +120,7 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
           on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fit a model to the items of ``source`` and write it as the served checkpoint."""
     start = time.perf_counter()
+    _check_options(constellations, config, label_field, num_constellations)
     items, bad = read_items(source)
     if not items:
         raise TrainError(f"{source if not isinstance(source, list) else 'the items'}: no valid "
@@ -198,6 +199,26 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
                                             system.config)
     return TrainResult(path, fingerprint, mode, dict(names), result.losses, int(held.sum()),
                        quality, time.perf_counter() - start)
+
+
+def _check_options(constellations: dict[str, str] | None, config: MoEConfig | None,
+                   label_field: str | None, num_constellations: int | None) -> None:
+    """Options that contradict each other, or ask for nothing, are refused before any work:
+    each used to be ignored in silence (0 topics retrained and served the old model)."""
+    if num_constellations is not None:
+        if num_constellations < 1:
+            raise TrainError(f"--num-constellations {num_constellations}: must be 1 or more")
+        named = [opt for opt, given in (("--label-field", label_field),
+                                        ("--constellations", constellations),
+                                        ("--config", config is not None
+                                         and config.constellations is not None)) if given]
+        if named:
+            raise TrainError(f"--num-constellations finds topics in the data; {named[0]} names "
+                             "them: give one or the other")
+    if constellations is not None and not constellations:
+        raise TrainError("--constellations: no name given")
+    if label_field is not None and not label_field.strip():
+        raise TrainError("--label-field: an empty field name")
 
 
 @torch.no_grad()

@@ -128,6 +128,10 @@ def test_similarity_bench_quick_compares_against_faiss_and_numpy():
     assert agreement["ours_vs_numpy_random_2000"] == 1.0  # random data: no ties, same top-k
     assert record["results"]["snapshot_ready_seconds_20000"] > 0
     assert record["results"]["librarian_decisions_reports_per_s_2000"] > 0
+    # similar over every constellation, against the one-constellation search it replaced
+    assert record["results"]["all_constellations_p50_ms"] > 0
+    assert record["references"]["one_constellation_p50_ms"] > 0
+    assert record["ratios"]["all_vs_one_constellation_p50"] > 0
 
 
 @pytest.mark.integration

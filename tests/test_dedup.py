@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from factories import clustered
+from factories import clustered, reports_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,3 +83,23 @@ def test_a_restatement_in_another_shards_cache_joins_it_there():
     there.add(["elsewhere"], emb[:1], [0], texts=["a note"])
     d = decide(torch.from_numpy(emb[:1]), here, Rule(0.85, 0.5), others={"b": there})
     assert d.foreign == {0: ("b", 0, pytest.approx(1.0, abs=1e-5))} and not d.inserts
+
+
+def test_a_new_insight_links_to_related_insights_of_other_constellations():
+    from pipeline.dedup import Rule, build_batch
+
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(16).astype(np.float32)
+    base /= np.linalg.norm(base)
+    noise = rng.standard_normal(16).astype(np.float32)
+    noise -= noise @ base * base
+    noise /= np.linalg.norm(noise)
+    near = (0.7 * base + np.sqrt(1 - 0.49) * noise).astype(np.float32)  # cosine 0.7 to base
+    here, there = EmbeddingCache(16), EmbeddingCache(16)
+    there.add(["theirs"], base[None], [0], texts=["a note"])
+    d = decide(torch.from_numpy(near[None]), here, Rule(0.85, 0.5), others={"b": there})
+    assert d.inserts == [0] and not d.foreign
+    assert d.related_foreign == {0: [("b", 0, pytest.approx(0.7, abs=1e-3))]}
+    reports = reports_for(near[None], "job", "a")
+    batch, new = build_batch("a", reports, d, here, "run", 0, {"b": there})
+    assert [(s.insight_id, s.other_id) for s in batch.similar] == [(new[0].id, "theirs")]

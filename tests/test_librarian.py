@@ -303,6 +303,30 @@ def test_a_restatement_routed_to_another_constellation_merges_there(graph):
     assert graph.max_seq(b) == -1  # nothing founded in b
 
 
+def test_a_related_note_of_another_constellation_is_linked_across(graph):
+    """Near, not a duplicate, and filed elsewhere: SIMILAR_TO joins the two constellations."""
+    a, b = f"x-{uuid.uuid4().hex[:8]}", f"y-{uuid.uuid4().hex[:8]}"
+    model = f"model-{uuid.uuid4().hex[:8]}"
+    lib = _librarian(graph, cross_shard=True)
+    rng = np.random.default_rng(21)
+    base, other = rng.standard_normal((2, 16)).astype(np.float32)
+    base /= np.linalg.norm(base)
+    other -= other @ base * base
+    other /= np.linalg.norm(other)
+    near = 0.7 * base + np.sqrt(1 - 0.49) * other  # cosine 0.7: related, below the threshold
+    first = lib.curate(a, reports_for(base[None], "job-l1", a), model=model)
+    second = lib.curate(b, reports_for(near[None].astype(np.float32), "job-l2", b, start=7),
+                        model=model)
+    assert (first.inserted, second.inserted, second.similar) == (1, 1, 1)
+    (mine,) = set(second.insight_of_report.values())
+    (theirs,) = set(first.insight_of_report.values())
+    rows = graph.run_cypher("MATCH (i:Insight {id: $id})-[e:SIMILAR_TO]->(j:Insight) "
+                            "RETURN j.id AS id, j.shard AS shard, e.score AS score",
+                            {"id": mine})
+    assert [(r["id"], r["shard"]) for r in rows] == [(theirs, a)]
+    assert rows[0]["score"] == pytest.approx(0.7, abs=0.01)
+
+
 def test_two_models_insights_never_merge(graph):
     shard, tag = f"m-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
     m1, m2 = f"one-{tag}", f"two-{tag}"

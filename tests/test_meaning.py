@@ -136,6 +136,14 @@ def test_train_refuses_what_it_cannot_do_with_the_item_and_field_named(tmp_path)
                                                   "names no constellation"):
         training.train(items, settings, label_field="domain",
                        constellations={"mathematics": "", "vision": ""})
+    for options, expected in (({"num_constellations": 0}, "must be 1 or more"),
+                              ({"num_constellations": 2, "label_field": "domain"},
+                               "--label-field names them"),
+                              ({"num_constellations": 2, "constellations": {"a": ""}},
+                               "--constellations names them"),
+                              ({"constellations": {}}, "no name given")):
+        with pytest.raises(training.TrainError, match=expected):
+            training.train(items, settings, **options)
     assert not (tmp_path / "models").exists()  # nothing half-written
 
 
