@@ -35,6 +35,7 @@ from pipeline.records import (
     Produced,
     Similar,
     Support,
+    expert_id,
     insight_id,
 )
 
@@ -231,7 +232,7 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
         for expert, weight in report.experts.items():
             key = (target, expert)
             produced[key] = max(weight, produced.get(key, weight))
-    batch.produced = [Produced(t, e, w) for (t, e), w in produced.items()]
+    batch.produced = [Produced(t, expert_id(e, model), w) for (t, e), w in produced.items()]
     for li in decision.inserts:
         batch.similar.extend(Similar(new_ids[li], cache.ids[row], score)
                              for row, score in decision.related_cached.get(li, []))

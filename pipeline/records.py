@@ -42,6 +42,17 @@ def report_id(job_id: str, item_id: str, constellation: str) -> str:
     return stable_id("report", job_id, item_id, constellation)
 
 
+def expert_id(name: str, model: str | None) -> str:
+    """An Expert node belongs to one model: two models' "expert_3" are two experts, so the
+    graph's expert questions never mix them. The name stays readable in front."""
+    return name if model is None else f"{name}@{model}"
+
+
+def expert_name(node_id: str) -> str:
+    """The readable name of an Expert node's id."""
+    return node_id.split("@", 1)[0]
+
+
 def insight_id(shard: str, leader_report: str) -> str:
     """An insight is named by its shard and the report that founded it: replays agree."""
     return stable_id("insight", shard, leader_report)

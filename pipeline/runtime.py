@@ -127,10 +127,11 @@ class Runtime:
             self._run_configs[run_id] = ledger.run_config(self.Session, run_id)
         return self._run_configs[run_id]
 
-    def ensure_run(self, run_id: str, config: MoEConfig) -> None:
+    def ensure_run(self, run_id: str, config: MoEConfig, model: str | None = None) -> None:
         """The run's node and its model's experts and constellations, once per process."""
         if run_id not in self._runs:
-            self.graph.ensure_run(run_id, config.to_dict(), serving.constellation_map(config))
+            self.graph.ensure_run(run_id, config.to_dict(), serving.constellation_map(config),
+                                  model)
             self._runs.add(run_id)
 
     def close(self) -> None:

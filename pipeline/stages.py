@@ -232,7 +232,7 @@ def curate_part(rt: Runtime, part: ShardPart,
         on_attempt(attempts)
     faults(rt.settings, attempts, [r.item_id for r in part.reports])
     config = rt.run_config(part.run_id)
-    rt.ensure_run(part.run_id, config)
+    rt.ensure_run(part.run_id, config, part.model)
     t = time.perf_counter()
     librarian = rt.librarian(config)
     step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,

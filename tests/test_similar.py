@@ -100,3 +100,17 @@ def test_another_models_insights_are_named_not_hidden(seeded, tmp_path):
     lines = _similar_notes(answer)
     assert lines[0].startswith("nothing close: no insight of mathematics, language")
     assert "insight(s) of other models in these constellations were not searched" in lines[1]
+
+
+def test_experts_belong_to_one_model(seeded):
+    """Expert nodes carry their model: another model's expert_0 is another node."""
+    rt, _ = seeded
+    rows = rt.graph.run_cypher(
+        "MATCH (x:Expert)-[:MEMBER_OF]->(c:Constellation) WHERE x.model = $m "
+        "RETURN x.id AS id, x.name AS name, c.id AS constellation", {"m": rt.fingerprint})
+    assert {r["name"] for r in rows} == set(rt.system.constellation.expert_names)
+    assert all(r["id"] == f"{r['name']}@{rt.fingerprint}" for r in rows)
+    produced = rt.graph.run_cypher(
+        "MATCH (i:Insight)-[:PRODUCED_BY]->(x:Expert) WHERE i.model = $m "
+        "RETURN collect(DISTINCT x.model) AS models", {"m": rt.fingerprint})
+    assert produced == [{"models": [rt.fingerprint]}]

@@ -91,8 +91,9 @@ MERGE (:{RUN} {{id: $run}})
 """
 
 MERGE_EXPERTS = f"""
-UNWIND $experts AS name
-MERGE (:{EXPERT} {{id: name}})
+UNWIND $experts AS r
+MERGE (x:{EXPERT} {{id: r.id}})
+ON CREATE SET x.name = r.name, x.model = r.model
 """
 
 # Every new insight has at least one support (the report that created it) and one producing
@@ -157,6 +158,7 @@ SET e.score = r.score
 MERGE_MODEL = f"""
 UNWIND $rows AS r
 MERGE (x:{EXPERT} {{id: r.expert}})
+ON CREATE SET x.name = r.name, x.model = r.model
 MERGE (c:{CONSTELLATION} {{id: r.constellation}})
 MERGE (x)-[:{MEMBER_OF}]->(c)
 """

@@ -190,12 +190,12 @@ class GraphStore:
                         "--write 'DROP INDEX insight_embedding') and it is made anew")
 
     def ensure_run(self, run_id: str, config: dict[str, Any],
-                   constellations: dict[str, list[str]]) -> None:
-        """The Run node and the model's experts and constellations (MEMBER_OF)."""
+                   constellations: dict[str, list[str]], model: str | None = None) -> None:
+        """The Run node and the model's experts (of ``model``) and constellations."""
         def work(tx: ManagedTransaction) -> None:
             tx.run(cypher.MERGE_RUN, id=run_id, created_at=time.time(),
                    config=json.dumps(config, sort_keys=True)).consume()
-            tx.run(cypher.MERGE_MODEL, rows=rows.model_rows(constellations)).consume()
+            tx.run(cypher.MERGE_MODEL, rows=rows.model_rows(constellations, model)).consume()
 
         self._write(work)
 
@@ -235,7 +235,7 @@ class GraphStore:
             if params["insights"]:
                 tx.run(cypher.MERGE_HUBS, shards=shards, run=batch.run_id).consume()
             if experts:
-                tx.run(cypher.MERGE_EXPERTS, experts=experts).consume()
+                tx.run(cypher.MERGE_EXPERTS, experts=rows.expert_rows(experts)).consume()
             for statement, key in ((cypher.CREATE_INSIGHTS, "insights"),
                                    (cypher.MERGE_SUPPORTS, "old_supports"),
                                    (cypher.MERGE_PRODUCED, "old_produced"),

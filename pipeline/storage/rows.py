@@ -6,6 +6,7 @@ query text.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pipeline.records import (
@@ -15,6 +16,8 @@ from pipeline.records import (
     Similar,
     Support,
     encode_embedding,
+    expert_id,
+    expert_name,
 )
 
 Row = dict[str, Any]
@@ -101,7 +104,13 @@ def _one_per_source(rows: list[Row]) -> list[Row]:
     return list(merged.values())
 
 
-def model_rows(constellations: dict[str, list[str]]) -> list[Row]:
-    """MEMBER_OF rows: one per (expert, constellation)."""
-    return [{"expert": e, "constellation": c} for c, experts in constellations.items()
-            for e in experts]
+def model_rows(constellations: dict[str, list[str]], model: str | None = None) -> list[Row]:
+    """MEMBER_OF rows: one per (expert, constellation), the expert that of ``model``."""
+    return [{"expert": expert_id(e, model), "name": e, "model": model, "constellation": c}
+            for c, experts in constellations.items() for e in experts]
+
+
+def expert_rows(ids: Iterable[str]) -> list[Row]:
+    """Expert nodes by id, with the readable name and the model the id carries."""
+    return [{"id": i, "name": expert_name(i), "model": i.split("@", 1)[1] if "@" in i else None}
+            for i in sorted(set(ids))]
