@@ -3,7 +3,8 @@ from its batches' metrics in SQL (`ledger.run_rows`), and a chart of them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import sessionmaker
 
@@ -25,6 +26,37 @@ class RunStats:
     balance_loss: float
     expert_usage: dict[str, float]  # expert -> share of token assignments
     constellation_usage: dict[str, float]  # constellation -> share of draft reports
+    members: dict[str, list[str]] = field(default_factory=dict)  # constellation -> experts
+
+    @property
+    def reachable_entropy(self) -> float:
+        """The routing entropy routing can reach: tokens choose among their constellation's
+        members (ln of the largest constellation), or among every expert without any."""
+        sizes = [len(m) for m in self.members.values()] or [max(len(self.expert_usage), 1)]
+        return math.log(max(max(sizes), 1))
+
+    def constellations_of(self, expert: str) -> list[str]:
+        return [c for c, experts in self.members.items() if expert in experts]
+
+    def starved(self, fraction: float = 0.25) -> list[str]:
+        """In words: each constellation drawing under ``fraction`` of an even share of the
+        reports, and each expert drawing under ``fraction`` of an even share of its
+        constellations' assignments."""
+        notes = []
+        groups = len(self.constellation_usage) or 1
+        for name, share in self.constellation_usage.items():
+            if share < fraction / groups:
+                notes.append(f"constellation {name} is starved: {share:.1%} of the reports, "
+                             f"against {1 / groups:.1%} if they were even")
+        for expert, share in self.expert_usage.items():
+            homes = self.constellations_of(expert)
+            expected = sum(self.constellation_usage.get(c, 0.0) / len(self.members[c])
+                           for c in homes) if homes else 1 / max(len(self.expert_usage), 1)
+            if expected > 0 and share < fraction * expected:
+                notes.append(f"expert {expert} ({', '.join(homes) or 'no constellation'}) is "
+                             f"starved: {share:.1%} of assignments, against {expected:.1%} "
+                             "even within its constellation")
+        return notes
 
 
 def _mean(xs: list[float | None]) -> float:
@@ -46,12 +78,19 @@ def run_stats(Session: sessionmaker, run_id: str | None = None) -> RunStats:
     reports = sum(m.reports for _, m in rows.batches)
     merged = sum(m.merged for _, m in rows.batches)
     total_parts = sum(n for _, n in rows.shard_reports) or 1
+    try:
+        config = ledger.run_config(Session, rows.run_id)
+        members = {name: [config.expert_names()[e] for e in experts]
+                   for name, experts in config.constellation_members()}
+    except PipelineError:  # a run recorded without its model: no membership to show
+        members = {}
     return RunStats(rows.run_id, rows.jobs, len(rows.batches), items, reports,
                     sum(m.new_insights for _, m in rows.batches), merged,
                     merged / reports if reports else 0.0,
                     _mean([m.routing_entropy for _, m in rows.batches]),
                     _mean([m.balance_loss for _, m in rows.batches]), usage,
-                    {shard: n / total_parts for shard, n in sorted(rows.shard_reports)})
+                    {shard: n / total_parts for shard, n in sorted(rows.shard_reports)},
+                    members)
 
 
 def plot(st: RunStats, path: str) -> None:

@@ -60,3 +60,18 @@ def test_cur_decompose_is_exact_at_full_rank_and_close_on_low_rank():
     # C and R are real columns and rows of W.
     assert any(torch.equal(c[:, 0], low_rank[:, j]) for j in range(20))
     assert any(torch.equal(r[0], low_rank[i]) for i in range(30))
+
+
+def test_run_stats_say_what_routing_can_reach_and_who_is_starved():
+    from pipeline.stats import RunStats
+
+    st = RunStats("r", 1, 1, 100, 100, 50, 50, 0.5, 0.6, 1.0,
+                  {"a0": 0.49, "a1": 0.01, "b0": 0.25, "b1": 0.25},
+                  {"alpha": 0.5, "beta": 0.5}, {"alpha": ["a0", "a1"], "beta": ["b0", "b1"]})
+    assert abs(st.reachable_entropy - 0.6931) < 1e-3  # ln 2, not ln 4
+    assert st.constellations_of("a1") == ["alpha"]
+    notes = st.starved()
+    assert len(notes) == 1 and notes[0].startswith("expert a1 (alpha) is starved: 1.0%")
+    lopsided = RunStats("r", 1, 1, 100, 100, 50, 50, 0.5, 0.6, 1.0, {"a0": 0.5, "b0": 0.5},
+                        {"alpha": 0.95, "beta": 0.05}, {"alpha": ["a0"], "beta": ["b0"]})
+    assert any(n.startswith("constellation beta is starved: 5.0%") for n in lopsided.starved())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from pipeline import serving
 from pipeline.inputs import read_items
 from pipeline.jobs import JobFailed, run_local
 from pipeline.settings import Settings
@@ -229,6 +230,14 @@ def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
     shares = [float(line.split()[1].rstrip("%")) for line in out.stdout.splitlines()
               if line.startswith("expert_")]
     assert len(shares) == 8 and abs(sum(shares) - 100) < 0.5
+    # entropy against what routing can reach (tokens choose among their constellation's two
+    # experts), each expert labelled by its constellation
+    assert "among the 2 experts of a constellation: 0.693)" in out.stdout, out.stdout
+    members = {name: [f"expert_{e}" for e in experts] for name, experts in
+               serving.default_config().constellation_members()}
+    labels = {line.split()[0]: line.split()[2] for line in out.stdout.splitlines()
+              if line.startswith("expert_")}
+    assert labels == {e: name for name, experts in members.items() for e in experts}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "nope"],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)

@@ -211,3 +211,5 @@ def test_quality_bench_quick_prints_the_shared_json_shape():
     res = record["results"]
     assert res["texts_zero_shot_nmi"] >= 0.75 and res["texts_supervised_accuracy"] >= 0.9
     assert res["texts_dedup_precision"] >= 0.97 and res["texts_dedup_f1"] >= 0.97
+    # read from the graph by name, with the constellations given in reversed order
+    assert res["texts_supervised_shuffled_graph_name_accuracy"] >= 0.9

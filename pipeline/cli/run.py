@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import click
@@ -184,16 +183,22 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
     click.echo(f"run {st.run_id}: {st.jobs} jobs, {st.batches} batches, {st.items} items")
     click.echo(f"draft reports {st.reports}  new insights {st.new_insights}  merged "
                f"{st.merged}  dedup rate {st.dedup_rate:.1%}")
-    n = max(len(st.expert_usage), 1)
-    click.echo(f"routing entropy {st.routing_entropy:.3f} nats (uniform over {n} experts: "
-               f"{math.log(n):.3f})  balance loss {st.balance_loss:.3f}")
+    largest = max([len(m) for m in st.members.values()] or [len(st.expert_usage), 1])
+    within = (f"the most routing can reach, among the {largest} experts of a constellation"
+              if st.members else f"uniform over {largest} experts")
+    click.echo(f"routing entropy {st.routing_entropy:.3f} nats ({within}: "
+               f"{st.reachable_entropy:.3f})  balance loss {st.balance_loss:.3f}")
     width = max([len(k) for k in [*st.expert_usage, *st.constellation_usage]] + [6])
-    click.echo(f"{'expert':<{width}}  share")
+    click.echo(f"{'expert':<{width}}  share   constellation")
     for name, share in st.expert_usage.items():
-        click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+        bar = "#" * round(share * 40)
+        click.echo(f"{name:<{width}}  {share:6.1%}  {', '.join(st.constellations_of(name)):<14}"
+                   f"  {bar}")
     click.echo(f"{'constellation':<{width}}  share of reports")
     for name, share in st.constellation_usage.items():
         click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+    for note in st.starved():
+        click.echo(note)
     if plot_file:
         run_stats.plot(st, plot_file)
         click.echo(f"chart written to {plot_file}")
