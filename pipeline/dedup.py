@@ -228,7 +228,8 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
         row = decision.target_row[i]
         target = cache.ids[row] if row >= 0 else new_ids[int(decision.leader[i])]
         batch.supports.append(Support(target, report.item_id, report.id, report.job_id,
-                                      report.score, report.text))
+                                      report.score, report.text,
+                                      np.asarray(report.embedding, np.float32)))
         for expert, weight in report.experts.items():
             key = (target, expert)
             produced[key] = max(weight, produced.get(key, weight))

@@ -134,6 +134,7 @@ class Support:
     job_id: str
     weight: float
     source_text: str = ""
+    embedding: np.ndarray | None = None  # (dim,) the report's, for the insight's medoid text
 
 
 @dataclass(frozen=True)

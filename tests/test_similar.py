@@ -114,3 +114,25 @@ def test_experts_belong_to_one_model(seeded):
         "MATCH (i:Insight)-[:PRODUCED_BY]->(x:Expert) WHERE i.model = $m "
         "RETURN collect(DISTINCT x.model) AS models", {"m": rt.fingerprint})
     assert produced == [{"models": [rt.fingerprint]}]
+
+
+BOILERPLATE = ("Note:", "Remember that", "From the lecture:", "Key point:", "Worth reviewing")
+
+
+def test_an_insight_reads_as_the_medoid_of_its_sources(seeded):
+    """Several restatements behind one insight: its text is one of theirs, the most typical
+    in report space, which here is the plain wording more often than the first-come one."""
+    rt, _ = seeded
+    rows = rt.graph.run_cypher(
+        "MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source) WHERE i.model = $m "
+        "WITH i, collect(s.text) AS texts WHERE size(texts) > 1 "
+        "RETURN i.text AS text, i.summary AS first, texts", {"m": rt.fingerprint})
+    assert len(rows) >= 50
+    assert all(r["text"] in r["texts"] for r in rows)
+
+    def noisy(text: str) -> bool:
+        return any(b in text for b in BOILERPLATE)
+
+    medoid = sum(noisy(r["text"]) for r in rows)
+    first = sum(noisy(r["first"]) for r in rows)
+    assert medoid < first, (medoid, first, len(rows))

@@ -112,8 +112,9 @@ WITH i, r.supports AS supports, r.produced AS produced, r.similar AS similar
 UNWIND supports AS s
 MERGE (src:{SOURCE} {{id: s.source}})
 ON CREATE SET src.text = s.text
-CREATE (i)-[:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job,
-                              jobs: s.jobs, reports: s.reports}}]->(src)
+CREATE (i)-[e:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job,
+                                jobs: s.jobs, reports: s.reports}}]->(src)
+SET e.embedding = s.embedding
 WITH DISTINCT i, produced, similar
 UNWIND produced AS p
 MATCH (x:{EXPERT} {{id: p.expert}})
@@ -131,7 +132,7 @@ MERGE (s:{SOURCE} {{id: r.source}})
 ON CREATE SET s.text = r.text
 MERGE (i)-[e:{SUPPORTED_BY}]->(s)
 ON CREATE SET e.report_id = r.report, e.weight = r.weight, e.job_id = r.job,
-              e.jobs = r.jobs, e.reports = r.reports
+              e.jobs = r.jobs, e.reports = r.reports, e.embedding = r.embedding
 ON MATCH SET e.jobs = coalesce(e.jobs, []) + [j IN r.jobs WHERE NOT j IN coalesce(e.jobs, [])],
              e.reports = coalesce(e.reports, [e.report_id])
                          + [x IN r.reports WHERE NOT x IN coalesce(e.reports, [e.report_id])]
@@ -176,12 +177,29 @@ WHERE r.report IN coalesce(e.reports, [e.report_id])
 RETURN r.report AS report, i.id AS insight
 """
 
+# The supports of insights that just gained one, for their medoid text (`rows.medoid_rows`);
+# an insight past `rows.MEDOID_MAX_SUPPORT` supports keeps its text.
+SUPPORT_EMBEDDINGS = f"""
+UNWIND $ids AS id
+MATCH (i:{INSIGHT} {{id: id}})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
+WITH i, collect([e.embedding, s.text]) AS pairs
+WHERE size(pairs) <= $cap
+RETURN i.id AS id, i.dim AS dim, pairs
+"""
+
+SET_TEXTS = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.id}})
+SET i.text = r.text
+"""
+
 # What a similarity answer shows of each insight it found.
 INSIGHT_DETAILS = f"""
 UNWIND $ids AS id
 MATCH (i:{INSIGHT} {{id: id}})
 OPTIONAL MATCH (i)-[:{SUPPORTED_BY}]->(s:{SOURCE})
-RETURN i.id AS id, i.shard AS shard, i.summary AS summary, count(s) AS support,
+RETURN i.id AS id, i.shard AS shard, coalesce(i.text, i.summary) AS summary,
+       count(s) AS support,
        collect(s.id)[0..5] AS sources
 """
 

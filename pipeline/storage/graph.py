@@ -242,6 +242,13 @@ class GraphStore:
                                    (cypher.MERGE_SIMILAR, "old_similar")):
                 if params[key]:
                     tx.run(statement, rows=params[key]).consume()
+            grown = sorted({s.insight_id for s in batch.supports})
+            if grown:
+                found = tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
+                               cap=rows.MEDOID_MAX_SUPPORT).data()
+                texts = [r for f in found for r in rows.medoid_rows([f], int(f["dim"]))]
+                if texts:
+                    tx.run(cypher.SET_TEXTS, rows=texts).consume()
             return {k: len(v) for k, v in params.items()}
 
         return self._write(work)

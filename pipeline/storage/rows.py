@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from pipeline.records import (
     CuratedBatch,
     Insight,
     Produced,
     Similar,
     Support,
+    decode_embeddings,
     encode_embedding,
     expert_id,
     expert_name,
@@ -27,6 +30,8 @@ def insight_row(insight: Insight, with_vector: bool = False) -> Row:
     props: Row = {"id": insight.id, "shard": insight.shard, "seq": insight.seq,
                   "run_id": insight.run_id, "embedding": encode_embedding(insight.embedding),
                   "dim": int(insight.embedding.shape[-1]), "summary": insight.summary,
+                  # what a reader sees: the medoid of its sources' texts once it has several
+                  "text": insight.summary,
                   "created_at": insight.created_at}
     if insight.model is not None:  # the model that drafted it: its report space
         props["model"] = insight.model
@@ -37,7 +42,31 @@ def insight_row(insight: Insight, with_vector: bool = False) -> Row:
 
 def support_row(s: Support) -> Row:
     return {"insight": s.insight_id, "source": s.source_id, "report": s.report_id,
-            "job": s.job_id, "weight": float(s.weight), "text": s.source_text}
+            "job": s.job_id, "weight": float(s.weight), "text": s.source_text,
+            "embedding": None if s.embedding is None else encode_embedding(s.embedding)}
+
+
+# An insight's text is recomputed while it has at most this many supports; past that its
+# medoid barely moves, and reading every support's embedding at each merge would not pay.
+MEDOID_MAX_SUPPORT = 64
+
+
+def medoid_rows(found: list[dict[str, Any]], dim: int) -> list[Row]:
+    """{"id", "text"} for each insight whose supports' texts have a medoid: the text of the
+    support whose report embedding is nearest the supports' mean direction (cosine), so the
+    insight reads as its most typical restatement, not whichever came first. ``found`` rows
+    hold ``id`` and ``pairs`` of [stored embedding bytes (None where an edge has none), text]
+    (pairs, since Cypher's collect drops the nulls of a list of values)."""
+    out = []
+    for row in found:
+        pairs = [(e, t) for e, t in row["pairs"] if e is not None and t]
+        if len(pairs) < 2:
+            continue
+        emb = decode_embeddings([e for e, _ in pairs], dim).astype(np.float32)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        mean = emb.mean(0)
+        out.append({"id": row["id"], "text": pairs[int(np.argmax(emb @ mean))][1]})
+    return out
 
 
 def produced_row(p: Produced) -> Row:
