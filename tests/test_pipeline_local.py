@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,7 +220,9 @@ def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
     summary = run_local(_items(40, seed=3), settings, batch_size=20)
     env = {**os.environ, "DATABASE_URL": settings.database_url,
-           "MOE_STATE_DIR": str(settings.state_dir)}
+           "MOE_STATE_DIR": str(settings.state_dir), "NEO4J_URI": settings.neo4j_uri,
+           "NEO4J_USERNAME": settings.neo4j_username,
+           "NEO4J_PASSWORD": settings.neo4j_password or ""}
     png = tmp_path / "usage.png"
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", summary.run_id,
                           "--plot", str(png)], capture_output=True, text=True, cwd=ROOT,
@@ -238,6 +241,9 @@ def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
     labels = {line.split()[0]: line.split()[2] for line in out.stdout.splitlines()
               if line.startswith("expert_")}
     assert labels == {e: name for name, experts in members.items() for e in experts}
+    # how well the items fit, from the supervisor's scores the graph keeps
+    assert "routing confidence (the supervisor's probability" in out.stdout
+    assert re.search(r"\d+ of 40 items \(\d+\.\d%\) fit no constellation well", out.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "nope"],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)

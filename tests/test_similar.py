@@ -36,7 +36,7 @@ def seeded(graph, tmp_path_factory):
     assert summary.status == "completed"
     notes = [json.loads(line) for line in TEXTS.read_text().splitlines()]
     with Runtime.from_settings(settings) as rt:
-        yield rt, notes
+        yield rt, notes, summary.job_id
 
 
 def _sources(rt, insight_id: str) -> set[str]:
@@ -48,7 +48,7 @@ def _sources(rt, insight_id: str) -> set[str]:
 def test_every_note_finds_itself_whatever_constellation_it_was_filed_under(seeded):
     """Each note's own words find the insight it supports, first: misrouted notes included,
     since every constellation is searched (one shard each, before, lost those)."""
-    rt, notes = seeded
+    rt, notes, _ = seeded
     first = [n for n in notes if n["id"].endswith("-0")]
     found = 0
     for note in first:
@@ -59,7 +59,7 @@ def test_every_note_finds_itself_whatever_constellation_it_was_filed_under(seede
 
 
 def test_an_off_topic_question_is_told_nothing_is_close(seeded):
-    rt, _ = seeded
+    rt, *_ = seeded
     for question in ("what is the capital of France?", "recipe for banana bread",
                      "who won the world cup"):
         answer = stages.similar(rt, question, k=5)
@@ -70,7 +70,7 @@ def test_an_off_topic_question_is_told_nothing_is_close(seeded):
 
 
 def test_one_constellation_and_more_like_this(seeded):
-    rt, notes = seeded
+    rt, notes, _ = seeded
     answer = stages.similar(rt, "how does sleep help memory?", k=5, constellation="memory")
     assert answer.searched == ["memory"] and answer.hits
     assert {h["shard"] for h in answer.hits} == {"memory"}
@@ -90,7 +90,7 @@ def test_one_constellation_and_more_like_this(seeded):
 def test_another_models_insights_are_named_not_hidden(seeded, tmp_path):
     """A model served after others searches its own insights only, and says how many others
     there are: never "no insights yet" over a full graph."""
-    rt, _ = seeded
+    rt, *_ = seeded
     other = rt.settings.model_copy(update={"seed": _MODEL_SEED + 1, "state_dir": tmp_path})
     with Runtime.from_settings(other) as fresh:
         answer = stages.similar(fresh, "how does sleep help memory?", k=3)
@@ -104,7 +104,7 @@ def test_another_models_insights_are_named_not_hidden(seeded, tmp_path):
 
 def test_experts_belong_to_one_model(seeded):
     """Expert nodes carry their model: another model's expert_0 is another node."""
-    rt, _ = seeded
+    rt, *_ = seeded
     rows = rt.graph.run_cypher(
         "MATCH (x:Expert)-[:MEMBER_OF]->(c:Constellation) WHERE x.model = $m "
         "RETURN x.id AS id, x.name AS name, c.id AS constellation", {"m": rt.fingerprint})
@@ -122,7 +122,7 @@ BOILERPLATE = ("Note:", "Remember that", "From the lecture:", "Key point:", "Wor
 def test_an_insight_reads_as_the_medoid_of_its_sources(seeded):
     """Several restatements behind one insight: its text is one of theirs, the most typical
     in report space, which here is the plain wording more often than the first-come one."""
-    rt, _ = seeded
+    rt, *_ = seeded
     rows = rt.graph.run_cypher(
         "MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source) WHERE i.model = $m "
         "WITH i, collect(s.text) AS texts WHERE size(texts) > 1 "
@@ -136,3 +136,12 @@ def test_an_insight_reads_as_the_medoid_of_its_sources(seeded):
     medoid = sum(noisy(r["text"]) for r in rows)
     first = sum(noisy(r["first"]) for r in rows)
     assert medoid < first, (medoid, first, len(rows))
+
+
+def test_each_item_says_which_insight_it_became_or_joined(seeded):
+    rt, notes, job = seeded
+    rows = rt.graph.job_items(job)
+    assert {r["item"] for r in rows} == {n["id"] for n in notes}
+    founded = [r for r in rows if r["founded"]]
+    assert len({r["insight"] for r in rows}) == len(founded)  # one founder per insight
+    assert all(0.0 < r["score"] <= 1.0 and r["text"] for r in rows)

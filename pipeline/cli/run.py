@@ -117,14 +117,18 @@ def _waiting(row, queue: str, settings: Settings, now: float) -> str:  # noqa: A
 @click.command()
 @click.argument("job_id", required=False)
 @click.option("--limit", default=10, show_default=True, help="jobs listed without JOB_ID")
+@click.option("--items", "show_items", is_flag=True,
+              help="with JOB_ID: which insight each item became or joined (reads the graph)")
 @click.pass_obj
-def status(settings: Settings, job_id: str | None, limit: int) -> None:
+def status(settings: Settings, job_id: str | None, limit: int, show_items: bool) -> None:
     """Where the graph and SQL are; the latest jobs, or one job's batches and errors."""
     from sqlalchemy import select
 
     from pipeline.storage.embedded import LocalGraphServer
     from pipeline.storage.sql import Job, session_factory
 
+    if show_items and job_id is None:
+        raise click.UsageError("--items needs a JOB_ID")
     click.echo(f"state dir: {settings.state_dir.resolve()} ({settings.state_dir_source()})")
     if settings.neo4j_uri:
         click.echo(f"graph: {masked(settings.neo4j_uri)} (NEO4J_URI)")
@@ -167,6 +171,22 @@ def status(settings: Settings, job_id: str | None, limit: int) -> None:
                     click.echo(f"    part {part.shard!r} failed: {redacted(part.error or '')}")
         for e in job.item_errors:
             click.echo(f"  bad item line {e.line} id {e.item_id}: {e.field}: {e.message}")
+    if show_items:
+        _item_insights(settings, job_id)
+
+
+def _item_insights(settings: Settings, job_id: str) -> None:
+    from pipeline.storage.connect import open_graph
+
+    note_server_start(settings)
+    with open_graph(settings) as graph:
+        rows = graph.job_items(job_id)
+    for r in rows:
+        what = "became" if r["founded"] else "joined"
+        click.echo(f"  item {r['item']} {what} {r['insight']} ({r['constellation']}, "
+                   f"score {r['score']:.2f}): {(r['text'] or '')[:60]}")
+    if not rows:
+        click.echo("  no item of this job is in the graph yet")
 
 
 @click.command()
@@ -199,6 +219,15 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
         click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
     for note in st.starved():
         click.echo(note)
+    from pipeline.storage.connect import open_graph
+    from pipeline.storage.ledger import run_job_ids
+
+    note_server_start(settings)
+    with open_graph(settings) as graph:
+        scores = graph.routing_scores(run_job_ids(session_factory(settings.sql_url()),
+                                                  st.run_id))
+    for line in run_stats.confidence_lines(scores):
+        click.echo(line)
     if plot_file:
         run_stats.plot(st, plot_file)
         click.echo(f"chart written to {plot_file}")

@@ -193,6 +193,22 @@ MATCH (i:{INSIGHT} {{id: r.id}})
 SET i.text = r.text
 """
 
+# Which insight each item of a job became or joined, with the supervisor's score for it.
+JOB_ITEMS = f"""
+MATCH (i:{INSIGHT})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
+WHERE $job IN coalesce(e.jobs, [e.job_id])
+RETURN s.id AS item, i.id AS insight, i.shard AS constellation, e.reports AS reports,
+       e.weight AS score, coalesce(i.text, i.summary) AS text
+ORDER BY item, constellation
+"""
+
+# The supervisor's score of every item of these jobs (each support edge keeps its report's).
+ROUTING_SCORES = f"""
+MATCH (:{INSIGHT})-[e:{SUPPORTED_BY}]->(:{SOURCE})
+WHERE any(j IN coalesce(e.jobs, [e.job_id]) WHERE j IN $jobs)
+RETURN e.weight AS score
+"""
+
 # What a similarity answer shows of each insight it found.
 INSIGHT_DETAILS = f"""
 UNWIND $ids AS id

@@ -36,7 +36,7 @@ from neo4j.exceptions import (
 )
 
 from pipeline.errors import PipelineError
-from pipeline.records import CuratedBatch
+from pipeline.records import CuratedBatch, insight_id
 from pipeline.storage import cypher, cypher_guard, rows
 from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it from here
 
@@ -287,6 +287,26 @@ class GraphStore:
         with self._outage(), self._session(read=True) as session:
             return {rec["id"]: rec.data()
                     for rec in session.run(cypher.INSIGHT_DETAILS, ids=list(ids))}
+
+    def job_items(self, job_id: str) -> list[dict[str, Any]]:
+        """Each item of a job with the insight it became (``founded``) or joined, its
+        constellation, the supervisor's score and the insight's text."""
+        out = []
+        for row in self._read_all(cypher.JOB_ITEMS, job=job_id):
+            founded = any(insight_id(row["constellation"], r) == row["insight"]
+                          for r in row.pop("reports") or [])
+            out.append({**row, "founded": founded})
+        return out
+
+    def routing_scores(self, job_ids: Sequence[str]) -> list[float]:
+        """The supervisor's score of each item these jobs filed (one per support edge)."""
+        return [float(r["score"]) for r in self._read_all(cypher.ROUTING_SCORES,
+                                                          jobs=list(job_ids))
+                if r["score"] is not None]
+
+    def _read_all(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        with self._outage(), self._session(read=True) as session:
+            return session.run(query, **params).data()
 
     def lookup(self, item_id: str) -> dict[str, Any] | None:
         """An insight's embedding and shard, or a source's text, by id (None: neither)."""

@@ -389,6 +389,11 @@ class RunRows:
     shard_reports: list[tuple[str, int]]
 
 
+def run_job_ids(Session: sessionmaker, run_id: str) -> list[str]:
+    with Session() as s:
+        return list(s.scalars(select(Job.id).where(Job.run_id == run_id)))
+
+
 def run_rows(Session: sessionmaker, run_id: str | None = None) -> RunRows:
     """The rows behind a run's statistics (default: the latest run)."""
     with Session() as s:
