@@ -60,6 +60,9 @@ class TrainResult:
     held_out: int
     quality: dict[str, float]  # nmi, purity (and accuracy with labels) on the held-out part
     seconds: float
+    # what ``quality`` was measured against: the label field, a meta field the items carry
+    # (unsupervised), or None (nothing to compare with: no figure)
+    compared_with: str | None = None
 
 
 def parse_constellations(specs: Sequence[str]) -> dict[str, str]:
@@ -81,6 +84,20 @@ def _labels(items: Sequence[Item], field: str | None) -> list[str | None] | None
         raise TrainError(f"label field {field!r} is in no item's meta (items carry "
                          f"{sorted({k for i in items for k in i.meta}) or 'no meta'})")
     return [None if v is None else str(v) for v in labels]
+
+
+def label_like_field(items: Sequence[Item]) -> str | None:
+    """A meta field that looks like a label: a string in every item, with 2 to 50 values
+    and fewer values than half the items (what unsupervised training is compared with)."""
+    if not items:
+        return None
+    common = set.intersection(*(set(i.meta) for i in items))
+    for field in sorted(common):
+        values = [i.meta[field] for i in items]
+        if all(isinstance(v, str) for v in values) and 2 <= len(set(values)) <= min(
+                50, len(items) // 2):
+            return field
+    return None
 
 
 def _with_constellations(base: MoEConfig, names: dict[str, str]) -> MoEConfig:
@@ -193,12 +210,22 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
                   if bool(known_val.any()) else None)
     result = system.fit(x[fit_rows], torch.from_numpy(targets)[fit_rows], epochs=epochs,
                         lr=lr, seed=settings.seed, validation=validation, on_epoch=on_epoch)
-    quality = _quality(system, x, held if held.any() else ~held, targets, labels, names)
+    compared_with = label_field
+    if labels is None:
+        # Unsupervised: agreement with the clusters it was fitted to is about 1 whatever the
+        # model learnt, so the held-out routing is compared with a label-like meta field of
+        # the file when there is one, and reported as nothing otherwise.
+        compared_with = label_like_field(items)
+        labels = _labels(items, compared_with) if compared_with else None
+    quality = (_quality(system, x, held if held.any() else ~held, targets, labels, names)
+               if compared_with else {})
+    if compared_with and not label_field and num_constellations:  # names found: no accuracy
+        quality.pop("accuracy", None)
     path = _save(system, settings, mode, source, quality)
     fingerprint = serving.model_fingerprint(settings.model_copy(update={"model_path": path}),
                                             system.config)
     return TrainResult(path, fingerprint, mode, dict(names), result.losses, int(held.sum()),
-                       quality, time.perf_counter() - start)
+                       quality, time.perf_counter() - start, compared_with)
 
 
 def _check_options(constellations: dict[str, str] | None, config: MoEConfig | None,

@@ -198,9 +198,12 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
     for name, description in result.constellations.items():
         click.echo(f"  {name}: {description or '(no description)'}")
     if result.quality:
-        what = "labels" if result.mode == "supervised" else "the clusters found"
-        click.echo(f"routing on {result.held_out} held-out items against {what}: "
+        click.echo(f"routing on {result.held_out} held-out items against meta."
+                   f"{result.compared_with}: "
                    + "  ".join(f"{k} {v:.3f}" for k, v in result.quality.items()))
+    else:
+        click.echo("no label field to measure the routing against (give --label-field, or "
+                   "items with a label in their meta)")
     click.echo(f"served model now {result.path} (fingerprint {result.fingerprint})")
 
 
