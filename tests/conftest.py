@@ -119,27 +119,27 @@ def _neo4j_enabled() -> None:
         pytest.skip("MOE_TEST_NEO4J=0: the Neo4j backends are turned off")
 
 
+def _serve_neo4j(version: str | None, workdir: Path):
+    _neo4j_enabled()
+    server = _start_neo4j(version, workdir)
+    yield {"uri": server.uri, "user": server.user, "password": server.password,
+           "version": server.server_version}
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def neo4j_server(tmp_path_factory):
     """Neo4j 5.26 LTS (the version docker-compose.yml pins), started once per test run:
     {"uri", "user", "password", "version"}."""
-    _neo4j_enabled()
-    server = _start_neo4j(None, tmp_path_factory.mktemp("neo4j"))
-    yield {"uri": server.uri, "user": server.user, "password": server.password,
-           "version": server.server_version}
-    server.stop()
+    yield from _serve_neo4j(None, tmp_path_factory.mktemp("neo4j"))
 
 
 @pytest.fixture(scope="session")
 def neo4j_current_server(tmp_path_factory):
     """The current Neo4j release (MOE_TEST_NEO4J_CURRENT, default CURRENT_NEO4J); skipped
     with the reason where no Java 21+ is found."""
-    _neo4j_enabled()
-    version = os.environ.get("MOE_TEST_NEO4J_CURRENT", CURRENT_NEO4J)
-    server = _start_neo4j(version, tmp_path_factory.mktemp("neo4j-current"))
-    yield {"uri": server.uri, "user": server.user, "password": server.password,
-           "version": server.server_version}
-    server.stop()
+    yield from _serve_neo4j(os.environ.get("MOE_TEST_NEO4J_CURRENT", CURRENT_NEO4J),
+                            tmp_path_factory.mktemp("neo4j-current"))
 
 
 @pytest.fixture(scope="session")
