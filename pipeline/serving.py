@@ -94,7 +94,8 @@ def model_fingerprint(settings: Settings, config: MoEConfig) -> str:
                     digest.update(block)
         # The names in index order too: the same weights under permuted names are another
         # model (each name is a different set of supervisor rows).
-        weights = f"{digest.hexdigest()} order={checkpoint.constellation_order(config)}"
+        order = checkpoint.constellation_order(config) or []
+        weights = digest.hexdigest() + (f" order={order}" if len(order) > 1 else "")
     else:
         weights = f"seed={settings.seed}"
     encoder = Path(settings.text_model).name if settings.text_model else "bundled-minilm"

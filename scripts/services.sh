@@ -15,6 +15,7 @@
 # anything that holds real data at them. What cannot be had here (no root to install, no
 # package) is one line, and the tests that need it skip with their reason.
 set -uo pipefail
+umask 077  # data and logs of these servers are nobody else's to read
 
 if [ "$(id -u)" = 0 ]; then
   default_dir=/var/lib/moe-pipeline-services
@@ -70,9 +71,12 @@ as_owner() {  # run a command as the user that owns the server's data (postgres 
   fi
 }
 
-pg_bin() {  # the newest installed PostgreSQL's bin directory
-  local d
-  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+pg_bin() {  # the bin directory of the PostgreSQL our data was made with, else the newest
+  local d=""
+  if [ -s "$DIR/postgres/PG_VERSION" ]; then
+    d="/usr/lib/postgresql/$(cat "$DIR/postgres/PG_VERSION")/bin"
+  fi
+  [ -n "$d" ] && [ -x "$d/postgres" ] || d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
   [ -n "$d" ] && [ -x "$d/initdb" ] && echo "$d"
 }
 
@@ -80,6 +84,7 @@ start_postgres() {
   if answers $PG_PORT; then say "PostgreSQL: something answers on $PG_PORT, left alone"; return 0; fi
   local bin
   bin=$(pg_bin) || { install postgresql && bin=$(pg_bin); } || return 1
+  if answers $PG_PORT; then say "PostgreSQL: the package started its own on $PG_PORT, left alone"; return 0; fi
   local data="$DIR/postgres" owner
   owner=$(id -un)
   [ "$(id -u)" = 0 ] && owner=postgres
@@ -100,11 +105,20 @@ start_postgres() {
 start_redis() {
   if answers $REDIS_PORT; then say "Redis: something answers on $REDIS_PORT, left alone"; return 0; fi
   command -v redis-server >/dev/null || install redis-server || return 1
+  if answers $REDIS_PORT; then say "Redis: the package started its own on $REDIS_PORT, left alone"; return 0; fi
   mkdir -p "$DIR/redis"
+  local owner
+  owner=$(id -un)
+  # As root, the package's unprivileged redis user runs it (a root Redis with no password
+  # could be told to write files anywhere).
+  if [ "$(id -u)" = 0 ] && id redis >/dev/null 2>&1; then owner=redis; fi
+  touch "$DIR/redis.log" && chown "$owner" "$DIR/redis" "$DIR/redis.log"
   # No persistence: a test server whose data is made and removed by the tests themselves.
-  redis-server --bind 127.0.0.1 --port $REDIS_PORT --daemonize yes --dir "$DIR/redis" \
-    --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log" --save "" --appendonly no \
+  as_owner "$owner" redis-server --bind 127.0.0.1 --port $REDIS_PORT --daemonize yes \
+    --dir "$DIR/redis" --pidfile "$DIR/redis/redis.pid" --logfile "$DIR/redis.log" \
+    --save "" --appendonly no \
     || { say "Redis failed to start (see $DIR/redis.log)"; return 1; }
+  touch "$DIR/redis.started"
   wait_for $REDIS_PORT 20 redis && say "Redis started on 127.0.0.1:$REDIS_PORT"
 }
 
@@ -116,13 +130,20 @@ start_rabbitmq() {
     return 1
   fi
   command -v rabbitmq-server >/dev/null || install rabbitmq-server || return 1
-  # The package's own node and files (/var/lib/rabbitmq), with its listeners and the Erlang
-  # port mapper on loopback; rabbitmqctl reaches it with no settings of its own.
+  if answers $AMQP_PORT; then say "RabbitMQ: the package started its own on $AMQP_PORT, left alone"; return 0; fi
+  if rabbitmqctl -q status >/dev/null 2>&1; then
+    # A node runs, but not on 127.0.0.1:5672: someone else's, not ours to start or stop.
+    say "RabbitMQ: a node runs here but does not answer on 127.0.0.1:$AMQP_PORT; left alone"
+    return 1
+  fi
+  # The package's node and files (/var/lib/rabbitmq), with its listeners and the Erlang port
+  # mapper on loopback; rabbitmqctl reaches it with no settings of its own.
   RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$AMQP_PORT ERL_EPMD_ADDRESS=127.0.0.1 \
     rabbitmq-server -detached >"$DIR/rabbitmq.log" 2>&1 \
     || { say "RabbitMQ failed to start (see $DIR/rabbitmq.log)"; return 1; }
-  touch "$DIR/rabbitmq.started"
-  wait_for $AMQP_PORT 90 rabbitmq && say "RabbitMQ started on 127.0.0.1:$AMQP_PORT"
+  wait_for $AMQP_PORT 90 rabbitmq || return 1
+  touch "$DIR/rabbitmq.started"  # only now: `stop` stops only a node this script started
+  say "RabbitMQ started on 127.0.0.1:$AMQP_PORT"
 }
 
 stop_all() {
@@ -131,9 +152,10 @@ stop_all() {
     as_owner "$(stat -c %U "$DIR/postgres")" "$bin/pg_ctl" -D "$DIR/postgres" -m fast stop \
       >/dev/null && say "PostgreSQL stopped"
   fi
-  if [ -s "$DIR/redis.pid" ]; then
-    kill "$(cat "$DIR/redis.pid")" 2>/dev/null && say "Redis stopped"
-    rm -f "$DIR/redis.pid"
+  if [ -e "$DIR/redis.started" ]; then
+    # By its port, not a pid file that may name another process after a reboot.
+    redis-cli -h 127.0.0.1 -p $REDIS_PORT shutdown nosave >/dev/null 2>&1 && say "Redis stopped"
+    rm -f "$DIR/redis.started"
   fi
   if [ -e "$DIR/rabbitmq.started" ]; then
     rabbitmqctl stop >/dev/null 2>&1 && say "RabbitMQ stopped"
@@ -150,7 +172,8 @@ status_all() {
   done
 }
 
-mkdir -p "$DIR"
+# Others may pass through (the servers' own users reach their folders below) but not list it.
+mkdir -p "$DIR" && chmod 711 "$DIR"
 case "${1:-start}" in
   start)
     # Each server on its own: one that cannot be had costs only the tests that need it.

@@ -114,6 +114,9 @@ def test_worker_commands_name_kinds_whose_queues_the_app_routes_to():
     kinds = set()
     # Flower runs from the same image so that it can read the workers' message format.
     assert SERVICES["flower"]["command"][:4] == ["celery", "-A", "pipeline.queue.app", "flower"]
+    # published on this host: it holds the broker's password only, and no state
+    assert set(SERVICES["flower"]["environment"]) == {"CELERY_BROKER_URL"}
+    assert SERVICES["flower"]["volumes"] == []
     for name in APP_SERVICES - {"migrate", "flower"}:
         command = SERVICES[name]["command"]
         assert command[:2] == ["moe-pipeline", "worker"], name

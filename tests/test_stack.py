@@ -200,8 +200,8 @@ class NativeStack:
 
     def run_service(self, name: str, port: int | None = None) -> subprocess.Popen:
         env = self.service_env(name)
-        if self.broker == "redis":
-            env["CELERY_BROKER_URL"] = env["REDIS_URL"]
+        if self.broker == "redis":  # the second run: Redis carries the tasks too
+            env["CELERY_BROKER_URL"] = self.host_env()["REDIS_URL"]
         command = [c.replace("%h", name) for c in interpolate(SERVICES[name]["command"],
                                                                self.vars)]
         if port is not None:  # a published port: this test's own, on loopback

@@ -177,9 +177,9 @@ def _similar_notes(answer: Any) -> list[str]:
         notes.append(f"{answer.other_models} insight(s) of other models in these "
                      "constellations were not searched (their report space is another model's):"
                      " run their files again to re-draft them with the served model, or remove "
-                     "them: moe-pipeline query --write \"MATCH (i:Insight) WHERE i.model <> "
-                     "$current DETACH DELETE i\" --param current=FINGERPRINT (moe-pipeline "
-                     "models shows it)")
+                     "them: moe-pipeline query --write 'MATCH (i:Insight) WHERE i.model IS NULL "
+                     "OR i.model <> $current DETACH DELETE i' --param current=FINGERPRINT "
+                     "(moe-pipeline models shows it)")
     return notes
 
 

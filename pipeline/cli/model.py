@@ -226,8 +226,12 @@ def models(settings: Settings) -> None:
     for path in reversed(found):
         meta_file = path / "train.json"
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        config = serving.checkpoint.read_config(path)
         mark = "*" if served is not None and path.resolve() == served.resolve() else " "
+        try:
+            config = serving.checkpoint.read_config(path)
+        except serving.checkpoint.CheckpointError as err:
+            click.echo(f"{mark} {path.name}  unusable: {str(err).split(': ', 1)[-1]}")
+            continue
         quality = " ".join(f"{k}={v:.3f}" for k, v in meta.get("quality", {}).items())
         fingerprint = serving.model_fingerprint(
             settings.model_copy(update={"model_path": path}), config)

@@ -220,12 +220,17 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
     for note in st.starved():
         click.echo(note)
     from pipeline.storage.connect import open_graph
+    from pipeline.storage.graph import GraphUnavailable
     from pipeline.storage.ledger import run_job_ids
 
     note_server_start(settings)
-    with open_graph(settings) as graph:
-        scores = graph.routing_scores(run_job_ids(session_factory(settings.sql_url()),
-                                                  st.run_id))
+    try:
+        with open_graph(settings) as graph:
+            scores = graph.routing_scores(run_job_ids(session_factory(settings.sql_url()),
+                                                      st.run_id))
+    except GraphUnavailable as err:  # the figures above come from SQL and stand
+        click.echo(f"routing confidence: not read ({err})")
+        return
     for line in run_stats.confidence_lines(scores):
         click.echo(line)
     if plot_file:

@@ -181,9 +181,11 @@ RETURN r.report AS report, i.id AS insight
 # an insight past `rows.MEDOID_MAX_SUPPORT` supports keeps its text.
 SUPPORT_EMBEDDINGS = f"""
 UNWIND $ids AS id
-MATCH (i:{INSIGHT} {{id: id}})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
+MATCH (i:{INSIGHT} {{id: id}})-[n:{SUPPORTED_BY}]->()
+WITH i, count(n) AS support
+WHERE support <= $cap
+MATCH (i)-[e:{SUPPORTED_BY}]->(s:{SOURCE})
 WITH i, collect([e.embedding, s.text]) AS pairs
-WHERE size(pairs) <= $cap
 RETURN i.id AS id, i.dim AS dim, pairs
 """
 

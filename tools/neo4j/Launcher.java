@@ -6,7 +6,8 @@
 // Run by launcher.sh (which resolves the classpath with Maven) as a single-file program:
 //   java -cp CLASSPATH Launcher.java DIR
 // It prints one JSON line when Bolt answers, then serves until its standard input closes
-// (the test run that started it has gone) or it is interrupted, and removes DIR's data.
+// (the test run that started it has gone) or it is interrupted. The harness keeps its store
+// in a folder of its own under DIR; launcher.sh removes DIR when it made it.
 
 import java.io.IOException;
 import java.net.InetSocketAddress;

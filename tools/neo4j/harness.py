@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import selectors
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ class Neo4jHarness:
 
     def __init__(self, version: str | None = None, workdir: Path | None = None) -> None:
         self.version = version
+        self.owned = workdir is None  # a folder of our own: removed by stop()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-neo4j-harness-"))
         self.log = self.workdir / "launcher.log"
         self.proc: subprocess.Popen | None = None
@@ -72,6 +74,8 @@ class Neo4jHarness:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        if self.owned:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Neo4jHarness:
         return self.start()

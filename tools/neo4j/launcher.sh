@@ -55,18 +55,20 @@ complete() {  # every jar of the cached classpath is still in Maven's repository
   while IFS= read -r jar; do [ -f "$jar" ] || return 1; done < <(tr ':' '\n' <"$classpath_file")
 }
 if ! complete; then
+  partial=$(mktemp "$cache/classpath-$version.XXXXXX")  # two cold starts write two files
   JAVA_HOME="$(dirname "$(dirname "$(readlink -f "$java")")")" \
     mvn -q -B -f "$here/pom.xml" -Dneo4j.version="$version" dependency:build-classpath \
-    -Dmdep.outputFile="$classpath_file.tmp" >"$cache/mvn-$version.log" 2>&1 \
-    || { echo "launcher.sh: Maven could not resolve neo4j-harness $version (see $cache/mvn-$version.log)" >&2; exit 3; }
-  mv "$classpath_file.tmp" "$classpath_file"
+    -Dmdep.outputFile="$partial" >"$cache/mvn-$version.log" 2>&1 \
+    || { rm -f "$partial"; echo "launcher.sh: Maven could not resolve neo4j-harness $version (see $cache/mvn-$version.log)" >&2; exit 3; }
+  mv "$partial" "$classpath_file"
 fi
 
 if [ -z "$dir" ]; then
-  dir=$(mktemp -d "${TMPDIR:-/tmp}/moe-neo4j-XXXXXX")
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/moe-neo4j-XXXXXX")  # 0700, removed when this ends
   trap 'rm -rf "$dir"' EXIT
+else
+  mkdir -p "$dir"  # the user's folder: its mode is theirs; the env file is 0600 itself
 fi
-mkdir -p "$dir" && chmod 700 "$dir"
 # Neo4j's own log lines go to stderr and its files; stdout carries only the ready line.
 "$java" -Xms256m -Xmx1g -XX:+UseParallelGC --add-opens=java.base/java.nio=ALL-UNNAMED \
   --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/sun.nio.ch=ALL-UNNAMED \
