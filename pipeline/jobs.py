@@ -57,13 +57,23 @@ class JobSummary:
     seconds: float
 
 
+def _batch_size(batch_size: int | None, settings: Settings) -> int:
+    """The batch size asked for, else the settings'; one under 1 is refused (a negative one
+    made `range(0, n, size)` empty: the job ran nothing and stayed running for ever)."""
+    if batch_size is None:
+        return settings.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PipelineError(f"batch size {batch_size!r}: must be a whole number, 1 or more")
+    return batch_size
+
+
 def submit(source: Source, settings: Settings, batch_size: int | None = None) -> NewJob:
     """Record a job and queue one GPU task per batch; returns at once (see `wait`).
 
     The broker is checked before anything is recorded, so an unreachable one is one clear
     error and no job is left behind that no worker will ever see.
     """
-    batch_size = batch_size or settings.batch_size
+    batch_size = _batch_size(batch_size, settings)
     app = make_app(settings)
     try:
         with app.connection_for_write() as conn:
@@ -114,7 +124,7 @@ def wait(Session: sessionmaker, job_id: str, timeout_s: float | None = None,
 def run_local(source: Source, settings: Settings, batch_size: int | None = None,
               progress: Callable[[int], None] | None = None) -> JobSummary:
     """Run a job in this process; ``progress(n)`` is told as each batch's n items finish."""
-    batch_size = batch_size or settings.batch_size
+    batch_size = _batch_size(batch_size, settings)
     start = time.perf_counter()
     items, bad = _read(source, settings)
     with Runtime.from_settings(settings) as rt:

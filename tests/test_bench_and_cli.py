@@ -56,6 +56,38 @@ def test_cli_turns_config_errors_into_one_line_and_exit_1():
         "error: top_k_experts=5 is invalid: expected at most num_experts=4")
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["run", "examples/texts.jsonl", "--batch-size", "-5"],
+     "Invalid value for '--batch-size': -5 is not in the range x>=1. (see moe-pipeline run"),
+    (["submit", "examples/texts.jsonl", "--batch-size", "0"], "0 is not in the range x>=1"),
+    (["run", "no-such-file.jsonl"], "File 'no-such-file.jsonl' does not exist"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'. (see moe-pipeline --help)"),
+    (["query"], "Missing argument 'CYPHER'"),
+    (["status", "--items"], "--items needs a JOB_ID"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, expected, tmp_path):
+    """A negative batch size used to run nothing and leave the job running for ever; every
+    usage error was a traceback."""
+    env = {**os.environ, "MOE_STATE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_a_batch_size_under_one_is_refused_from_python_too(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.jobs import run_local
+    from pipeline.settings import Settings
+
+    settings = Settings(state_dir=tmp_path, device="cpu")
+    for bad in (-5, 0, 2.5):
+        with pytest.raises(PipelineError, match="must be a whole number, 1 or more"):
+            run_local([{"id": "a", "vector": [1.0, 2.0]}], settings, batch_size=bad)
+    assert not (tmp_path / "runs.sqlite3").exists()  # refused before any job was made
+
+
 def test_system_bench_quick_compares_base_and_optimized():
     proc = _run("bench/system.py", "--quick", "--no-compile")
     assert proc.returncode == 0, proc.stderr

@@ -68,6 +68,15 @@ def _is_settings_error(err: Exception) -> bool:
     return isinstance(err, tuple(kinds))
 
 
+def _command(ctx: click.Context | None) -> str:
+    """The failing command as a user types it (``python -m pipeline.cli`` included)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["moe-pipeline", *reversed(names)])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import OperationalError as SQLError
@@ -78,6 +87,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("neo4j").addHandler(logging.NullHandler())
     try:
         cli.main(args=argv, standalone_mode=False)
+    # Click's own exceptions first: they are Exceptions too, and the catch-all below let
+    # them through as tracebacks (a bad option value, a missing file, Ctrl-C at a prompt).
+    except click.exceptions.Abort:
+        _error("interrupted")
+        sys.exit(130)
+    except click.UsageError as err:
+        _error(f"{err.format_message()} (see {_command(err.ctx)} --help)")
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        _error(err.format_message())
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        sys.exit(130)
     except PipelineError as err:
         _error(str(err))
         sys.exit(1)
@@ -93,8 +116,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         _error(f"settings: {type(err).__name__}: {err}")
         sys.exit(1)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+

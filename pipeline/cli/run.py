@@ -16,7 +16,7 @@ BATCH_HELP = "items per batch [default: MOE_BATCH_SIZE, 256]"
 
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=BATCH_HELP)
 @click.pass_obj
 def run(settings: Settings, file: str, batch_size: int | None) -> None:
     """Run a JSONL file of items through the pipeline, in this process (embedded default)."""
@@ -37,7 +37,7 @@ def run(settings: Settings, file: str, batch_size: int | None) -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=BATCH_HELP)
 @click.option("--wait", is_flag=True, help="show progress until the job finishes")
 @click.option("--timeout", type=float, default=None, help="seconds to wait at most")
 @click.pass_obj
