@@ -285,6 +285,32 @@ class SimilarAnswer:
                    int(message.get("other_models", 0)), int(message.get("below_floor", 0)))
 
 
+def _question(rt: Runtime, shards: list[str], text: str | None,
+              vector: Sequence[float] | None, like: str | None
+              ) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Shard -> the query vector to search it with, and the id to leave out of the answer:
+    a stored insight's own embedding, else the report the text or vector (a source's text,
+    for a source id) would draft in each shard."""
+    stored = rt.graph.lookup(like) if like is not None else None
+    if stored is not None and stored.get("embedding") is not None:
+        query = torch.from_numpy(np.frombuffer(stored["embedding"], "<f2").astype(np.float32))
+        return {shard: query for shard in shards}, like
+    if like is not None:
+        if stored is None:
+            raise PipelineError(f"--id {like!r}: no insight or source has this id")
+        text, vector = stored.get("text") or None, None
+        if text is None:
+            raise PipelineError(f"--id {like!r}: a source with no text (a vector item): "
+                                "ask with --vector-file")
+    system = rt.system
+    x = query_input(rt, text, vector)
+    system.eval()
+    device = next(system.parameters()).device
+    index = [system.constellation.names.index(shard) for shard in shards]
+    emb = system.reports_in(x.reshape(-1).to(device), index).embeddings[:, 0].float().cpu()
+    return {shard: emb[c] for c, shard in enumerate(shards)}, None
+
+
 @torch.no_grad()
 def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None = None,
             k: int = 10, *, constellation: str | None = None, min_score: float | None = None,
@@ -307,28 +333,7 @@ def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None
     shards = [constellation] if constellation is not None else list(names)
     floor = rt.settings.similar_floor if min_score is None else float(min_score)
     librarian = rt.librarian(system.config)
-    exclude = None
-    queries: dict[str, torch.Tensor]
-    stored = rt.graph.lookup(like) if like is not None else None
-    if stored is not None and stored.get("embedding") is not None:
-        exclude = like
-        query = torch.from_numpy(np.frombuffer(stored["embedding"], "<f2").astype(np.float32))
-        queries = {shard: query for shard in shards}
-    else:
-        if like is not None:
-            if stored is None:
-                raise PipelineError(f"--id {like!r}: no insight or source has this id")
-            text, vector = stored.get("text") or None, None
-            if text is None:
-                raise PipelineError(f"--id {like!r}: a source with no text (a vector item): "
-                                    "ask with --vector-file")
-            exclude = None
-        x = query_input(rt, text, vector)
-        system.eval()
-        device = next(system.parameters()).device
-        index = [names.index(shard) for shard in shards]
-        emb = system.reports_in(x.reshape(-1).to(device), index).embeddings[:, 0].float().cpu()
-        queries = {shard: emb[c] for c, shard in enumerate(shards)}
+    queries, exclude = _question(rt, shards, text, vector, like)
     best: dict[str, dict] = {}
     for shard, query in queries.items():
         for hit in librarian.search(query, k + 1, shards=[shard], model=rt.fingerprint):

@@ -29,11 +29,16 @@ class RunStats:
     members: dict[str, list[str]] = field(default_factory=dict)  # constellation -> experts
 
     @property
+    def choices(self) -> int:
+        """How many experts a token chooses among: its constellation's members (the largest
+        constellation), or every expert without constellations."""
+        sizes = [len(m) for m in self.members.values()] or [len(self.expert_usage)]
+        return max(max(sizes), 1)
+
+    @property
     def reachable_entropy(self) -> float:
-        """The routing entropy routing can reach: tokens choose among their constellation's
-        members (ln of the largest constellation), or among every expert without any."""
-        sizes = [len(m) for m in self.members.values()] or [max(len(self.expert_usage), 1)]
-        return math.log(max(max(sizes), 1))
+        """The routing entropy routing can reach: ln of `choices`."""
+        return math.log(self.choices)
 
     def constellations_of(self, expert: str) -> list[str]:
         return [c for c, experts in self.members.items() if expert in experts]

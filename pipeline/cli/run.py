@@ -203,9 +203,8 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
     click.echo(f"run {st.run_id}: {st.jobs} jobs, {st.batches} batches, {st.items} items")
     click.echo(f"draft reports {st.reports}  new insights {st.new_insights}  merged "
                f"{st.merged}  dedup rate {st.dedup_rate:.1%}")
-    largest = max([len(m) for m in st.members.values()] or [len(st.expert_usage), 1])
-    within = (f"the most routing can reach, among the {largest} experts of a constellation"
-              if st.members else f"uniform over {largest} experts")
+    within = (f"the most routing can reach, among the {st.choices} experts of a constellation"
+              if st.members else f"uniform over {st.choices} experts")
     click.echo(f"routing entropy {st.routing_entropy:.3f} nats ({within}: "
                f"{st.reachable_entropy:.3f})  balance loss {st.balance_loss:.3f}")
     width = max([len(k) for k in [*st.expert_usage, *st.constellation_usage]] + [6])
