@@ -19,7 +19,7 @@ from pipeline import serving
 from pipeline.librarian import Librarian
 from pipeline.moe.config import MoEConfig
 from pipeline.moe.system import MixtureOfExpertsSystem
-from pipeline.settings import Settings
+from pipeline.settings import Settings, private_state_dir
 from pipeline.storage import ledger
 from pipeline.storage.connect import open_graph
 from pipeline.storage.graph import GraphStore
@@ -54,7 +54,9 @@ class Runtime:
     def from_settings(cls, settings: Settings, *, device: str | None = None,
                       migrate: bool = True) -> Runtime:
         """A runtime on the settings' SQL database (migrated first unless ``migrate`` is
-        False: workers leave that to `submit` and the stack's one-shot migrate service)."""
+        False: workers leave that to `submit` and the stack's one-shot migrate service).
+        The state dir is made private first (see `settings.private_state_dir`)."""
+        private_state_dir(settings.state_dir)
         return cls(settings, session_factory(settings.sql_url(), run_migrations=migrate),
                    device)
 

@@ -13,6 +13,7 @@ exit status 1. Commands import what they run inside their bodies: ``--help``, ``
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,7 +22,7 @@ import click
 from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.redact import redacted
-from pipeline.settings import Settings
+from pipeline.settings import PRIVATE_UMASK, Settings, private_state_dir
 
 
 @click.group()
@@ -33,6 +34,14 @@ from pipeline.settings import Settings
 def cli(ctx: click.Context, model_path: str | None) -> None:
     """moe-pipeline: mixture-of-experts routing, deduplicated insights in a graph."""
     ctx.obj = Settings(model_path=model_path) if model_path else Settings()
+    # This process writes the state dir (SQLite and its WAL, checkpoints, the graph server
+    # it starts inherits the umask too): private whatever the shell's umask, and a state dir
+    # left too open by an earlier release is fixed here, once per command.
+    os.umask(PRIVATE_UMASK)
+    try:
+        private_state_dir(ctx.obj.state_dir)
+    except OSError as err:
+        raise PipelineError(f"state dir {ctx.obj.state_dir}: {err.strerror or err}") from err
 
 
 def _register() -> None:

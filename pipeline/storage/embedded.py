@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+from pipeline.settings import PRIVATE_UMASK
 
 if TYPE_CHECKING:
     from pipeline.storage.graph import GraphStore
@@ -51,6 +52,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """A file descriptor on ``path``, the file created owner-only (whatever the umask of a
+    caller that is not the CLI: a user's script, a test)."""
+    return os.open(path, flags | os.O_CREAT, 0o600)
 
 
 def _answers(port: int) -> bool:
@@ -125,7 +132,7 @@ class LocalGraphServer:
     def _secret(self, name: str) -> str:
         path = self.root / name
         if not path.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(24))
@@ -147,8 +154,8 @@ class LocalGraphServer:
         Two processes starting at once serialise on a file lock: the second finds the
         first one's server instead of starting its own on the same data.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "start.lock", "w") as lock:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with os.fdopen(_open_private(self.root / "start.lock", os.O_WRONLY), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             info = self.running()
             if info is not None and not info.reader:
@@ -168,7 +175,7 @@ class LocalGraphServer:
         while http == bolt:
             http = _free_port()
         info = ServerInfo(pid=0, bolt_port=bolt, http_port=http, reader=True)
-        log = self.log_file.open("ab")
+        log = os.fdopen(_open_private(self.log_file, os.O_WRONLY | os.O_APPEND), "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.storage.embedded", str(self.root.resolve()),
              str(info.bolt_port), str(info.http_port), str(self.command_timeout_s)],
@@ -189,7 +196,8 @@ class LocalGraphServer:
                 raise LocalGraphError(f"graph server in {self.root} did not answer within "
                                       f"{self.start_timeout_s:.0f} s; see {self.log_file}")
             time.sleep(0.1)
-        self._info_file.write_text(json.dumps(info.__dict__))
+        with os.fdopen(_open_private(self._info_file, os.O_WRONLY | os.O_TRUNC), "w") as f:
+            f.write(json.dumps(info.__dict__))
         return info
 
     def stop(self, timeout_s: float = 30.0) -> bool:
@@ -277,6 +285,9 @@ def _ensure_reader(server, password: str) -> None:
 
 def _serve(root: Path, bolt_port: int, http_port: int, command_timeout_s: float) -> None:
     """The server process: run ArcadeDB until SIGTERM."""
+    # Before the JVM starts: ArcadeDB creates its database files, WAL and logs with the
+    # process's umask and no mode of its own, and this process is ours alone to set it.
+    os.umask(PRIVATE_UMASK)
     import arcadedb_embedded
     from arcadedb_embedded.jvm import start_jvm
 

@@ -7,6 +7,7 @@ same models run on SQLite (the embedded default, a file in the state dir) and Po
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -198,9 +199,13 @@ def make_engine(url: str, pooled: bool = True) -> Engine:
     ``pooled=False`` keeps no connection open between uses (for a process that forks)."""
     extra: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Made owner-only before SQLite opens it: SQLite gives its -wal, -shm and
+            # -journal files the database file's mode, so the ledger stays private
+            # whatever the process's umask.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         engine = create_engine(url, connect_args={"timeout": 30}, **extra)
 
         @event.listens_for(engine, "connect")
