@@ -18,10 +18,12 @@ the model's ``input_dim``.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,27 +211,65 @@ def job_width(items: Iterable[Item], dim: int | None = None) -> tuple[int | None
     return widths.most_common(1)[0][0], "the width most of this job's vectors have"
 
 
+class SeenIds:
+    """The ids a job has had so far, as 64-bit fingerprints: 8 bytes an item in a sorted
+    numpy array (plus a Python set of the latest ones, merged in as it grows), not the ids
+    themselves: 1M items take about 8 MB, not the 100 MB a set of strings would.
+
+    Two different ids share a fingerprint with probability about n^2 / 2^65 (3e-8 for a
+    million items); the later one would then be refused as a duplicate, by name, with its
+    line: a loss a user sees, never a silent merge."""
+
+    def __init__(self) -> None:
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+
+    @staticmethod
+    def _print(item_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8"), digest_size=8)
+                              .digest(), "little")
+
+    def add(self, item_id: str) -> bool:
+        """Record ``item_id``; False if the job had it already."""
+        h = self._print(item_id)
+        if h in self._recent:
+            return False
+        at = int(np.searchsorted(self._sorted, h))
+        if at < len(self._sorted) and int(self._sorted[at]) == h:
+            return False
+        self._recent.add(h)
+        # Merged when the set reaches an eighth of the array: each merge sorts, so merging
+        # at a fixed size would cost n^2 over a long file; this costs n log n.
+        if len(self._recent) >= max(1 << 16, len(self._sorted) // 8):
+            merged = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+            self._sorted = np.union1d(self._sorted, merged)
+            self._recent.clear()
+        return True
+
+
+def in_job(result: Item | BadItem, width: int | None, why: str,
+           seen: SeenIds) -> Item | BadItem:
+    """An item checked against the rest of its job: the job's vector width (``why``: where
+    the width comes from) and the ids already seen."""
+    if isinstance(result, Item) and result.vector is not None and len(result.vector) != width:
+        result = BadItem(result.line, result.id, "vector",
+                         f"expected {width} values, got {len(result.vector)} ({why})")
+    if isinstance(result, Item) and not seen.add(result.id):
+        result = BadItem(result.line, result.id, "id", "duplicate id within the job")
+    return result
+
+
 def validate(raws: Iterable[tuple[int, Any]], dim: int | None = None
              ) -> tuple[list[Item], list[BadItem]]:
     """Check (line, raw) pairs; ``dim`` fixes the vector width (else see `job_width`)."""
-    checked = [(line, raw if isinstance(raw, BadItem) else _check(raw, line))
-               for line, raw in raws]
-    width, why = job_width((r for _, r in checked if isinstance(r, Item)), dim)
+    checked = [raw if isinstance(raw, BadItem) else _check(raw, line) for line, raw in raws]
+    width, why = job_width((r for r in checked if isinstance(r, Item)), dim)
     items: list[Item] = []
     bad: list[BadItem] = []
-    seen: set[str] = set()
-    for line, result in checked:
-        if isinstance(result, Item) and result.vector is not None and \
-                len(result.vector) != width:
-            result = BadItem(line, result.id, "vector",
-                             f"expected {width} values, got {len(result.vector)} ({why})")
-        if isinstance(result, Item) and result.id in seen:
-            result = BadItem(line, result.id, "id", "duplicate id within the job")
-        if isinstance(result, BadItem):
-            bad.append(result)
-            continue
-        seen.add(result.id)
-        items.append(result)
+    seen = SeenIds()
+    for result in checked:
+        result = in_job(result, width, why, seen)
+        (bad if isinstance(result, BadItem) else items).append(result)
     return items, bad
 
 
@@ -250,8 +290,8 @@ def _parse(number: int, raw_line: bytes) -> Any:
         return BadItem(number, None, "line", f"invalid JSON: {err}")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON or `BadItem`) for each non-blank line; a line is never held
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | BadItem]]:
+    """(line number, its bytes or a `BadItem`) for each non-blank line; a line is never held
     past `MAX_LINE_BYTES`."""
     with path.open("rb") as f:
         number = 0
@@ -266,7 +306,68 @@ def _lines(path: Path) -> Iterator[tuple[int, Any]]:
             if number == 1 and raw_line.startswith(codecs.BOM_UTF8):
                 raw_line = raw_line[len(codecs.BOM_UTF8):]
             if raw_line.strip():
-                yield number, _parse(number, raw_line)
+                yield number, raw_line
+
+
+def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON or `BadItem`) for each non-blank line."""
+    for number, raw in _raw_lines(path):
+        yield number, raw if isinstance(raw, BadItem) else _parse(number, raw)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a first pass over a file learns, in memory bounded whatever its length: how
+    many items it holds (its non-blank lines, good or bad) and its vector width."""
+
+    items: int
+    width: int | None
+    why: str
+
+
+def survey(path: Path, dim: int | None = None) -> Survey:
+    """Count a file's items and find its vector width (`job_width`'s rule) in one pass.
+
+    Only lines that mention ``"vector"`` are parsed, and only when ``dim`` does not fix the
+    width: a file of texts is counted at the speed of reading it. Widths are counted per
+    distinct width, at most `MAX_VECTOR_VALUES` of them."""
+    count = 0
+    widths: Counter[int] = Counter()
+    for number, raw in _raw_lines(path):
+        count += 1
+        if dim is None and isinstance(raw, bytes) and b'"vector"' in raw:
+            parsed = _parse(number, raw)
+            result = parsed if isinstance(parsed, BadItem) else _check(parsed, number)
+            if isinstance(result, Item) and result.vector is not None:
+                widths[len(result.vector)] += 1
+    if dim is not None:
+        return Survey(count, dim, "the served model's vector width, MOE_VECTOR_DIM")
+    if not widths:
+        return Survey(count, None, "")
+    return Survey(count, widths.most_common(1)[0][0],
+                  "the width most of this job's vectors have")
+
+
+Chunk = tuple[list[Item], list[BadItem]]
+
+
+def read_chunks(path: Path, found: Survey, batch_size: int) -> Iterator[Chunk]:
+    """A file's items in chunks of ``batch_size`` good items, each with the bad items read
+    since the previous chunk (the last chunk may hold bad items only). Memory is one chunk
+    and `SeenIds`, whatever the file's length; reading the same unchanged file again gives
+    the same chunks (a job resumes by chunk index)."""
+    seen = SeenIds()
+    items: list[Item] = []
+    bad: list[BadItem] = []
+    for line, raw in _lines(path):
+        result = raw if isinstance(raw, BadItem) else _check(raw, line)
+        result = in_job(result, found.width, found.why, seen)
+        (bad if isinstance(result, BadItem) else items).append(result)
+        if len(items) == batch_size:
+            yield items, bad
+            items, bad = [], []
+    if items or bad:
+        yield items, bad
 
 
 def read_items(source: str | Path | list[dict[str, Any]], dim: int | None = None
@@ -281,18 +382,21 @@ JSONL_HINT = ('expected JSON Lines: one object per line, such as {"id": "a", "te
               'or {"id": "b", "vector": [0.1, 0.2]}')
 
 
-def describe_bad(bad: Sequence[BadItem], limit: int = 3) -> str:
+def describe_bad(bad: Sequence[BadItem], limit: int = 3, total: int | None = None) -> str:
     """Why a job had no valid item, in one line: the first few bad items (line, id, field,
-    the whole reason), and a hint when the file was empty or not JSON Lines at all."""
+    the whole reason), and a hint when the file was empty or not JSON Lines at all.
+    ``total``: how many were bad, when ``bad`` holds only the first few."""
+    total = len(bad) if total is None else total
     if not bad:
         return "no item at all (an empty file?); " + JSONL_HINT
     shown = "; ".join(f"line {b.line}" + (f" id {_shown_id(b.item_id)}" if b.item_id else "")
                       + f": {b.field}: {b.message}" for b in bad[:limit])
-    more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
+    more = f" (and {total - limit} more)" if total > limit else ""
     hint = ""
-    if all(b.field == "line" and b.message.startswith("invalid JSON") for b in bad):
+    if len(bad) == total and all(b.field == "line" and b.message.startswith("invalid JSON")
+                                 for b in bad):
         hint = "; no line is JSON: is this a CSV, or one JSON array? " + JSONL_HINT
-    return f"{len(bad)} bad: {shown}{more}{hint}"
+    return f"{total} bad: {shown}{more}{hint}"
 
 
 def _shown_id(item_id: str) -> str:

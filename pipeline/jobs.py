@@ -8,17 +8,26 @@ Celery workers (`pipeline.queue`). `wait` and `progress` follow a job in SQL.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from pipeline import stages
 from pipeline.errors import PipelineError
-from pipeline.inputs import read_items
+from pipeline.inputs import Chunk, read_chunks, read_items, survey
 from pipeline.queue.app import ROUTE_BATCH, make_app
 from pipeline.queue.messages import batch_message
 from pipeline.records import BadItem, Item, ItemBatch, ShardPart
@@ -29,19 +38,106 @@ from pipeline.storage import ledger
 from pipeline.storage.graph import GraphUnavailable
 from pipeline.storage.ledger import JobFailed, NewJob, Progress, progress
 from pipeline.storage.locks import LockTimeout
+from pipeline.storage.owner import HEARTBEAT_S, Owner
 
-__all__ = ["JobFailed", "JobSummary", "NewJob", "Progress", "progress", "run_local", "submit",
-           "wait"]
+__all__ = ["JobFailed", "JobSummary", "NewJob", "Progress", "QueuedJob", "progress",
+           "run_local", "submit", "wait"]
 
-# A JSONL file, a list of item dicts, or what `read_items` already made of one (a file that
-# can be read only once, a pipe or a FIFO, is read once by the caller and passed on so).
+# A JSONL file, a list of item dicts, or what `read_items` already made of one.
 Source = str | Path | list[dict[str, Any]] | tuple[list[Item], list[BadItem]]
+FIRST_BAD = 3  # bad items kept in memory to say why a job had no good item
 
 
-def _read(source: Source, settings: Settings) -> tuple[list[Item], list[BadItem]]:
+@dataclass
+class Reading:
+    """A job's items as it reads them: how many (good and bad), chunks of a batch size, and
+    the file, when the job can be resumed from it (a regular file that was not spooled)."""
+
+    items: int
+    chunks: Callable[[int], Iterator[Chunk]]
+    path: Path | None
+
+
+@contextlib.contextmanager
+def reading(source: Source, settings: Settings) -> Iterator[Reading]:
+    """Open a job's source for reading in chunks, in memory bounded by a chunk.
+
+    A file is read twice: a first pass counts its items and finds its vector width
+    (`inputs.survey`; the width is the majority of the whole file, and the count is the
+    job's size that `status` and the progress bar show from the start), the second reads it
+    a chunk at a time. A file that can be read only once (a pipe, a FIFO) is first copied
+    to an owner-only file in the state dir's ``spool/``, removed afterwards."""
+    if isinstance(source, list):
+        source = read_items(source, settings.vector_dim)
     if isinstance(source, tuple):
-        return source
-    return read_items(source, settings.vector_dim)
+        items, bad = source
+        yield Reading(len(items) + len(bad), lambda size: _in_chunks(items, bad, size), None)
+        return
+    path = Path(source)
+    spooled = None
+    if not path.is_file():
+        spool = settings.state_dir / "spool"
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(suffix=".jsonl", dir=spool)  # mode 0600
+        with os.fdopen(fd, "wb") as out, path.open("rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        spooled = path = Path(name)
+    try:
+        found = survey(path, settings.vector_dim)
+        yield Reading(found.items, lambda size: read_chunks(path, found, size),
+                      None if spooled else path.resolve())
+    finally:
+        if spooled:
+            spooled.unlink(missing_ok=True)
+
+
+def _in_chunks(items: list[Item], bad: list[BadItem], size: int) -> Iterator[Chunk]:
+    """Items already in memory, in the chunks `read_chunks` gives (bad ones with the first)."""
+    for index in range(0, max(len(items), 1), size):
+        yield items[index: index + size], bad if index == 0 else []
+
+
+def _resume(reading: Reading, settings: Settings, batch_size: int,
+            fingerprint: str) -> tuple[str | None, str | None]:
+    """The key that finds this job again when the same file is run again (the file, its
+    size and modification time, the batch size, the model), and the command that does so;
+    (None, None) for a source that cannot be read again."""
+    if reading.path is None:
+        return None, None
+    st = reading.path.stat()
+    key = hashlib.sha256(json.dumps([str(reading.path), st.st_size, st.st_mtime_ns,
+                                     batch_size, settings.vector_dim, fingerprint])
+                         .encode()).hexdigest()
+    model = f" --model {shlex.quote(str(settings.model_path))}" if settings.model_path else ""
+    return key, (f"moe-pipeline{model} run {shlex.quote(str(reading.path))} "
+                 f"--batch-size {batch_size}")
+
+
+class Beating:
+    """A timer thread that says every `owner.HEARTBEAT_S` seconds that this process still
+    runs the job (a batch through the model may take longer than that)."""
+
+    def __init__(self, Session: sessionmaker, job_id: str, owner: Owner) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(Session, job_id, owner),
+                                        name=f"heartbeat-{job_id}", daemon=True)
+
+    def _beat(self, Session: sessionmaker, job_id: str, owner: Owner) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                ledger.beat_job(Session, job_id, owner)
+            except SQLAlchemyError:
+                # A missed beat only: the next one retries, and an outage that lasts is
+                # reported by the job's own next write, which fails the same way.
+                continue
+
+    def __enter__(self) -> Beating:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
@@ -67,8 +163,17 @@ def _batch_size(batch_size: int | None, settings: Settings) -> int:
     return batch_size
 
 
-def submit(source: Source, settings: Settings, batch_size: int | None = None) -> NewJob:
-    """Record a job and queue one GPU task per batch; returns at once (see `wait`).
+@dataclass
+class QueuedJob:
+    run_id: str
+    job_id: str
+    batches: int
+    items: int  # good items, in its batches
+
+
+def submit(source: Source, settings: Settings, batch_size: int | None = None) -> QueuedJob:
+    """Record a job and queue one GPU task per batch as its file is read; returns once
+    every batch is on the broker (see `wait`).
 
     The broker is checked before anything is recorded, so an unreachable one is one clear
     error and no job is left behind that no worker will ever see.
@@ -80,27 +185,39 @@ def submit(source: Source, settings: Settings, batch_size: int | None = None) ->
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as err:  # kombu raises its own or the transport's error
         raise PipelineError(f"broker {masked(settings.broker_url())} unreachable: {err}") from err
-    items, bad = _read(source, settings)
-    with Runtime.from_settings(settings) as rt:
-        job = ledger.create_job(rt.Session, items, bad, rt.config, "queued", batch_size,
-                                "queued")
-        sent = 0
+    with reading(source, settings) as read, Runtime.from_settings(settings) as rt:
+        run_id, job_id = ledger.open_job(rt.Session, rt.config, "queued", "queued", read.items)
+        sent = good = bad_count = 0
+        first_bad: list[BadItem] = []
+        pending: str | None = None
         try:
             with app.producer_or_acquire() as producer:
-                for batch_id, chunk in job.batches:
-                    batch = ItemBatch(batch_id, job.job_id, job.run_id, rt.fingerprint, chunk)
+                for index, (chunk, bad) in enumerate(read.chunks(batch_size)):
+                    bad_count += len(bad)
+                    first_bad += bad[:FIRST_BAD - len(first_bad)]
+                    pending, _ = ledger.add_batch(rt.Session, job_id, index, chunk, bad)
+                    if pending is None:
+                        continue
+                    batch = ItemBatch(pending, job_id, run_id, rt.fingerprint, chunk)
                     app.send_task(ROUTE_BATCH, args=[batch_message(batch)], producer=producer)
+                    pending = None
                     sent += 1
+                    good += len(chunk)
         except BaseException as err:  # the broker went away, or ^C: no job left half-sent
-            ledger.fail_unsent(rt.Session, [batch_id for batch_id, _ in job.batches[sent:]])
-            ledger.fail_job(rt.Session, job.job_id, f"submission interrupted after {sent} "
-                            f"of {len(job.batches)} batches: {type(err).__name__}: {err}")
+            if pending is not None:
+                ledger.fail_unsent(rt.Session, [pending])
+            ledger.fail_job(rt.Session, job_id, f"submission interrupted after {sent} "
+                            f"batches: {type(err).__name__}: {err}")
+            ledger.seal_job(rt.Session, job_id)
             if isinstance(err, Exception):
-                raise PipelineError(f"job {job.job_id}: sending to {masked(settings.broker_url())} "
-                                    f"failed after {sent} of {len(job.batches)} batches "
-                                    f"({err}); the job is marked failed") from err
+                raise PipelineError(f"job {job_id}: sending to {masked(settings.broker_url())} "
+                                    f"failed after {sent} batches ({err}); the job is "
+                                    "marked failed") from err
             raise
-    return job
+        if not sent:
+            ledger.fail_empty_job(rt.Session, job_id, first_bad, bad_count)
+        ledger.seal_job(rt.Session, job_id)
+    return QueuedJob(run_id, job_id, sent, good)
 
 
 def wait(Session: sessionmaker, job_id: str, timeout_s: float | None = None,
@@ -122,45 +239,73 @@ def wait(Session: sessionmaker, job_id: str, timeout_s: float | None = None,
 
 
 def run_local(source: Source, settings: Settings, batch_size: int | None = None,
-              progress: Callable[[int], None] | None = None) -> JobSummary:
-    """Run a job in this process; ``progress(n)`` is told as each batch's n items finish."""
+              progress: Callable[[int, int], None] | None = None) -> JobSummary:
+    """Run a job in this process, reading its file a chunk at a time.
+
+    ``progress(n, total)`` is told as each chunk's n items (good and bad) are done. The job
+    records this process and beats while it runs; if the process dies, `status` shows the
+    job interrupted, and running the same file again resumes it: batches already done are
+    skipped, the rest are (re)done, nothing is written twice (`ledger.resume_job`)."""
     batch_size = _batch_size(batch_size, settings)
     start = time.perf_counter()
-    items, bad = _read(source, settings)
-    with Runtime.from_settings(settings) as rt:
-        job = ledger.create_job(rt.Session, items, bad, rt.config, "local", batch_size,
-                                rt.device)
-        totals = {"reports": 0, "inserted": 0, "merged": 0}
+    owner = Owner.me()
+    with reading(source, settings) as read, Runtime.from_settings(settings) as rt:
+        key, command = _resume(read, settings, batch_size, rt.fingerprint)
+        ids = ledger.resume_job(rt.Session, key, owner) if key else None
+        run_id, job_id = ids or ledger.open_job(rt.Session, rt.config, "local", rt.device,
+                                                read.items, owner, key, command)
+        with Beating(rt.Session, job_id, owner):
+            totals = _run_chunks(rt, read, run_id, job_id, batch_size, progress)
+        status = ledger.job_status(rt.Session, job_id)
+        bad_count = ledger.bad_item_count(rt.Session, job_id)
+    if status == "failed":
+        raise JobFailed(f"job {job_id}: every batch failed; see "
+                        f"`moe-pipeline status {job_id}`")
+    return JobSummary(job_id, run_id, status, totals["items"], bad_count, totals["reports"],
+                      totals["inserted"], totals["merged"], time.perf_counter() - start)
 
-        def ship(part: ShardPart) -> None:  # curate at once, in this process
-            result = stages.curate_part(rt, part)
-            totals["reports"] += len(part.reports)
-            totals["inserted"] += result.get("inserted", 0)
-            totals["merged"] += result.get("merged", 0)
 
-        try:
-            for batch_id, chunk in job.batches:
-                batch = ItemBatch(batch_id, job.job_id, job.run_id, rt.fingerprint, chunk)
+def _run_chunks(rt: Runtime, read: Reading, run_id: str, job_id: str, batch_size: int,
+                progress: Callable[[int, int], None] | None) -> dict[str, int]:
+    """Record and route each chunk of the job in turn, then seal it; counts for the
+    summary (``items``: the good ones)."""
+    totals = {"items": 0, "reports": 0, "inserted": 0, "merged": 0}
+    bad_count = 0
+    first_bad: list[BadItem] = []
+
+    def ship(part: ShardPart) -> None:  # curate at once, in this process
+        result = stages.curate_part(rt, part)
+        totals["reports"] += len(part.reports)
+        totals["inserted"] += result.get("inserted", 0)
+        totals["merged"] += result.get("merged", 0)
+
+    try:
+        for index, (chunk, bad) in enumerate(read.chunks(batch_size)):
+            bad_count += len(bad)
+            first_bad += bad[:FIRST_BAD - len(first_bad)]
+            totals["items"] += len(chunk)
+            batch_id, status = ledger.add_batch(rt.Session, job_id, index, chunk, bad)
+            if batch_id is not None and status not in ledger.DONE_BATCH:
+                batch = ItemBatch(batch_id, job_id, run_id, rt.fingerprint, chunk)
                 try:
                     stages.route_batch(rt, batch, ship)
                 except (GraphUnavailable, LockTimeout):
                     raise  # an outage, not this batch's fault: stop the run
                 except PipelineError as err:  # this batch's fault: record it, go on
                     ledger.fail_batch(rt.Session, batch_id, str(err))
-                if progress:
-                    progress(len(chunk))
-        except BaseException as err:  # an outage or an interrupt: the job must not look alive
-            ledger.fail_job(rt.Session, job.job_id, f"stopped: {type(err).__name__}: {err}")
-            if isinstance(err, GraphUnavailable | LockTimeout):
-                raise PipelineError(
-                    f"{err}; job {job.job_id} stopped and is marked failed: once the graph "
-                    "answers again, run the same file again to finish it (what was written "
-                    "is not written twice)") from err
-            raise
-        status = ledger.job_status(rt.Session, job.job_id)
-        bad_count = ledger.bad_item_count(rt.Session, job.job_id)
-    if status == "failed":
-        raise JobFailed(f"job {job.job_id}: every batch failed; see "
-                        f"`moe-pipeline status {job.job_id}`")
-    return JobSummary(job.job_id, job.run_id, status, len(items), bad_count, totals["reports"],
-                      totals["inserted"], totals["merged"], time.perf_counter() - start)
+            if progress:
+                progress(len(chunk) + len(bad), read.items)
+        if not totals["items"]:
+            ledger.fail_empty_job(rt.Session, job_id, first_bad, bad_count)
+        ledger.seal_job(rt.Session, job_id)
+    except JobFailed:
+        raise
+    except BaseException as err:  # an outage or an interrupt: the job must not look alive
+        ledger.fail_job(rt.Session, job_id, f"{ledger.STOPPED}{type(err).__name__}: {err}")
+        if isinstance(err, GraphUnavailable | LockTimeout):
+            raise PipelineError(
+                f"{err}; job {job_id} stopped and is marked failed: once the graph "
+                "answers again, run the same file again to finish it (what was written "
+                "is not written twice)") from err
+        raise
+    return totals

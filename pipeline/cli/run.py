@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Any
 
 import click
 
@@ -19,14 +21,22 @@ BATCH_HELP = "items per batch [default: MOE_BATCH_SIZE, 256]"
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help=BATCH_HELP)
 @click.pass_obj
 def run(settings: Settings, file: str, batch_size: int | None) -> None:
-    """Run a JSONL file of items through the pipeline, in this process (embedded default)."""
-    from pipeline.inputs import read_items
+    """Run a JSONL file of items through the pipeline, in this process (embedded default).
+
+    The file is read a batch at a time. If the process dies, `status` shows the job
+    interrupted; running the same file again resumes it."""
     from pipeline.jobs import run_local
 
-    read = read_items(file, settings.vector_dim)  # once: FILE may be a pipe
     note_server_start(settings)
-    with progress(len(read[0]), "items") as bar:
-        summary = run_local(read, settings, batch_size=batch_size, progress=bar.update)
+    with contextlib.ExitStack() as stack:
+        bar: list[Any] = []
+
+        def show(n: int, total: int) -> None:  # the bar opens once the file is counted
+            if not bar:
+                bar.append(stack.enter_context(progress(total, "items")))
+            bar[0].update(n)
+
+        summary = run_local(file, settings, batch_size=batch_size, progress=show)
     click.echo(f"job {summary.job_id} {summary.status}: {summary.items} items "
                f"({summary.bad_items} bad), {summary.reports} draft reports -> "
                f"{summary.inserted} new insights, {summary.merged} merged, "
@@ -45,18 +55,16 @@ def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
            timeout: float | None) -> None:
     """Queue a JSONL file of items for the Celery workers (the stack)."""
     from pipeline import jobs
-    from pipeline.inputs import read_items
     from pipeline.storage.sql import session_factory
 
-    job = jobs.submit(read_items(file, settings.vector_dim), settings, batch_size)
-    click.echo(f"job {job.job_id} queued: {len(job.batches)} batches "
+    job = jobs.submit(file, settings, batch_size)
+    click.echo(f"job {job.job_id} queued: {job.batches} batches "
                f"(broker {masked(settings.broker_url())}; run {job.run_id})")
     if not wait:
         click.echo(f"follow it with: moe-pipeline status {job.job_id}")
         return
     Session = session_factory(settings.sql_url(), run_migrations=False)
-    total = sum(len(chunk) for _, chunk in job.batches)
-    with progress(total, "items") as bar:
+    with progress(job.items, "items") as bar:
         seen = [0]
 
         def show(state: jobs.Progress) -> None:
@@ -96,6 +104,24 @@ def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
     click.echo(f"{kind} worker on queues {queues} (broker {masked(settings.broker_url())})",
                err=True)
     queue_worker.serve(settings, kind, names, concurrency, loglevel, name, ctx.args)
+
+
+def _job_status(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
+    """A job's status as a user should read it: a local job whose process is gone is
+    ``interrupted``, not ``running`` (see `storage.owner`)."""
+    from pipeline.storage.owner import interrupted
+
+    return "interrupted" if interrupted(job, now) else job.status
+
+
+def _resume_hint(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
+    """How to finish an interrupted or stopped job, where it can be resumed."""
+    from pipeline.storage.ledger import STOPPED
+
+    stopped = job.status == "failed" and (job.error or "").startswith(STOPPED)
+    if job.resume_command and (stopped or _job_status(job, now) == "interrupted"):
+        return f"  (resume: {job.resume_command})"
+    return ""
 
 
 def _waiting(row, queue: str, settings: Settings, now: float) -> str:  # noqa: ANN001
@@ -141,19 +167,22 @@ def status(settings: Settings, job_id: str | None, limit: int, show_items: bool)
     with Session() as s:
         if job_id is None:
             jobs = s.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+            now = time.time()
             for job in jobs:
                 done = sum(b.status == "completed" for b in job.batches)
-                click.echo(f"{job.id}  {job.status:<22} {job.submitted_items:>7} items  "
-                           f"{done}/{len(job.batches)} batches  {len(job.item_errors)} bad")
+                click.echo(f"{job.id}  {_job_status(job, now):<22} {job.submitted_items:>7} "
+                           f"items  {done}/{len(job.batches)} batches  "
+                           f"{len(job.item_errors)} bad{_resume_hint(job, now)}")
             if not jobs:
                 click.echo("no jobs yet")
             return
         job = s.get(Job, job_id)
         if job is None:
             raise PipelineError(f"no job {job_id!r} in {masked(settings.sql_url())}")
-        click.echo(f"job {job.id}: {job.status}, {job.submitted_items} items, run {job.run_id}"
-                   + (f", error: {redacted(job.error)}" if job.error else ""))
         now = time.time()
+        click.echo(f"job {job.id}: {_job_status(job, now)}, {job.submitted_items} items, "
+                   f"run {job.run_id}" + (f", error: {redacted(job.error)}" if job.error else "")
+                   + _resume_hint(job, now))
         for b in job.batches:
             m = b.metrics
             timing = " ".join(f"{k}={v:.2f}s" for k, v in b.timings.items())

@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    true,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -91,6 +92,20 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
     finished_at: Mapped[float | None] = mapped_column(Float)
+    # False while its batches are still being recorded (a file is read as it runs): a job
+    # whose recorded batches are all done is complete only once it is sealed.
+    sealed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+
+    # The process running a local job (`moe-pipeline run`): its host, pid and start time
+    # (the pid alone may be reused), and when it last said it is alive. A job whose process
+    # is gone is interrupted; `resume_key` (the file, its size and mtime, the batch size and
+    # the model) finds it again when the same file is run again, `resume_command` says how.
+    owner_host: Mapped[str | None] = mapped_column(String(255))
+    owner_pid: Mapped[int | None] = mapped_column(Integer)
+    owner_start: Mapped[str | None] = mapped_column(String(32))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    resume_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    resume_command: Mapped[str | None] = mapped_column(Text)
 
     run: Mapped[Run] = relationship(back_populates="jobs")
     batches: Mapped[list[Batch]] = relationship(back_populates="job",
