@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import math
+import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -212,51 +214,61 @@ def job_width(items: Iterable[Item], dim: int | None = None) -> tuple[int | None
 
 
 class SeenIds:
-    """The ids a job has had so far, as 64-bit fingerprints: 8 bytes an item in a sorted
-    numpy array (plus a Python set of the latest ones, merged in as it grows), not the ids
-    themselves: 1M items take about 8 MB, not the 100 MB a set of strings would.
+    """The ids a job has had so far, as 64-bit fingerprints in a private temporary SQLite
+    database (on disk, deleted when closed; SQLite keeps a few MB of it in memory), so that
+    a job's memory does not grow with its length. Ids are checked a block at a time: one
+    lookup and one insert statement per block.
 
     Two different ids share a fingerprint with probability about n^2 / 2^65 (3e-8 for a
     million items); the later one would then be refused as a duplicate, by name, with its
     line: a loss a user sees, never a silent merge."""
 
     def __init__(self) -> None:
-        self._sorted = np.empty(0, dtype=np.uint64)
-        self._recent: set[int] = set()
+        # "": SQLite's private temporary database, a file only it can see (0600, unlinked).
+        self._db = sqlite3.connect("")
+        self._db.execute("CREATE TABLE seen (h INTEGER PRIMARY KEY)")
+
+    def close(self) -> None:
+        self._db.close()
 
     @staticmethod
     def _print(item_id: str) -> int:
         return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8"), digest_size=8)
-                              .digest(), "little")
+                              .digest(), "little", signed=True)  # SQLite's integers are signed
 
-    def add(self, item_id: str) -> bool:
-        """Record ``item_id``; False if the job had it already."""
-        h = self._print(item_id)
-        if h in self._recent:
-            return False
-        at = int(np.searchsorted(self._sorted, h))
-        if at < len(self._sorted) and int(self._sorted[at]) == h:
-            return False
-        self._recent.add(h)
-        # Merged when the set reaches an eighth of the array: each merge sorts, so merging
-        # at a fixed size would cost n^2 over a long file; this costs n log n.
-        if len(self._recent) >= max(1 << 16, len(self._sorted) // 8):
-            merged = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-            self._sorted = np.union1d(self._sorted, merged)
-            self._recent.clear()
-        return True
+    def novel(self, ids: Sequence[str]) -> np.ndarray:
+        """For each id in order, whether the job has not had it before (earlier in ``ids``
+        included); records them all."""
+        h = np.fromiter((self._print(i) for i in ids), dtype=np.int64, count=len(ids))
+        fresh = np.zeros(len(h), dtype=bool)
+        uniq, first = np.unique(h, return_index=True)
+        fresh[first] = True  # the first of equal ids in this block
+        listed = json.dumps(uniq.tolist())
+        known = np.fromiter((row[0] for row in self._db.execute(
+            "SELECT h FROM seen WHERE h IN (SELECT value FROM json_each(?))", (listed,))),
+            dtype=np.int64)
+        fresh[first[np.isin(uniq, known)]] = False
+        self._db.execute("INSERT OR IGNORE INTO seen SELECT value FROM json_each(?)", (listed,))
+        return fresh
 
 
-def in_job(result: Item | BadItem, width: int | None, why: str,
-           seen: SeenIds) -> Item | BadItem:
-    """An item checked against the rest of its job: the job's vector width (``why``: where
+def in_job(results: Sequence[Item | BadItem], width: int | None, why: str,
+           seen: SeenIds) -> list[Item | BadItem]:
+    """Items checked against the rest of their job: the job's vector width (``why``: where
     the width comes from) and the ids already seen."""
-    if isinstance(result, Item) and result.vector is not None and len(result.vector) != width:
-        result = BadItem(result.line, result.id, "vector",
-                         f"expected {width} values, got {len(result.vector)} ({why})")
-    if isinstance(result, Item) and not seen.add(result.id):
-        result = BadItem(result.line, result.id, "id", "duplicate id within the job")
-    return result
+    out: list[Item | BadItem] = []
+    for result in results:
+        if (isinstance(result, Item) and result.vector is not None
+                and len(result.vector) != width):
+            result = BadItem(result.line, result.id, "vector",
+                             f"expected {width} values, got {len(result.vector)} ({why})")
+        out.append(result)
+    good = [i for i, r in enumerate(out) if isinstance(r, Item)]
+    fresh = seen.novel([out[i].id for i in good])  # type: ignore[union-attr]
+    for i, ok in zip(good, fresh, strict=True):
+        if not ok:
+            out[i] = BadItem(out[i].line, out[i].id, "id", "duplicate id within the job")
+    return out
 
 
 def validate(raws: Iterable[tuple[int, Any]], dim: int | None = None
@@ -267,10 +279,16 @@ def validate(raws: Iterable[tuple[int, Any]], dim: int | None = None
     items: list[Item] = []
     bad: list[BadItem] = []
     seen = SeenIds()
-    for result in checked:
-        result = in_job(result, width, why, seen)
-        (bad if isinstance(result, BadItem) else items).append(result)
+    try:
+        for result in in_job(checked, width, why, seen):
+            (bad if isinstance(result, BadItem) else items).append(result)
+    finally:
+        seen.close()
     return items, bad
+
+
+# One decoder for every line: json.loads with a keyword builds a new one per call.
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
 
 
 def _parse(number: int, raw_line: bytes) -> Any:
@@ -280,7 +298,7 @@ def _parse(number: int, raw_line: bytes) -> Any:
     except UnicodeDecodeError as err:
         return BadItem(number, None, "line", f"not UTF-8 ({err.reason})")
     try:
-        return json.loads(text, parse_int=_parse_int)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as err:
         return BadItem(number, None, "line", f"invalid JSON: {err.msg} (column {err.colno})")
     except RecursionError:
@@ -349,6 +367,7 @@ def survey(path: Path, dim: int | None = None) -> Survey:
 
 
 Chunk = tuple[list[Item], list[BadItem]]
+ID_BLOCK = 4096  # lines checked together for duplicate ids
 
 
 def read_chunks(path: Path, found: Survey, batch_size: int) -> Iterator[Chunk]:
@@ -359,13 +378,18 @@ def read_chunks(path: Path, found: Survey, batch_size: int) -> Iterator[Chunk]:
     seen = SeenIds()
     items: list[Item] = []
     bad: list[BadItem] = []
-    for line, raw in _lines(path):
-        result = raw if isinstance(raw, BadItem) else _check(raw, line)
-        result = in_job(result, found.width, found.why, seen)
-        (bad if isinstance(result, BadItem) else items).append(result)
-        if len(items) == batch_size:
-            yield items, bad
-            items, bad = [], []
+    lines = _lines(path)
+    try:
+        # A block of lines at a time: the duplicate check is two statements per block.
+        while block := [raw if isinstance(raw, BadItem) else _check(raw, line)
+                        for line, raw in itertools.islice(lines, ID_BLOCK)]:
+            for result in in_job(block, found.width, found.why, seen):
+                (bad if isinstance(result, BadItem) else items).append(result)
+                if len(items) == batch_size:
+                    yield items, bad
+                    items, bad = [], []
+    finally:
+        seen.close()
     if items or bad:
         yield items, bad
 
