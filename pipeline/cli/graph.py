@@ -126,7 +126,8 @@ def _table(rows: Iterator[dict]) -> None:
 
     head = [cells(r) for r in first]
     widths = [max(len(printable(c)), *(len(r[i]) for r in head)) for i, c in enumerate(columns)]
-    click.echo("  ".join(printable(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    click.echo("  ".join(printable(c).ljust(w) for c, w in zip(columns, widths, strict=True))
+               .rstrip())
     for r in itertools.chain(head, map(cells, rows)):
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 

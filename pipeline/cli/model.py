@@ -16,6 +16,9 @@ from pipeline.settings import Settings
 # Experts in a layer made here: a demo or a converted Llama keeps every expert's weights in
 # memory, and past a few hundred the command only runs out of it.
 MAX_EXPERTS = 256
+# What a --config file held, when it was JSON but not an object.
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", list: "a list",
+               bool: "a boolean", type(None): "a null"}
 
 
 @click.command()
@@ -198,7 +201,7 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
             raise PipelineError(f"--config {config_file}: {err}") from err
         if not isinstance(data, dict):  # "abc" or 5 is JSON too, and no config
             raise PipelineError(f"--config {config_file}: expected a JSON object of MoEConfig "
-                                f"fields, got a JSON {type(data).__name__}")
+                                f"fields, got {_JSON_KINDS.get(type(data), 'another')} JSON value")
         try:
             config = MoEConfig.from_dict(data)
         except (TypeError, ValueError) as err:  # ConfigError is a ValueError
