@@ -338,7 +338,7 @@ def test_control_characters_from_the_data_are_shown_escaped(cli_env, tmp_path):
     items.write_text(json.dumps({"id": item, "text": HOSTILE}) + "\n")
     ran = _moe(cli_env, "run", str(items), timeout=300)
     assert ran.returncode == 0, ran.stderr
-    ask = ("MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source {item: $item}) "
+    ask = ("MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source {id: $item}) "
            "RETURN i.text AS text, i.id AS id")
     table = _moe(cli_env, "query", ask, "--param", f"item={item}")
     assert table.returncode == 0, table.stderr
@@ -351,6 +351,11 @@ def test_control_characters_from_the_data_are_shown_escaped(cli_env, tmp_path):
     assert near.returncode == 0, near.stderr
     assert insight in near.stdout and HOSTILE_SHOWN[:40] in near.stdout, near.stdout
     assert not {"\x1b", "\x07", "\x08", "\r", "\u202e"} & set(near.stdout), near.stdout
+    job = ran.stdout.split()[1]  # "job JOB_ID completed: ..."
+    items = _moe(cli_env, "status", job, "--items")
+    assert items.returncode == 0, items.stderr
+    assert f"item {item} became {insight}" in items.stdout and HOSTILE_SHOWN in items.stdout
+    assert not {"\x1b", "\x07", "\x08", "\r", "\u202e"} & set(items.stdout), items.stdout
 
 
 @pytest.mark.integration
