@@ -381,3 +381,17 @@ def test_a_full_state_dir_during_run_is_one_line(tmp_path):
              if line and not line.startswith("starting the embedded graph server")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: disk full writing"), lines[0]
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("\x1b[2J\x1b]0;title\x07", "\\x1b[2J\\x1b]0;title\\x07"),
+    ("over\rwrite\x08\x08", "over\\rwrite\\x08\\x08"),
+    ("two\nlines\ttab", "two\\nlines\\ttab"),
+    ("\x9b31m C1 CSI, \x7f DEL", "\\x9b31m C1 CSI, \\x7f DEL"),
+    ("abc\u202edcba\u2066x\u2069\u200f", "abc\\u202edcba\\u2066x\\u2069\\u200f"),
+    ("plain é 名前 C:\\path", "plain é 名前 C:\\path"),
+])
+def test_printable_escapes_controls_and_bidi_and_keeps_the_rest(raw, shown):
+    from pipeline.cli.text import printable
+
+    assert printable(raw) == shown

@@ -10,6 +10,7 @@ import click
 
 from pipeline.cli.bounds import Count, Real
 from pipeline.cli.progress import progress
+from pipeline.cli.text import printable
 from pipeline.moe.config import EXPERT_TYPES, GATE_TYPES, ROUTER_GATES, TOKEN_CHOICE_GATES
 from pipeline.settings import Settings
 
@@ -214,7 +215,7 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
     click.echo(f"trained ({result.mode}) in {result.seconds:.1f} s: loss "
                f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     for name, description in result.constellations.items():
-        click.echo(f"  {name}: {description or '(no description)'}")
+        click.echo(f"  {printable(name)}: {printable(description or '(no description)')}")
     if result.quality:
         click.echo(f"routing on {result.held_out} held-out items against meta."
                    f"{result.compared_with}: "
@@ -254,7 +255,8 @@ def models(settings: Settings) -> None:
         fingerprint = serving.model_fingerprint(
             settings.model_copy(update={"model_path": path}), config)
         click.echo(f"{mark} {path.name}  {fingerprint}  {meta.get('mode', '?'):<12} "
-                   f"{', '.join(n for n, _ in config.constellation_members())}  {quality}")
+                   f"{printable(', '.join(n for n, _ in config.constellation_members()))}  "
+                   f"{quality}")
 
 
 COMMANDS = [demo, generate, train, models]

@@ -17,8 +17,9 @@ from __future__ import annotations
 _UNSAFE = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F,
            *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
 _ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _UNSAFE}
-_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r",
-                 ord("\\"): "\\\\"})  # a literal backslash stays distinguishable from an escape
+# A backslash itself stays as it is: doubled, every Windows path and every message quoting a
+# query's escapes would change, for an ambiguity that hides nothing (an escape shown is inert).
+_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
 
 
 def printable(value: object) -> str:
