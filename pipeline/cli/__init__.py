@@ -5,9 +5,11 @@
 - `model` — the model: ``train``, ``models``, ``demo``, ``generate``.
 
 The group builds `Settings` once and hands it to every command (``ctx.obj``); `main` turns
-every `PipelineError` (and an unreachable SQL database or broker) into one line on stderr and
-exit status 1. Commands import what they run inside their bodies: ``--help``, ``status``,
-``query`` and ``down`` then never pay for importing torch.
+every `PipelineError` (and an unreachable SQL database or broker, a setting out of its
+bounds, a full disk, a file that cannot be written) into one line on stderr and exit status 1;
+a bad option value is one line and exit status 2 (the options' bounds: `bounds`). Commands
+import what they run inside their bodies: ``--help``, ``status``, ``query`` and ``down`` then
+never pay for importing torch.
 """
 
 from __future__ import annotations

@@ -446,7 +446,11 @@ class GraphStore:
 
                 yield rows()
             finally:
-                _end(tx)
+                # Always rolled back. Rows not read are dropped by the server (the driver
+                # DISCARDs them first: on the embedded server that still runs the query to
+                # its end, some seconds for ten million rows, in the server's memory only).
+                if not tx.closed():  # a failed query's transaction is closed already
+                    tx.rollback()
         for summary in summaries:
             _refuse_writes(summary, "rolled back")
 
@@ -457,11 +461,6 @@ class GraphStore:
         """Remove a set of shards' insights (tests and resets; never the pipeline itself)."""
         self.run_cypher(f"MATCH (i:{cypher.INSIGHT}) WHERE i.shard IN $shards DETACH DELETE i",
                         {"shards": list(shards)}, write=True)
-
-
-def _end(tx: Any) -> None:
-    if not tx.closed():
-        tx.rollback()
 
 
 def _open_driver(uri: str, auth: tuple[str, str], timeout_s: float) -> Driver:
