@@ -44,8 +44,7 @@ from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it
 # A user's read-only query ends after this long on Neo4j (the transaction timeout; the
 # embedded server has its own command timeout, `embedded.COMMAND_TIMEOUT_S`).
 READ_TIMEOUT_S = 120.0
-# Rows a user's query pulls from the server at a time (the driver's own default): what a
-# reader that stops early has in memory at most, beside what it keeps.
+# Rows a user's query pulls from the server at a time (the driver's default), made explicit.
 FETCH_ROWS = 1000
 
 
@@ -406,15 +405,11 @@ class GraphStore:
         A read-only query must pass `cypher_guard.check_read_only` (`ReadOnlyQueryError`
         otherwise, nothing sent), then runs on the reader driver where there is one, in a
         READ transaction that is always rolled back; a query type the server reports as a
-        write (or schema change) is refused too. Its rows come as the server sends them,
-        `FETCH_ROWS` at a time, so a caller that stops early holds no more than that: leaving
-        the ``with`` block rolls the transaction back and the server drops the rest. (The
-        query type after the run is read only from a result read to its end; stopped early,
-        the guard, the READ transaction and the reader user still stand.)
-
-        A write runs whole, in a managed transaction, and keeps at most ``write_rows`` rows
-        of its result (every row when None): its rows cannot stream out of a transaction
-        that the driver may retry.
+        write (or schema change) is refused too. Rows come `FETCH_ROWS` at a time, so a
+        caller that stops early holds no more; the server's query type after the run is read
+        from a result read to its end (stopped early, the guard, the READ transaction and
+        the reader user still stand). A write runs whole, in a managed transaction the
+        driver may retry, so its rows cannot stream: it keeps the first ``write_rows``.
         """
         params = params or {}
         if write:
@@ -446,9 +441,8 @@ class GraphStore:
 
                 yield rows()
             finally:
-                # Always rolled back. Rows not read are dropped by the server (the driver
-                # DISCARDs them first: on the embedded server that still runs the query to
-                # its end, some seconds for ten million rows, in the server's memory only).
+                # Rows not read are DISCARDed first: the embedded server still runs the
+                # query to its end (seconds for ten million rows, in its own memory).
                 if not tx.closed():  # a failed query's transaction is closed already
                     tx.rollback()
         for summary in summaries:
