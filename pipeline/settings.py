@@ -13,6 +13,14 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Items per batch at most: one batch is one message and one graph transaction, and past this
+# a batch no longer fits a broker message or a transaction's memory.
+MAX_BATCH_SIZE = 1_000_000
+# A day and a week: the longest any timer here may be set to. Longer is a typo, and a few
+# timers (socket timeouts, Celery's countdowns) overflow on values near 2**63 ns.
+DAY_S = 24 * 3600.0
+WEEK_S = 7 * DAY_S
+
 
 def default_state_dir() -> Path:
     """The platform's per-user data dir (``~/.local/share/moe-pipeline`` on Linux, or
@@ -87,19 +95,19 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(env_prefix="MOE_", env_file=".env", extra="ignore",
-                                      populate_by_name=True)
+                                      populate_by_name=True, allow_inf_nan=False)
 
     state_dir: Path = Field(default_factory=default_state_dir,
                             validation_alias=_env("STATE_DIR"))
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's generators take 32 bits
 
     neo4j_uri: str | None = Field(None, validation_alias=_env("NEO4J_URI"))
     neo4j_username: str = Field("neo4j", validation_alias=_env("NEO4J_USERNAME"))
     neo4j_password: str | None = Field(None, validation_alias=_env("NEO4J_PASSWORD"))
     neo4j_database: str | None = Field(None, validation_alias=_env("NEO4J_DATABASE"))
     graph_vector_index: bool = Field(False, validation_alias=_env("GRAPH_VECTOR_INDEX"))
-    graph_connect_timeout_s: float = 30.0
+    graph_connect_timeout_s: float = Field(30.0, gt=0, le=DAY_S)
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
@@ -116,7 +124,7 @@ class Settings(BaseSettings):
     # width is the one most of its vectors have. The seeded projection maps it to the
     # model's input_dim. At most `inputs.MAX_VECTOR_VALUES` (16384).
     vector_dim: int | None = Field(None, gt=0, le=16_384)
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, le=MAX_BATCH_SIZE)
     # `similar` answers nothing below this cosine (report space): an off-topic question then
     # says "nothing close" instead of listing the least distant noise. Chosen from
     # measurements on examples/texts.jsonl (see the README's Questions section).
@@ -125,24 +133,24 @@ class Settings(BaseSettings):
     # it must exceed the longest a batch can take (queue wait after prefetch included), or
     # a batch still running is delivered twice. A worker that dies whole delays its batch
     # by up to this long (a dead pool process is requeued at once).
-    visibility_timeout_s: float = Field(3600.0, gt=0)
+    visibility_timeout_s: float = Field(3600.0, gt=0, le=WEEK_S)
     # Leases (Redis broker): a task's worker says every ``lease_timeout_s / 6`` that it is
     # alive; every worker looks every ``lease_timeout_s / 4`` for work whose worker has been
     # silent longer than ``lease_timeout_s`` and hands its message back to the broker at once,
     # so a worker that dies whole delays its work by about a minute, not the visibility
     # timeout. (RabbitMQ redelivers a dead consumer's messages by itself.)
-    lease_timeout_s: float = Field(60.0, gt=0)
+    lease_timeout_s: float = Field(60.0, gt=0, le=DAY_S)
     # Deliveries of a batch (or a shard part) before it is marked failed: a batch that kills
     # its worker every time must not loop forever.
-    max_attempts: int = Field(3, gt=0)
+    max_attempts: int = Field(3, gt=0, le=100)
     # How long a new worker pool process may take to load its model, encoder or graph
     # connection before Celery gives up on it and kills it (Celery's own default is 4 s,
     # which a model load on a busy machine exceeds, and the pool then restarts forever).
-    worker_start_timeout_s: float = Field(300.0, gt=0)
+    worker_start_timeout_s: float = Field(300.0, gt=0, le=DAY_S)
     # Fault injection, for tests and drills only: a GPU or librarian task sleeps this long
     # on its first attempt (so a worker can be killed mid-batch), and one whose work holds
     # the item id ``fault_kill_item`` kills its own process.
-    fault_stall_s: float = 0.0
+    fault_stall_s: float = Field(0.0, ge=0, le=DAY_S)
     fault_kill_item: str | None = None
 
     def torch_device(self) -> str:

@@ -5,19 +5,23 @@
 - `model` — the model: ``train``, ``models``, ``demo``, ``generate``.
 
 The group builds `Settings` once and hands it to every command (``ctx.obj``); `main` turns
-every `PipelineError` (and an unreachable SQL database or broker) into one line on stderr and
-exit status 1. Commands import what they run inside their bodies: ``--help``, ``status``,
-``query`` and ``down`` then never pay for importing torch.
+every `PipelineError` (and an unreachable SQL database or broker, a setting out of its
+bounds, a full disk, a file that cannot be written) into one line on stderr and exit status 1;
+a bad option value is one line and exit status 2 (the options' bounds: `bounds`). Commands
+import what they run inside their bodies: ``--help``, ``status``, ``query`` and ``down`` then
+never pay for importing torch.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 import click
+from pydantic import ValidationError
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
@@ -62,7 +66,9 @@ def _error(message: str) -> None:
         secrets = Settings().secrets()
     except Exception:  # settings that do not even parse: mask the URLs alone
         secrets = []
-    click.echo(f"error: {redacted(message, secrets)}", err=True)
+    from pipeline.cli.text import printable  # an error may quote an item's id or text
+
+    click.echo(f"error: {printable(redacted(message, secrets))}", err=True)
 
 
 def _is_settings_error(err: Exception) -> bool:
@@ -84,6 +90,36 @@ def _command(ctx: click.Context | None) -> str:
         names.append(ctx.info_name or "")
         ctx = ctx.parent
     return " ".join(["moe-pipeline", *reversed(names)])
+
+
+def _settings_line(err: ValidationError) -> str:
+    """A setting the environment gave out of bounds, named as the user set it."""
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    info = Settings.model_fields.get(field)
+    choices = getattr(info.validation_alias, "choices", None) if info else None
+    name = " or ".join(str(c) for c in choices) if choices else f"MOE_{field.upper()}"
+    return f"setting {name}={first.get('input')!r}: {first['msg']}"
+
+
+def _disk_line(err: OSError) -> str:
+    """An OSError a command met writing or reading a file: one line naming the file."""
+    where = err.filename or "a file (the state dir, or an output file)"
+    if err.errno == errno.ENOSPC:
+        return f"disk full writing {where}: no space left on device"
+    return f"{where}: {err.strerror or err}"
+
+
+def _sql_full(err: Exception) -> bool:
+    """Whether SQL failed because its disk is full (SQLite's SQLITE_FULL, PostgreSQL's
+    disk_full), which the driver reports as an operational error like an outage."""
+    orig = getattr(err, "orig", None)
+    return (getattr(orig, "sqlite_errorcode", None) == SQLITE_FULL
+            or getattr(orig, "sqlstate", None) == PG_DISK_FULL)
+
+
+SQLITE_FULL = 13  # sqlite3.h
+PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE class 53, insufficient resources
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -113,12 +149,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     except PipelineError as err:
         _error(str(err))
         sys.exit(1)
+    except ValidationError as err:  # Settings() in the group: an environment variable
+        _error(_settings_line(err))
+        sys.exit(1)
     except SQLError as err:
+        if _sql_full(err):
+            _error(f"disk full writing the SQL database ({Settings().sql_url()})")
+            sys.exit(1)
         _error(f"SQL database unreachable ({Settings().sql_url()}): "
                f"{str(err.orig).strip().splitlines()[0] if err.orig else err}")
         sys.exit(1)
     except BrokerError as err:
         _error(f"broker unreachable ({Settings().broker_url()}): {err}")
+        sys.exit(1)
+    except BrokenPipeError:  # `moe-pipeline query ... | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a command ended by it
+    except OSError as err:  # a full disk, a missing folder, a file that may not be read
+        _error(_disk_line(err))
         sys.exit(1)
     except Exception as err:
         if not _is_settings_error(err):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
+from pipeline.cli.bounds import Count, Real, seconds
 from pipeline.cli.progress import note_server_start
+from pipeline.cli.text import printable
 from pipeline.errors import PipelineError
 from pipeline.redact import masked
 from pipeline.settings import Settings
@@ -25,17 +29,107 @@ def _printable(value: object) -> object:
     return value
 
 
+# How deep a --param value may nest lists and maps: deeper, Python's JSON parser recurses
+# until it fails with a traceback, and no query needs it.
+MAX_PARAM_DEPTH = 32
+# Bolt carries 64-bit integers; a longer one fails in the driver (or, past 4,300 digits, in
+# Python's own int parsing) with a traceback instead of a line naming the parameter.
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _depth(raw: str) -> int:
+    """How deep brackets nest in ``raw``, outside JSON strings (one pass, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _param(key: str, raw: str) -> object:
+    """One --param value: JSON (numbers, lists, maps, true/false, quoted strings), else the
+    text itself; bounded in depth and integer size, with a line naming the key otherwise."""
+    def fail(why: str) -> click.BadParameter:
+        return click.BadParameter(f"{key}: {why}", param_hint="--param")
+
+    if _depth(raw) > MAX_PARAM_DEPTH:
+        raise fail(f"nested deeper than {MAX_PARAM_DEPTH} lists or maps")
+
+    def int64(digits: str) -> int:
+        if len(digits.lstrip("-")) > 19 or not INT64[0] <= int(digits) <= INT64[1]:
+            raise fail(f"integer {digits[:20]}{'...' if len(digits) > 20 else ''} is outside "
+                       "the 64-bit range the graph server takes")
+        return int(digits)
+
+    try:
+        return json.loads(raw, parse_int=int64)
+    except json.JSONDecodeError:
+        return raw  # a bare string
+
+
 def _params(values: tuple[str, ...]) -> dict[str, object]:
     params: dict[str, object] = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--param")
-        try:
-            params[key] = json.loads(raw)  # numbers, lists, true/false, quoted strings
-        except json.JSONDecodeError:
-            params[key] = raw  # a bare string
+        params[key] = _param(key, raw)
     return params
+
+
+# A query prints this many rows, or this much text, unless told otherwise: a query that
+# matches the whole graph (or UNWINDs a range) must end on its own, in bounded memory, with
+# a line saying what was left out, rather than fill the terminal or the machine.
+DEFAULT_ROWS = 1000
+MAX_BYTES = 4 * 2**20
+
+
+def _cap(rows: Iterator[dict], limit: int | None) -> Iterator[dict]:
+    """The rows, ended at ``limit`` rows or `MAX_BYTES` of their text (None: every row),
+    with one line on stderr naming the limit that ended them."""
+    used = 0
+    for n, row in enumerate(rows):
+        if limit is not None and (n >= limit or used >= MAX_BYTES):
+            why = (f"{limit:,} rows (--limit)" if n >= limit
+                   else f"{MAX_BYTES // 2**20} MiB of output ({n:,} rows)")
+            click.echo(f"stopped at {why}; --all for everything", err=True)
+            return
+        row = _printable(row)
+        used += len(json.dumps(row, default=str))
+        yield row
+
+
+def _table(rows: Iterator[dict]) -> None:
+    """Rows as aligned columns; widths are set by the first `DEFAULT_ROWS` rows (with --all,
+    later rows are printed as they come, wider cells pushing their line out)."""
+    first = list(itertools.islice(rows, DEFAULT_ROWS))
+    if not first:
+        click.echo("(no rows)")
+        return
+    columns = list(first[0])
+
+    def cells(row: dict) -> list[str]:
+        return [printable(row.get(c, "")) for c in columns]
+
+    head = [cells(r) for r in first]
+    widths = [max(len(printable(c)), *(len(r[i]) for r in head)) for i, c in enumerate(columns)]
+    click.echo("  ".join(printable(c).ljust(w) for c, w in zip(columns, widths, strict=True))
+               .rstrip())
+    for r in itertools.chain(head, map(cells, rows)):
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 @click.command()
@@ -43,29 +137,27 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--param", "params", multiple=True, help="key=value (JSON values allowed)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines instead of a table")
 @click.option("--write", is_flag=True, help="allow the query to change the graph")
+@click.option("--limit", type=Count(1, 10**9), default=DEFAULT_ROWS, show_default=True,
+              help=f"print at most this many rows (and at most {MAX_BYTES // 2**20} MiB)")
+@click.option("--all", "every_row", is_flag=True, help="print every row, however many")
 @click.pass_obj
 def query(settings: Settings, cypher: str, params: tuple[str, ...], as_json: bool,
-          write: bool) -> None:
+          write: bool, limit: int, every_row: bool) -> None:
     """Run Cypher against the insight graph (read-only unless --write)."""
     from pipeline.storage.connect import open_graph
 
+    values = _params(params)
+    cap = None if every_row else limit
     note_server_start(settings)
-    with open_graph(settings) as graph:
-        rows = [_printable(row) for row in graph.run_cypher(cypher, _params(params),
-                                                           write=write)]
-    if as_json:
-        for row in rows:
-            click.echo(json.dumps(row, default=str))
-        return
-    if not rows:
-        click.echo("(no rows)")
-        return
-    columns = list(rows[0])
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    with (open_graph(settings) as graph,
+          graph.stream_cypher(cypher, values, write=write,
+                              write_rows=None if cap is None else cap + 1) as found):
+        rows = _cap(found, cap)
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps(row, default=str))
+        else:
+            _table(rows)
 
 
 def _vector_file(path: str) -> list[float]:
@@ -115,16 +207,17 @@ def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]
               help="...or near this vector (JSON list, {\"vector\": [...]}, or .npy)")
 @click.option("--id", "like", metavar="ID",
               help="...or more like this stored insight (its embedding) or source (its text)")
-@click.option("--k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--k", default=10, show_default=True, type=Count(1, 1000))
 @click.option("--constellation", metavar="NAME",
               help="search this constellation only [default: every one]")
-@click.option("--min-score", type=click.FloatRange(-1.0, 1.0),
+@click.option("--min-score", type=Real(-1.0, 1.0),
               help="answer nothing below this cosine [default: MOE_SIMILAR_FLOOR, 0.3]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 @click.option("--queue/--local", "via_queue", default=None,
               help="ask a query worker, or answer here [default: the queue when "
                    "CELERY_BROKER_URL is set]")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--timeout", type=seconds(), default=60.0, show_default=True,
+              help="seconds to wait for a query worker")
 @click.pass_obj
 def similar(settings: Settings, text: str | None, vector_file: str | None, like: str | None,
             k: int, constellation: str | None, min_score: float | None, as_json: bool,
@@ -159,8 +252,9 @@ def similar(settings: Settings, text: str | None, vector_file: str | None, like:
     else:
         for hit in answer.hits:
             summary = (hit.get("summary") or ", ".join(hit.get("sources") or []))[:60]
-            click.echo(f"{hit['similarity']:.3f}  {hit['shard']:<14} {hit['node_id']}  "
-                       f"support={hit.get('support')}  {summary}")
+            click.echo(f"{hit['similarity']:.3f}  {printable(hit['shard']):<14} "
+                       f"{printable(hit['node_id'])}  support={hit.get('support')}  "
+                       f"{printable(summary)}")
     for line in _similar_notes(answer):
         click.echo(line, err=as_json)
 
@@ -169,7 +263,7 @@ def _similar_notes(answer: Any) -> list[str]:
     """What a reader needs beside the hits: why there are none, what was not searched."""
     notes = []
     if not answer.hits:
-        where = ", ".join(answer.searched)
+        where = printable(", ".join(answer.searched))
         notes.append(f"nothing close: no insight of {where} at cosine >= {answer.floor:.2f}"
                      + (f" ({answer.below_floor} below it; --min-score lowers the floor)"
                         if answer.below_floor else " (the served model's insights are none)"))

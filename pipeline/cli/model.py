@@ -8,20 +8,30 @@ import time
 
 import click
 
+from pipeline.cli.bounds import Count, Real
 from pipeline.cli.progress import progress
+from pipeline.cli.text import printable
 from pipeline.moe.config import EXPERT_TYPES, GATE_TYPES, ROUTER_GATES, TOKEN_CHOICE_GATES
 from pipeline.settings import Settings
+
+# Experts in a layer made here: a demo or a converted Llama keeps every expert's weights in
+# memory, and past a few hundred the command only runs out of it.
+MAX_EXPERTS = 256
+# What a --config file held, when it was JSON but not an object.
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", list: "a list",
+               bool: "a boolean", type(None): "a null"}
 
 
 @click.command()
 @click.option("--gate", "gate_type", type=click.Choice(GATE_TYPES), default="topk",
               show_default=True)
-@click.option("--experts", "num_experts", default=8, show_default=True)
-@click.option("--top-k", "top_k", default=2, show_default=True)
+@click.option("--experts", "num_experts", type=Count(1, MAX_EXPERTS), default=8,
+              show_default=True)
+@click.option("--top-k", "top_k", type=Count(1, MAX_EXPERTS), default=2, show_default=True)
 @click.option("--expert-type", type=click.Choice(EXPERT_TYPES),
               default="gated", show_default=True)
-@click.option("--steps", default=200, show_default=True)
-@click.option("--dim", default=32, show_default=True)
+@click.option("--steps", type=Count(1, 1_000_000), default=200, show_default=True)
+@click.option("--dim", type=Count(1, 1024), default=32, show_default=True)
 @click.pass_obj
 def demo(settings: Settings, gate_type: str, num_experts: int, top_k: int, expert_type: str,
          steps: int, dim: int) -> None:
@@ -122,16 +132,18 @@ def _parse_layers(layers: str, n: int) -> list[int]:
                    "directory called 'tiny' is ever shadowed")
 @click.option("--layers", default="all", show_default=True,
               help="decoder layers to convert, 0-based, comma-separated")
-@click.option("--experts", "num_experts", default=8, show_default=True)
-@click.option("--top-k", "top_k", default=2, show_default=True)
+@click.option("--experts", "num_experts", type=Count(1, MAX_EXPERTS), default=8,
+              show_default=True)
+@click.option("--top-k", "top_k", type=Count(1, MAX_EXPERTS), default=2, show_default=True)
 @click.option("--init", "init", default="perturb", show_default=True,
               type=click.Choice(["copy", "perturb", "split", "random"]))
 @click.option("--gate", "gate_type", default="topk", show_default=True,
               type=click.Choice(TOKEN_CHOICE_GATES))
 @click.option("--prompt", default="Once upon a time", show_default=True)
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.9, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--max-new-tokens", type=Count(1, 100_000), default=64, show_default=True)
+@click.option("--temperature", type=Real(0.0, 100.0), default=0.9, show_default=True,
+              help="0: greedy")
+@click.option("--seed", type=Count(0, 2**32 - 1), default=0, show_default=True)
 def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, layers: str,
              num_experts: int, top_k: int, init: str, gate_type: str, prompt: str,
              max_new_tokens: int, temperature: float, seed: int) -> None:
@@ -169,8 +181,8 @@ def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, lay
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="a model config as JSON (MoEConfig fields), constellations included")
 @click.option("--label-field", help="supervise from this field of each item's meta")
-@click.option("--num-constellations", type=int, help="find this many in the data")
-@click.option("--epochs", default=30, show_default=True)
+@click.option("--num-constellations", type=Count(1, 1024), help="find this many in the data")
+@click.option("--epochs", type=Count(1, 100_000), default=30, show_default=True)
 @click.pass_obj
 def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: str | None,
           label_field: str | None, num_constellations: int | None, epochs: int) -> None:
@@ -185,8 +197,15 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
     if config_file:
         try:
             with open(config_file, encoding="utf-8") as f:
-                config = MoEConfig.from_dict(json.load(f))
-        except (OSError, ValueError) as err:
+                data = json.load(f)
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
+            raise PipelineError(f"--config {config_file}: {err}") from err
+        if not isinstance(data, dict):  # "abc" or 5 is JSON too, and no config
+            raise PipelineError(f"--config {config_file}: expected a JSON object of MoEConfig "
+                                f"fields, got {_JSON_KINDS.get(type(data), 'another')} JSON value")
+        try:
+            config = MoEConfig.from_dict(data)
+        except (TypeError, ValueError) as err:  # ConfigError is a ValueError
             raise PipelineError(f"--config {config_file}: {err}") from err
     with progress(epochs, "epochs") as bar:
         result = training.train(
@@ -196,7 +215,7 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
     click.echo(f"trained ({result.mode}) in {result.seconds:.1f} s: loss "
                f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     for name, description in result.constellations.items():
-        click.echo(f"  {name}: {description or '(no description)'}")
+        click.echo(f"  {printable(name)}: {printable(description or '(no description)')}")
     if result.quality:
         click.echo(f"routing on {result.held_out} held-out items against meta."
                    f"{result.compared_with}: "
@@ -236,7 +255,8 @@ def models(settings: Settings) -> None:
         fingerprint = serving.model_fingerprint(
             settings.model_copy(update={"model_path": path}), config)
         click.echo(f"{mark} {path.name}  {fingerprint}  {meta.get('mode', '?'):<12} "
-                   f"{', '.join(n for n, _ in config.constellation_members())}  {quality}")
+                   f"{printable(', '.join(n for n, _ in config.constellation_members()))}  "
+                   f"{quality}")
 
 
 COMMANDS = [demo, generate, train, models]

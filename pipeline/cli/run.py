@@ -8,17 +8,20 @@ from typing import Any
 
 import click
 
+from pipeline.cli.bounds import Count, seconds
 from pipeline.cli.progress import note_server_start, progress
+from pipeline.cli.text import printable
 from pipeline.errors import PipelineError
 from pipeline.redact import masked, redacted
-from pipeline.settings import Settings
+from pipeline.settings import MAX_BATCH_SIZE, Settings
 
 BATCH_HELP = "items per batch [default: MOE_BATCH_SIZE, 256]"
 
 
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=BATCH_HELP)
+@click.option("--batch-size", type=Count(1, MAX_BATCH_SIZE), default=None,
+              help=BATCH_HELP)
 @click.pass_obj
 def run(settings: Settings, file: str, batch_size: int | None) -> None:
     """Run a JSONL file of items through the pipeline, in this process (embedded default).
@@ -47,9 +50,10 @@ def run(settings: Settings, file: str, batch_size: int | None) -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=BATCH_HELP)
+@click.option("--batch-size", type=Count(1, MAX_BATCH_SIZE), default=None,
+              help=BATCH_HELP)
 @click.option("--wait", is_flag=True, help="show progress until the job finishes")
-@click.option("--timeout", type=float, default=None, help="seconds to wait at most")
+@click.option("--timeout", type=seconds(), default=None, help="seconds to wait at most")
 @click.pass_obj
 def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
            timeout: float | None) -> None:
@@ -82,7 +86,7 @@ def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
 @click.argument("kind", type=click.Choice(["gpu", "librarian", "query"]))
 @click.option("--shards", help="librarian: comma-separated shards [default: every "
                                "constellation of the served model]")
-@click.option("--concurrency", type=int, default=1, show_default=True,
+@click.option("--concurrency", type=Count(1, 256), default=1, show_default=True,
               help="pool processes (one per GPU for gpu workers)")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--name", help="Celery node name, %h for the host [default: KIND-PID@%h]")
@@ -120,7 +124,7 @@ def _resume_hint(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
 
     stopped = job.status == "failed" and (job.error or "").startswith(STOPPED)
     if job.resume_command and (stopped or _job_status(job, now) == "interrupted"):
-        return f"  (resume: {job.resume_command})"
+        return f"  (resume: {printable(job.resume_command)})"
     return ""
 
 
@@ -142,7 +146,8 @@ def _waiting(row, queue: str, settings: Settings, now: float) -> str:  # noqa: A
 
 @click.command()
 @click.argument("job_id", required=False)
-@click.option("--limit", default=10, show_default=True, help="jobs listed without JOB_ID")
+@click.option("--limit", type=Count(1, 10_000), default=10, show_default=True,
+              help="jobs listed without JOB_ID")
 @click.option("--items", "show_items", is_flag=True,
               help="with JOB_ID: which insight each item became or joined (reads the graph)")
 @click.pass_obj
@@ -180,9 +185,9 @@ def status(settings: Settings, job_id: str | None, limit: int, show_items: bool)
         if job is None:
             raise PipelineError(f"no job {job_id!r} in {masked(settings.sql_url())}")
         now = time.time()
+        error = f", error: {printable(redacted(job.error))}" if job.error else ""
         click.echo(f"job {job.id}: {_job_status(job, now)}, {job.submitted_items} items, "
-                   f"run {job.run_id}" + (f", error: {redacted(job.error)}" if job.error else "")
-                   + _resume_hint(job, now))
+                   f"run {job.run_id}{error}{_resume_hint(job, now)}")
         for b in job.batches:
             m = b.metrics
             timing = " ".join(f"{k}={v:.2f}s" for k, v in b.timings.items())
@@ -191,15 +196,18 @@ def status(settings: Settings, job_id: str | None, limit: int, show_items: bool)
             click.echo(f"  batch {b.index:>4} {b.status:<10} attempts={b.attempts} "
                        f"{timing}{tail}{_waiting(b, 'gpu', settings, now)}")
             if b.status == "failed" and b.error:
-                click.echo(f"    why: {redacted(b.error)}")
+                click.echo(f"    why: {printable(redacted(b.error))}")
             for part in b.parts:
                 if part.status not in ("done", "failed"):
-                    click.echo(f"    part {part.shard!r} {part.status} attempts={part.attempts}"
+                    click.echo(f"    part '{printable(part.shard)}' {part.status} "
+                               f"attempts={part.attempts}"
                                + _waiting(part, f"librarian.{part.shard}", settings, now))
                 elif part.status == "failed":
-                    click.echo(f"    part {part.shard!r} failed: {redacted(part.error or '')}")
+                    click.echo(f"    part '{printable(part.shard)}' failed: "
+                               f"{printable(redacted(part.error or ''))}")
         for e in job.item_errors:
-            click.echo(f"  bad item line {e.line} id {e.item_id}: {e.field}: {e.message}")
+            click.echo(f"  bad item line {e.line} id {printable(e.item_id)}: "
+                       f"{printable(e.field)}: {printable(e.message)}")
     if show_items:
         _item_insights(settings, job_id)
 
@@ -212,22 +220,44 @@ def _item_insights(settings: Settings, job_id: str) -> None:
         rows = graph.job_items(job_id)
     for r in rows:
         what = "became" if r["founded"] else "joined"
-        click.echo(f"  item {r['item']} {what} {r['insight']} ({r['constellation']}, "
-                   f"score {r['score']:.2f}): {(r['text'] or '')[:60]}")
+        click.echo(f"  item {printable(r['item'])} {what} {printable(r['insight'])} "
+                   f"({printable(r['constellation'])}, score {r['score']:.2f}): "
+                   f"{printable((r['text'] or '')[:60])}")
     if not rows:
         click.echo("  no item of this job is in the graph yet")
+
+
+# What `stats --plot` can write (matplotlib's Agg canvas), by file extension.
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
+
+
+def _plot_target(path: str) -> None:
+    """Refuse a --plot file that cannot be written, before any figure is computed."""
+    from pathlib import Path
+
+    target = Path(path)
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise click.BadParameter(f"{path}: unknown image format {suffix or '(no extension)'!r}"
+                                 f"; use one of {', '.join(PLOT_FORMATS)}", param_hint="--plot")
+    folder = target.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{path}: no folder {str(folder)!r} to write it in",
+                                 param_hint="--plot")
 
 
 @click.command()
 @click.argument("run_id", required=False)
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
-              help="also draw expert and constellation usage into this PNG")
+              help="also draw expert and constellation usage into this image (.png, .svg, .pdf)")
 @click.pass_obj
 def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None:
     """Expert and constellation usage, routing entropy and dedup rate of a run (latest)."""
     from pipeline import stats as run_stats
     from pipeline.storage.sql import session_factory
 
+    if plot_file:
+        _plot_target(plot_file)
     st = run_stats.run_stats(session_factory(settings.sql_url()), run_id)
     click.echo(f"run {st.run_id}: {st.jobs} jobs, {st.batches} batches, {st.items} items")
     click.echo(f"draft reports {st.reports}  new insights {st.new_insights}  merged "
@@ -236,17 +266,19 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
               if st.members else f"uniform over {st.choices} experts")
     click.echo(f"routing entropy {st.routing_entropy:.3f} nats ({within}: "
                f"{st.reachable_entropy:.3f})  balance loss {st.balance_loss:.3f}")
-    width = max([len(k) for k in [*st.expert_usage, *st.constellation_usage]] + [6])
+    shown = {k: printable(k) for k in [*st.expert_usage, *st.constellation_usage]}
+    width = max([len(v) for v in shown.values()] + [6])
     click.echo(f"{'expert':<{width}}  share   constellation")
     for name, share in st.expert_usage.items():
         bar = "#" * round(share * 40)
-        click.echo(f"{name:<{width}}  {share:6.1%}  {', '.join(st.constellations_of(name)):<14}"
+        click.echo(f"{shown[name]:<{width}}  {share:6.1%}  "
+                   f"{printable(', '.join(st.constellations_of(name))):<14}"
                    f"  {bar}")
     click.echo(f"{'constellation':<{width}}  share of reports")
     for name, share in st.constellation_usage.items():
-        click.echo(f"{name:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
+        click.echo(f"{shown[name]:<{width}}  {share:6.1%}  {'#' * round(share * 40)}")
     for note in st.starved():
-        click.echo(note)
+        click.echo(printable(note))
     from pipeline.storage.connect import open_graph
     from pipeline.storage.graph import GraphUnavailable
     from pipeline.storage.ledger import run_job_ids

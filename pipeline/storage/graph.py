@@ -16,6 +16,7 @@ rolled back whatever happened.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 import re
@@ -43,6 +44,8 @@ from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it
 # A user's read-only query ends after this long on Neo4j (the transaction timeout; the
 # embedded server has its own command timeout, `embedded.COMMAND_TIMEOUT_S`).
 READ_TIMEOUT_S = 120.0
+# Rows a user's query pulls from the server at a time (the driver's default), made explicit.
+FETCH_ROWS = 1000
 
 
 class GraphUnavailable(PipelineError):
@@ -388,35 +391,62 @@ class GraphStore:
     # -- user queries ----------------------------------------------------------------------
     def run_cypher(self, query: str, params: dict[str, Any] | None = None,
                    write: bool = False) -> list[dict[str, Any]]:
-        """Run a user's Cypher; read-only unless ``write=True`` (which runs it as the
-        store's own user, in a write transaction).
+        """Run a user's Cypher and return every row (see `stream_cypher`, which this is)."""
+        with self.stream_cypher(query, params, write=write) as rows:
+            return list(rows)
+
+    @contextlib.contextmanager
+    def stream_cypher(self, query: str, params: dict[str, Any] | None = None,
+                      write: bool = False,
+                      write_rows: int | None = None) -> Iterator[Iterator[dict[str, Any]]]:
+        """A user's Cypher, its rows as an iterator; read-only unless ``write=True`` (which
+        runs it as the store's own user, in a write transaction).
 
         A read-only query must pass `cypher_guard.check_read_only` (`ReadOnlyQueryError`
         otherwise, nothing sent), then runs on the reader driver where there is one, in a
         READ transaction that is always rolled back; a query type the server reports as a
-        write (or schema change) is refused too.
+        write (or schema change) is refused too. Rows come `FETCH_ROWS` at a time, so a
+        caller that stops early holds no more; the server's query type after the run is read
+        from a result read to its end (stopped early, the guard, the READ transaction and
+        the reader user still stand). A write runs whole, in a managed transaction the
+        driver may retry, so its rows cannot stream: it keeps the first ``write_rows``.
         """
         params = params or {}
         if write:
             def work(tx: ManagedTransaction) -> list[dict[str, Any]]:
-                return [r.data() for r in tx.run(query, params)]
+                result = tx.run(query, params)
+                kept = [r.data() for r in itertools.islice(result, write_rows)]
+                result.consume()  # the rest of the write still runs, before the commit
+                return kept
             with self._user_query():
-                return self._write(work, conflict_retries=0)  # a user's write: not ours to retry
+                kept = self._write(work, conflict_retries=0)  # a user's write: not ours to retry
+            yield iter(kept)
+            return
         cypher_guard.check_read_only(query)
         driver = self.reader or self.driver
         with (self._outage(), self._user_query(),
-              driver.session(database=self.database, default_access_mode="READ") as session):
+              driver.session(database=self.database, default_access_mode="READ",
+                             fetch_size=FETCH_ROWS) as session):
             tx = session.begin_transaction(timeout=self.read_timeout_s)  # Neo4j ends it there
             try:
                 if self.dialect.explain_query_type:
                     _refuse_writes(_explain(tx, query, params), "planned")
                 result = tx.run(query, params)
-                data = [r.data() for r in result]
-                summary = result.consume()
+                summaries: list[ResultSummary] = []
+
+                def rows() -> Iterator[dict[str, Any]]:
+                    for record in result:
+                        yield record.data()
+                    summaries.append(result.consume())
+
+                yield rows()
             finally:
-                tx.rollback()
-        _refuse_writes(summary, "rolled back")
-        return data
+                # Rows not read are DISCARDed first: the embedded server still runs the
+                # query to its end (seconds for ten million rows, in its own memory).
+                if not tx.closed():  # a failed query's transaction is closed already
+                    tx.rollback()
+        for summary in summaries:
+            _refuse_writes(summary, "rolled back")
 
     def labels(self) -> list[str]:
         return sorted(r["label"] for r in self.run_cypher("CALL db.labels()"))
