@@ -18,6 +18,8 @@ it as this module's ``app``, built from the environment on first access.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from celery import Celery
@@ -30,8 +32,32 @@ ROUTE_BATCH, CURATE_PART, SIMILAR = "pipeline.route_batch", "pipeline.curate_par
     "pipeline.similar"
 
 
+# A constellation's label is any text a user trained with ("biology, chemistry", "a/b"),
+# but a queue name travels through places that split or reject characters: Celery's ``-Q``
+# and the worker's ``--shards`` split on commas, AMQP caps names at 255 bytes, and a name
+# is read by people in Flower and `status`. So a label made only of these characters is its
+# own queue name (readable, and the queues of existing deployments keep their names); any
+# other label becomes a readable slug plus a hash of the whole label. The hash keeps the
+# mapping one to one where slugs collide ("a/b" and "a b" both slug to "a-b"); a safe label
+# that itself looks like an encoded one is encoded too, so no two labels share a queue.
+_SAFE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_ENCODED = re.compile(r".*-[0-9a-f]{12}")
+
+
+def queue_safe(label: str) -> str:
+    """The queue-safe form of a constellation label: the label itself where it is plain,
+    else ``<slug>-<12 hex of sha256(label)>`` (the slug: runs of other characters as one
+    '-', at most 60 characters). Deterministic, so every process derives the same name."""
+    if _SAFE.fullmatch(label) and not _ENCODED.fullmatch(label):
+        return label
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-.")[:60].strip("-.")
+    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{slug or 'x'}-{digest}"
+
+
 def librarian_queue(shard: str) -> str:
-    return LIBRARIAN_PREFIX + shard
+    """The queue of a shard's librarian, whatever characters the shard's label holds."""
+    return LIBRARIAN_PREFIX + queue_safe(shard)
 
 
 def result_backend(settings: Settings) -> str:
