@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -60,6 +61,10 @@ def librarian_queue(shard: str) -> str:
     return LIBRARIAN_PREFIX + queue_safe(shard)
 
 
+def url_scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower()
+
+
 def result_backend(settings: Settings) -> str:
     """Where query answers go back: Redis (the broker's, if it is Redis), else RPC."""
     url = settings.broker_url()
@@ -75,7 +80,18 @@ def make_app(settings: Settings) -> Celery:
                  backend=result_backend(settings), include=["pipeline.queue.tasks"],
                  set_as_current=True)
     vt = float(settings.visibility_timeout_s)
+    if url_scheme(settings.broker_url()) in ("redis", "rediss"):
+        # kombu's Redis transport with a check of each entry before it is decoded: any
+        # bytes pushed onto a queue are refused in one line, not fatal (`guard`).
+        app.conf.broker_transport = "pipeline.queue.guard:RedisTransport"
+        if url_scheme(settings.broker_url()) == "rediss":
+            # What kombu sets for a rediss:// URL without SSL options, which it does only
+            # when it picks the transport from the URL itself.
+            app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
     app.conf.update(
+        # Both brokers: a message that is not one of our tasks is refused before Celery
+        # handles it (`guard`, `poison`).
+        worker_consumer="pipeline.queue.guard:GuardedConsumer",
         task_serializer=wire.NAME, result_serializer=wire.NAME,
         # moe-json for tasks; plain JSON too, for remote control from tools such as
         # Flower. Never pickle.
@@ -101,6 +117,8 @@ def make_app(settings: Settings) -> Celery:
             # Sweep for messages of dead workers often enough for the timeout chosen.
             "unacked_restore_interval": max(1.0, min(10.0, vt / 4)),
             "unacked_restore_throttle": 1,
+            # Read by `guard`: a larger message is refused before it is decoded.
+            "max_message_bytes": int(settings.max_message_mb * 2**20),
         },
         result_backend_transport_options={"visibility_timeout": vt},
         broker_connection_retry_on_startup=True,
