@@ -10,6 +10,8 @@ Redelivered work is recognised in SQL (`pipeline.jobs`) and rewrites the same gr
 (deterministic ids), so the graph ends as if each batch ran once.
 
 Messages are ``moe-json`` (`wire.py`): JSON with arrays as base64 binary; pickle is refused.
+Anything else that lands on a queue is refused in one line and dead-lettered to ``moe.dead``
+(`poison.py` says what, `guard.py` where), so no bytes on a queue stop a worker.
 
 The app is built by `make_app(settings)` where an entry point needs one (``submit``, the
 worker command); ``celery -A pipeline.queue.app ...`` (the compose healthcheck, Flower) finds

@@ -105,6 +105,15 @@ class Channel(kombu_redis.Channel):
             if flush is not None:
                 flush()
 
+    def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
+        """A broadcast (remote control) arrives decoded; kombu skips one that is not JSON
+        but fails on JSON of another shape, so that is refused here (logged, not kept)."""
+        reason = poison.envelope_shape(message)
+        if reason is not None:
+            log.error("refused a broadcast on exchange %s: %s; dropped", exchange, reason)
+            return False
+        return super()._deliver_fanout_message(message, exchange)
+
     def _get(self, queue: str) -> dict[str, Any]:
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:

@@ -45,27 +45,34 @@ def envelope(raw: bytes, limit: int) -> tuple[dict[str, Any] | None, str | None]
         payload = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None, "not a JSON envelope"
+    reason = envelope_shape(payload)
+    return (None, reason) if reason else (payload, None)
+
+
+def envelope_shape(payload: Any) -> str | None:
+    """Why a decoded Redis envelope (a list entry, or a broadcast) is not one kombu can
+    turn into a message, or ``None``."""
     if not isinstance(payload, dict):
-        return None, f"envelope is a JSON {type(payload).__name__}, not an object"
+        return f"envelope is a JSON {type(payload).__name__}, not an object"
     props = payload.get("properties")
     if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str) \
             or not isinstance(props.get("delivery_info"), dict):
-        return None, "envelope without properties, delivery tag or delivery info"
+        return "envelope without properties, delivery tag or delivery info"
     body, encoding = payload.get("body"), props.get("body_encoding")
     if body is not None and not isinstance(body, str):
-        return None, "envelope body is not a string"
+        return "envelope body is not a string"
     if encoding not in (None, "base64"):
-        return None, "unknown body encoding"
+        return "unknown body encoding"
     if encoding == "base64" and body:
         try:
             base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
-            return None, "body is not base64"
+            return "body is not base64"
     for key in ("headers", "content-type", "content-encoding"):
         if payload.get(key) is not None and not isinstance(payload[key], dict if key ==
                                                            "headers" else str):
-            return None, f"envelope {key} of the wrong type"
-    return payload, None
+            return f"envelope {key} of the wrong type"
+    return None
 
 
 def message(headers: Any, content_type: str | None, body: bytes | str | None, limit: int,
