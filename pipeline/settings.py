@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     # connection before Celery gives up on it and kills it (Celery's own default is 4 s,
     # which a model load on a busy machine exceeds, and the pool then restarts forever).
     worker_start_timeout_s: float = Field(300.0, gt=0, le=DAY_S)
+    # A worker refuses (dead-letters) a queue message larger than this before decoding it.
+    # The default is Redis's own cap on a value (512 MB), so nothing a broker can carry is
+    # refused unless an operator lowers it.
+    max_message_mb: float = Field(512.0, gt=0, le=4096)
     # Fault injection, for tests and drills only: a GPU or librarian task sleeps this long
     # on its first attempt (so a worker can be killed mid-batch), and one whose work holds
     # the item id ``fault_kill_item`` kills its own process.

@@ -69,3 +69,47 @@ def test_batch_and_report_messages_round_trip():
                                                          ("r1", "i1", {"e0": 0.7})]
     # float16 on the wire: what the graph stores and the librarian decides on
     assert np.array_equal(got[0].embedding, emb[0].astype(np.float16).astype(np.float32))
+
+
+def test_a_message_as_sent_passes_the_poison_checks_and_each_kind_of_poison_is_named():
+    from pipeline.queue import poison
+    from pipeline.queue.app import ROUTE_BATCH
+
+    body = wire.dumps([[batch_message(ItemBatch("B", "J", "R", "F", [
+        Item("a", 1, vector=[1.0, 2.0])]))], {}, {"callbacks": None}]).encode()
+    headers, tasks = {"task": ROUTE_BATCH, "id": "1"}, {ROUTE_BATCH}
+    assert poison.message(headers, wire.CONTENT_TYPE, body, 2**20, tasks) is None
+    refusals = {
+        "body of 1048577 bytes, over the limit of 1048576": (headers, wire.CONTENT_TYPE,
+                                                              b" " * (2**20 + 1)),
+        "no task headers (task, id)": ({"task": ROUTE_BATCH}, wire.CONTENT_TYPE, body),
+        "unknown task 'x'": ({"task": "x", "id": "1"}, wire.CONTENT_TYPE, body),
+        "content type 'application/x-python-serialize' not accepted":
+            (headers, "application/x-python-serialize", b"\x80\x04N."),
+        "body is not valid application/x-moe-json": (headers, wire.CONTENT_TYPE, body[:-3]),
+        "body is not [args, kwargs, embed]": (headers, wire.CONTENT_TYPE, b'{"a": 1}'),
+        "pipeline.route_batch message without job_id, model": (
+            headers, wire.CONTENT_TYPE, b'[[{"batch_id": 1, "run_id": 2, "ids": [], '
+            b'"texts": [], "vector_rows": [], "vectors": null}], {}, {}]'),
+    }
+    for reason, (h, ctype, b) in refusals.items():
+        assert poison.message(h, ctype, b, 2**20, tasks) == reason
+
+
+def test_redis_envelopes_are_checked_before_kombu_decodes_them():
+    import base64 as b64
+
+    from pipeline.queue import poison
+
+    good = {"body": b64.b64encode(b"[]").decode(), "headers": {}, "content-type": "x",
+            "properties": {"delivery_tag": "t", "delivery_info": {}, "body_encoding":
+                           "base64"}}
+    assert poison.envelope(json.dumps(good).encode(), 2**20) == (good, None)
+    cases = {b"\xff\x00": "not a JSON envelope", b"[1]": "envelope is a JSON list, not an "
+             "object", b"{}": "envelope without properties, delivery tag or delivery info",
+             json.dumps({**good, "body": "@@"}).encode(): "body is not base64",
+             json.dumps({**good, "headers": []}).encode(): "envelope headers of the wrong "
+             "type", b" " * 11: "11 bytes, over the limit of 10"}
+    for raw, reason in cases.items():
+        assert poison.envelope(raw, 10 if len(raw) == 11 else 2**20) == (None, reason)
+    assert poison.envelope_shape({"data": 1}) is not None  # a broadcast of another shape

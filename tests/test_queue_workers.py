@@ -87,15 +87,17 @@ class Stack:
         """Start a worker of ``kind`` and wait until it is ready."""
         return self.workers((kind, env))[0]
 
-    def workers(self, *specs: str | tuple[str, dict[str, str]]) -> list[subprocess.Popen]:
-        """Start workers (each a kind, or a kind and its extra environment) side by side,
-        then wait until every one is ready: their imports and model loads overlap."""
+    def workers(self, *specs: str | tuple) -> list[subprocess.Popen]:
+        """Start workers (each a kind, or a kind, its extra environment and optionally its
+        extra arguments) side by side, then wait until every one is ready: their imports
+        and model loads overlap."""
         started = []
         for spec in specs:
-            kind, env = (spec, {}) if isinstance(spec, str) else spec
+            kind, env, args = (spec, {}, ()) if isinstance(spec, str) else (*spec, ())[:3]
             log = self.tmp / f"{kind}-{len(self.procs)}.log"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "INFO"],
+                [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "INFO",
+                 *args],
                 cwd=self.tmp, env={**self.env, **env}, stdout=log.open("w"),
                 stderr=subprocess.STDOUT, start_new_session=True)
             self.procs.append((proc, log))

@@ -84,14 +84,15 @@ def submit(settings: Settings, file: str, batch_size: int | None, wait: bool,
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("kind", type=click.Choice(["gpu", "librarian", "query"]))
-@click.option("--shards", help="librarian: comma-separated shards [default: every "
-                               "constellation of the served model]")
+@click.option("--shards", multiple=True,
+              help="librarian: comma-separated constellation names (or their queue names); "
+                   "repeatable [default: every constellation of the served model]")
 @click.option("--concurrency", type=Count(1, 256), default=1, show_default=True,
               help="pool processes (one per GPU for gpu workers)")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--name", help="Celery node name, %h for the host [default: KIND-PID@%h]")
 @click.pass_context
-def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
+def worker(ctx: click.Context, kind: str, shards: tuple[str, ...], concurrency: int,
            loglevel: str, name: str | None) -> None:
     """Run a Celery worker of one kind with its queues and pool (extra args go to Celery).
 
@@ -102,8 +103,8 @@ def worker(ctx: click.Context, kind: str, shards: str | None, concurrency: int,
     from pipeline.serving import model_config
 
     settings: Settings = ctx.obj
-    names = [n.strip() for n in shards.split(",") if n.strip()] if shards else [
-        n for n, _ in model_config(settings).constellation_members()]
+    known = [n for n, _ in model_config(settings).constellation_members()]
+    names = queue_worker.shard_names(shards, known) if shards else known
     queues = ",".join(queue_worker.queues(kind, names))
     click.echo(f"{kind} worker on queues {queues} (broker {masked(settings.broker_url())})",
                err=True)
@@ -155,6 +156,7 @@ def status(settings: Settings, job_id: str | None, limit: int, show_items: bool)
     """Where the graph and SQL are; the latest jobs, or one job's batches and errors."""
     from sqlalchemy import select
 
+    from pipeline.queue.app import librarian_queue
     from pipeline.storage.embedded import LocalGraphServer
     from pipeline.storage.sql import Job, session_factory
 
@@ -201,7 +203,7 @@ def status(settings: Settings, job_id: str | None, limit: int, show_items: bool)
                 if part.status not in ("done", "failed"):
                     click.echo(f"    part '{printable(part.shard)}' {part.status} "
                                f"attempts={part.attempts}"
-                               + _waiting(part, f"librarian.{part.shard}", settings, now))
+                               + _waiting(part, librarian_queue(part.shard), settings, now))
                 elif part.status == "failed":
                     click.echo(f"    part '{printable(part.shard)}' failed: "
                                f"{printable(redacted(part.error or ''))}")

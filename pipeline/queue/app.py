@@ -10,6 +10,8 @@ Redelivered work is recognised in SQL (`pipeline.jobs`) and rewrites the same gr
 (deterministic ids), so the graph ends as if each batch ran once.
 
 Messages are ``moe-json`` (`wire.py`): JSON with arrays as base64 binary; pickle is refused.
+Anything else that lands on a queue is refused in one line and dead-lettered to ``moe.dead``
+(`poison.py` says what, `guard.py` where), so no bytes on a queue stop a worker.
 
 The app is built by `make_app(settings)` where an entry point needs one (``submit``, the
 worker command); ``celery -A pipeline.queue.app ...`` (the compose healthcheck, Flower) finds
@@ -18,6 +20,9 @@ it as this module's ``app``, built from the environment on first access.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -30,8 +35,36 @@ ROUTE_BATCH, CURATE_PART, SIMILAR = "pipeline.route_batch", "pipeline.curate_par
     "pipeline.similar"
 
 
+# A constellation's label is any text a user trained with ("biology, chemistry", "a/b"),
+# but a queue name travels through places that split or reject characters: Celery's ``-Q``
+# and the worker's ``--shards`` split on commas, AMQP caps names at 255 bytes, and a name
+# is read by people in Flower and `status`. So a label made only of these characters is its
+# own queue name (readable, and the queues of existing deployments keep their names); any
+# other label becomes a readable slug plus a hash of the whole label. The hash keeps the
+# mapping one to one where slugs collide ("a/b" and "a b" both slug to "a-b"); a safe label
+# that itself looks like an encoded one is encoded too, so no two labels share a queue.
+_SAFE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_ENCODED = re.compile(r".*-[0-9a-f]{12}")
+
+
+def queue_safe(label: str) -> str:
+    """The queue-safe form of a constellation label: the label itself where it is plain,
+    else ``<slug>-<12 hex of sha256(label)>`` (the slug: runs of other characters as one
+    '-', at most 60 characters). Deterministic, so every process derives the same name."""
+    if _SAFE.fullmatch(label) and not _ENCODED.fullmatch(label):
+        return label
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-.")[:60].strip("-.")
+    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{slug or 'x'}-{digest}"
+
+
 def librarian_queue(shard: str) -> str:
-    return LIBRARIAN_PREFIX + shard
+    """The queue of a shard's librarian, whatever characters the shard's label holds."""
+    return LIBRARIAN_PREFIX + queue_safe(shard)
+
+
+def url_scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower()
 
 
 def result_backend(settings: Settings) -> str:
@@ -49,7 +82,18 @@ def make_app(settings: Settings) -> Celery:
                  backend=result_backend(settings), include=["pipeline.queue.tasks"],
                  set_as_current=True)
     vt = float(settings.visibility_timeout_s)
+    if url_scheme(settings.broker_url()) in ("redis", "rediss"):
+        # kombu's Redis transport with a check of each entry before it is decoded: any
+        # bytes pushed onto a queue are refused in one line, not fatal (`guard`).
+        app.conf.broker_transport = "pipeline.queue.guard:RedisTransport"
+        if url_scheme(settings.broker_url()) == "rediss":
+            # What kombu sets for a rediss:// URL without SSL options, which it does only
+            # when it picks the transport from the URL itself.
+            app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
     app.conf.update(
+        # Both brokers: a message that is not one of our tasks is refused before Celery
+        # handles it (`guard`, `poison`).
+        worker_consumer="pipeline.queue.guard:GuardedConsumer",
         task_serializer=wire.NAME, result_serializer=wire.NAME,
         # moe-json for tasks; plain JSON too, for remote control from tools such as
         # Flower. Never pickle.
@@ -75,6 +119,8 @@ def make_app(settings: Settings) -> Celery:
             # Sweep for messages of dead workers often enough for the timeout chosen.
             "unacked_restore_interval": max(1.0, min(10.0, vt / 4)),
             "unacked_restore_throttle": 1,
+            # Read by `guard`: a larger message is refused before it is decoded.
+            "max_message_bytes": int(settings.max_message_mb * 2**20),
         },
         result_backend_transport_options={"visibility_timeout": vt},
         broker_connection_retry_on_startup=True,

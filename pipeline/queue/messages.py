@@ -15,6 +15,12 @@ import numpy as np
 
 from pipeline.records import DraftReport, Item, ItemBatch, ShardPart
 
+# The fields a worker reads from each message (`poison` refuses one that lacks any).
+BATCH_FIELDS = ("batch_id", "job_id", "run_id", "model", "ids", "texts", "vector_rows",
+                "vectors")
+PART_FIELDS = ("batch_id", "run_id", "shard", "job_id", "ids", "item_ids", "scores",
+               "experts", "texts", "embeddings")
+
 
 def batch_message(batch: ItemBatch) -> dict[str, Any]:
     items = batch.items

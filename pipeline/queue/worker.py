@@ -24,7 +24,7 @@ from celery.signals import (
 )
 
 from pipeline.encoders import EncoderUnavailable, text_encoder
-from pipeline.queue.app import GPU_QUEUE, QUERY_QUEUE, librarian_queue, make_app
+from pipeline.queue.app import GPU_QUEUE, QUERY_QUEUE, librarian_queue, make_app, queue_safe
 from pipeline.queue.policy import transient_errors
 from pipeline.redact import redacted
 from pipeline.runtime import Runtime
@@ -43,6 +43,32 @@ def queues(kind: str, shards: Sequence[str]) -> list[str]:
     if kind == "librarian":
         return [librarian_queue(s) for s in shards]
     return [GPU_QUEUE if kind == "gpu" else QUERY_QUEUE]
+
+
+def shard_names(values: Sequence[str], known: Sequence[str]) -> list[str]:
+    """The shards that ``--shards`` values name, in order, each once.
+
+    A value is a comma-separated list of constellation labels or their queue-safe names
+    (`app.queue_safe`). A label may itself hold commas: the longest run of comma-separated
+    pieces that is a ``known`` label is taken whole, so with the labels "biology, chemistry"
+    and "physics" the value ``"biology, chemistry,physics"`` names those two. A piece that
+    names nothing known is taken as a label as it stands (a shard of another model).
+    """
+    lookup = {k.strip(): k for k in known} | {queue_safe(k): k for k in known}
+    found: list[str] = []
+    for value in values:
+        pieces, i = value.split(","), 0
+        while i < len(pieces):
+            for j in range(len(pieces), i, -1):
+                text = ",".join(pieces[i:j]).strip()
+                if text in lookup:
+                    found.append(lookup[text])
+                    i = j
+                    break
+            else:
+                found.append(pieces[i].strip())
+                i += 1
+    return list(dict.fromkeys(n for n in found if n))
 
 
 def serve(settings: Settings, kind: str, shards: Sequence[str], concurrency: int = 1,
