@@ -163,7 +163,8 @@ def main() -> None:
             results.append(check(*layer_case({"gate_type": gate}, train, torch.bfloat16)))
 
     # the whole system
-    from pipeline.moe.system import FullyOptimizedMoESystem, MixtureOfExpertsSystem
+    from pipeline.moe.optimized import FullyOptimizedMoESystem
+    from pipeline.moe.system import MixtureOfExpertsSystem
     cons = {"a": [0, 1], "b": [2, 3], "c": [4, 5], "d": [6, 7]}
     sys_kw = dict(input_dim=64, hidden_dim=128, output_dim=64, num_experts=8, top_k_experts=2,
                   num_layers=2)

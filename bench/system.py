@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, interleaved, target  # noqa: E402
 
 from pipeline import MoEConfig  # noqa: E402
-from pipeline.moe.system import FullyOptimizedMoESystem, MixtureOfExpertsSystem  # noqa: E402
+from pipeline.moe.optimized import FullyOptimizedMoESystem  # noqa: E402
+from pipeline.moe.system import MixtureOfExpertsSystem  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

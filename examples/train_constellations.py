@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline import MoEConfig
 from pipeline.moe.analysis import entropy
-from pipeline.moe.system import FullyOptimizedMoESystem
+from pipeline.moe.optimized import FullyOptimizedMoESystem
 
 DOMAINS = ["mathematics", "language", "vision", "memory"]
 

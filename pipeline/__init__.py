@@ -20,15 +20,15 @@ _LAZY = {
     "MoEConfig": "pipeline.moe.config",
     "MoELayer": "pipeline.moe.layer",
     "MoEAux": "pipeline.moe.layer",
-    "MixtureOfExpertsSystem": "pipeline.moe.system",
-    "FullyOptimizedMoESystem": "pipeline.moe.system",
+    "MixtureOfExpertsSystem": "pipeline.api",
+    "FullyOptimizedMoESystem": "pipeline.api",
     "Settings": "pipeline.settings",
 }
 
 if TYPE_CHECKING:
+    from pipeline.api import FullyOptimizedMoESystem, MixtureOfExpertsSystem
     from pipeline.moe.config import MoEConfig
     from pipeline.moe.layer import MoEAux, MoELayer
-    from pipeline.moe.system import FullyOptimizedMoESystem, MixtureOfExpertsSystem
     from pipeline.settings import Settings
 
 

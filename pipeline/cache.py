@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.moe.grouped_mm import cpu_linear, onednn_available, onednn_dtypes
+from pipeline.moe.cpu import cpu_linear, onednn_available, onednn_dtypes
 
 
 class ShardReader(Protocol):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import ConfigError, InputShapeError, MoEConfig
-from pipeline.moe.system import FullyOptimizedMoESystem, graph_tokens
+from pipeline.moe.optimized import FullyOptimizedMoESystem, graph_tokens
 
 
 def config(**kw) -> MoEConfig:

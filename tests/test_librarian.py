@@ -117,6 +117,32 @@ def test_query_knowledge_graph_on_the_system(graph, tmp_path, monkeypatch):
     assert hits[0]["similarity"] >= hits[1]["similarity"] >= hits[2]["similarity"]
 
 
+
+@pytest.mark.backends("neo4j")
+def test_the_models_users_import_answer_from_the_settings_graph(graph, neo4j_server, tmp_path,
+                                                                monkeypatch):
+    """`pipeline.MixtureOfExpertsSystem` finds the graph `Settings` names; the model package's
+    own class does no I/O and answers nothing unattached."""
+    import pipeline
+    from pipeline import MoEConfig
+    from pipeline.moe import system
+
+    shard = f"q-{uuid.uuid4().hex[:8]}"
+    emb = clustered(np.random.default_rng(11), 10, 10, noise=0.0)
+    _librarian(graph).curate(shard, reports_for(emb, "job-facade", shard))
+    monkeypatch.setenv("MOE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("NEO4J_URI", neo4j_server["uri"])
+    monkeypatch.setenv("NEO4J_USERNAME", neo4j_server["user"])
+    monkeypatch.setenv("NEO4J_PASSWORD", neo4j_server["password"])
+    cfg = MoEConfig(input_dim=16, hidden_dim=16, output_dim=16, num_experts=4, top_k_experts=2)
+    query = torch.from_numpy(emb[4])
+    assert system.MixtureOfExpertsSystem(cfg).query_knowledge_graph(query, shards=[shard]) == []
+    model = pipeline.MixtureOfExpertsSystem(cfg)
+    assert isinstance(model, system.MixtureOfExpertsSystem)
+    hits = model.query_knowledge_graph(query, top_k=2, shards=[shard])
+    assert hits[0]["shard"] == shard and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+
 WORKER = """
 import json, sys
 import numpy as np

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import MoEConfig, MoELayer
-from pipeline.moe.grouped_mm import activation_fn, packable
+from pipeline.moe.cpu import packable
+from pipeline.moe.grouped_mm import activation_fn
 
 D, H, O, E = 12, 20, 10, 6
 
@@ -169,10 +170,10 @@ def test_cpu_inference_in_place_matches_reference(case, mkl, monkeypatch):
     """On either GEMM library the CPU's dropless path gives the reference's output and
     input gradient, and without autograd (when it overwrites its temporaries in place) the
     same output, pooled per input and expert as with autograd."""
-    from pipeline.moe import grouped_mm
+    from pipeline.moe import cpu
 
-    monkeypatch.setattr(grouped_mm, "mkl_preferred", lambda: mkl)
-    monkeypatch.setattr(grouped_mm, "MKL_MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "mkl_preferred", lambda: mkl)
+    monkeypatch.setattr(cpu, "MKL_MIN_ROWS", 1)
     layer = make(**case).eval()
     x = torch.randn(3, 7, D)
     token_ids = torch.randint(0, 50_000, (3, 7)) if case["gate_type"] == "hash" else None
@@ -196,23 +197,23 @@ def test_cpu_inference_in_place_matches_reference(case, mkl, monkeypatch):
 def lanes_on(monkeypatch):
     """Lanes for fp32 too, from one row, on two threads: the bf16 rule needs AMX or
     AVX-512 BF16, which not every CPU here has, and the lanes' logic is the same."""
-    from pipeline.moe import dispatch
+    from pipeline.moe import cpu
 
-    monkeypatch.setattr(dispatch, "LANE_DTYPES", (torch.float32,))
-    monkeypatch.setattr(dispatch, "onednn_dtypes", lambda: (torch.float32,))
-    monkeypatch.setattr(dispatch, "LANE_MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "LANE_DTYPES", (torch.float32,))
+    monkeypatch.setattr(cpu, "onednn_dtypes", lambda: (torch.float32,))
+    monkeypatch.setattr(cpu, "LANE_MIN_ROWS", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield dispatch
+    yield cpu
     torch.set_num_threads(threads)
 
 
-def _lanes_and_not(dispatch, monkeypatch, layer, x, mode):
+def _lanes_and_not(cpu, monkeypatch, layer, x, mode):
     with mode():
         y_lanes, aux_lanes = layer(x, pool=True)
-        monkeypatch.setattr(dispatch, "LANE_DTYPES", ())
+        monkeypatch.setattr(cpu, "LANE_DTYPES", ())
         y_one, aux_one = layer(x, pool=True)
-        monkeypatch.setattr(dispatch, "LANE_DTYPES", (torch.float32,))
+        monkeypatch.setattr(cpu, "LANE_DTYPES", (torch.float32,))
     return y_lanes, aux_lanes, y_one, aux_one
 
 
@@ -269,31 +270,31 @@ def test_packed_bf16_experts_give_the_plain_answer_and_follow_weight_updates(mon
     """In eval without autograd bf16 experts multiply by oneDNN-packed copies of their
     weights: the same output as the plain products, and an in-place weight update (an
     optimizer step, a load_state_dict) is seen by the next forward."""
-    from pipeline.moe import grouped_mm
+    from pipeline.moe import cpu
 
     layer = make(gate_type="topk", expert_type="gated").to(torch.bfloat16).eval()
     x = torch.randn(4, 16, D, dtype=torch.bfloat16)
     with torch.no_grad():
         packed = layer(x)[0]
-        assert id(layer.experts.w1) in grouped_mm._PACKED
-        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", ())
+        assert id(layer.experts.w1) in cpu._PACKED
+        monkeypatch.setattr(cpu, "PACK_DTYPES", ())
         plain = layer(x)[0]
         torch.testing.assert_close(packed, plain)
         layer.experts.w2.mul_(2)
         plain2 = layer(x)[0]
-        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", (torch.bfloat16,))
+        monkeypatch.setattr(cpu, "PACK_DTYPES", (torch.bfloat16,))
         torch.testing.assert_close(layer(x)[0], plain2)
     torch.testing.assert_close(plain2.float(), 2 * plain.float(), atol=2e-2, rtol=2e-2)
     with torch.no_grad():  # an edit no version counter sees, then eval() again
         layer.experts.w2.data.mul_(0.5)
         layer.eval()
-        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", ())
+        monkeypatch.setattr(cpu, "PACK_DTYPES", ())
         plain3 = layer(x)[0]
-        monkeypatch.setattr(grouped_mm, "PACK_DTYPES", (torch.bfloat16,))
+        monkeypatch.setattr(cpu, "PACK_DTYPES", (torch.bfloat16,))
         torch.testing.assert_close(layer(x)[0], plain3)
     w1 = id(layer.experts.w1)
     del layer
-    assert w1 not in grouped_mm._PACKED  # the packs went with the parameter
+    assert w1 not in cpu._PACKED  # the packs went with the parameter
 
 
 def test_routers_learn_through_combine_weights():

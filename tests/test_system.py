@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from pipeline import ConfigError, InputShapeError, MoEConfig
 from pipeline.moe.checkpoint import CheckpointError
-from pipeline.moe.system import FullyOptimizedMoESystem, MixtureOfExpertsSystem
+from pipeline.moe.optimized import FullyOptimizedMoESystem
+from pipeline.moe.system import MixtureOfExpertsSystem
 
 GROUPS = {"mathematics": [0, 1, 2], "language": [2, 3, 4], "vision": [4, 5, 0],
           "memory": [6, 7, 1]}

@@ -15,21 +15,15 @@ Nothing here reads a tensor's value on the host except `dropless` on the CPU (se
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from pipeline.moe.cpu import ExpertSlices, balanced_groups, cpu_lanes, lane_pool, packable
 from pipeline.moe.experts import Experts
 from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, capacity
-from pipeline.moe.grouped_mm import (
-    ExpertSlices,
-    grouped_mm_supported,
-    onednn_dtypes,
-    packable,
-)
+from pipeline.moe.grouped_mm import grouped_mm_supported
 
 
 class Pool(NamedTuple):
@@ -172,74 +166,6 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     for y in rest:
         y_TO.add_(y)
     return y_TO
-
-
-# Lanes: on the CPU, bf16 experts run side by side, one thread each, rather than one after
-# another with every thread on each product. Measured on an Intel Xeon (AMX, 2 cores), the
-# seed layer's gated experts without autograd: at 768 rows per expert two one-thread lanes
-# ran the experts 1.4-1.6x faster than two-thread products, at 96 rows about 1.1x; fp32
-# (AVX-512, no AMX) gained nothing, 0.92-0.98x. A one-thread AMX product keeps its tiles busy,
-# and two threads splitting one small product mostly wait for each other.
-LANE_DTYPES = (torch.bfloat16,)
-LANE_MIN_ROWS = 64  # mean rows per busy expert; below it a lane's thread start is not repaid
-
-
-def cpu_lanes(dtype: torch.dtype, sizes: list[int]) -> int:
-    """How many one-thread lanes the CPU split path runs experts on (1: no lanes)."""
-    busy = [n for n in sizes if n]
-    threads = torch.get_num_threads()
-    if (dtype not in LANE_DTYPES or dtype not in onednn_dtypes() or threads < 2
-            or len(busy) < 2 or sum(busy) < LANE_MIN_ROWS * len(busy)):
-        return 1
-    return min(threads, len(busy))
-
-
-def balanced_groups(sizes: list[int], lanes: int) -> list[list[int]]:
-    """Busy experts dealt into ``lanes`` groups of about equal rows, largest first (each to
-    the lightest group so far); each group keeps expert order."""
-    groups: list[list[int]] = [[] for _ in range(lanes)]
-    rows = [0] * lanes
-    for e in sorted((e for e, n in enumerate(sizes) if n), key=lambda e: -sizes[e]):
-        lightest = rows.index(min(rows))
-        groups[lightest].append(e)
-        rows[lightest] += sizes[e]
-    return [sorted(g) for g in groups if g]
-
-
-_LANE_POOL: ThreadPoolExecutor | None = None
-_LANE_LOCK = threading.Lock()
-
-
-def lane_pool(lanes: int) -> ThreadPoolExecutor:
-    """The process's pool of at least ``lanes`` threads, each with one intra-op thread.
-
-    ``torch.set_num_threads`` sets the calling thread's OpenMP team size and also the count
-    every thread started later begins with; so each lane thread is started and set to one
-    here, all at once, and the caller's count is then set again, which leaves the caller and
-    later threads as they were. A larger ``lanes`` replaces the pool with a larger one.
-
-    Not for forked children: OpenMP cannot run a team again in a child forked after its
-    parent ran one (seen here: the child's first multi-threaded product never returns), so
-    a prefork worker's parent must not run the model first, lanes or no lanes."""
-    global _LANE_POOL
-    with _LANE_LOCK:
-        if _LANE_POOL is not None and _LANE_POOL._max_workers >= lanes:
-            return _LANE_POOL
-        threads = torch.get_num_threads()
-        pool = ThreadPoolExecutor(lanes, thread_name_prefix="moe-lane")
-        started = threading.Barrier(lanes)
-
-        def one_thread() -> None:
-            torch.set_num_threads(1)
-            started.wait()  # every task on its own thread: all lanes start now
-
-        for done in [pool.submit(one_thread) for _ in range(lanes)]:
-            done.result()
-        torch.set_num_threads(threads)
-        if _LANE_POOL is not None:
-            _LANE_POOL.shutdown(wait=False)
-        _LANE_POOL = pool
-        return pool
 
 
 def fixed_capacity(x_TD: Tensor, routing: TokenChoice, experts: Experts,

@@ -23,13 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.moe.grouped_mm import (
-    ExpertSlices,
-    activation_fn,
-    grouped_linear_cuda,
-    padded_linear,
-    release_packed,
-)
+from pipeline.moe.cpu import ExpertSlices, release_packed
+from pipeline.moe.grouped_mm import activation_fn, grouped_linear_cuda, padded_linear
 
 Linear = Callable[[Tensor, Tensor, "str | None"], Tensor]
 

@@ -15,17 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe import checkpoint as ckpt
@@ -104,26 +99,30 @@ class MixtureOfExpertsSystem(nn.Module):
         ``search(query, top_k, shards)``)."""
         self.knowledge = librarian
 
+    def default_knowledge(self) -> Any:
+        """What `query_knowledge_graph` searches when no librarian was attached: none in the
+        model package, which does no I/O (`pipeline.api` overrides this)."""
+        return None
+
     def query_knowledge_graph(self, query_embedding: Tensor, top_k: int = 5,
                               shards: list[str] | None = None) -> list[dict[str, Any]]:
         """The insights most similar to ``query_embedding`` ``(input_dim,)``, best first:
         ``[{"node_id", "similarity", "shard"}, ...]`` from the hot caches (every shard of the
         graph unless ``shards`` names some).
 
-        With no knowledge graph attached, the default one answers: the graph of the settings
-        (the state dir's embedded server, or ``NEO4J_URI``), or none, which answers ``[]``.
+        With no knowledge graph attached, `default_knowledge` answers: here none, so an empty
+        list; ``pipeline.MixtureOfExpertsSystem`` and ``pipeline.FullyOptimizedMoESystem``
+        (`pipeline.api`) answer from the graph the settings name.
         """
         if query_embedding.shape[-1] != self.config.input_dim:
             raise InputShapeError("query_embedding", tuple(query_embedding.shape),
                                   f"({self.config.input_dim},)")
-        if self.knowledge is None:
-            # Resolved by name at call time, not imported: the model package does no I/O and
-            # imports nothing above it; the runtime (SQL, graph, locks) is found only when a
-            # user asks this question of a model they did not attach a graph to.
-            runtime = importlib.import_module("pipeline.runtime")
-            self.knowledge = runtime.default_knowledge(self.config)
-        return self.knowledge.search(query_embedding.detach().float().reshape(1, -1).cpu(),
-                                     top_k, shards)
+        knowledge = self.knowledge if self.knowledge is not None else self.default_knowledge()
+        if knowledge is None:
+            return []
+        self.knowledge = knowledge
+        return knowledge.search(query_embedding.detach().float().reshape(1, -1).cpu(),
+                                top_k, shards)
 
     # -- forward ---------------------------------------------------------------------------
     def run(self, x: Tensor, reports: bool = False,
@@ -282,162 +281,3 @@ class MixtureOfExpertsSystem(nn.Module):
 
     def moe_layers(self) -> Iterator[MoELayer]:
         return (block.moe for block in self.blocks)
-
-
-# Compile modes whose inductor output already replays as CUDA graphs (cudagraph trees).
-_INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def graph_tokens(x: Tensor, max_tokens: int) -> int:
-    """Tokens of an inference batch ``(B, N, D)`` or ``(B, D)``, refused past ``max_tokens``
-    (`MoEConfig.cuda_graph_max_tokens`, the static buffer's size)."""
-    tokens = x.numel() // max(1, x.shape[-1])
-    if tokens > max_tokens:
-        raise InputShapeError("x", tuple(x.shape), f"at most cuda_graph_max_tokens={max_tokens} "
-                              f"tokens (batch x sequence, here {tokens}) for CUDA-graph "
-                              "inference: raise MoEConfig.cuda_graph_max_tokens, split the "
-                              "batch, or set use_cuda_graphs=False")
-    return tokens
-
-
-class GraphedInference:
-    """The inference forward as CUDA graphs over one static input buffer.
-
-    The buffer holds ``max_tokens`` tokens, allocated once (per dtype and width); a batch of shape
-    ``(B, N, D)`` is copied into its first ``B*N`` rows and replays the graph captured for that
-    shape (captured on first sight, after two warm-up calls on a side stream that compile,
-    autotune and fill the allocator). Graphs share one memory pool: each replay's outputs are
-    cloned before the next replay may reuse their memory, and replays run on one stream, so
-    sharing is safe (the pattern of torch.cuda.graph's docs, "sharing memory across captures").
-    A lock keeps two threads from interleaving copy, replay and clone.
-
-    At most ``max_graphs`` shapes keep their graph; past that the least recently replayed
-    one goes (a server seeing many sequence lengths would otherwise hold a graph and its
-    memory for each of them).
-    """
-
-    def __init__(self, max_tokens: int, max_graphs: int = 16) -> None:
-        self.max_tokens = max_tokens
-        self.max_graphs = max_graphs
-        self._buffers: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
-        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Any]] = (
-            OrderedDict())
-        self._pool: Any = None
-        self._lock = threading.Lock()
-
-    def __call__(self, fn: Callable[[Tensor, bool], SystemOutput], x: Tensor, device: torch.device,
-                 reports: bool) -> SystemOutput:
-        with self._lock:
-            return self._replay(fn, x, device, reports)
-
-    def _replay(self, fn: Callable[[Tensor, bool], SystemOutput], x: Tensor,
-                device: torch.device, reports: bool) -> SystemOutput:
-        tokens = graph_tokens(x, self.max_tokens)
-        key = (tuple(x.shape), x.dtype, device, reports)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-        else:
-            while len(self._graphs) >= self.max_graphs:
-                self._graphs.popitem(last=False)
-            slot = (device, x.dtype, x.shape[-1])
-            buf = self._buffers.get(slot)
-            if buf is None:
-                buf = torch.empty(self.max_tokens * x.shape[-1], dtype=x.dtype, device=device)
-                self._buffers[slot] = buf
-            static_x = buf[: tokens * x.shape[-1]].view(x.shape)
-            static_x.copy_(x)
-            self._graphs[key] = self._capture(fn, static_x, device, reports)
-        graph, static_x, out = self._graphs[key]
-        static_x.copy_(x)
-        graph.replay()
-        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
-
-    def _capture(self, fn: Callable[[Tensor, bool], SystemOutput], static_x: Tensor,
-                 device: torch.device, reports: bool) -> tuple:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(static_x, reports)
-        torch.cuda.current_stream(device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = fn(static_x, reports)
-        return graph, static_x, out
-
-
-class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
-    """The same model under torch.compile, autocast and gradient checkpointing.
-
-    Each switch comes from the config: ``use_compile`` (with ``compile_mode``), ``use_amp``
-    (``amp_dtype``; float16 trains with a gradient scaler), ``use_gradient_checkpointing``
-    (blocks recompute their activations in backward). On CUDA, ``infer`` replays CUDA graphs
-    (`GraphedInference`, ``use_cuda_graphs`` with ``cuda_graph_max_tokens``), unless the
-    compile mode already does (``reduce-overhead``, ``max-autotune``).
-    """
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__(config)
-        self._compiled: Callable[..., SystemOutput] | None = None
-        self._scaler: torch.amp.GradScaler | None = None
-        self._graphs: GraphedInference | None = None
-
-    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> FullyOptimizedMoESystem:
-        # .to()/.cuda()/.half() may replace the parameters a captured graph reads.
-        self._graphs = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _runner(self) -> Callable[..., SystemOutput]:
-        if not self.config.use_compile:
-            return self.run
-        if self._compiled is None:
-            self._compiled = torch.compile(self.run, mode=self.config.compile_mode)
-        return self._compiled
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.config.use_amp:
-            return contextlib.nullcontext()
-        device = next(self.parameters()).device.type
-        return torch.autocast(device, dtype=getattr(torch, self.config.amp_dtype))
-
-    def _call_block(self, block: MoEBlock, h: Tensor, constraint: RoutingConstraint | None,
-                    pool: bool) -> tuple[Tensor, MoEAux]:
-        if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, constraint, pool, use_reentrant=False)
-        return block(h, constraint, pool)
-
-    def _step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if not (self.config.use_amp and self.config.amp_dtype == "float16"):
-            super()._step(loss, optimizer)
-            return
-        if self._scaler is None:  # fp16 gradients underflow without loss scaling
-            device = next(self.parameters()).device.type
-            self._scaler = torch.amp.GradScaler(device)
-        self._scaler.scale(loss).backward()
-        self._scaler.step(optimizer)
-        self._scaler.update()
-
-    @torch.inference_mode()
-    def infer(self, x: Tensor, reports: bool = False) -> SystemOutput:
-        """Inference: eval mode, no autograd, the compiled and autocast forward; on CUDA
-        replayed from a CUDA graph (a batch past ``cuda_graph_max_tokens`` tokens is refused
-        with `InputShapeError` naming the setting)."""
-        self.eval()
-        device = next(self.parameters()).device
-        cfg = self.config
-        if (device.type == "cuda" and cfg.use_cuda_graphs
-                and not (cfg.use_compile and cfg.compile_mode in _INDUCTOR_GRAPH_MODES)):
-            if self._graphs is None:
-                self._graphs = GraphedInference(cfg.cuda_graph_max_tokens)
-            return self._graphs(self._graph_forward, x, device, reports)
-        with self._autocast():
-            return self._runner()(x, reports=reports)
-
-    def _graph_forward(self, x: Tensor, reports: bool) -> SystemOutput:
-        # Autocast's cast cache must be off under capture: cached casts would outlive it.
-        amp = contextlib.nullcontext() if not self.config.use_amp else torch.autocast(
-            "cuda", dtype=getattr(torch, self.config.amp_dtype), cache_enabled=False)
-        with amp:
-            return self._runner()(x, reports=reports)
