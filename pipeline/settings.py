@@ -183,6 +183,18 @@ class Settings(BaseSettings):
             self.database_url, self.redis_url, self.celery_broker_url, self.neo4j_uri)]
         return [s for s in found if s]
 
+    def env_file_names(self) -> tuple[Path, list[str]] | None:
+        """The ``.env`` file of the working directory, when there is one, and the names it
+        sets that the environment does not (those it chose), for status lines; never the
+        values, which may be passwords."""
+        from dotenv import dotenv_values
+
+        path = Path(".env")
+        if not path.is_file():
+            return None
+        chose = sorted(k for k in dotenv_values(path) if k not in os.environ)
+        return path.resolve(), chose
+
     def state_dir_source(self) -> str:
         """Where ``state_dir`` came from, for status lines."""
         return "MOE_STATE_DIR" if "state_dir" in self.model_fields_set else "the default"

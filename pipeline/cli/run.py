@@ -162,6 +162,10 @@ def status(settings: Settings, job_id: str | None, limit: int, show_items: bool)
 
     if show_items and job_id is None:
         raise click.UsageError("--items needs a JOB_ID")
+    env_file = settings.env_file_names()
+    if env_file:
+        names = ", ".join(env_file[1]) or "nothing the environment does not set already"
+        click.echo(f"settings: {printable(str(env_file[0]))} chose {printable(names)}")
     click.echo(f"state dir: {settings.state_dir.resolve()} ({settings.state_dir_source()})")
     if settings.neo4j_uri:
         click.echo(f"graph: {masked(settings.neo4j_uri)} (NEO4J_URI)")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery.signals import (
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -101,11 +102,26 @@ def runtime() -> Runtime:
     rather than `serve` reads its settings here: the pool process is then the entry point."""
     if _PROCESS["runtime"] is None:
         settings = _PROCESS["settings"] or Settings()
-        # The schema is migrated by `submit` (and the stack's `migrate` service), not by
-        # every worker process racing at start.
+        # The schema was migrated by the worker's main process (`_migrate`), not by every
+        # pool process at start.
         _PROCESS["runtime"] = Runtime.from_settings(settings, device=pool_device(settings),
                                                     migrate=False)
     return _PROCESS["runtime"]
+
+
+@worker_init.connect
+def _migrate(**_: Any) -> None:
+    """The worker's main process brings the SQL schema to head before its pool starts (one
+    process at a time, `sql.migrate`): a worker started on an empty database would
+    otherwise fail every task on a missing table until the first `submit` migrated it."""
+    from pipeline.storage.sql import migrate
+
+    settings = _PROCESS["settings"] or Settings()
+    try:
+        migrate(settings.sql_url())
+    except transient_errors() as err:  # down at start: the tasks retry it, as any outage
+        log.warning("SQL database not reachable at start, not migrated: %s",
+                    redacted(str(err)).splitlines()[0])
 
 
 @worker_process_init.connect

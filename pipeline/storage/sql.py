@@ -7,9 +7,12 @@ same models run on SQLite (the embedded default, a file in the state dir) and Po
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
     true,
 )
 from sqlalchemy.engine import Engine
@@ -245,11 +249,47 @@ def alembic_config(url: str):
     return cfg
 
 
+# PostgreSQL advisory lock key of migrations: any 64-bit number, the same in every process.
+MIGRATION_LOCK = 0x6D6F652D6D6967  # "moe-mig"
+
+
+@contextlib.contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    """Held while one process migrates: two processes starting on an empty database would
+    otherwise both create the tables and one would fail. PostgreSQL: an advisory lock;
+    SQLite: a lock file beside the database; others: none."""
+    if url.startswith("postgresql"):
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+        finally:
+            engine.dispose()
+        return
+    path = url.split("///", 1)[-1].split("?", 1)[0] if url.startswith("sqlite") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(f"{path}.migrate-lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (applied by the application at start)."""
+    """Bring the database at ``url`` to ``revision`` (applied by the application and by
+    each worker at start), one process at a time."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    with _migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def session_factory(url: str, run_migrations: bool = True, pooled: bool = True
