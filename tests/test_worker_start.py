@@ -56,6 +56,9 @@ def test_a_worker_migrates_an_empty_database_at_start(sql_url, tmp_path):
     finally:
         worker.terminate()
         worker.wait(timeout=60)
+        # The graph server the worker started for its state dir outlives it, by design.
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "down"], env=env,
+                       capture_output=True, timeout=120)
     text = log.read_text()
     assert "ready" in text, text[-3000:]
     assert "does not exist" not in text and "no such table" not in text, text[-3000:]
