@@ -76,7 +76,8 @@ def demo(settings: Settings, gate_type: str, num_experts: int, top_k: int, exper
 
 
 
-def _load_llama(model_path: str | None, tokenizer_path: str | None, tiny: bool):
+def _load_llama(model_path: str | None, tokenizer_path: str | None, tiny: bool,
+                max_params: int):
     """``(dense Llama, tokenizer)``: the tiny local one, or one read from the user's files."""
     if tiny:
         if model_path or tokenizer_path:
@@ -97,7 +98,7 @@ def _load_llama(model_path: str | None, tokenizer_path: str | None, tiny: bool):
                                "Llama directory), or --tiny for a tiny random model made here")
     from pipeline.moe.llama_files import load_llama
 
-    return load_llama(model_path, tokenizer_path)
+    return load_llama(model_path, tokenizer_path, max_params)
 
 
 def _parse_layers(layers: str, n: int) -> list[int]:
@@ -132,7 +133,9 @@ def _parse_layers(layers: str, n: int) -> list[int]:
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.9, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, layers: str,
+@click.pass_obj
+def generate(settings: Settings, model_path: str | None, tokenizer_path: str | None,
+             tiny: bool, layers: str,
              num_experts: int, top_k: int, init: str, gate_type: str, prompt: str,
              max_new_tokens: int, temperature: float, seed: int) -> None:
     """Convert a Llama to MoE and generate, showing which experts fired.
@@ -141,16 +144,21 @@ def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, lay
     Hugging Face Llama directory (save_pretrained's config.json, weights and tokenizer). With
     nothing downloaded, --tiny shows the same mechanics on a tiny random model.
     """
+    from pipeline.moe.budget import check_parameters
     from pipeline.moe.llama import (
         convert_to_moe,
+        converted_parameters,
         count_active_parameters,
         count_parameters,
     )
     from pipeline.moe.llama import generate as run_generation
 
-    dense, tok = _load_llama(model_path, tokenizer_path, tiny)
+    dense, tok = _load_llama(model_path, tokenizer_path, tiny, settings.max_params)
     n = len(dense.model.layers)
     chosen = _parse_layers(layers, n)
+    check_parameters(f"--experts {num_experts}",
+                     converted_parameters(dense, chosen, num_experts, init),
+                     settings.max_params)
     moe = convert_to_moe(dense, chosen, num_experts=num_experts,
                          top_k=1 if gate_type == "switch" else top_k,
                          expert_init_strategy=init, gate_type=gate_type, seed=seed)
@@ -175,19 +183,9 @@ def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, lay
 def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: str | None,
           label_field: str | None, num_constellations: int | None, epochs: int) -> None:
     """Fit the served model to a corpus (JSONL) and make it the served model."""
-    import json
-
     from pipeline import training
-    from pipeline.errors import PipelineError
-    from pipeline.moe.config import MoEConfig
 
-    config = None
-    if config_file:
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                config = MoEConfig.from_dict(json.load(f))
-        except (OSError, ValueError) as err:
-            raise PipelineError(f"--config {config_file}: {err}") from err
+    config = training.read_config_file(config_file, settings) if config_file else None
     with progress(epochs, "epochs") as bar:
         result = training.train(
             file, settings, constellations=training.parse_constellations(specs) or None,
@@ -211,8 +209,6 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
 @click.pass_obj
 def models(settings: Settings) -> None:
     """The trained checkpoints of the state dir, and which one is served."""
-    import json
-
     from pipeline import serving
 
     served = serving.served_path(settings)
@@ -223,19 +219,18 @@ def models(settings: Settings) -> None:
         click.echo(f"served: the default model "
                    f"{serving.model_fingerprint(settings, serving.default_config())} (no "
                    f"trained checkpoint in {serving.models_dir(settings)})")
-    for path in reversed(found):
-        meta_file = path / "train.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    for path in reversed(serving.checkpoint_dirs(settings)):
         mark = "*" if served is not None and path.resolve() == served.resolve() else " "
-        try:
-            config = serving.checkpoint.read_config(path)
-        except serving.checkpoint.CheckpointError as err:
-            click.echo(f"{mark} {path.name}  unusable: {str(err).split(': ', 1)[-1]}")
+        reason = None if path in found else serving.unusable(path, settings)
+        if reason is not None:
+            click.echo(f"{mark} {path.name}  unusable: {reason}")
             continue
+        config = serving.checkpoint.read_config(path, settings.max_params)
+        meta = serving.train_record(path)
         quality = " ".join(f"{k}={v:.3f}" for k, v in meta.get("quality", {}).items())
         fingerprint = serving.model_fingerprint(
             settings.model_copy(update={"model_path": path}), config)
-        click.echo(f"{mark} {path.name}  {fingerprint}  {meta.get('mode', '?'):<12} "
+        click.echo(f"{mark} {path.name}  {fingerprint}  {str(meta.get('mode', '?')):<12} "
                    f"{', '.join(n for n, _ in config.constellation_members())}  {quality}")
 
 

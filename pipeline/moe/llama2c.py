@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import PipelineError
+from pipeline.moe import budget
+from pipeline.moe.offline import force_offline
 
 HEADER = struct.Struct("<7i")
 # llama2.c's own tokenizers hold pieces of at most 27 bytes (32000 tokens) or fewer; a
@@ -36,6 +38,9 @@ BOS, EOS = 1, 2
 # llama2.c's later export versions (export.py --version 1 or 2, and forks' own) begin with
 # uint32 0x616b3432 ("ak42" in ASCII), then the version.
 EXPORT_MAGIC = struct.pack("<I", 0x616B3432)
+# 32000 pieces make 0.4 MB; a 128k vocabulary about 2 MB.
+MAX_TOKENIZER_BYTES = 64 << 20
+BYTE_PIECES = 3 + 256  # <unk>, <s>, </s>, then <0x00>..<0xFF>
 
 
 class Llama2cError(PipelineError):
@@ -91,8 +96,10 @@ def _sizes(h: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
     return parts
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
-    """Header and named float32 tensors of a llama2.c checkpoint, checked for size."""
+def read_tensors(path: str | Path, max_params: int = budget.DEFAULT_MAX_PARAMS,
+                 ) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """Header and named float32 tensors of a llama2.c checkpoint, checked for size (and
+    refused over ``max_params`` parameters before a weight is read)."""
     path = Path(path)
     try:
         # The header and the file's size are checked before the weights are read, so that a
@@ -100,7 +107,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
         with path.open("rb") as f:
             header = read_header(path, f.read(HEADER.size))
             parts = _sizes(header)
-            expected = HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in parts)
+            count = sum(torch.Size(s).numel() for _, s in parts)
+            # The file is read once and copied into the model: twice its size in memory.
+            budget.check_parameters(path, count, max_params, bytes_per_param=8)
+            expected = HEADER.size + 4 * count
             size = path.stat().st_size
             if size != expected:
                 what = "truncated" if size < expected else "has trailing bytes"
@@ -131,6 +141,7 @@ def build_llama(h: dict[str, int], t: dict[str, Tensor]):
     Apart from `load_llama2c` so that a caller can check the header (the vocabulary against
     its tokenizer) before paying for importing transformers.
     """
+    force_offline()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -217,9 +228,22 @@ def _read_vocabulary(path: Path, data: bytes) -> tuple[int, list[bytes], list[fl
             offset += 8 + n
     except struct.error as err:
         raise Llama2cError(path, f"truncated tokenizer at byte {offset}: {err}") from err
-    if len(pieces) < 3:
-        raise Llama2cError(path, "a tokenizer needs at least <unk>, <s> and </s>")
+    _check_byte_pieces(path, pieces)
     return max_len, pieces, scores
+
+
+def _check_byte_pieces(path: Path, pieces: list[bytes]) -> None:
+    """llama2.c's encoding falls back to ids 3 + byte for a character the vocabulary lacks
+    (`Llama2cTokenizer.encode`): a vocabulary without those 256 byte pieces there would hand
+    the model ids it has no embedding for (or the wrong ones)."""
+    if len(pieces) < BYTE_PIECES:
+        raise Llama2cError(path, f"{len(pieces)} tokens: a llama2.c tokenizer holds <unk>, "
+                           f"<s>, </s> and the 256 byte pieces <0x00>..<0xFF> (ids 3-258) "
+                           "at least")
+    for b in range(256):
+        if pieces[3 + b] != f"<0x{b:02X}>".encode():
+            raise Llama2cError(path, f"token {3 + b} is {pieces[3 + b][:20]!r} where a "
+                               f"llama2.c tokenizer has the byte piece <0x{b:02X}>")
 
 
 class Llama2cTokenizer:
@@ -228,9 +252,13 @@ class Llama2cTokenizer:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = f.read(MAX_TOKENIZER_BYTES + 1)
         except OSError as err:
             raise Llama2cError(path, f"cannot read: {err.strerror}") from err
+        if len(data) > MAX_TOKENIZER_BYTES:
+            raise Llama2cError(path, f"over {MAX_TOKENIZER_BYTES >> 20} MiB: not a llama2.c "
+                               "tokenizer (a checkpoint given as --tokenizer?)")
         try:
             self.max_token_length, self.pieces, self.scores = _read_vocabulary(path, data)
         except Llama2cError:
@@ -278,8 +306,8 @@ class Llama2cTokenizer:
                 prev = i
                 continue
             piece = self.pieces[i]
-            if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
-                piece = bytes([int(piece[3:5], 16)])
+            if 3 <= i < BYTE_PIECES:  # checked on reading to be <0xXX>, the byte XX
+                piece = bytes([i - 3])
             elif prev == BOS and piece.startswith(b" "):
                 piece = piece[1:]
             out += piece
