@@ -136,7 +136,7 @@ def read_config(path: str | Path,
                                   "again with `moe-pipeline train`")
         if not isinstance(order, list) or not all(isinstance(n, str) for n in order) or \
                 sorted(order) != sorted(groups):
-            raise CheckpointError(path, f"{ORDER} {str(order)[:200]} does not list the "
+            raise CheckpointError(path, f"{CONFIG}: {ORDER} {str(order)[:200]} does not list the "
                                   f"constellations {sorted(groups)!r}", (ORDER,))
         data["constellations"] = {name: groups[name] for name in order}
     try:
