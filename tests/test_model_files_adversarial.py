@@ -379,9 +379,11 @@ TOKENIZERS = {
     "empty": (PIECES, lambda raw: b"", "truncated tokenizer"),
     "piece-longer-than-the-header": (
         PIECES, lambda raw: raw[:4] + struct.pack("<fI", 0.0, 2**31) + raw[12:], "2147483648"),
+    # "naïve" needs the byte pieces of "ï" (0xC3 0xAF), at ids 3 + byte.
     "no-byte-pieces": ([b"<unk>", b"<s>", b"</s>", *(c.encode() for c in CHARS)], None,
-                       "the 256 byte pieces"),
-    "a-wrong-byte-piece": ([*PIECES[:3], b"<0xZZ>", *PIECES[4:]], None, "token 3 is"),
+                       "token 198: the text's 'ï' needs the byte piece <0xC3>"),
+    "a-wrong-byte-piece": ([*PIECES[:198], b"<0xZZ>", *PIECES[199:]], None,
+                           "token 198: the text's 'ï' needs the byte piece <0xC3>"),
 }
 
 

@@ -20,6 +20,7 @@ of the adjacent pair whose concatenation has the highest score.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -40,7 +41,7 @@ BOS, EOS = 1, 2
 EXPORT_MAGIC = struct.pack("<I", 0x616B3432)
 # 32000 pieces make 0.4 MB; a 128k vocabulary about 2 MB.
 MAX_TOKENIZER_BYTES = 64 << 20
-BYTE_PIECES = 3 + 256  # <unk>, <s>, </s>, then <0x00>..<0xFF>
+BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 
 
 class Llama2cError(PipelineError):
@@ -228,22 +229,7 @@ def _read_vocabulary(path: Path, data: bytes) -> tuple[int, list[bytes], list[fl
             offset += 8 + n
     except struct.error as err:
         raise Llama2cError(path, f"truncated tokenizer at byte {offset}: {err}") from err
-    _check_byte_pieces(path, pieces)
     return max_len, pieces, scores
-
-
-def _check_byte_pieces(path: Path, pieces: list[bytes]) -> None:
-    """llama2.c's encoding falls back to ids 3 + byte for a character the vocabulary lacks
-    (`Llama2cTokenizer.encode`): a vocabulary without those 256 byte pieces there would hand
-    the model ids it has no embedding for (or the wrong ones)."""
-    if len(pieces) < BYTE_PIECES:
-        raise Llama2cError(path, f"{len(pieces)} tokens: a llama2.c tokenizer holds <unk>, "
-                           f"<s>, </s> and the 256 byte pieces <0x00>..<0xFF> (ids 3-258) "
-                           "at least")
-    for b in range(256):
-        if pieces[3 + b] != f"<0x{b:02X}>".encode():
-            raise Llama2cError(path, f"token {3 + b} is {pieces[3 + b][:20]!r} where a "
-                               f"llama2.c tokenizer has the byte piece <0x{b:02X}>")
 
 
 class Llama2cTokenizer:
@@ -268,6 +254,7 @@ class Llama2cTokenizer:
                 raise Llama2cError(path, "a JSON file, not a llama2.c tokenizer.bin (a Hugging "
                                    "Face tokenizer.json belongs in a model directory)") from None
             raise
+        self.path = path
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         self.bos_token_id, self.eos_token_id = BOS, EOS
 
@@ -284,7 +271,7 @@ class Llama2cTokenizer:
             if raw in self.ids:
                 tokens.append(self.ids[raw])
             else:  # byte fallback: <0xXX> sits at 3 + byte
-                tokens.extend(3 + b for b in raw)
+                tokens.extend(self._byte_id(b, ch) for b in raw)
         while True:
             best, best_score = -1, float("-inf")
             for i in range(len(tokens) - 1):
@@ -297,6 +284,17 @@ class Llama2cTokenizer:
             tokens[best: best + 2] = [self.ids[pair]]
         return ([BOS] if bos else []) + tokens + ([EOS] if eos else [])
 
+    def _byte_id(self, b: int, ch: str) -> int:
+        """The id of byte ``b``'s piece, ``3 + b`` as llama2.c's run.c assumes: checked, since
+        a vocabulary without it there would hand the model an id it has no embedding for."""
+        i = 3 + b
+        if i >= len(self.pieces) or self.pieces[i] != f"<0x{b:02X}>".encode():
+            held = repr(self.pieces[i][:20]) if i < len(self.pieces) else "nothing"
+            raise Llama2cError(self.path, f"token {i}: the text's {ch!r} needs the byte piece "
+                               f"<0x{b:02X}> there (llama2.c's byte fallback), the file holds "
+                               f"{held}")
+        return i
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; BOS and EOS are never printed (the flag mirrors HF's API)."""
         out = bytearray()
@@ -306,8 +304,8 @@ class Llama2cTokenizer:
                 prev = i
                 continue
             piece = self.pieces[i]
-            if 3 <= i < BYTE_PIECES:  # checked on reading to be <0xXX>, the byte XX
-                piece = bytes([i - 3])
+            if BYTE_PIECE.fullmatch(piece):
+                piece = bytes([int(piece[3:5], 16)])
             elif prev == BOS and piece.startswith(b" "):
                 piece = piece[1:]
             out += piece
