@@ -205,7 +205,7 @@ class MoEConfig:
             self.num_shared_experts, int
         ) or not 0 <= self.num_shared_experts <= MAX_EXPERTS:
             raise ConfigError("num_shared_experts", self.num_shared_experts,
-                              f"an integer in [0, {MAX_EXPERTS}]")
+                              f"an integer >= 0, at most {MAX_EXPERTS:,}")
         _choice("expert_type", self.expert_type, EXPERT_TYPES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("gate_type", self.gate_type, GATE_TYPES)
