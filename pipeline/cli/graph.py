@@ -102,9 +102,14 @@ def _npy_vector(path: str) -> list[float]:
 
 
 def _json_vector(path: str) -> list:
+    # 16,384 numbers as JSON take well under 1 MB: a larger file is not one vector.
+    limit = 4 << 20
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            raise PipelineError(f"{path}: over {limit >> 20} MiB: not one vector")
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 errors included
         raise PipelineError(f"{path}: not a readable vector file ({err})") from err
     if isinstance(data, dict):
