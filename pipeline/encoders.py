@@ -9,6 +9,7 @@ maps the encoder's width (384 for MiniLM) or the vectors' width to the model's `
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.inputs import Item
+from pipeline.moe.offline import check_local_config, force_offline
 
 
 class EncoderUnavailable(PipelineError):
@@ -58,6 +60,7 @@ class TextEncoder:
     """A sentence-transformers model loaded offline; ``encode`` gives unit vectors."""
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu") -> None:
+        force_offline()  # before sentence-transformers imports huggingface_hub
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
@@ -66,10 +69,12 @@ class TextEncoder:
         self.path = Path(path) if path else default_text_model()
         if not self.path.is_dir():
             raise EncoderUnavailable(f"MOE_TEXT_MODEL={self.path}: not a model directory")
+        _check_text_model(self.path)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a worker's log is no place for a loading bar
-        self.model = SentenceTransformer(str(self.path), device=device, local_files_only=True)
+        self.model = SentenceTransformer(str(self.path), device=device, local_files_only=True,
+                                         trust_remote_code=False)
         dim = getattr(self.model, "get_embedding_dimension", None) or \
             self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
@@ -80,6 +85,20 @@ class TextEncoder:
         out = self.model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
                                 normalize_embeddings=True, show_progress_bar=False)
         return out.float().cpu()
+
+
+def _check_text_model(path: Path) -> None:
+    """Refuse a text model whose transformer config needs the network (`offline`)."""
+    file = path / "config.json"
+    try:
+        with file.open("rb") as f:
+            config = json.loads(f.read(1 << 20).decode("utf-8"))
+    except FileNotFoundError:
+        return  # sentence-transformers says what is missing in its own words
+    except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 errors included
+        raise EncoderUnavailable(f"{file}: cannot read as JSON: {err}") from err
+    if isinstance(config, dict):
+        check_local_config(file, config)
 
 
 @functools.lru_cache(maxsize=4)

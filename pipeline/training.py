@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from pipeline import encoders, serving
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.inputs import read_items
+from pipeline.moe import budget, checkpoint
 from pipeline.moe.config import MoEConfig
 from pipeline.quality import accuracy, nmi, purity
 from pipeline.records import Item, stable_id
@@ -63,6 +64,33 @@ class TrainResult:
     # what ``quality`` was measured against: the label field, a meta field the items carry
     # (unsupervised), or None (nothing to compare with: no figure)
     compared_with: str | None = None
+
+
+# What a --config file held, when it was JSON but not an object.
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", list: "a list",
+               bool: "a boolean", type(None): "a null"}
+
+
+def read_config_file(file: str | Path, settings: Settings) -> MoEConfig:
+    """``train --config FILE``: a `MoEConfig` as JSON, every fault one `TrainError` naming
+    the file and the field, the model it describes counted before anything is built."""
+    file = Path(file)
+    try:
+        data = checkpoint.read_json(file)
+    except checkpoint.JsonFileError as err:
+        raise TrainError(f"--config {err}") from err
+    if not isinstance(data, dict):  # "abc" or 5 is JSON too, and no config
+        raise TrainError(f"--config {file}: expected a JSON object of MoEConfig fields, got "
+                         f"{_JSON_KINDS.get(type(data), 'another')} JSON value")
+    try:
+        config = MoEConfig.from_dict(data)
+    except ConfigError as err:
+        text = " ".join(str(err).split())
+        raise TrainError(f"--config {file}: {text[:300]}") from err
+    except TypeError as err:  # a field name that is not a string cannot reach here from JSON
+        raise TrainError(f"--config {file}: {err}") from err
+    budget.check_moe(file, config, settings.max_params)
+    return config
 
 
 def parse_constellations(specs: Sequence[str]) -> dict[str, str]:

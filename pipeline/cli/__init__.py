@@ -24,6 +24,7 @@ import click
 from pydantic import ValidationError
 
 from pipeline import __version__
+from pipeline.cli.bounds import Count
 from pipeline.errors import PipelineError
 from pipeline.redact import redacted
 from pipeline.settings import PRIVATE_UMASK, Settings, private_state_dir
@@ -34,10 +35,14 @@ from pipeline.settings import PRIVATE_UMASK, Settings, private_state_dir
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
               help="serve this checkpoint [default: MOE_MODEL_PATH, else the newest trained "
                    "one of the state dir, else the default model]")
+@click.option("--max-params", type=Count(1, 10**15), metavar="N",
+              help="refuse a model (checkpoint, --config, Llama) of more parameters than N, "
+                   "counted before it is built [default: MOE_MAX_PARAMS, else 2e9]")
 @click.pass_context
-def cli(ctx: click.Context, model_path: str | None) -> None:
+def cli(ctx: click.Context, model_path: str | None, max_params: int | None) -> None:
     """moe-pipeline: mixture-of-experts routing, deduplicated insights in a graph."""
-    ctx.obj = Settings(model_path=model_path) if model_path else Settings()
+    given = {k: v for k, v in (("model_path", model_path), ("max_params", max_params)) if v}
+    ctx.obj = Settings(**given)
     # This process writes the state dir (SQLite and its WAL, checkpoints, the graph server
     # it starts inherits the umask too): private whatever the shell's umask, and a state dir
     # left too open by an earlier release is fixed here, once per command.

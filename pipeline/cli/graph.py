@@ -161,14 +161,48 @@ def query(settings: Settings, cypher: str, params: tuple[str, ...], as_json: boo
 
 
 def _vector_file(path: str) -> list[float]:
+    from pipeline.inputs import read_items
+
+    data = _npy_vector(path) if path.endswith(".npy") else _json_vector(path)
+
+    items, bad = read_items([{"id": "query", "vector": data}])  # the items' own checks
+    if bad:
+        raise PipelineError(f"{path}: {bad[0].field}: {bad[0].message}")
+    return list(items[0].vector)
+
+
+def _npy_vector(path: str) -> list[float]:
+    """A .npy file's numbers, its header checked before any data is read: pickles refused
+    (they run code), real numbers only, at most `inputs.MAX_VECTOR_VALUES` of them."""
     import numpy as np
 
+    from pipeline.inputs import MAX_VECTOR_VALUES
+
+    try:  # numpy refuses a header over 10,000 bytes, and a pickle without allow_pickle
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise PipelineError(f"{path}: not a readable .npy vector ({err})") from err
+    if not isinstance(array, np.ndarray):
+        raise PipelineError(f"{path}: an .npz archive, not a .npy vector")
+    if array.dtype.kind not in "fiu":
+        raise PipelineError(f"{path}: dtype {array.dtype}: expected real numbers "
+                            "(float or int)")
+    if array.size > MAX_VECTOR_VALUES:
+        raise PipelineError(f"{path}: shape {array.shape}: at most {MAX_VECTOR_VALUES} "
+                            "values")
+    return [float(v) for v in np.asarray(array).reshape(-1)]
+
+
+def _json_vector(path: str) -> list:
+    # 16,384 numbers as JSON take well under 1 MB: a larger file is not one vector.
+    limit = 4 << 20
     try:
-        if path.endswith(".npy"):
-            return [float(v) for v in np.load(path).reshape(-1)]
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            raise PipelineError(f"{path}: over {limit >> 20} MiB: not one vector")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 errors included
         raise PipelineError(f"{path}: not a readable vector file ({err})") from err
     if isinstance(data, dict):
         data = data.get("vector")
@@ -176,12 +210,7 @@ def _vector_file(path: str) -> list[float]:
             isinstance(v, int | float) and not isinstance(v, bool) for v in data):
         raise PipelineError(f"{path}: expected a non-empty JSON list of numbers, or "
                             f"{{\"vector\": [...]}}")
-    from pipeline.inputs import read_items
-
-    items, bad = read_items([{"id": "query", "vector": data}])  # the items' own checks
-    if bad:
-        raise PipelineError(f"{path}: {bad[0].field}: {bad[0].message}")
-    return list(items[0].vector)
+    return data
 
 
 def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]:

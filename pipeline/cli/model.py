@@ -17,9 +17,6 @@ from pipeline.settings import Settings
 # Experts in a layer made here: a demo or a converted Llama keeps every expert's weights in
 # memory, and past a few hundred the command only runs out of it.
 MAX_EXPERTS = 256
-# What a --config file held, when it was JSON but not an object.
-_JSON_KINDS = {str: "a string", int: "a number", float: "a number", list: "a list",
-               bool: "a boolean", type(None): "a null"}
 
 
 @click.command()
@@ -86,7 +83,8 @@ def demo(settings: Settings, gate_type: str, num_experts: int, top_k: int, exper
 
 
 
-def _load_llama(model_path: str | None, tokenizer_path: str | None, tiny: bool):
+def _load_llama(model_path: str | None, tokenizer_path: str | None, tiny: bool,
+                max_params: int):
     """``(dense Llama, tokenizer)``: the tiny local one, or one read from the user's files."""
     if tiny:
         if model_path or tokenizer_path:
@@ -107,7 +105,7 @@ def _load_llama(model_path: str | None, tokenizer_path: str | None, tiny: bool):
                                "Llama directory), or --tiny for a tiny random model made here")
     from pipeline.moe.llama_files import load_llama
 
-    return load_llama(model_path, tokenizer_path)
+    return load_llama(model_path, tokenizer_path, max_params)
 
 
 def _parse_layers(layers: str, n: int) -> list[int]:
@@ -144,7 +142,9 @@ def _parse_layers(layers: str, n: int) -> list[int]:
 @click.option("--temperature", type=Real(0.0, 100.0), default=0.9, show_default=True,
               help="0: greedy")
 @click.option("--seed", type=Count(0, 2**32 - 1), default=0, show_default=True)
-def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, layers: str,
+@click.pass_obj
+def generate(settings: Settings, model_path: str | None, tokenizer_path: str | None,
+             tiny: bool, layers: str,
              num_experts: int, top_k: int, init: str, gate_type: str, prompt: str,
              max_new_tokens: int, temperature: float, seed: int) -> None:
     """Convert a Llama to MoE and generate, showing which experts fired.
@@ -153,16 +153,21 @@ def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, lay
     Hugging Face Llama directory (save_pretrained's config.json, weights and tokenizer). With
     nothing downloaded, --tiny shows the same mechanics on a tiny random model.
     """
+    from pipeline.moe.budget import check_parameters
     from pipeline.moe.llama import (
         convert_to_moe,
+        converted_parameters,
         count_active_parameters,
         count_parameters,
     )
     from pipeline.moe.llama import generate as run_generation
 
-    dense, tok = _load_llama(model_path, tokenizer_path, tiny)
+    dense, tok = _load_llama(model_path, tokenizer_path, tiny, settings.max_params)
     n = len(dense.model.layers)
     chosen = _parse_layers(layers, n)
+    check_parameters(f"--experts {num_experts}",
+                     converted_parameters(dense, chosen, num_experts, init),
+                     settings.max_params)
     moe = convert_to_moe(dense, chosen, num_experts=num_experts,
                          top_k=1 if gate_type == "switch" else top_k,
                          expert_init_strategy=init, gate_type=gate_type, seed=seed)
@@ -187,26 +192,9 @@ def generate(model_path: str | None, tokenizer_path: str | None, tiny: bool, lay
 def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: str | None,
           label_field: str | None, num_constellations: int | None, epochs: int) -> None:
     """Fit the served model to a corpus (JSONL) and make it the served model."""
-    import json
-
     from pipeline import training
-    from pipeline.errors import PipelineError
-    from pipeline.moe.config import MoEConfig
 
-    config = None
-    if config_file:
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
-            raise PipelineError(f"--config {config_file}: {err}") from err
-        if not isinstance(data, dict):  # "abc" or 5 is JSON too, and no config
-            raise PipelineError(f"--config {config_file}: expected a JSON object of MoEConfig "
-                                f"fields, got {_JSON_KINDS.get(type(data), 'another')} JSON value")
-        try:
-            config = MoEConfig.from_dict(data)
-        except (TypeError, ValueError) as err:  # ConfigError is a ValueError
-            raise PipelineError(f"--config {config_file}: {err}") from err
+    config = training.read_config_file(config_file, settings) if config_file else None
     with progress(epochs, "epochs") as bar:
         result = training.train(
             file, settings, constellations=training.parse_constellations(specs) or None,
@@ -230,8 +218,6 @@ def train(settings: Settings, file: str, specs: tuple[str, ...], config_file: st
 @click.pass_obj
 def models(settings: Settings) -> None:
     """The trained checkpoints of the state dir, and which one is served."""
-    import json
-
     from pipeline import serving
 
     served = serving.served_path(settings)
@@ -242,19 +228,18 @@ def models(settings: Settings) -> None:
         click.echo(f"served: the default model "
                    f"{serving.model_fingerprint(settings, serving.default_config())} (no "
                    f"trained checkpoint in {serving.models_dir(settings)})")
-    for path in reversed(found):
-        meta_file = path / "train.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    for path in reversed(serving.checkpoint_dirs(settings)):
         mark = "*" if served is not None and path.resolve() == served.resolve() else " "
-        try:
-            config = serving.checkpoint.read_config(path)
-        except serving.checkpoint.CheckpointError as err:
-            click.echo(f"{mark} {path.name}  unusable: {str(err).split(': ', 1)[-1]}")
+        reason = None if path in found else serving.unusable(path, settings)
+        if reason is not None:
+            click.echo(f"{mark} {path.name}  unusable: {reason}")
             continue
+        config = serving.checkpoint.read_config(path, settings.max_params)
+        meta = serving.train_record(path)
         quality = " ".join(f"{k}={v:.3f}" for k, v in meta.get("quality", {}).items())
         fingerprint = serving.model_fingerprint(
             settings.model_copy(update={"model_path": path}), config)
-        click.echo(f"{mark} {path.name}  {fingerprint}  {meta.get('mode', '?'):<12} "
+        click.echo(f"{mark} {path.name}  {fingerprint}  {str(meta.get('mode', '?')):<12} "
                    f"{printable(', '.join(n for n, _ in config.constellation_members()))}  "
                    f"{quality}")
 

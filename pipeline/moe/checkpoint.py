@@ -4,6 +4,12 @@ A checkpoint is a directory holding ``model.safetensors`` and ``config.json``. L
 a model whose config differs is refused with an error naming the first differing fields,
 since silently loading mismatched weights (or a different routing scheme) is how
 experiments go quietly wrong.
+
+Reading a config never trusts it: the file is read up to `MAX_CONFIG_BYTES`, and anything
+that is not a saved config (not UTF-8, not JSON, nested past any real config, fields of the
+wrong type or size) is a `CheckpointError` naming the file and the field, so that one bad
+directory is one line, never a traceback. `read_config` also counts the parameters the config
+describes and refuses it over ``max_params`` before anything is built (`budget`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.moe import budget
 from pipeline.moe.config import MoEConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 ORDER = "constellation_order"
+# A saved config is a few kilobytes (descriptions included); a larger file is something else.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class CheckpointError(PipelineError):
@@ -58,22 +67,63 @@ def constellation_order(config: MoEConfig) -> list[str] | None:
     return list(config.constellations) if config.constellations is not None else None
 
 
+class JsonFileError(PipelineError):
+    """A JSON file (a config) that cannot be read; names the file.
+
+    Attributes:
+        file: the file.
+        reason: what is wrong, without the file's name.
+    """
+
+    def __init__(self, file: Path, reason: str) -> None:
+        self.file, self.reason = file, reason
+        super().__init__(f"{file}: {reason}")
+
+
+def read_json(file: Path) -> Any:
+    """The JSON value of ``file``, read up to `MAX_CONFIG_BYTES`; every failure (missing,
+    too large, not UTF-8, not JSON, nested past the parser's depth) a `JsonFileError`."""
+    try:
+        with file.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise JsonFileError(file, f"unreadable: {err.strerror}") from err
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise JsonFileError(file, f"over {MAX_CONFIG_BYTES:,} bytes: not a config")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise JsonFileError(file, f"not UTF-8 text (byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise JsonFileError(file, f"not JSON: {err}") from err
+    except RecursionError as err:  # the json module's answer to nesting past ~1000 levels
+        raise JsonFileError(file, "nested too deeply to be a config") from err
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     """The whole of a checkpoint's config.json."""
     path = Path(path)
+    if not (path / CONFIG).exists():
+        raise CheckpointError(path, f"no {CONFIG} (is this a checkpoint directory?)")
     try:
-        record = json.loads((path / CONFIG).read_text())
-    except FileNotFoundError as err:
-        raise CheckpointError(path, f"no {CONFIG} (is this a checkpoint directory?)") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(path, f"{CONFIG} is not a saved config: {err}") from err
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise CheckpointError(path, f"{CONFIG} is not a saved config: no 'config' object")
+        record = read_json(path / CONFIG)
+    except JsonFileError as err:
+        raise CheckpointError(path, f"{CONFIG} is {err.reason}") from err
+    if not isinstance(record, dict):
+        raise CheckpointError(path, f"{CONFIG} holds a JSON {type(record).__name__}, not a "
+                              "saved config (an object with a 'config' object)", ("config",))
+    if not isinstance(record.get("config"), dict):
+        raise CheckpointError(path, f"{CONFIG}: field 'config' is "
+                              f"{type(record.get('config')).__name__}, not an object "
+                              "(is this a checkpoint of this pipeline?)", ("config",))
     return record
 
 
-def read_config(path: str | Path) -> MoEConfig:
-    """The config a checkpoint was saved with, its constellations in their saved order."""
+def read_config(path: str | Path,
+                max_params: int | None = budget.DEFAULT_MAX_PARAMS) -> MoEConfig:
+    """The config a checkpoint was saved with, its constellations in their saved order,
+    refused if the model it describes has more than ``max_params`` parameters (None: not
+    counted, for a model already built)."""
     path = Path(path)
     record = read_record(path)
     data = dict(record["config"])
@@ -84,20 +134,33 @@ def read_config(path: str | Path) -> MoEConfig:
             raise CheckpointError(path, "saved without its constellation order (an older "
                                   "release sorted the names, which can swap them): train it "
                                   "again with `moe-pipeline train`")
-        if not isinstance(order, list) or sorted(order) != sorted(groups):
-            raise CheckpointError(path, f"{ORDER} {order!r} does not list the constellations "
-                                  f"{sorted(groups)!r}")
+        if not isinstance(order, list) or not all(isinstance(n, str) for n in order) or \
+                sorted(order) != sorted(groups):
+            raise CheckpointError(path, f"{CONFIG}: {ORDER} {str(order)[:200]} does not list the "
+                                  f"constellations {sorted(groups)!r}", (ORDER,))
         data["constellations"] = {name: groups[name] for name in order}
     try:
-        return MoEConfig.from_dict(data)
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(path, f"{CONFIG} is not a saved config: {err}") from err
+        config = MoEConfig.from_dict(data)
+    except ConfigError as err:
+        raise CheckpointError(path, f"{CONFIG}: {_short(str(err))}", (err.field,)) from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(path, f"{CONFIG} is not a saved config: {_short(str(err))}") \
+            from err
+    if max_params is not None:
+        budget.check_moe(path / CONFIG, config, max_params)
+    return config
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters (a bad value may be a huge JSON value)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load(model: nn.Module, config: MoEConfig, path: str | Path) -> None:
     """Load the weights at ``path`` into ``model``, whose config must equal the saved one."""
     path = Path(path)
-    saved = read_config(path).to_dict()
+    saved = read_config(path, max_params=None).to_dict()  # the model exists: no count
     ours = config.to_dict()
     differ = tuple(k for k in ours if saved.get(k) != ours[k])
     if differ:

@@ -30,6 +30,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 TOKEN_ID_GATES = ("hash",)
 # Gates that can be confined to the experts of an input's chosen constellations.
 CONSTRAINABLE_GATES = ("topk", "switch", "noisy_topk", "random")
+# Ceilings on single fields, far above any real model (Llama 3.1 405B: 126 layers, width
+# 16384, MLP 53248; DeepSeek-V3: 256 experts) and far below what exhausts memory on their
+# own; the parameter count as a whole is bounded where a model is built (`budget`).
+MAX_DIM = 1 << 20
+MAX_EXPERTS = 4096  # the hash gate draws a 65536 x E table: 1 GiB at this ceiling
+MAX_LAYERS = 1024
+MAX_SLOTS = 1024
+MAX_GRAPH_TOKENS = 1 << 24
 
 
 def _json_ready(spec: Any) -> Any:
@@ -46,9 +54,11 @@ def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ConfigError(field, value, "one of " + ", ".join(repr(a) for a in allowed))
 
 
-def _positive_int(field: str, value: object) -> None:
+def _positive_int(field: str, value: object, limit: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(field, value, "a positive integer")
+    if limit is not None and value > limit:
+        raise ConfigError(field, value, f"a positive integer of at most {limit:,}")
 
 
 def _non_negative(field: str, value: object) -> None:
@@ -185,14 +195,17 @@ class MoEConfig:
             self.constellations = {k: _json_ready(v) for k, v in self.constellations.items()}
         if isinstance(self.expert_specializations, tuple):
             self.expert_specializations = list(self.expert_specializations)
-        for name in ("input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts",
-                     "cur_rank", "slots_per_expert", "num_expert_groups"):
-            _positive_int(name, getattr(self, name))
+        limits = {"input_dim": MAX_DIM, "hidden_dim": MAX_DIM, "output_dim": MAX_DIM,
+                  "num_experts": MAX_EXPERTS, "top_k_experts": MAX_EXPERTS,
+                  "cur_rank": MAX_DIM, "slots_per_expert": MAX_SLOTS,
+                  "num_expert_groups": MAX_EXPERTS}
+        for name, limit in limits.items():
+            _positive_int(name, getattr(self, name), limit)
         if isinstance(self.num_shared_experts, bool) or not isinstance(
             self.num_shared_experts, int
-        ) or self.num_shared_experts < 0:
+        ) or not 0 <= self.num_shared_experts <= MAX_EXPERTS:
             raise ConfigError("num_shared_experts", self.num_shared_experts,
-                              "an integer >= 0")
+                              f"an integer >= 0, at most {MAX_EXPERTS:,}")
         _choice("expert_type", self.expert_type, EXPERT_TYPES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("gate_type", self.gate_type, GATE_TYPES)
@@ -265,7 +278,7 @@ class MoEConfig:
             raise ConfigError("report_expert_weight", w, "a finite number >= 0")
         _positive_int("max_kg_nodes", self.max_kg_nodes)
         _positive_int("kg_save_interval", self.kg_save_interval)
-        _positive_int("num_layers", self.num_layers)
+        _positive_int("num_layers", self.num_layers, MAX_LAYERS)
         _positive_int("supervisor_heads", self.supervisor_heads)
         if self.input_dim % self.supervisor_heads:
             raise ConfigError("supervisor_heads", self.supervisor_heads,
@@ -273,7 +286,7 @@ class MoEConfig:
         _non_negative("constellation_balance_weight", self.constellation_balance_weight)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        _positive_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens)
+        _positive_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, MAX_GRAPH_TOKENS)
         for name in ("use_compile", "use_amp", "use_gradient_checkpointing", "use_cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")

@@ -148,6 +148,24 @@ def convert_to_moe(model: nn.Module, layers: list[int], num_experts: int = 8, to
     return out
 
 
+def converted_parameters(model: nn.Module, layers: list[int], num_experts: int,
+                         expert_init_strategy: str = "perturb") -> int:
+    """Parameters `convert_to_moe` would give ``model``, by arithmetic on its MLPs' shapes
+    (so that ``--experts 100000`` is refused before it is allocated): each converted MLP
+    becomes E experts of its size (``split``: of 1/E of it) and a router (E, D)."""
+    decoder = _layers(model)
+    total = count_parameters(model)
+    for i in layers:
+        if not 0 <= i < len(decoder):
+            continue  # convert_to_moe refuses it, naming the layers
+        mlp = decoder[i].mlp
+        size = sum(p.numel() for p in mlp.parameters())
+        d = mlp.gate_proj.weight.shape[1]
+        experts = size if expert_init_strategy == "split" else num_experts * size
+        total += experts - size + num_experts * d
+    return total
+
+
 def _share_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Hand each forward's input_ids to the hash-routed MoE MLPs."""
     ids = kwargs.get("input_ids", args[0] if args else None)

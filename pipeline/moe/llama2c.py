@@ -20,6 +20,7 @@ of the adjacent pair whose concatenation has the highest score.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import PipelineError
+from pipeline.moe import budget
+from pipeline.moe.offline import force_offline
 
 HEADER = struct.Struct("<7i")
 # llama2.c's own tokenizers hold pieces of at most 27 bytes (32000 tokens) or fewer; a
@@ -36,6 +39,9 @@ BOS, EOS = 1, 2
 # llama2.c's later export versions (export.py --version 1 or 2, and forks' own) begin with
 # uint32 0x616b3432 ("ak42" in ASCII), then the version.
 EXPORT_MAGIC = struct.pack("<I", 0x616B3432)
+# 32000 pieces make 0.4 MB; a 128k vocabulary about 2 MB.
+MAX_TOKENIZER_BYTES = 64 << 20
+BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 
 
 class Llama2cError(PipelineError):
@@ -91,8 +97,10 @@ def _sizes(h: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
     return parts
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
-    """Header and named float32 tensors of a llama2.c checkpoint, checked for size."""
+def read_tensors(path: str | Path, max_params: int = budget.DEFAULT_MAX_PARAMS,
+                 ) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """Header and named float32 tensors of a llama2.c checkpoint, checked for size (and
+    refused over ``max_params`` parameters before a weight is read)."""
     path = Path(path)
     try:
         # The header and the file's size are checked before the weights are read, so that a
@@ -100,7 +108,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, int], dict[str, Tensor]]:
         with path.open("rb") as f:
             header = read_header(path, f.read(HEADER.size))
             parts = _sizes(header)
-            expected = HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in parts)
+            count = sum(torch.Size(s).numel() for _, s in parts)
+            # The file is read once and copied into the model: twice its size in memory.
+            budget.check_parameters(path, count, max_params, bytes_per_param=8)
+            expected = HEADER.size + 4 * count
             size = path.stat().st_size
             if size != expected:
                 what = "truncated" if size < expected else "has trailing bytes"
@@ -131,6 +142,7 @@ def build_llama(h: dict[str, int], t: dict[str, Tensor]):
     Apart from `load_llama2c` so that a caller can check the header (the vocabulary against
     its tokenizer) before paying for importing transformers.
     """
+    force_offline()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -217,8 +229,6 @@ def _read_vocabulary(path: Path, data: bytes) -> tuple[int, list[bytes], list[fl
             offset += 8 + n
     except struct.error as err:
         raise Llama2cError(path, f"truncated tokenizer at byte {offset}: {err}") from err
-    if len(pieces) < 3:
-        raise Llama2cError(path, "a tokenizer needs at least <unk>, <s> and </s>")
     return max_len, pieces, scores
 
 
@@ -228,9 +238,13 @@ class Llama2cTokenizer:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = f.read(MAX_TOKENIZER_BYTES + 1)
         except OSError as err:
             raise Llama2cError(path, f"cannot read: {err.strerror}") from err
+        if len(data) > MAX_TOKENIZER_BYTES:
+            raise Llama2cError(path, f"over {MAX_TOKENIZER_BYTES >> 20} MiB: not a llama2.c "
+                               "tokenizer (a checkpoint given as --tokenizer?)")
         try:
             self.max_token_length, self.pieces, self.scores = _read_vocabulary(path, data)
         except Llama2cError:
@@ -240,6 +254,7 @@ class Llama2cTokenizer:
                 raise Llama2cError(path, "a JSON file, not a llama2.c tokenizer.bin (a Hugging "
                                    "Face tokenizer.json belongs in a model directory)") from None
             raise
+        self.path = path
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         self.bos_token_id, self.eos_token_id = BOS, EOS
 
@@ -256,7 +271,7 @@ class Llama2cTokenizer:
             if raw in self.ids:
                 tokens.append(self.ids[raw])
             else:  # byte fallback: <0xXX> sits at 3 + byte
-                tokens.extend(3 + b for b in raw)
+                tokens.extend(self._byte_id(b, ch) for b in raw)
         while True:
             best, best_score = -1, float("-inf")
             for i in range(len(tokens) - 1):
@@ -269,6 +284,17 @@ class Llama2cTokenizer:
             tokens[best: best + 2] = [self.ids[pair]]
         return ([BOS] if bos else []) + tokens + ([EOS] if eos else [])
 
+    def _byte_id(self, b: int, ch: str) -> int:
+        """The id of byte ``b``'s piece, ``3 + b`` as llama2.c's run.c assumes: checked, since
+        a vocabulary without it there would hand the model an id it has no embedding for."""
+        i = 3 + b
+        if i >= len(self.pieces) or self.pieces[i] != f"<0x{b:02X}>".encode():
+            held = repr(self.pieces[i][:20]) if i < len(self.pieces) else "nothing"
+            raise Llama2cError(self.path, f"token {i}: the text's {ch!r} needs the byte piece "
+                               f"<0x{b:02X}> there (llama2.c's byte fallback), the file holds "
+                               f"{held}")
+        return i
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; BOS and EOS are never printed (the flag mirrors HF's API)."""
         out = bytearray()
@@ -278,7 +304,7 @@ class Llama2cTokenizer:
                 prev = i
                 continue
             piece = self.pieces[i]
-            if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            if BYTE_PIECE.fullmatch(piece):
                 piece = bytes([int(piece[3:5], 16)])
             elif prev == BOS and piece.startswith(b" "):
                 piece = piece[1:]

@@ -244,6 +244,10 @@ class MixtureOfExpertsSystem(nn.Module):
         whose constellation names no longer sit on the supervisor rows they were saved with."""
         ckpt.load(self, self.config, path)
         saved = ckpt.read_record(path).get(SUPERVISOR_ROWS)
+        if saved is not None and not isinstance(saved, dict):
+            raise ckpt.CheckpointError(Path(path), f"config.json: field {SUPERVISOR_ROWS} is "
+                                       f"{type(saved).__name__}, not an object",
+                                       (SUPERVISOR_ROWS,))
         if saved is not None:
             moved = [name for name, digest in self._supervisor_rows().items()
                      if saved.get(name) != digest]

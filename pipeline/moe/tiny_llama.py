@@ -55,6 +55,9 @@ def tiny_llama(num_layers: int = 4):
 
     The global RNG is left as it was: the weights come from a forked one seeded with `SEED`.
     """
+    from pipeline.moe.offline import force_offline
+
+    force_offline()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
