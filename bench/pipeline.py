@@ -67,7 +67,8 @@ def texts(n: int, seed: int) -> list[dict]:
     finds earlier rounds' near-duplicates (as a stream of notes would), never its own ids."""
     with open(os.path.join(ROOT, "examples", "texts.jsonl")) as f:
         notes = [json.loads(line)["text"] for line in f if line.strip()]
-    return [{"id": f"t{seed}-{i}", "text": f"{notes[i % len(notes)]} (set {seed}.{i // len(notes)})"}
+    return [{"id": f"t{seed}-{i}",
+             "text": f"{notes[i % len(notes)]} (set {seed}.{i // len(notes)})"}
             for i in range(n)]
 
 
@@ -245,7 +246,7 @@ def measure(trees: dict[str, Remote], modes: tuple[str, ...], n: int, batch_size
     rates: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for mode in modes:
         for kind in KINDS:
-            for name, tree in trees.items():  # warm up: model, encoder, caches, workers
+            for tree in trees.values():  # warm up: model, encoder, caches, workers
                 tree.ask(op="run", mode=mode, kind=kind, n=min(n, 64), seed=900,
                          batch_size=batch_size)
             for r in range(rounds):

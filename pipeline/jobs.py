@@ -30,9 +30,9 @@ from pipeline.errors import PipelineError
 from pipeline.inputs import Chunk, read_chunks, read_items, survey
 from pipeline.queue.app import ROUTE_BATCH, make_app
 from pipeline.queue.messages import batch_message
-from pipeline.records import BadItem, Item, ItemBatch, ShardPart
+from pipeline.records import BadItem, Item, ItemBatch
 from pipeline.redact import masked
-from pipeline.runtime import Runtime
+from pipeline.runtime import Runtime, worker_name
 from pipeline.settings import Settings
 from pipeline.storage import ledger
 from pipeline.storage.graph import GraphUnavailable
@@ -256,8 +256,7 @@ def run_local(source: Source, settings: Settings, batch_size: int | None = None,
                                                 read.items, owner, key, command)
         with Beating(rt.Session, job_id, owner):
             totals = _run_chunks(rt, read, run_id, job_id, batch_size, progress)
-        status = ledger.job_status(rt.Session, job_id)
-        bad_count = ledger.bad_item_count(rt.Session, job_id)
+        status, bad_count = ledger.job_outcome(rt.Session, job_id)
     if status == "failed":
         raise JobFailed(f"job {job_id}: every batch failed; see "
                         f"`moe-pipeline status {job_id}`")
@@ -273,22 +272,22 @@ def _run_chunks(rt: Runtime, read: Reading, run_id: str, job_id: str, batch_size
     bad_count = 0
     first_bad: list[BadItem] = []
 
-    def ship(part: ShardPart) -> None:  # curate at once, in this process
-        result = stages.curate_part(rt, part)
-        totals["reports"] += len(part.reports)
-        totals["inserted"] += result.get("inserted", 0)
-        totals["merged"] += result.get("merged", 0)
-
+    claim = ledger.Claim(worker_name(), rt.device, rt.settings.max_attempts)
     try:
         for index, (chunk, bad) in enumerate(read.chunks(batch_size)):
             bad_count += len(bad)
             first_bad += bad[:FIRST_BAD - len(first_bad)]
             totals["items"] += len(chunk)
-            batch_id, status = ledger.add_batch(rt.Session, job_id, index, chunk, bad)
-            if batch_id is not None and status not in ledger.DONE_BATCH:
+            # Recorded and claimed in one transaction (a resumed job's batch done before
+            # answers "done"), then routed and curated here in two more.
+            batch_id, verdict, attempts = ledger.claim_batch(rt.Session, job_id, index, chunk,
+                                                             bad, claim)
+            if batch_id is not None and verdict == "run":
                 batch = ItemBatch(batch_id, job_id, run_id, rt.fingerprint, chunk)
                 try:
-                    stages.route_batch(rt, batch, ship)
+                    done = stages.run_batch(rt, batch, attempts)
+                    for key in ("reports", "inserted", "merged"):
+                        totals[key] += done.get(key, 0)
                 except (GraphUnavailable, LockTimeout):
                     raise  # an outage, not this batch's fault: stop the run
                 except PipelineError as err:  # this batch's fault: record it, go on
