@@ -16,8 +16,9 @@ the first message sent to the job's completion in SQL.
 Per batch, on the embedded way (``--count-items`` items, ``--count-batch`` a batch): SQL
 transactions (SQLAlchemy's ``after_begin``: a read session counts, it is a transaction on
 the server), SQL statements (``before_cursor_execute``), and graph queries and write
-transactions (the driver's ``run`` and ``execute_write``). The whole job is divided by its
-batches, so a job's own rows (open, seal, status) are in the figure.
+transactions (the driver's ``run`` and ``execute_write``). Per batch is the difference
+between a job of twice the items and one of ``--count-items``, over the batches it adds, so a
+job's own rows (open, seal, outcome) fall out; ``*_per_job`` is the smaller job whole.
 
 Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R]
 [--before REF] [--no-queued]``.
@@ -169,13 +170,20 @@ class Tree:
         return {"seconds": seconds, "items_per_s": len(raw) / seconds}
 
     def count(self, kind: str, n: int, batch_size: int, seed: int) -> dict:
-        raw = workload(kind, n, seed)
-        batches = -(-n // batch_size)
-        with counting() as seen:
-            self.run("embedded", raw, batch_size)
-        return {key: round(seen[key] / batches, 2) for key in
-                ("sql_transactions", "sql_statements", "graph_queries",
-                 "graph_write_transactions")}
+        """Per batch: the difference between a job of ``2n`` items and one of ``n``, over the
+        batches it adds (the job's own open, seal and outcome fall out); per job: the job of
+        ``n`` items whole."""
+        runs = []
+        for size, offset in ((n, 0), (2 * n, 1)):
+            with counting() as seen:
+                self.run("embedded", workload(kind, size, seed + offset), batch_size)
+            runs.append(dict(seen))
+        extra = -(-2 * n // batch_size) + (-(-n // batch_size)) * -1
+        keys = ("sql_transactions", "sql_statements", "graph_queries",
+                "graph_write_transactions")
+        return {**{f"{k}_per_batch": round((runs[1].get(k, 0) - runs[0].get(k, 0)) / extra, 2)
+                   for k in keys},
+                **{f"{k}_per_job": runs[0].get(k, 0) for k in keys}}
 
 
 def serve(state: str, broker: str) -> None:
@@ -303,10 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "queued" in modes:
         ratios["queued_vs_embedded_vectors"] = (med["after"]["queued_vectors"]
                                                 / med["after"]["embedded_vectors"])
-    per_batch = {f"{key}_per_batch": {name: {kind: counts[name][kind][key] for kind in KINDS}
-                                      for name in counts}
-                 for key in ("sql_transactions", "sql_statements", "graph_queries",
-                             "graph_write_transactions")}
+    keys = [f"{k}_per_{unit}" for unit in ("batch", "job")
+            for k in ("sql_transactions", "sql_statements", "graph_queries",
+                      "graph_write_transactions")]
+    per_batch = {key: {name: {kind: counts[name][kind][key] for kind in KINDS}
+                       for name in counts} for key in keys}
     return emit("pipeline", torch.device("cpu"),
                 {"items": n, "batch_size": args.batch_size, "rounds": rounds,
                  "before": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short",

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from pipeline import stages
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, is_outage, outage_errors
 from pipeline.inputs import Chunk, read_chunks, read_items, survey
 from pipeline.queue.app import ROUTE_BATCH, make_app
 from pipeline.queue.messages import batch_message
@@ -35,9 +35,7 @@ from pipeline.redact import masked
 from pipeline.runtime import Runtime, worker_name
 from pipeline.settings import Settings
 from pipeline.storage import ledger
-from pipeline.storage.graph import GraphUnavailable
 from pipeline.storage.ledger import JobFailed, NewJob, Progress, progress
-from pipeline.storage.locks import LockTimeout
 from pipeline.storage.owner import HEARTBEAT_S, Owner
 
 __all__ = ["JobFailed", "JobSummary", "NewJob", "Progress", "QueuedJob", "progress",
@@ -288,7 +286,7 @@ def _run_chunks(rt: Runtime, read: Reading, run_id: str, job_id: str, batch_size
                     done = stages.run_batch(rt, batch, attempts)
                     for key in ("reports", "inserted", "merged"):
                         totals[key] += done.get(key, 0)
-                except (GraphUnavailable, LockTimeout):
+                except outage_errors():
                     raise  # an outage, not this batch's fault: stop the run
                 except PipelineError as err:  # this batch's fault: record it, go on
                     ledger.fail_batch(rt.Session, batch_id, str(err))
@@ -300,11 +298,14 @@ def _run_chunks(rt: Runtime, read: Reading, run_id: str, job_id: str, batch_size
     except JobFailed:
         raise
     except BaseException as err:  # an outage or an interrupt: the job must not look alive
-        ledger.fail_job(rt.Session, job_id, f"{ledger.STOPPED}{type(err).__name__}: {err}")
-        if isinstance(err, GraphUnavailable | LockTimeout):
+        try:
+            ledger.fail_job(rt.Session, job_id, f"{ledger.STOPPED}{type(err).__name__}: {err}")
+        except outage_errors():
+            pass  # SQL is the outage: the job's heartbeat stops, so it shows interrupted
+        if is_outage(err):
             raise PipelineError(
-                f"{err}; job {job_id} stopped and is marked failed: once the graph "
-                "answers again, run the same file again to finish it (what was written "
-                "is not written twice)") from err
+                f"{' '.join(str(err).split())}; job {job_id} stopped and is marked failed: "
+                "once it answers again, run the same file again to finish it (what was "
+                "written is not written twice)") from err
         raise
     return totals
