@@ -174,6 +174,9 @@ class Tree:
         batches it adds (the job's own open, seal and outcome fall out); per job: the job of
         ``n`` items whole."""
         runs = []
+        # A first job migrates SQL, loads the model and the encoder, warms the caches: not
+        # what a batch costs.
+        self.run("embedded", workload(kind, batch_size, seed + 2), batch_size)
         for size, offset in ((n, 0), (2 * n, 1)):
             with counting() as seen:
                 self.run("embedded", workload(kind, size, seed + offset), batch_size)
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "goal": 3, "value": max(per_batch["sql_transactions_per_batch"]["after"]
                                             .values()),
                     "met": max(per_batch["sql_transactions_per_batch"]["after"].values()) <= 3},
-                    **{f"after_vs_before_{k}": target(1.0, v) for k, v in ratios.items()
+                    **{k: target(1.0, v) for k, v in ratios.items()
                        if k.startswith("after_vs_before_embedded")}},
                 runs=rates)
 
