@@ -1,21 +1,35 @@
-"""Benchmark: items per second through the whole pipeline, and where the time goes.
+"""Benchmark: items per second through the whole pipeline, this code against an earlier
+commit's, and what the run ledger costs per batch.
 
-10,000 vector items (32 dims, topics with near-duplicates) in batches of 256, two ways on the
-same embedded graph server and SQLite file (a temporary state dir): in process (`run_local`,
-the reference) and queued (`submit`: one GPU/CPU worker and one librarian worker, real Celery
-processes on the Redis at ``BENCH_REDIS_URL``, default db 13 on localhost, which is
-flushed). The two take turns for ``--rounds`` rounds, each on fresh items, and the figures
-are medians. Queued items/s count from the first message sent to the job's completion in
-SQL. The time split per stage comes from the batches' recorded timings.
+Two trees run side by side in the same run: this checkout's ``pipeline`` package (``after``)
+and the one of ``--before`` (a git ref, default the commit before the ledger pass of issue 25),
+exported with ``git archive`` into a temporary directory. Each tree gets its own long-lived
+process (``--serve``, with ``PYTHONPATH`` at that tree), its own state dir (SQLite file,
+embedded graph server) and, for the queued way, its own Redis database and one GPU/CPU and one
+librarian worker (real Celery processes, ``moe-pipeline worker``). The parent interleaves the
+two trees round by round on the same fresh items, and the figures are medians.
 
-Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R] [--neo4j]``
-(``--neo4j``: a real Neo4j from tools/neo4j/launcher.sh is the graph of both paths)
+Workloads: vectors (32 dims, topics with near-duplicates) and texts (examples/texts.jsonl,
+MiniLM), each embedded (`run_local`) and queued (`submit` + `wait`). Queued items/s count from
+the first message sent to the job's completion in SQL.
+
+Per batch, on the embedded way (``--count-items`` items, ``--count-batch`` a batch): SQL
+transactions (SQLAlchemy's ``after_begin``: a read session counts, it is a transaction on
+the server), SQL statements (``before_cursor_execute``), and graph queries and write
+transactions (the driver's ``run`` and ``execute_write``). Per batch is the difference
+between a job of twice the items and one of ``--count-items``, over the batches it adds, so a
+job's own rows (open, seal, outcome) fall out; ``*_per_job`` is the smaller job whole.
+
+Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R]
+[--before REF] [--no-queued]``.
 (``common`` takes bench/ off ``sys.path`` first, so this file does not shadow the package).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import statistics
@@ -23,154 +37,312 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from sqlalchemy import select
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+# The code before the ledger pass of issue 25 ("the finishing pass"): what `after` is
+# measured against unless --before names another ref.
+BEFORE = "fbfbe9d"
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(HERE))
 from common import emit, target  # noqa: E402
 
-from pipeline import jobs  # noqa: E402
-from pipeline.jobs import run_local  # noqa: E402
-from pipeline.serving import default_config  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.storage.embedded import LocalGraphServer  # noqa: E402
-from pipeline.storage.sql import Batch, session_factory  # noqa: E402
+KINDS = ("vectors", "texts")
+MODES = ("embedded", "queued")
 
 
-def items(n: int, dim: int = 32, topics: int = 50, seed: int = 0) -> list[dict]:
+def vectors(n: int, seed: int, dim: int = 32, topics: int = 50) -> list[dict]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((topics, dim))
-    return [{"id": f"b-{i}", "vector": (centres[i % topics] + 0.05 * rng.standard_normal(dim))
+    return [{"id": f"v{seed}-{i}", "vector": (centres[i % topics] + 0.05 * rng.standard_normal(dim))
              .round(5).tolist()} for i in range(n)]
 
 
-class Workers:
-    """One GPU/CPU worker and one librarian worker, as `moe-pipeline worker` processes."""
+def texts(n: int, seed: int) -> list[dict]:
+    """The example notes, each set with its own ids and a tag of its own, so that a round
+    finds earlier rounds' near-duplicates (as a stream of notes would), never its own ids."""
+    with open(os.path.join(ROOT, "examples", "texts.jsonl")) as f:
+        notes = [json.loads(line)["text"] for line in f if line.strip()]
+    return [{"id": f"t{seed}-{i}",
+             "text": f"{notes[i % len(notes)]} (set {seed}.{i // len(notes)})"}
+            for i in range(n)]
 
-    def __init__(self, env: dict[str, str], logdir: str) -> None:
-        self.procs = []
+
+def workload(kind: str, n: int, seed: int) -> list[dict]:
+    return vectors(n, seed) if kind == "vectors" else texts(n, seed)
+
+
+# -- counting (runs in a tree's process, on whichever `pipeline` that tree has) -----------
+@contextlib.contextmanager
+def counting() -> Iterator[Counter]:
+    """SQL transactions and statements, graph queries and graph write transactions, of
+    every engine, session and driver of this process while the block runs."""
+    from neo4j._sync.work.session import Session as GraphSession
+    from neo4j._sync.work.transaction import TransactionBase
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
+
+    seen: Counter = Counter()
+
+    def began(*_a: object) -> None:
+        seen["sql_transactions"] += 1
+
+    def executed(*_a: object) -> None:
+        seen["sql_statements"] += 1
+
+    originals = {(GraphSession, "run"): GraphSession.run,
+                 (TransactionBase, "run"): TransactionBase.run,
+                 (GraphSession, "execute_write"): GraphSession.execute_write}
+
+    def counted(fn, key: str):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            seen[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    event.listen(Session, "after_begin", began)
+    event.listen(Engine, "before_cursor_execute", executed)
+    GraphSession.run = counted(GraphSession.run, "graph_queries")
+    TransactionBase.run = counted(TransactionBase.run, "graph_queries")
+    GraphSession.execute_write = counted(GraphSession.execute_write, "graph_write_transactions")
+    try:
+        yield seen
+    finally:
+        event.remove(Session, "after_begin", began)
+        event.remove(Engine, "before_cursor_execute", executed)
+        for (cls, name), fn in originals.items():
+            setattr(cls, name, fn)
+
+
+class Tree:
+    """One tree's process state: settings on its own state dir, and (queued) its workers."""
+
+    def __init__(self, state: str, broker: str) -> None:
+        from pipeline.settings import Settings
+
+        self.env = {**os.environ, "MOE_STATE_DIR": state, "MOE_DEVICE": "cpu",
+                    "DATABASE_URL": f"sqlite:///{state}/runs.sqlite3",
+                    "CELERY_BROKER_URL": broker, "REDIS_URL": broker}
+        self.env.pop("NEO4J_URI", None)
+        self.settings = Settings(state_dir=state, device="cpu", celery_broker_url=broker,
+                                 redis_url=broker, database_url=self.env["DATABASE_URL"],
+                                 neo4j_uri=None)
+        self.workers: list[subprocess.Popen] = []
+
+    def start_workers(self) -> None:
         for kind in ("gpu", "librarian"):
-            log = open(os.path.join(logdir, f"{kind}.log"), "w")  # noqa: SIM115
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", kind,
-                                     "--loglevel", "WARNING"], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            self.procs.append(proc)
+            log = open(os.path.join(self.settings.state_dir, f"{kind}.log"), "w")  # noqa: SIM115
+            self.workers.append(subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "WARNING"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def close(self) -> None:
-        for proc in self.procs:
+        for proc in self.workers:
             os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
+        for proc in self.workers:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def run(self, mode: str, raw: list[dict], batch_size: int) -> dict:
+        from pipeline import jobs
+        from pipeline.storage.sql import session_factory
 
-def stage_seconds(settings: Settings, job_id: str) -> dict[str, float]:
-    with session_factory(settings.sql_url())() as s:
-        batches = s.scalars(select(Batch).where(Batch.job_id == job_id)).all()
-        return {k: sum(b.timings.get(k, 0.0) for b in batches)
-                for k in ("encode", "route", "curate")}
+        start = time.perf_counter()
+        if mode == "embedded":
+            summary = jobs.run_local(raw, self.settings, batch_size=batch_size)
+            status, job_id = summary.status, summary.job_id
+        else:
+            job = jobs.submit(raw, self.settings, batch_size)
+            state = jobs.wait(session_factory(self.settings.sql_url(), run_migrations=False),
+                              job.job_id, timeout_s=1800, poll_s=0.05)
+            status, job_id = state.status, job.job_id
+        seconds = time.perf_counter() - start
+        if status != "completed":
+            raise RuntimeError(f"{mode} job {job_id} ended {status}")
+        return {"seconds": seconds, "items_per_s": len(raw) / seconds}
+
+    def count(self, kind: str, n: int, batch_size: int, seed: int) -> dict:
+        """Per batch: the difference between a job of ``2n`` items and one of ``n``, over the
+        batches it adds (the job's own open, seal and outcome fall out); per job: the job of
+        ``n`` items whole."""
+        runs = []
+        # A first job migrates SQL, loads the model and the encoder, warms the caches: not
+        # what a batch costs.
+        self.run("embedded", workload(kind, batch_size, seed + 2), batch_size)
+        for size, offset in ((n, 0), (2 * n, 1)):
+            with counting() as seen:
+                self.run("embedded", workload(kind, size, seed + offset), batch_size)
+            runs.append(dict(seen))
+        extra = -(-2 * n // batch_size) + (-(-n // batch_size)) * -1
+        keys = ("sql_transactions", "sql_statements", "graph_queries",
+                "graph_write_transactions")
+        return {**{f"{k}_per_batch": round((runs[1].get(k, 0) - runs[0].get(k, 0)) / extra, 2)
+                   for k in keys},
+                **{f"{k}_per_job": runs[0].get(k, 0) for k in keys}}
 
 
-def queued(raw: list[dict], settings: Settings, batch_size: int) -> tuple[str, float]:
-    start = time.perf_counter()
-    job = jobs.submit(raw, settings, batch_size)
-    state = jobs.wait(session_factory(settings.sql_url(), run_migrations=False), job.job_id,
-                      timeout_s=1800, poll_s=0.05)
-    if state.status != "completed":
-        raise RuntimeError(f"queued job {job.job_id} ended {state.status}")
-    return job.job_id, time.perf_counter() - start
-
-
-def _agent(settings: Settings) -> str:
-    from pipeline.storage.connect import open_graph
-
-    graph = open_graph(settings)
+def serve(state: str, broker: str) -> None:
+    """A tree's process: one JSON command a line on stdin, one JSON answer a line on stdout
+    (the pipeline's own output goes to stderr)."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    tree = Tree(state, broker)
     try:
-        return graph.driver.get_server_info().agent
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "workers":
+                tree.start_workers()
+                answer: dict = {"ok": True}
+            elif cmd["op"] == "run":
+                answer = tree.run(cmd["mode"], workload(cmd["kind"], cmd["n"], cmd["seed"]),
+                                  cmd["batch_size"])
+            elif cmd["op"] == "count":
+                answer = tree.count(cmd["kind"], cmd["n"], cmd["batch_size"], cmd["seed"])
+            else:
+                break
+            out.write(json.dumps(answer) + "\n")
     finally:
-        graph.close()
+        tree.close()
+
+
+class Remote:
+    """The parent's handle on one tree's process."""
+
+    def __init__(self, name: str, pythonpath: str, broker: str) -> None:
+        self.name = name
+        state = tempfile.mkdtemp(prefix=f"moe-bench-pipeline-{name}-")
+        self.log = open(os.path.join(state, "serve.log"), "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, HERE, "--serve", state, "--broker", broker],
+            env={**os.environ, "PYTHONPATH": pythonpath}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+
+    def ask(self, **cmd: object) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tree {self.name} died: see {self.log.name}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def export(ref: str) -> str:
+    """The ``pipeline`` package of git ``ref``, in a temporary directory."""
+    where = tempfile.mkdtemp(prefix="moe-bench-before-")
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "pipeline"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", where], input=archive, check=True)
+    return where
+
+
+def measure(trees: dict[str, Remote], modes: tuple[str, ...], n: int, batch_size: int,
+            rounds: int) -> dict[str, dict[str, list[float]]]:
+    """items/s of every (tree, mode, kind), the trees taking turns on the same items."""
+    rates: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
+    for mode in modes:
+        for kind in KINDS:
+            for tree in trees.values():  # warm up: model, encoder, caches, workers
+                tree.ask(op="run", mode=mode, kind=kind, n=min(n, 64), seed=900,
+                         batch_size=batch_size)
+            for r in range(rounds):
+                order = list(trees.items())
+                for name, tree in order if r % 2 == 0 else order[::-1]:
+                    got = tree.ask(op="run", mode=mode, kind=kind, n=n, seed=r,
+                                   batch_size=batch_size)
+                    rates[name].setdefault(f"{mode}_{kind}", []).append(got["items_per_s"])
+    return rates
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--items", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--neo4j", action="store_true",
-                   help="a real Neo4j (tools/neo4j/launcher.sh) as the graph of both paths, "
-                        "instead of the embedded server")
+    p.add_argument("--before", default=BEFORE, help="git ref of the code to compare with")
+    p.add_argument("--no-queued", action="store_true", help="the embedded way only")
+    p.add_argument("--count-items", type=int, default=64)
+    p.add_argument("--count-batch", type=int, default=16)
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument("--broker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    n = args.items or (600 if args.quick else 10_000)
-    rounds = args.rounds or (1 if args.quick else 2)
-    state = tempfile.mkdtemp(prefix="moe-bench-pipeline-")
-    broker = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+    if args.serve:
+        serve(args.serve, args.broker)
+        return {}
+    n = args.items or (128 if args.quick else 1024)
+    rounds = args.rounds or (1 if args.quick else 3)
+    modes = ("embedded",) if args.no_queued else MODES
+    base = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13").rsplit("/", 1)[0]
+    brokers = {"after": f"{base}/13", "before": f"{base}/14"}
     import redis
 
-    redis.Redis.from_url(broker).flushdb()
-    env = {**os.environ, "MOE_STATE_DIR": state, "MOE_DEVICE": "cpu",
-           "DATABASE_URL": f"sqlite:///{state}/runs.sqlite3", "CELERY_BROKER_URL": broker,
-           "REDIS_URL": broker}
-    env.pop("NEO4J_URI", None)  # both paths on the embedded server of this state dir
-    graph_kw: dict = {"neo4j_uri": None}
-    if args.neo4j:
-        sys.path.insert(0, os.path.join(ROOT, "tools", "neo4j"))
-        from harness import Neo4jHarness
-
-        server = Neo4jHarness().start()
-        env.update(NEO4J_URI=server.uri, NEO4J_USERNAME=server.user,
-                   NEO4J_PASSWORD=server.password)
-        graph_kw = {"neo4j_uri": server.uri, "neo4j_username": server.user,
-                    "neo4j_password": server.password}
-    else:
-        server = LocalGraphServer(state)
-        server.start()
-    settings = Settings(state_dir=state, device="cpu", celery_broker_url=broker,
-                        redis_url=broker, database_url=env["DATABASE_URL"], **graph_kw)
-    agent = _agent(settings)
-    workers = Workers(env, state)
-    local_rates, queued_rates, splits = [], [], {"embedded": [], "queued": []}
+    for url in brokers.values():
+        redis.Redis.from_url(url).flushdb()
+    before_tree = export(args.before)
+    trees = {"after": Remote("after", ROOT, brokers["after"]),
+             "before": Remote("before", before_tree, brokers["before"])}
     try:
-        run_local(items(256, seed=99), settings, batch_size=args.batch_size)  # warm up
-        queued(items(256, seed=98), settings, args.batch_size)  # workers loaded, caches warm
-        summary = None
-        for r in range(rounds):
-            summary = run_local(items(n, seed=2 * r), settings, batch_size=args.batch_size)
-            local_rates.append(n / summary.seconds)
-            splits["embedded"].append(stage_seconds(settings, summary.job_id))
-            job_id, seconds = queued(items(n, seed=2 * r + 1), settings, args.batch_size)
-            queued_rates.append(n / seconds)
-            splits["queued"].append(stage_seconds(settings, job_id))
+        counts = {name: {kind: tree.ask(op="count", kind=kind, n=args.count_items,
+                                        batch_size=args.count_batch, seed=500)
+                         for kind in KINDS} for name, tree in trees.items()}
+        if "queued" in modes:
+            for tree in trees.values():
+                tree.ask(op="workers")
+        rates = measure(trees, modes, n, args.batch_size, rounds)
     finally:
-        workers.close()
-        server.stop()
-    local, remote = statistics.median(local_rates), statistics.median(queued_rates)
-    split = {mode: {k: round(statistics.median(s[k] for s in runs), 3)
-                    for k in ("encode", "route", "curate")} for mode, runs in splits.items()}
+        for tree in trees.values():
+            tree.close()
+    med = {name: {k: round(statistics.median(v), 1) for k, v in r.items()}
+           for name, r in rates.items()}
+    ratios = {f"after_vs_before_{k}": med["after"][k] / med["before"][k] for k in med["after"]}
+    if "queued" in modes:
+        ratios["queued_vs_embedded_vectors"] = (med["after"]["queued_vectors"]
+                                                / med["after"]["embedded_vectors"])
+    keys = [f"{k}_per_{unit}" for unit in ("batch", "job")
+            for k in ("sql_transactions", "sql_statements", "graph_queries",
+                      "graph_write_transactions")]
+    per_batch = {key: {name: {kind: counts[name][kind][key] for kind in KINDS}
+                       for name in counts} for key in keys}
     return emit("pipeline", torch.device("cpu"),
                 {"items": n, "batch_size": args.batch_size, "rounds": rounds,
-                 "queued": "1 gpu worker (cpu here) + 1 librarian worker, Redis broker",
-                 "graph": agent,
-                 "model": {k: v for k, v in default_config().to_dict().items()
-                           if k in ("input_dim", "hidden_dim", "num_experts", "top_k_experts",
-                                    "num_layers")}, "quick": args.quick},
-                results={"queued_items_per_s": round(remote, 1),
-                         "queued_items_per_s_runs": [round(v, 1) for v in queued_rates],
-                         "stage_seconds": split,
-                         "stage_share": {mode: {k: round(v / max(sum(st.values()), 1e-9), 3)
-                                                for k, v in st.items()}
-                                         for mode, st in split.items()},
-                         "reports_last_embedded_run": summary.reports if summary else 0},
-                references={"embedded_items_per_s": round(local, 1),
-                            "embedded_items_per_s_runs": [round(v, 1) for v in local_rates]},
-                ratios={"queued_vs_embedded": round(remote / local, 3)},
-                targets={"queued_vs_embedded": target(0.75, remote / local)})
+                 "before": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short",
+                                           args.before], capture_output=True, text=True
+                                          ).stdout.strip(),
+                 "modes": list(modes), "kinds": list(KINDS),
+                 "queued": "1 gpu worker (cpu here) + 1 librarian worker per tree, Redis",
+                 "graph": "embedded (one server per tree)",
+                 "counted_on": {"items": args.count_items, "batch_size": args.count_batch,
+                                "way": "embedded"},
+                 "quick": args.quick},
+                results={**{f"{k}_items_per_s": v for k, v in med["after"].items()},
+                         **{key: value["after"] for key, value in per_batch.items()}},
+                references={**{f"before_{k}_items_per_s": v for k, v in med["before"].items()},
+                            **{f"before_{key}": value["before"]
+                               for key, value in per_batch.items()}},
+                ratios=ratios,
+                targets={"sql_transactions_per_batch": {
+                    "goal": 3, "value": max(per_batch["sql_transactions_per_batch"]["after"]
+                                            .values()),
+                    "met": max(per_batch["sql_transactions_per_batch"]["after"].values()) <= 3},
+                    **{k: target(1.0, v) for k, v in ratios.items()
+                       if k.startswith("after_vs_before_embedded")}},
+                runs=rates)
 
 
 if __name__ == "__main__":

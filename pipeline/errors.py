@@ -38,3 +38,32 @@ class InputShapeError(PipelineError, ValueError):
         self.name = name
         self.shape = shape
         super().__init__(f"{name} has shape {shape}: expected {expected}")
+
+
+class Outage(PipelineError):
+    """A service the work needs did not answer (the graph, SQL, Redis, the broker) or a
+    shard's lock was not acquired in time: not the work's fault, nor any item's.
+
+    Every retry decision reads this one definition (`outage_errors`): the queue retries the
+    task with backoff and gives back its attempt, an in-process run stops (resumable), and
+    per-item isolation never blames an item for it.
+    """
+
+
+def outage_errors() -> tuple[type[BaseException], ...]:
+    """`Outage` and the drivers' own errors of an outage (imported here, when first asked,
+    so that this module stays importable without them)."""
+    import kombu.exceptions
+    import neo4j.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    return (Outage, neo4j.exceptions.ServiceUnavailable, neo4j.exceptions.SessionExpired,
+            neo4j.exceptions.TransientError, sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError, redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+            ConnectionError, TimeoutError)
+
+
+def is_outage(err: BaseException) -> bool:
+    return isinstance(err, outage_errors())

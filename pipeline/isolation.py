@@ -9,7 +9,8 @@ exactly the items kept.
 An item is blamed only when the rest of its batch works without it. When every item fails on
 its own too (a batch of one included), the fault is not an item's (a missing encoder, a
 broken checkpoint, a server refusing every write) and the original error is raised, to fail
-the batch the usual way. A `PipelineError` is never an item's fault and always propagates.
+the batch the usual way. A `PipelineError` is never an item's fault and always propagates;
+nor is an outage (`errors.outage_errors`), which is retried, not tried once per item.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, outage_errors
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,9 +39,10 @@ def isolate(work: Callable[[list[T]], R], items: Sequence[T],
     """``work(items)``; if that raises one of ``faults``, the items that raise it alone are
     set aside and ``work`` runs on the rest (see the module docstring)."""
     items = list(items)
+    outage = outage_errors()
     try:
         return Isolated(work(items), items)
-    except PipelineError:
+    except (PipelineError, *outage):
         raise
     except faults as err:
         if len(items) < 2:
@@ -50,7 +52,7 @@ def isolate(work: Callable[[list[T]], R], items: Sequence[T],
         for item in items:
             try:
                 work([item])
-            except PipelineError:
+            except (PipelineError, *outage):
                 raise
             except faults as one:
                 failed.append((item, one))

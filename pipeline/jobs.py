@@ -26,18 +26,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from pipeline import stages
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, is_outage, outage_errors
 from pipeline.inputs import Chunk, read_chunks, read_items, survey
 from pipeline.queue.app import ROUTE_BATCH, make_app
 from pipeline.queue.messages import batch_message
-from pipeline.records import BadItem, Item, ItemBatch, ShardPart
+from pipeline.records import BadItem, Item, ItemBatch
 from pipeline.redact import masked
-from pipeline.runtime import Runtime
+from pipeline.runtime import Runtime, worker_name
 from pipeline.settings import Settings
 from pipeline.storage import ledger
-from pipeline.storage.graph import GraphUnavailable
 from pipeline.storage.ledger import JobFailed, NewJob, Progress, progress
-from pipeline.storage.locks import LockTimeout
 from pipeline.storage.owner import HEARTBEAT_S, Owner
 
 __all__ = ["JobFailed", "JobSummary", "NewJob", "Progress", "QueuedJob", "progress",
@@ -256,8 +254,7 @@ def run_local(source: Source, settings: Settings, batch_size: int | None = None,
                                                 read.items, owner, key, command)
         with Beating(rt.Session, job_id, owner):
             totals = _run_chunks(rt, read, run_id, job_id, batch_size, progress)
-        status = ledger.job_status(rt.Session, job_id)
-        bad_count = ledger.bad_item_count(rt.Session, job_id)
+        status, bad_count = ledger.job_outcome(rt.Session, job_id)
     if status == "failed":
         raise JobFailed(f"job {job_id}: every batch failed; see "
                         f"`moe-pipeline status {job_id}`")
@@ -273,23 +270,23 @@ def _run_chunks(rt: Runtime, read: Reading, run_id: str, job_id: str, batch_size
     bad_count = 0
     first_bad: list[BadItem] = []
 
-    def ship(part: ShardPart) -> None:  # curate at once, in this process
-        result = stages.curate_part(rt, part)
-        totals["reports"] += len(part.reports)
-        totals["inserted"] += result.get("inserted", 0)
-        totals["merged"] += result.get("merged", 0)
-
+    claim = ledger.Claim(worker_name(), rt.device, rt.settings.max_attempts)
     try:
         for index, (chunk, bad) in enumerate(read.chunks(batch_size)):
             bad_count += len(bad)
             first_bad += bad[:FIRST_BAD - len(first_bad)]
             totals["items"] += len(chunk)
-            batch_id, status = ledger.add_batch(rt.Session, job_id, index, chunk, bad)
-            if batch_id is not None and status not in ledger.DONE_BATCH:
+            # Recorded and claimed in one transaction (a resumed job's batch done before
+            # answers "done"), then routed and curated here in two more.
+            batch_id, verdict, attempts = ledger.claim_batch(rt.Session, job_id, index, chunk,
+                                                             bad, claim)
+            if batch_id is not None and verdict == "run":
                 batch = ItemBatch(batch_id, job_id, run_id, rt.fingerprint, chunk)
                 try:
-                    stages.route_batch(rt, batch, ship)
-                except (GraphUnavailable, LockTimeout):
+                    done = stages.run_batch(rt, batch, attempts)
+                    for key in ("reports", "inserted", "merged"):
+                        totals[key] += done.get(key, 0)
+                except outage_errors():
                     raise  # an outage, not this batch's fault: stop the run
                 except PipelineError as err:  # this batch's fault: record it, go on
                     ledger.fail_batch(rt.Session, batch_id, str(err))
@@ -301,11 +298,14 @@ def _run_chunks(rt: Runtime, read: Reading, run_id: str, job_id: str, batch_size
     except JobFailed:
         raise
     except BaseException as err:  # an outage or an interrupt: the job must not look alive
-        ledger.fail_job(rt.Session, job_id, f"{ledger.STOPPED}{type(err).__name__}: {err}")
-        if isinstance(err, GraphUnavailable | LockTimeout):
+        try:
+            ledger.fail_job(rt.Session, job_id, f"{ledger.STOPPED}{type(err).__name__}: {err}")
+        except outage_errors():
+            pass  # SQL is the outage: the job's heartbeat stops, so it shows interrupted
+        if is_outage(err):
             raise PipelineError(
-                f"{err}; job {job_id} stopped and is marked failed: once the graph "
-                "answers again, run the same file again to finish it (what was written "
-                "is not written twice)") from err
+                f"{' '.join(str(err).split())}; job {job_id} stopped and is marked failed: "
+                "once it answers again, run the same file again to finish it (what was "
+                "written is not written twice)") from err
         raise
     return totals

@@ -30,7 +30,15 @@ from pipeline.errors import PipelineError
 from pipeline.inputs import read_items
 from pipeline.isolation import describe, isolate
 from pipeline.moe.system import MixtureOfExpertsSystem
-from pipeline.records import BadItem, DraftReport, Item, ItemBatch, ShardPart, report_id
+from pipeline.records import (
+    BadItem,
+    CurateResult,
+    DraftReport,
+    Item,
+    ItemBatch,
+    ShardPart,
+    report_id,
+)
 from pipeline.runtime import Runtime, worker_name
 from pipeline.settings import Settings
 from pipeline.storage import ledger
@@ -177,20 +185,11 @@ def faults(settings: Settings, attempt: int, item_ids: Sequence[str]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def route_batch(rt: Runtime, batch: ItemBatch, ship: Ship,
-                on_attempt: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Encode and route one batch, record its parts, and ship one part per shard.
-
-    ``on_attempt(n)`` is told the attempt this delivery counted, before any work (the queue's
-    error policy gives it back after an outage). Returns a summary for the task's log.
-    """
+def _route(rt: Runtime, batch: ItemBatch, attempts: int
+           ) -> tuple[Routed, list[BadItem], dict[str, float]]:
+    """Encode and route a batch whose delivery counted ``attempts``: what it drafted, its
+    items that failed alone, and the seconds of each step."""
     s = rt.settings
-    verdict, attempts = ledger.begin_batch(rt.Session, batch.batch_id, worker_name(),
-                                           rt.device, s.max_attempts)
-    if verdict != "run":
-        return {"batch": batch.batch_id, "status": verdict, "attempts": attempts}
-    if on_attempt:
-        on_attempt(attempts)
     if batch.model != rt.fingerprint:
         raise PipelineError(
             f"batch {batch.batch_id}: submitted for model {batch.model}, but this worker "
@@ -205,24 +204,91 @@ def route_batch(rt: Runtime, batch: ItemBatch, ship: Ship,
     t = time.perf_counter()
     routed, unrouted = route_each(system, x, items, batch.job_id)
     timings["route"] = time.perf_counter() - t
-    if bad or unrouted:  # recorded before the batch can complete, so its job counts them
-        ledger.record_item_errors(rt.Session, batch.job_id, bad + unrouted)
+    return routed, bad + unrouted, timings
+
+
+def route_batch(rt: Runtime, batch: ItemBatch, ship: Ship,
+                on_attempt: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Encode and route one batch, record its parts, and ship one part per shard.
+
+    ``on_attempt(n)`` is told the attempt this delivery counted, before any work (the queue's
+    error policy gives it back after an outage). Returns a summary for the task's log.
+    Three transactions: the delivery counted, the routing recorded (metrics, parts, items
+    that failed), the parts sent (which completes the batch if they are all curated).
+    """
+    verdict, attempts = ledger.begin_batch(rt.Session, batch.batch_id, worker_name(),
+                                           rt.device, rt.settings.max_attempts)
+    if verdict != "run":
+        return {"batch": batch.batch_id, "status": verdict, "attempts": attempts}
+    if on_attempt:
+        on_attempt(attempts)
+    routed, bad, timings = _route(rt, batch, attempts)
     groups = by_shard(routed.reports)
+    # Items that failed are recorded before the batch can complete, so its job counts them.
     pending = ledger.record_routing(rt.Session, batch.batch_id, routed.metrics,
-                                    {k: len(v) for k, v in groups.items()}, timings)
+                                    {k: len(v) for k, v in groups.items()}, timings,
+                                    bad, batch.job_id)
     if pending is None:  # another delivery of this batch moved it on
         return {"batch": batch.batch_id, "status": "done", "attempts": attempts}
     for shard in pending:
         ship(ShardPart(batch.batch_id, batch.run_id, shard, groups[shard], batch.model))
-    ledger.mark_dispatched(rt.Session, batch.batch_id, pending)
-    ledger.mark_routed(rt.Session, batch.batch_id)
+    ledger.mark_routed(rt.Session, batch.batch_id, pending)
     return {"batch": batch.batch_id, "status": "routed", "reports": len(routed.reports),
             "shards": sorted(groups)}
 
 
+def run_batch(rt: Runtime, batch: ItemBatch, attempts: int) -> dict[str, Any]:
+    """The in-process way: route a batch this process has claimed (`ledger.add_batch` with a
+    claim, delivery ``attempts``) and curate its parts at once.
+
+    Two more transactions: the routing recorded with every part claimed, then every part's
+    outcome with the batch's completion. A crash between them leaves the batch ``routing``,
+    which the next run of the file redoes (the graph writes are idempotent)."""
+    routed, bad, timings = _route(rt, batch, attempts)
+    groups = by_shard(routed.reports)
+    s = rt.settings
+    claim = ledger.Claim(worker_name(), rt.device, s.max_attempts)
+    todo = ledger.record_routing(rt.Session, batch.batch_id, routed.metrics,
+                                 {k: len(v) for k, v in groups.items()}, timings, bad,
+                                 batch.job_id, claim)
+    if todo is None:
+        return {"batch": batch.batch_id, "status": "done", "reports": 0}
+    outcomes, failed = [], []
+    totals = {"reports": 0, "inserted": 0, "merged": 0}
+    for shard in todo:
+        part = ShardPart(batch.batch_id, batch.run_id, shard, groups[shard], batch.model)
+        faults(s, attempts, [r.item_id for r in part.reports])
+        result, alone, seconds = _curate(rt, part)
+        outcomes.append(ledger.PartOutcome(shard, result, seconds))
+        failed += alone
+        inserted, merged = result.outcome() if alone else (result.inserted, result.merged)
+        totals = {"reports": totals["reports"] + len(part.reports),
+                  "inserted": totals["inserted"] + inserted,
+                  "merged": totals["merged"] + merged}
+    ledger.finish_parts(rt.Session, batch.batch_id, outcomes, failed, batch.job_id)
+    return {"batch": batch.batch_id, "status": "done", **totals}
+
+
+def _curate(rt: Runtime, part: ShardPart) -> tuple[CurateResult, list[BadItem], float]:
+    """Curate one part into the graph (one write transaction, under the shard's lock),
+    isolating the reports that break it: the result, those reports as bad items, seconds."""
+    config = rt.run_config(part.run_id)
+    rt.ensure_run(part.run_id, config, part.model)
+    t = time.perf_counter()
+    librarian = rt.librarian(config)
+    step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,
+                                                    model=part.model),
+                   part.reports, CURATE_FAULTS)
+    bad = [BadItem(None, r.item_id, "text" if r.text else "vector",
+                   f"curate failed: {describe(err)}") for r, err in step.failed]
+    return step.result, bad, time.perf_counter() - t
+
+
 def curate_part(rt: Runtime, part: ShardPart,
                 on_attempt: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Curate one shard part into the graph (under the shard's lock) and record it."""
+    """Curate one shard part into the graph (under the shard's lock) and record it: two
+    transactions, the delivery counted and the outcome (which completes the batch when it
+    makes its last part done)."""
     verdict, attempts = ledger.begin_part(rt.Session, part.batch_id, part.shard,
                                           worker_name(), rt.settings.max_attempts)
     if verdict != "run":
@@ -231,22 +297,12 @@ def curate_part(rt: Runtime, part: ShardPart,
     if on_attempt:
         on_attempt(attempts)
     faults(rt.settings, attempts, [r.item_id for r in part.reports])
-    config = rt.run_config(part.run_id)
-    rt.ensure_run(part.run_id, config, part.model)
-    t = time.perf_counter()
-    librarian = rt.librarian(config)
-    step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,
-                                                    model=part.model),
-                   part.reports, CURATE_FAULTS)
-    result = step.result
-    if step.failed:
-        ledger.record_item_errors(rt.Session, part.reports[0].job_id, [
-            BadItem(None, r.item_id, "text" if r.text else "vector",
-                    f"curate failed: {describe(err)}") for r, err in step.failed])
-    ledger.finish_part(rt.Session, part.batch_id, part.shard, result, time.perf_counter() - t)
+    result, bad, seconds = _curate(rt, part)
+    ledger.finish_part(rt.Session, part.batch_id, part.shard, result, seconds, bad,
+                       part.reports[0].job_id)
     # After isolation the kept reports were written one by one, then replayed: count them
     # by what their first curation did.
-    inserted, merged = result.outcome() if step.failed else (result.inserted, result.merged)
+    inserted, merged = result.outcome() if bad else (result.inserted, result.merged)
     return {"batch": part.batch_id, "shard": part.shard, "status": "done",
             "inserted": inserted, "merged": merged}
 

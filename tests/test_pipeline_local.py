@@ -248,3 +248,37 @@ def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "nope"],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert missing.returncode == 1 and missing.stderr.startswith("error: no run 'nope'")
+
+
+def test_the_ledger_writes_three_sql_transactions_a_batch(settings):
+    """Claimed with its record, routed with its parts, completed with its last part: each
+    batch of an in-process run is three transactions (the job's own open, seal and outcome
+    are counted apart, as the difference between a job of 2 and one of 4 batches)."""
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    seen: list[int] = []
+
+    def began(*_a: object) -> None:  # the heartbeat thread's beats are not the batches'
+        if threading.current_thread() is threading.main_thread():
+            seen.append(1)
+
+    run_local(_items(16, seed=70), settings, batch_size=16)  # model loaded, caches warm
+    event.listen(Session, "after_begin", began)
+    try:
+        counts = []
+        for n, seed in ((32, 71), (64, 72)):
+            seen.clear()
+            summary = run_local(_items(n, seed=seed), settings, batch_size=16)
+            assert summary.status == "completed" and summary.reports == n
+            counts.append(len(seen))
+    finally:
+        event.remove(Session, "after_begin", began)
+    assert (counts[1] - counts[0]) / 2 == 3
+    Session_ = session_factory(settings.sql_url())
+    with Session_() as s:
+        batches = s.scalars(select(Batch).where(Batch.job_id == summary.job_id)).all()
+        assert [b.status for b in batches] == ["completed"] * 4
+        assert sum(b.metrics.new_insights + b.metrics.merged for b in batches) == 64

@@ -14,32 +14,24 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import kombu.exceptions
-import neo4j.exceptions
-import redis.exceptions
-import sqlalchemy.exc
 from celery.exceptions import Reject, Retry
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, outage_errors
 from pipeline.redact import redacted
-from pipeline.storage.graph import GraphUnavailable
-from pipeline.storage.locks import LockTimeout
 
 log = logging.getLogger(__name__)
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors of an outage, not of the batch: the task is retried with backoff."""
-    return (GraphUnavailable, LockTimeout, neo4j.exceptions.ServiceUnavailable,
-            neo4j.exceptions.SessionExpired, neo4j.exceptions.TransientError,
-            sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-            kombu.exceptions.OperationalError, ConnectionError, TimeoutError)
+    """Errors of an outage, not of the batch (`errors.outage_errors`, the one definition):
+    the task is retried with backoff."""
+    return outage_errors()
 
 
 # An outage is retried for about half an hour (2 s doubling to 60 s between tries) before
-# the batch is failed with its cause; it never counts as an attempt of the batch.
-RETRY = {"max_retries": 32, "retry_backoff": 2, "retry_backoff_max": 60, "retry_jitter": True}
+# the batch is failed with its cause; it never counts as an attempt of the batch. The
+# jitter is `backoff`'s own (always on), so there is no switch for it here.
+RETRY = {"max_retries": 32, "retry_backoff": 2, "retry_backoff_max": 60}
 
 
 def retry_or_requeue(task, err: BaseException) -> BaseException:  # noqa: ANN001

@@ -36,7 +36,7 @@ from neo4j.exceptions import (
     SessionExpired,
 )
 
-from pipeline.errors import PipelineError
+from pipeline.errors import Outage, PipelineError
 from pipeline.records import CuratedBatch, insight_id
 from pipeline.storage import cypher, cypher_guard, rows
 from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it from here
@@ -48,7 +48,7 @@ READ_TIMEOUT_S = 120.0
 FETCH_ROWS = 1000
 
 
-class GraphUnavailable(PipelineError):
+class GraphUnavailable(Outage):
     """The graph server cannot be reached; names the URI."""
 
     def __init__(self, uri: str, reason: str) -> None:

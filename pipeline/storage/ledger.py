@@ -28,7 +28,24 @@ from pipeline.errors import PipelineError
 from pipeline.inputs import describe_bad
 from pipeline.moe.config import MoEConfig
 from pipeline.records import BadItem, CurateResult, Item, storable
-from pipeline.storage.owner import Owner, interrupted
+from pipeline.storage.job_open import (  # noqa: F401 - named from the ledger too
+    STOPPED,
+    beat_job,
+    open_job,
+    resume_job,
+)
+from pipeline.storage.progress import (  # noqa: F401 - the ledger's reads, named from here too
+    DONE_BATCH,
+    Progress,
+    RunRows,
+    bad_item_count,
+    job_outcome,
+    job_status,
+    progress,
+    run_config,
+    run_job_ids,
+    run_rows,
+)
 from pipeline.storage.sql import (
     Batch,
     BatchMetrics,
@@ -38,7 +55,6 @@ from pipeline.storage.sql import (
     Run,
 )
 
-DONE_BATCH = ("completed", "failed")
 # What the error columns keep: a message is cut here, an id to its column's width; both are
 # made storable first (`records.storable`), so recording an error cannot itself fail.
 MAX_ERROR_CHARS = 2000
@@ -105,71 +121,13 @@ def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadIt
     return NewJob(run_id, job_id, batches)
 
 
-# -- jobs recorded as their file is read (`jobs.run_local`, `jobs.submit`) -----------------
-# A job is opened unsealed, gets one batch per chunk of its file as the chunk is read
-# (`add_batch`, idempotent by index, so that a resumed job reads its file again and finds the
-# batches it has), and is sealed once the file is read: only a sealed job can complete.
-STOPPED = "stopped: "  # the error of a job stopped by an outage or ^C: resumable
+@dataclass(frozen=True)
+class Claim:
+    """Who takes a delivery and how many a batch or part may have (see `begin_batch`)."""
 
-
-def open_job(Session: sessionmaker, config: MoEConfig, mode: str, device: str, items: int,
-             owner: Owner | None = None, resume_key: str | None = None,
-             resume_command: str | None = None) -> tuple[str, str]:
-    """Record a run and an unsealed running job of ``items`` items; (run id, job id)."""
-    with Session.begin() as s:
-        run = Run(model_config=config.to_dict(), code_version=pipeline.__version__,
-                  device=device)
-        job = Job(run=run, submitted_items=items, mode=mode, status="running", sealed=False,
-                  resume_key=resume_key, resume_command=resume_command,
-                  **_owned_by(owner))
-        s.add_all([run, job])
-        return run.id, job.id
-
-
-def _owned_by(owner: Owner | None) -> dict[str, Any]:
-    if owner is None:
-        return {}
-    return {"owner_host": owner.host, "owner_pid": owner.pid, "owner_start": owner.start,
-            "heartbeat_at": time.time()}
-
-
-def resume_job(Session: sessionmaker, resume_key: str, owner: Owner) -> tuple[str, str] | None:
-    """Take over the latest job of ``resume_key`` that was interrupted (its process gone)
-    or stopped (an outage, ^C); (run id, job id), or None if there is none. The takeover is
-    one conditional UPDATE on what was seen, so of two runs of the same file exactly one
-    resumes it (the other starts a job of its own)."""
-    now = time.time()
-    with Session() as s:
-        jobs = s.scalars(select(Job).where(Job.resume_key == resume_key,
-                                           Job.status.in_(("running", "failed")))
-                         .order_by(Job.created_at.desc())).all()
-    for job in jobs:
-        if job.status == "running" and interrupted(job, now):
-            seen = (Job.status == "running", Job.owner_pid == job.owner_pid,
-                    Job.owner_host == job.owner_host,
-                    Job.heartbeat_at == job.heartbeat_at if job.heartbeat_at is not None
-                    else Job.heartbeat_at.is_(None))
-        elif job.status == "failed" and (job.error or "").startswith(STOPPED):
-            seen = (Job.status == "failed", Job.error == job.error)
-        else:
-            continue
-        with Session.begin() as s:
-            won = s.execute(update(Job).where(Job.id == job.id, *seen).values(
-                status="running", error=None, finished_at=None, **_owned_by(owner))).rowcount
-            if won:
-                s.execute(update(Run).where(Run.id == job.run_id).values(
-                    status="running", finished_at=None))
-                return job.run_id, job.id
-    return None
-
-
-def beat_job(Session: sessionmaker, job_id: str, owner: Owner) -> bool:
-    """The job's process is alive: one conditional UPDATE, a no-op (False) once the job is
-    finished or another process has taken it over."""
-    with Session.begin() as s:
-        return bool(s.execute(update(Job).where(
-            Job.id == job_id, Job.status == "running", Job.owner_pid == owner.pid,
-            Job.owner_host == owner.host).values(heartbeat_at=time.time())).rowcount)
+    worker: str
+    device: str
+    max_attempts: int
 
 
 def add_batch(Session: sessionmaker, job_id: str, index: int, items: Sequence[Item],
@@ -179,28 +137,53 @@ def add_batch(Session: sessionmaker, job_id: str, index: int, items: Sequence[It
     is not recorded again and its batch's status tells whether it still needs work; a chunk
     of bad items only gives (None, "completed")."""
     with Session.begin() as s:
-        row = s.execute(select(Batch.id, Batch.status).where(
-            Batch.job_id == job_id, Batch.index == index)).first()
-        if row is not None:
-            return row.id, row.status
-        lines = [b.line for b in bad]
-        have = set(s.execute(select(ItemError.line, ItemError.field).where(
-            ItemError.job_id == job_id, ItemError.line.in_(lines))).all()) if lines else set()
-        s.add_all(ItemError(**_item_error(job_id, b)) for b in bad
-                  if (b.line, b.field[:64]) not in have)
-        if not items:
-            return None, "completed"
-        batch = Batch(job_id=job_id, index=index, item_ids=[i.id for i in items])
-        s.add(batch)
-        return batch.id, "queued"
+        return _add_chunk(s, job_id, index, items, bad, {})
+
+
+def claim_batch(Session: sessionmaker, job_id: str, index: int, items: Sequence[Item],
+                bad: Sequence[BadItem], claim: Claim) -> tuple[str | None, str, int]:
+    """`add_batch` and `begin_batch` in one transaction, for the in-process way, which
+    routes the batch at once: (batch id, verdict, attempts), the verdict as `begin_batch`
+    gives it; (None, "done", 0) for a chunk of bad items only."""
+    taken = {"worker": claim.worker, "device": claim.device}
+    with Session.begin() as s:
+        batch_id, status = _add_chunk(s, job_id, index, items, bad,
+                                      {"status": "running", "attempts": 1, **taken})
+        if batch_id is None:
+            return None, "done", 0
+        if status == "running":  # recorded now, claimed with it
+            return batch_id, "run", 1
+        verdict, attempts = _claim(s, Batch, (Batch.id == batch_id,), REDO_BATCH, taken,
+                                   claim.max_attempts, f"batch {batch_id}")
+        if verdict != "run":
+            _settle(s, batch_id)
+        return batch_id, verdict, attempts
+
+
+def _add_chunk(s, job_id: str, index: int, items: Sequence[Item],  # noqa: ANN001
+               bad: Sequence[BadItem], taken: dict[str, Any]) -> tuple[str | None, str]:
+    row = s.execute(select(Batch.id, Batch.status).where(
+        Batch.job_id == job_id, Batch.index == index)).first()
+    if row is not None:
+        return row.id, "recorded" if taken else row.status
+    lines = [b.line for b in bad]
+    have = set(s.execute(select(ItemError.line, ItemError.field).where(
+        ItemError.job_id == job_id, ItemError.line.in_(lines))).all()) if lines else set()
+    s.add_all(ItemError(**_item_error(job_id, b)) for b in bad
+              if (b.line, b.field[:64]) not in have)
+    if not items:
+        return None, "completed"
+    batch = Batch(job_id=job_id, index=index, item_ids=[i.id for i in items], **taken)
+    s.add(batch)
+    return batch.id, taken.get("status", "queued")
 
 
 def seal_job(Session: sessionmaker, job_id: str) -> str | None:
-    """Every batch of the job is recorded: complete it if they are all done (see
-    `try_complete_job`, whose status it returns)."""
+    """Every batch of the job is recorded: complete it, in the same transaction, if they are
+    all done (see `try_complete_job`, whose status it returns)."""
     with Session.begin() as s:
         s.execute(update(Job).where(Job.id == job_id).values(sealed=True))
-    return try_complete_job(Session, job_id)
+        return _complete_job(s, job_id)
 
 
 def fail_empty_job(Session: sessionmaker, job_id: str, first_bad: Sequence[BadItem],
@@ -214,27 +197,37 @@ def fail_empty_job(Session: sessionmaker, job_id: str, first_bad: Sequence[BadIt
 
 
 # -- batch and part transitions (the stages call them, whichever way they run) ----------
+# A transition and what it may complete share one transaction: the part's (or batch's)
+# conditional UPDATE first, then the batch's row (then the job's) is locked and read, so of
+# two transactions finishing the last two parts at once the second to commit sees both done
+# and completes the batch (PostgreSQL: FOR UPDATE; SQLite has one writer at a time anyway).
+def _claim(s, model, key: tuple, redo: tuple[str, ...], claim: dict[str, Any],  # noqa: ANN001
+           max_attempts: int, what: str) -> tuple[str, int]:
+    """Claim the rows ``key`` of ``model`` and count an attempt if they are in a ``redo``
+    state; the verdict, as `begin_batch` gives it, with the attempts counted."""
+    changed = s.execute(update(model).where(*key, model.status.in_(redo)).values(
+        attempts=model.attempts + 1, status="running", **claim)).rowcount
+    attempts = s.scalar(select(model.attempts).where(*key))
+    if attempts is None:
+        raise PipelineError(f"{what}: not in SQL (a message for another database?)")
+    if not changed:
+        return "done", attempts
+    if attempts > max_attempts:
+        s.execute(update(model).where(*key).values(
+            status="failed", error=f"gave up after {max_attempts} attempts: each "
+            "delivery ended with its worker dead (killed, or out of memory?)"))
+        return "gave_up", attempts
+    return "run", attempts
+
+
 def _count_delivery(Session: sessionmaker, model, key: tuple, redo: tuple[str, ...],
                     claim: dict[str, Any], max_attempts: int, what: str,
                     batch_id: str) -> tuple[str, int]:
-    """One delivery of a batch or a part (``model`` rows matching ``key``): claim it and count
-    an attempt if it is in a ``redo`` state, then give the verdict (see `begin_batch`)."""
+    """One delivery of a batch or a part, in one transaction (see `begin_batch`)."""
     with Session.begin() as s:
-        changed = s.execute(update(model).where(*key, model.status.in_(redo)).values(
-            attempts=model.attempts + 1, status="running", **claim)).rowcount
-        attempts = s.scalar(select(model.attempts).where(*key))
-        if attempts is None:
-            raise PipelineError(f"{what}: not in SQL (a message for another database?)")
-        verdict = "run"
-        if not changed:
-            verdict = "done"
-        elif attempts > max_attempts:
-            s.execute(update(model).where(*key).values(
-                status="failed", error=f"gave up after {max_attempts} attempts: each "
-                "delivery ended with its worker dead (killed, or out of memory?)"))
-            verdict = "gave_up"
-    if verdict != "run":
-        settle_batch(Session, batch_id)
+        verdict, attempts = _claim(s, model, key, redo, claim, max_attempts, what)
+        if verdict != "run":
+            _settle(s, batch_id)
     return verdict, attempts
 
 
@@ -267,66 +260,95 @@ def release_part(Session: sessionmaker, batch_id: str, shard: str, attempt: int)
 
 
 def record_routing(Session: sessionmaker, batch_id: str, routed: RoutingMetrics,
-                   shards: dict[str, int], timings: dict[str, float]) -> list[str] | None:
-    """Store a routed batch's metrics and one part per shard (``shards``: report counts).
+                   shards: dict[str, int], timings: dict[str, float],
+                   bad: Sequence[BadItem] = (), job_id: str | None = None,
+                   claim: Claim | None = None) -> list[str] | None:
+    """Store a routed batch's metrics, its items that failed (``bad``, of job ``job_id``) and
+    one part per shard (``shards``: report counts), in one transaction.
 
     Returns the shards whose librarian task is still to be sent (all, unless this is a
     redelivery: then those never marked dispatched), or None when the batch is no longer
-    this delivery's to route (another delivery moved it on)."""
+    this delivery's to route (another delivery moved it on). With ``claim`` (the in-process
+    way, which curates the parts at once) the parts are claimed here as `begin_part` would,
+    and the shards returned are those to curate now (a part past its attempts is failed)."""
     with Session.begin() as s:
         mine = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "running")
                          .values(status="routing", timings=timings)).rowcount
         if not mine:
             return None
+        if bad:
+            _record_item_errors(s, job_id, bad)
         s.merge(BatchMetrics(batch_id=batch_id, balance_loss=_finite(routed.balance_loss),
                              routing_entropy=_finite(routed.routing_entropy),
                              expert_usage={e: _finite(u)
                                            for e, u in routed.expert_usage.items()},
                              reports=routed.reports,
                              new_insights=0, merged=0, dedup_rate=0.0))
-        existing = {p.shard: p for p in s.scalars(
-            select(BatchPart).where(BatchPart.batch_id == batch_id))}
-        s.add_all(BatchPart(batch_id=batch_id, shard=shard, reports=n, attempts=0)
+        existing = {p.shard: p.dispatched for p in s.execute(
+            select(BatchPart.shard, BatchPart.dispatched).where(
+                BatchPart.batch_id == batch_id))}
+        taken = ({} if claim is None else
+                 {"status": "running", "attempts": 1, "worker": claim.worker,
+                  "dispatched": True})
+        s.add_all(BatchPart(batch_id=batch_id, shard=shard, reports=n,
+                            **{"attempts": 0, **taken})
                   for shard, n in shards.items() if shard not in existing)
-    return [shard for shard in shards
-            if shard not in existing or not existing[shard].dispatched]
+        if claim is None:
+            return [shard for shard in shards if not existing.get(shard)]
+        return [shard for shard in shards if shard not in existing or _claim(
+            s, BatchPart, (BatchPart.batch_id == batch_id, BatchPart.shard == shard),
+            ("queued", "running"), {"worker": claim.worker}, claim.max_attempts,
+            f"batch {batch_id} shard {shard!r}")[0] == "run"]
+
+
+def _record_item_errors(s, job_id: str | None, bad: Sequence[BadItem]) -> None:  # noqa: ANN001
+    rows = [_item_error(job_id, b) for b in bad]
+    have = set(s.execute(select(ItemError.item_id, ItemError.field).where(
+        ItemError.job_id == job_id,
+        ItemError.item_id.in_([r["item_id"] for r in rows]))).all())
+    fresh = {(r["item_id"], r["field"]): r for r in rows
+             if (r["item_id"], r["field"]) not in have}
+    s.add_all(ItemError(**r) for r in fresh.values())
 
 
 def record_item_errors(Session: sessionmaker, job_id: str, bad: Sequence[BadItem]) -> None:
     """Items that failed inside a batch (encode, route, curate): recorded as bad items of
     the job, once each however often the batch is delivered (an item's (id, field) is
     recorded once)."""
-    rows = [_item_error(job_id, b) for b in bad]
     with Session.begin() as s:
-        have = set(s.execute(select(ItemError.item_id, ItemError.field).where(
-            ItemError.job_id == job_id,
-            ItemError.item_id.in_([r["item_id"] for r in rows]))).all())
-        fresh = {(r["item_id"], r["field"]): r for r in rows
-                 if (r["item_id"], r["field"]) not in have}
-        s.add_all(ItemError(**r) for r in fresh.values())
+        _record_item_errors(s, job_id, bad)
 
 
 def mark_dispatched(Session: sessionmaker, batch_id: str, shards: Sequence[str]) -> None:
     """The librarian tasks of these parts are on the broker."""
     if shards:
         with Session.begin() as s:
-            s.execute(update(BatchPart).where(BatchPart.batch_id == batch_id,
-                                              BatchPart.shard.in_(list(shards)))
-                      .values(dispatched=True))
+            _dispatched(s, batch_id, shards)
 
 
-def mark_routed(Session: sessionmaker, batch_id: str) -> None:
+def _dispatched(s, batch_id: str, shards: Sequence[str]) -> None:  # noqa: ANN001
+    s.execute(update(BatchPart).where(BatchPart.batch_id == batch_id,
+                                      BatchPart.shard.in_(list(shards)))
+              .values(dispatched=True))
+
+
+def mark_routed(Session: sessionmaker, batch_id: str, dispatched: Sequence[str] = ()
+                ) -> None:
+    """The batch's parts are all sent (``dispatched``: those this delivery sent): routed, and
+    completed at once if every part has finished already."""
     with Session.begin() as s:
+        if dispatched:
+            _dispatched(s, batch_id, dispatched)
         s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routing")
                   .values(status="routed"))
-    settle_batch(Session, batch_id)
+        _settle(s, batch_id)
 
 
 def fail_batch(Session: sessionmaker, batch_id: str, error: str) -> None:
     with Session.begin() as s:
         s.execute(update(Batch).where(Batch.id == batch_id, Batch.status.not_in(DONE_BATCH))
                   .values(status="failed", error=storable(error, MAX_ERROR_CHARS)))
-    settle_batch(Session, batch_id)
+        _settle(s, batch_id)
 
 
 def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
@@ -338,60 +360,106 @@ def begin_part(Session: sessionmaker, batch_id: str, shard: str, worker: str,
         f"batch {batch_id} shard {shard!r}", batch_id)
 
 
+@dataclass
+class PartOutcome:
+    """What curating one part came to: its result (None: it failed, with ``error``)."""
+
+    shard: str
+    result: CurateResult | None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _finish(s, batch_id: str, outcome: PartOutcome) -> None:  # noqa: ANN001
+    """The part's transition: ``running → done``, or ``→ failed`` with its error."""
+    key = (BatchPart.batch_id == batch_id, BatchPart.shard == outcome.shard)
+    if outcome.result is not None:
+        founded, joined = outcome.result.outcome()
+        s.execute(update(BatchPart).where(*key, BatchPart.status == "running").values(
+            status="done", new_insights=founded, merged=joined, seconds=outcome.seconds))
+    else:
+        s.execute(update(BatchPart).where(*key, BatchPart.status.not_in(("done", "failed")))
+                  .values(status="failed", error=storable(outcome.error or "failed",
+                                                          MAX_ERROR_CHARS)))
+
+
+def finish_parts(Session: sessionmaker, batch_id: str, outcomes: Sequence[PartOutcome],
+                 bad: Sequence[BadItem] = (), job_id: str | None = None) -> None:
+    """Record the parts' outcomes and their reports that failed alone (``bad``), and complete
+    the batch (and its job) if these were its last parts, all in one transaction."""
+    with Session.begin() as s:  # a write first: SQLite takes its write lock there
+        for outcome in outcomes:
+            _finish(s, batch_id, outcome)
+        if bad:  # before the job can complete, so that it counts them
+            _record_item_errors(s, job_id, bad)
+        s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routing")
+                  .values(status="routed"))  # in-process: every part was handed over
+        _settle(s, batch_id)
+
+
 def finish_part(Session: sessionmaker, batch_id: str, shard: str, result: CurateResult,
-                seconds: float) -> None:
-    founded, joined = result.outcome()
+                seconds: float, bad: Sequence[BadItem] = (), job_id: str | None = None
+                ) -> None:
+    """A librarian's part is done: one transaction, which completes the batch (and job)
+    when this UPDATE makes the last part done."""
     with Session.begin() as s:
-        s.execute(update(BatchPart).where(
-            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
-            BatchPart.status == "running").values(
-                status="done", new_insights=founded, merged=joined, seconds=seconds))
-    settle_batch(Session, batch_id)
+        _finish(s, batch_id, PartOutcome(shard, result, seconds))
+        if bad:
+            _record_item_errors(s, job_id, bad)
+        _settle(s, batch_id)
 
 
 def fail_part(Session: sessionmaker, batch_id: str, shard: str, error: str) -> None:
     with Session.begin() as s:
-        s.execute(update(BatchPart).where(
-            BatchPart.batch_id == batch_id, BatchPart.shard == shard,
-            BatchPart.status.not_in(("done", "failed"))).values(
-                status="failed", error=storable(error, MAX_ERROR_CHARS)))
-    settle_batch(Session, batch_id)
+        _finish(s, batch_id, PartOutcome(shard, None, error=error))
+        _settle(s, batch_id)
 
 
 def settle_batch(Session: sessionmaker, batch_id: str) -> None:
     """Complete the batch if it can be, then its job if it can be. Idempotent, and safe to
-    call from any delivery: every step between two transactions can be finished by the
-    next caller, so a crash between them leaves nothing stuck."""
-    try_complete_batch(Session, batch_id)
-    with Session() as s:
-        job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id))
-    if job_id is not None:
-        try_complete_job(Session, job_id)
+    call from any delivery: a crash between two transactions can be finished by the next
+    caller, so nothing is left stuck."""
+    with Session.begin() as s:
+        _settle(s, batch_id)
+
+
+def _settle(s, batch_id: str) -> None:  # noqa: ANN001
+    """`settle_batch` inside the caller's transaction."""
+    job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id).with_for_update())
+    if job_id is not None and _complete_batch(s, batch_id):
+        _complete_job(s, job_id)
 
 
 def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
     """Complete a routed batch whose parts are all finished; True for the one caller that
     does it (a conditional UPDATE: exactly once, whoever calls first)."""
-    with Session() as s:
-        parts = s.scalars(select(BatchPart).where(BatchPart.batch_id == batch_id)).all()
-        if any(p.status not in ("done", "failed") for p in parts):
-            return False
+    with Session.begin() as s:
+        s.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
+        return _complete_batch(s, batch_id)
+
+
+def _complete_batch(s, batch_id: str) -> bool:  # noqa: ANN001
+    """`try_complete_batch` in the caller's transaction, the batch's row locked by it."""
+    parts = s.execute(select(BatchPart.shard, BatchPart.status, BatchPart.error,
+                             BatchPart.seconds, BatchPart.new_insights, BatchPart.merged,
+                             BatchPart.reports).where(BatchPart.batch_id == batch_id)).all()
+    if any(p.status not in ("done", "failed") for p in parts):
+        return False
     failed = [p for p in parts if p.status == "failed"]
     status = "failed" if failed else "completed"
     error = "; ".join(f"shard {p.shard}: {p.error}" for p in failed) or None
-    with Session.begin() as s:
-        timings = s.scalar(select(Batch.timings).where(Batch.id == batch_id)) or {}
-        won = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routed")
-                        .values(status=status, error=error, timings={
-                            **timings, "curate": sum(p.seconds for p in parts)})).rowcount
-        if not won:
-            return False
-        inserted = sum(p.new_insights for p in parts)
-        merged = sum(p.merged for p in parts)
-        reports = sum(p.reports for p in parts)
-        s.execute(update(BatchMetrics).where(BatchMetrics.batch_id == batch_id).values(
-            new_insights=inserted, merged=merged,
-            dedup_rate=merged / reports if reports else 0.0))
+    timings = s.scalar(select(Batch.timings).where(Batch.id == batch_id)) or {}
+    won = s.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "routed")
+                    .values(status=status, error=error, timings={
+                        **timings, "curate": sum(p.seconds for p in parts)})).rowcount
+    if not won:
+        return False
+    inserted = sum(p.new_insights for p in parts)
+    merged = sum(p.merged for p in parts)
+    reports = sum(p.reports for p in parts)
+    s.execute(update(BatchMetrics).where(BatchMetrics.batch_id == batch_id).values(
+        new_insights=inserted, merged=merged,
+        dedup_rate=merged / reports if reports else 0.0))
     return True
 
 
@@ -399,13 +467,22 @@ def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
     """Finish a job whose batches are all finished: ``completed``, ``completed_with_errors``
     (bad items or failed batches), or ``failed`` (no batch succeeded). Returns the status
     for the one caller that finishes it."""
-    with Session() as s:
-        counts = dict(s.execute(select(Batch.status, func.count()).where(
-            Batch.job_id == job_id).group_by(Batch.status)).all())
-        bad = s.scalar(select(func.count()).select_from(ItemError).where(
-            ItemError.job_id == job_id))
+    with Session.begin() as s:
+        return _complete_job(s, job_id)
+
+
+def _complete_job(s, job_id: str) -> str | None:  # noqa: ANN001
+    """`try_complete_job` in the caller's transaction (which locks the job's row first)."""
+    sealed = s.scalar(select(Job.sealed).where(Job.id == job_id, Job.status == "running")
+                      .with_for_update())
+    if not sealed:
+        return None
+    counts = dict(s.execute(select(Batch.status, func.count()).where(
+        Batch.job_id == job_id).group_by(Batch.status)).all())
     if not counts or set(counts) - set(DONE_BATCH):
         return None
+    bad = s.scalar(select(func.count()).select_from(ItemError).where(
+        ItemError.job_id == job_id))
     failed, total = counts.get("failed", 0), sum(counts.values())
     if failed == total:
         status, error = "failed", f"all {total} batches failed"
@@ -416,12 +493,11 @@ def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
                           if part)
     else:
         status, error = "completed", None
-    with Session.begin() as s:
-        won = s.execute(update(Job).where(Job.id == job_id, Job.status == "running",
-                                          Job.sealed.is_(True))
-                        .values(status=status, error=error, finished_at=time.time())).rowcount
-        if won:
-            _finish_run(s, job_id)
+    won = s.execute(update(Job).where(Job.id == job_id, Job.status == "running",
+                                      Job.sealed.is_(True))
+                    .values(status=status, error=error, finished_at=time.time())).rowcount
+    if won:
+        _finish_run(s, job_id)
     return status if won else None
 
 
@@ -438,86 +514,9 @@ def fail_job(Session: sessionmaker, job_id: str, error: str) -> None:
                 finished_at=time.time())).rowcount:
             _finish_run(s, job_id)
 
-def run_config(Session: sessionmaker, run_id: str) -> MoEConfig:
-    """The model config a run was recorded with."""
-    with Session() as s:
-        data = s.scalar(select(Run.model_config).where(Run.id == run_id))
-    if data is None:
-        raise PipelineError(f"run {run_id}: not in SQL (a message for another database?)")
-    return MoEConfig.from_dict(data)
-
-
-def bad_item_count(Session: sessionmaker, job_id: str) -> int:
-    """The job's bad items: refused at validation, or failed alone inside a batch."""
-    with Session() as s:
-        return s.scalar(select(func.count()).select_from(ItemError).where(
-            ItemError.job_id == job_id))
-
-
-def job_status(Session: sessionmaker, job_id: str) -> str:
-    with Session() as s:
-        return s.get(Job, job_id).status
-
 
 def fail_unsent(Session: sessionmaker, batch_ids: Sequence[str]) -> None:
     """Batches whose message never reached the broker."""
     with Session.begin() as s:
         s.execute(update(Batch).where(Batch.id.in_(list(batch_ids))).values(
             status="failed", error="never sent: submission interrupted"))
-
-
-@dataclass
-class Progress:
-    status: str
-    batches: int
-    finished: int  # completed or failed
-    failed: int
-    items_done: int
-
-
-def progress(Session: sessionmaker, job_id: str) -> Progress:
-    with Session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise PipelineError(f"no job {job_id!r}")
-        rows = s.execute(select(Batch.status, Batch.item_ids).where(Batch.job_id == job_id)
-                         ).all()
-        status = job.status
-    finished = [r for r in rows if r.status in DONE_BATCH]
-    return Progress(status, len(rows), len(finished),
-                    sum(r.status == "failed" for r in rows),
-                    sum(len(r.item_ids) for r in finished))
-
-
-@dataclass
-class RunRows:
-    """A run's batches with their metrics, and its reports per shard: what stats read."""
-
-    run_id: str
-    jobs: int
-    batches: list[tuple[int, Any]]  # (items in the batch, its BatchMetrics)
-    shard_reports: list[tuple[str, int]]
-
-
-def run_job_ids(Session: sessionmaker, run_id: str) -> list[str]:
-    with Session() as s:
-        return list(s.scalars(select(Job.id).where(Job.run_id == run_id)))
-
-
-def run_rows(Session: sessionmaker, run_id: str | None = None) -> RunRows:
-    """The rows behind a run's statistics (default: the latest run)."""
-    with Session() as s:
-        if run_id is None:
-            run_id = s.scalar(select(Run.id).order_by(Run.created_at.desc()).limit(1))
-            if run_id is None:
-                raise PipelineError("no runs yet: moe-pipeline run FILE (or submit FILE)")
-        elif s.get(Run, run_id) is None:
-            raise PipelineError(f"no run {run_id!r}")
-        rows = s.execute(select(Batch, BatchMetrics).join(BatchMetrics).join(Job).where(
-            Job.run_id == run_id)).all()
-        parts = s.execute(select(BatchPart.shard, func.sum(BatchPart.reports)).join(Batch)
-                          .join(Job).where(Job.run_id == run_id).group_by(BatchPart.shard)
-                          ).all()
-        n_jobs = s.scalar(select(func.count()).select_from(Job).where(Job.run_id == run_id))
-    return RunRows(run_id, n_jobs or 0, [(len(b.item_ids), m) for b, m in rows],
-                   [(shard, int(n or 0)) for shard, n in parts])

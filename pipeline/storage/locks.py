@@ -12,11 +12,11 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import Outage
 from pipeline.settings import Settings
 
 
-class LockTimeout(PipelineError):
+class LockTimeout(Outage):
     """A shard's lock was not acquired in time; names the shard."""
 
     def __init__(self, shard: str, seconds: float) -> None:
