@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, target  # noqa: E402
+from common import emit, target
 
-from pipeline.records import CuratedBatch, Insight, Produced, Similar, Support  # noqa: E402
-from pipeline.storage.graph import GraphStore  # noqa: E402
+from pipeline.records import CuratedBatch, Insight, Produced, Similar, Support
+from pipeline.storage.graph import GraphStore
 
 DIM = 384
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_record  # noqa: E402
+from common import device_record
 
-from pipeline.lexical import (  # noqa: E402
+from pipeline.lexical import (
     HybridThresholds,
     hybrid_similarity,
     jaccard_estimate,

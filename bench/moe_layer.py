@@ -36,15 +36,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import moe_refs  # noqa: E402  (imports common first, which then takes bench/ off sys.path)
-from common import emit, interleaved, interleaved_rounds, target  # noqa: E402
+import moe_refs  # imports common first, which then takes bench/ off sys.path
+from common import emit, interleaved, interleaved_rounds, target
 
-from pipeline import MoEConfig, MoELayer  # noqa: E402
-from pipeline.moe import dispatch, kernels  # noqa: E402
-from pipeline.moe.balancing import expert_counts  # noqa: E402
-from pipeline.moe.cpu import onednn_available, onednn_dtypes  # noqa: E402
-from pipeline.moe.gating import TokenChoice  # noqa: E402
-from pipeline.moe.grouped_mm import activation_fn  # noqa: E402
+from pipeline import MoEConfig, MoELayer
+from pipeline.moe import dispatch, kernels
+from pipeline.moe.balancing import expert_counts
+from pipeline.moe.cpu import onednn_available, onednn_dtypes
+from pipeline.moe.gating import TokenChoice
+from pipeline.moe.grouped_mm import activation_fn
 
 SEED = dict(input_dim=512, hidden_dim=2048, output_dim=512, num_experts=32, top_k_experts=3)
 QWEN3 = dict(input_dim=2048, hidden_dim=768, output_dim=2048, num_experts=128, top_k_experts=8,

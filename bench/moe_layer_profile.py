@@ -19,9 +19,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit  # noqa: E402
+from common import emit
 
-from pipeline import MoEConfig, MoELayer  # noqa: E402
+from pipeline import MoEConfig, MoELayer
 
 
 def timed(fn, x, device: torch.device, reps: int) -> float:

@@ -30,7 +30,7 @@ from pipeline import MoELayer
 Experts = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_TD, ids_TK, w_TK) -> y_TD
 
 
-def hf_qwen3(layer: MoELayer, device: torch.device, dtype: torch.dtype):  # noqa: ANN201
+def hf_qwen3(layer: MoELayer, device: torch.device, dtype: torch.dtype):
     """transformers' ``Qwen3MoeSparseMoeBlock`` holding ``layer``'s weights (gated experts)."""
     from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
@@ -52,7 +52,7 @@ def hf_qwen3(layer: MoELayer, device: torch.device, dtype: torch.dtype):  # noqa
     return block.to(device=device, dtype=dtype).eval()
 
 
-def hf_forward(block, impl: str) -> Callable[[Tensor], Tensor]:  # noqa: ANN001
+def hf_forward(block, impl: str) -> Callable[[Tensor], Tensor]:
     """The whole block (router included) under experts implementation ``impl``."""
     def run(x_TD: Tensor) -> Tensor:
         block.experts.config._experts_implementation = impl
@@ -60,7 +60,7 @@ def hf_forward(block, impl: str) -> Callable[[Tensor], Tensor]:  # noqa: ANN001
     return run
 
 
-def hf_experts(block, impl: str) -> Experts:  # noqa: ANN001
+def hf_experts(block, impl: str) -> Experts:
     """The block's experts alone, routing given."""
     def run(x_TD: Tensor, ids_TK: Tensor, w_TK: Tensor) -> Tensor:
         block.experts.config._experts_implementation = impl

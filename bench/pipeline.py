@@ -108,8 +108,8 @@ def counting() -> Iterator[Counter]:
                  (TransactionBase, "run"): TransactionBase.run,
                  (GraphSession, "execute_write"): GraphSession.execute_write}
 
-    def counted(fn, key: str):  # noqa: ANN001, ANN202
-        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def counted(fn, key: str):
+        def wrapper(*args, **kwargs):
             seen[key] += 1
             return fn(*args, **kwargs)
         return wrapper

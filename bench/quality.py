@@ -53,10 +53,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, target  # noqa: E402
+from common import emit, target
 
-from pipeline.quality import accuracy, nmi, pair_prf, purity  # noqa: E402
-from pipeline.topics import kmeans  # noqa: E402
+from pipeline.quality import accuracy, nmi, pair_prf, purity
+from pipeline.topics import kmeans
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ROOT / "examples" / "texts.jsonl"

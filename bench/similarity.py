@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, target  # noqa: E402
+from common import emit, target
 
-from pipeline.cache import MARGIN, TILING, EmbeddingCache, scan_dtype  # noqa: E402
-from pipeline.dedup import decide  # noqa: E402
+from pipeline.cache import MARGIN, TILING, EmbeddingCache, scan_dtype
+from pipeline.dedup import decide
 
 DIM, K = 384, 10
 

@@ -20,8 +20,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch  # noqa: E402  (for the device record only)
-from common import emit  # noqa: E402
+import torch  # for the device record only
+from common import emit
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 

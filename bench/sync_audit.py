@@ -23,10 +23,10 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402, F401  (takes bench/ off sys.path: bench/pipeline.py would shadow the package)
+import common  # noqa: F401  (takes bench/ off sys.path: bench/pipeline.py would shadow the package)
 
-from pipeline import MoEConfig, MoELayer  # noqa: E402
-from pipeline.moe.layer import RoutingConstraint  # noqa: E402
+from pipeline import MoEConfig, MoELayer
+from pipeline.moe.layer import RoutingConstraint
 
 DEV = os.environ.get("DEV", "cuda")
 CUDA = DEV == "cuda"
@@ -62,7 +62,7 @@ def check(name: str, make, call, backward: bool = True) -> dict:
             call(obj)
         if CUDA:
             torch.cuda.synchronize()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         rec["setup_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         return rec
     err = under_error(lambda: call(obj))
@@ -86,7 +86,7 @@ def check(name: str, make, call, backward: bool = True) -> dict:
             if err is not None:
                 rec["bwd_error"] = str(err).splitlines()[0][:300]
                 rec["bwd_where"] = where(err)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rec["bwd_setup_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return rec
 

@@ -17,11 +17,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, interleaved, target  # noqa: E402
+from common import emit, interleaved, target
 
-from pipeline import MoEConfig  # noqa: E402
-from pipeline.moe.optimized import FullyOptimizedMoESystem  # noqa: E402
-from pipeline.moe.system import MixtureOfExpertsSystem  # noqa: E402
+from pipeline import MoEConfig
+from pipeline.moe.optimized import FullyOptimizedMoESystem
+from pipeline.moe.system import MixtureOfExpertsSystem
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -52,7 +52,7 @@ def test_parts_finished_at_once_complete_batch_and_job_exactly_once(sql_url):
             assert ledger.begin_part(Session, batch_id, shard, "w", 3)[0] == "run"
             barrier.wait(timeout=30)
             ledger.finish_part(Session, batch_id, shard, _result(shard), 0.01)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:  # reported below
             errors.append(err)
 
     threads = [threading.Thread(target=finish, args=(batch_id, shard))

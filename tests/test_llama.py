@@ -13,10 +13,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the llama extra (transformers) is not installed")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline import ConfigError  # noqa: E402
-from pipeline.moe.llama import (  # noqa: E402
+from pipeline import ConfigError
+from pipeline.moe.llama import (
     MoEMLP,
     convert_to_moe,
     count_active_parameters,
@@ -26,7 +26,7 @@ from pipeline.moe.llama import (  # noqa: E402
     kv_cache,
     moe_mlps,
 )
-from pipeline.moe.llama2c import (  # noqa: E402
+from pipeline.moe.llama2c import (
     Llama2cError,
     Llama2cTokenizer,
     load_llama2c,
@@ -34,8 +34,8 @@ from pipeline.moe.llama2c import (  # noqa: E402
     write_llama2c,
     write_tokenizer,
 )
-from pipeline.moe.llama_files import ModelFileError, load_llama  # noqa: E402
-from pipeline.moe.tiny_llama import NOTICE, CharTokenizer, tiny_llama  # noqa: E402
+from pipeline.moe.llama_files import ModelFileError, load_llama
+from pipeline.moe.tiny_llama import NOTICE, CharTokenizer, tiny_llama
 
 LETTERS = [c.encode() for c in " abcdefghijklmnopqrstuvwxyz.,"]
 MERGES = [b" t", b"he", b" the", b"in", b" a", b"an", b"ing", b"on", b" on"]

@@ -25,10 +25,10 @@ import pytest
 
 pytest.importorskip("transformers", reason="the llama extra (transformers) is not installed")
 
-from pipeline.moe import budget, checkpoint  # noqa: E402
-from pipeline.moe.config import MoEConfig  # noqa: E402
-from pipeline.moe.llama2c import write_llama2c, write_tokenizer  # noqa: E402
-from pipeline.moe.system import MixtureOfExpertsSystem  # noqa: E402
+from pipeline.moe import budget, checkpoint
+from pipeline.moe.config import MoEConfig
+from pipeline.moe.llama2c import write_llama2c, write_tokenizer
+from pipeline.moe.system import MixtureOfExpertsSystem
 
 pytestmark = pytest.mark.integration  # the CLI in subprocesses
 

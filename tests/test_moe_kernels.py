@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the gpu/dev extras install triton")
 
-from pipeline import MoEConfig, MoELayer  # noqa: E402
-from pipeline.moe import kernels  # noqa: E402
-from pipeline.moe.experts import Experts  # noqa: E402
-from pipeline.moe.kernels import fused_experts, grouped_gemm  # noqa: E402
-from pipeline.moe.layer import RoutingConstraint  # noqa: E402
+from pipeline import MoEConfig, MoELayer
+from pipeline.moe import kernels
+from pipeline.moe.experts import Experts
+from pipeline.moe.kernels import fused_experts, grouped_gemm
+from pipeline.moe.layer import RoutingConstraint
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [

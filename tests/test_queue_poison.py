@@ -35,7 +35,7 @@ MARKER = Path(f"/tmp/moe-unpickled-{uuid.uuid4().hex}")
 class _Opens:
     """Unpickling this creates MARKER: proof that a pickle was (or was never) loaded."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (str(MARKER), "w"))
 
 

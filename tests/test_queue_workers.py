@@ -312,7 +312,7 @@ def rabbitmq_url():
                 for queue in ("gpu", "query", "librarian.alpha", "librarian.beta"):
                     with contextlib.suppress(Exception):
                         conn.default_channel.queue_purge(queue)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         pytest.skip(f"no RabbitMQ at {base}: {err}")
     yield url
     if made:

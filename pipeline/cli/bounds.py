@@ -22,7 +22,7 @@ class Count(click.IntRange):
 
     name = "integer"
 
-    def __init__(self, min: int, max: int) -> None:  # noqa: A002 (click's own names)
+    def __init__(self, min: int, max: int) -> None:  # click's own names
         super().__init__(min=min, max=max)
 
 
@@ -31,10 +31,10 @@ class Real(click.FloatRange):
 
     name = "float"
 
-    def __init__(self, min: float, max: float, min_open: bool = False) -> None:  # noqa: A002
+    def __init__(self, min: float, max: float, min_open: bool = False) -> None:
         super().__init__(min=min, max=max, min_open=min_open)
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 (click's signature)
+    def convert(self, value, param, ctx):  # click's signature
         number = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)

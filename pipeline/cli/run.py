@@ -111,7 +111,7 @@ def worker(ctx: click.Context, kind: str, shards: tuple[str, ...], concurrency: 
     queue_worker.serve(settings, kind, names, concurrency, loglevel, name, ctx.args)
 
 
-def _job_status(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
+def _job_status(job, now: float) -> str:  # a `sql.Job` row
     """A job's status as a user should read it: a local job whose process is gone is
     ``interrupted``, not ``running`` (see `storage.owner`)."""
     from pipeline.storage.owner import interrupted
@@ -119,7 +119,7 @@ def _job_status(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
     return "interrupted" if interrupted(job, now) else job.status
 
 
-def _resume_hint(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
+def _resume_hint(job, now: float) -> str:  # a `sql.Job` row
     """How to finish an interrupted or stopped job, where it can be resumed."""
     from pipeline.storage.ledger import STOPPED
 
@@ -129,7 +129,7 @@ def _resume_hint(job, now: float) -> str:  # noqa: ANN001 - a `sql.Job` row
     return ""
 
 
-def _waiting(row, queue: str, settings: Settings, now: float) -> str:  # noqa: ANN001
+def _waiting(row, queue: str, settings: Settings, now: float) -> str:
     """Why a batch or part that is not finished waits: for a worker, or on its worker."""
     if row.status == "queued":
         return f"  (waiting for a worker on queue {queue})"

@@ -34,7 +34,7 @@ class FitResult:
     val_accuracy: float | None = None
 
 
-def _accuracy(system, x_ND: Tensor, targets_N: Tensor) -> float:  # noqa: ANN001
+def _accuracy(system, x_ND: Tensor, targets_N: Tensor) -> float:
     system.eval()
     with torch.no_grad():
         chosen = system.run(x_ND).decision.chosen[:, 0]
@@ -42,7 +42,7 @@ def _accuracy(system, x_ND: Tensor, targets_N: Tensor) -> float:  # noqa: ANN001
     return float((chosen == targets_N).float().mean())
 
 
-def fit(system, x_ND: Tensor, targets_N: Tensor | None = None, *, epochs: int = 30,  # noqa: ANN001
+def fit(system, x_ND: Tensor, targets_N: Tensor | None = None, *, epochs: int = 30,
         batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
         validation: tuple[Tensor, Tensor] | None = None,
         on_epoch: Callable[[int, float], None] | None = None) -> FitResult:

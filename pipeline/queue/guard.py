@@ -78,7 +78,7 @@ class Channel(kombu_redis.Channel):
                 client.pipeline().lpush(DEAD, json.dumps(message)).ltrim(
                     DEAD, 0, DEAD_KEEP - 1).execute()
             return True
-        except Exception as err:  # noqa: BLE001 - best effort: the drop must not fail
+        except Exception as err:  # best effort: the drop must not fail
             log.warning("dead-lettering failed: %s", type(err).__name__)
             return False
 
@@ -161,6 +161,6 @@ class GuardedConsumer(Consumer):
                 producer.publish(entry, exchange="", routing_key=DEAD, serializer="json",
                                  declare=[DEAD_QUEUE], retry=False, delivery_mode=2)
             return True
-        except Exception as err:  # noqa: BLE001 - best effort: the drop must not fail
+        except Exception as err:  # best effort: the drop must not fail
             log.warning("dead-lettering failed: %s", type(err).__name__)
             return False

@@ -50,14 +50,14 @@ def beating(Session: sessionmaker, lease: Lease, delivery: str | None,
     every = heartbeat_every(timeout_s)
     try:
         leases.hold(Session, lease, delivery)
-    except Exception as err:  # noqa: BLE001 - an outage; the task meets it itself
+    except Exception as err:  # an outage; the task meets it itself
         log.debug("lease of %s not recorded: %s", lease, redacted(str(err)))
 
     def run() -> None:
         while not stop.wait(every):
             try:
                 leases.beat(Session, lease, delivery)
-            except Exception as err:  # noqa: BLE001 - an outage; the task meets it itself
+            except Exception as err:  # an outage; the task meets it itself
                 log.debug("heartbeat of %s skipped: %s", lease, redacted(str(err)))
 
     thread = threading.Thread(target=run, name=f"lease {lease}", daemon=True)
@@ -109,7 +109,7 @@ class Reaper:
         while True:
             try:
                 self.sweep()
-            except Exception as err:  # noqa: BLE001 - SQL or Redis down: look again later
+            except Exception as err:  # SQL or Redis down: look again later
                 log.warning("lease sweep skipped: %s", redacted(str(err)))
             if self._stop.wait(self.timeout_s / 4):
                 return

@@ -34,7 +34,7 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 RETRY = {"max_retries": 32, "retry_backoff": 2, "retry_backoff_max": 60}
 
 
-def retry_or_requeue(task, err: BaseException) -> BaseException:  # noqa: ANN001
+def retry_or_requeue(task, err: BaseException) -> BaseException:
     """The exception a task raises to be tried again after an outage: Celery's Retry (a new
     message, counted down), or, when even that cannot be published, a Reject that leaves
     the message to come back (never an ack that would lose it)."""
@@ -43,7 +43,7 @@ def retry_or_requeue(task, err: BaseException) -> BaseException:  # noqa: ANN001
                           max_retries=RETRY["max_retries"])
     except Retry as retry:
         return retry
-    except Exception:  # noqa: BLE001 - the broker is down too
+    except Exception:  # the broker is down too
         return Reject(err, requeue=True)
 
 
@@ -78,11 +78,11 @@ def guarded(task: Any, work: Callable[[Callable[[int], None]], dict[str, Any]],
         raise
 
 
-def best_effort(fn, *args: Any) -> None:  # noqa: ANN001
+def best_effort(fn, *args: Any) -> None:
     """Bookkeeping that must not hide the error being handled (SQL may be the outage)."""
     try:
         fn(*args)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         log.warning("%s failed: %s", getattr(fn, "__name__", fn), redacted(str(err)))
 
 

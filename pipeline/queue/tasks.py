@@ -26,7 +26,7 @@ from pipeline.storage.leases import Lease
 
 
 @shared_task(bind=True, name=ROUTE_BATCH)
-def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:
     rt, batch = worker.runtime(), messages.message_batch(message)
 
     def ship(part: ShardPart) -> None:
@@ -41,7 +41,7 @@ def route_batch(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN00
 
 
 @shared_task(bind=True, name=CURATE_PART)
-def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:
     rt, part = worker.runtime(), messages.message_part(message)
     with _lease(self, rt, Lease(part.batch_id, part.shard)):
         return guarded(self, lambda on_attempt: stages.curate_part(rt, part, on_attempt),
@@ -51,7 +51,7 @@ def curate_part(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN00
                                                       error))
 
 
-def _lease(task, rt, lease: Lease):  # noqa: ANN001, ANN202
+def _lease(task, rt, lease: Lease):
     """Beat for the work while the task runs; the Redis transport's delivery tag is what
     a requeue needs (RabbitMQ redelivers by itself and has none to give here)."""
     tag = (task.request.properties or {}).get("delivery_tag")

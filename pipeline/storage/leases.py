@@ -45,7 +45,7 @@ class Lapsed:
     requeues: int
 
 
-def _table(lease: Lease):  # noqa: ANN202
+def _table(lease: Lease):
     if lease.shard is None:
         return Batch, (Batch.id == lease.batch_id,), WORKING_BATCH
     return BatchPart, (BatchPart.batch_id == lease.batch_id,
@@ -71,7 +71,7 @@ def beat(Session: sessionmaker, lease: Lease, delivery: str | None) -> bool:
             delivery=delivery, heartbeat_at=time.time())).rowcount)
 
 
-def _last_heard(model):  # noqa: ANN001, ANN202
+def _last_heard(model):
     # A row whose delivery has begun but not yet beaten was last heard at its claim.
     return func.coalesce(model.heartbeat_at, model.updated_at)
 

@@ -160,7 +160,7 @@ def claim_batch(Session: sessionmaker, job_id: str, index: int, items: Sequence[
         return batch_id, verdict, attempts
 
 
-def _add_chunk(s, job_id: str, index: int, items: Sequence[Item],  # noqa: ANN001
+def _add_chunk(s, job_id: str, index: int, items: Sequence[Item],
                bad: Sequence[BadItem], taken: dict[str, Any]) -> tuple[str | None, str]:
     row = s.execute(select(Batch.id, Batch.status).where(
         Batch.job_id == job_id, Batch.index == index)).first()
@@ -201,7 +201,7 @@ def fail_empty_job(Session: sessionmaker, job_id: str, first_bad: Sequence[BadIt
 # conditional UPDATE first, then the batch's row (then the job's) is locked and read, so of
 # two transactions finishing the last two parts at once the second to commit sees both done
 # and completes the batch (PostgreSQL: FOR UPDATE; SQLite has one writer at a time anyway).
-def _claim(s, model, key: tuple, redo: tuple[str, ...], claim: dict[str, Any],  # noqa: ANN001
+def _claim(s, model, key: tuple, redo: tuple[str, ...], claim: dict[str, Any],
            max_attempts: int, what: str) -> tuple[str, int]:
     """Claim the rows ``key`` of ``model`` and count an attempt if they are in a ``redo``
     state; the verdict, as `begin_batch` gives it, with the attempts counted."""
@@ -301,7 +301,7 @@ def record_routing(Session: sessionmaker, batch_id: str, routed: RoutingMetrics,
             f"batch {batch_id} shard {shard!r}")[0] == "run"]
 
 
-def _record_item_errors(s, job_id: str | None, bad: Sequence[BadItem]) -> None:  # noqa: ANN001
+def _record_item_errors(s, job_id: str | None, bad: Sequence[BadItem]) -> None:
     rows = [_item_error(job_id, b) for b in bad]
     have = set(s.execute(select(ItemError.item_id, ItemError.field).where(
         ItemError.job_id == job_id,
@@ -326,7 +326,7 @@ def mark_dispatched(Session: sessionmaker, batch_id: str, shards: Sequence[str])
             _dispatched(s, batch_id, shards)
 
 
-def _dispatched(s, batch_id: str, shards: Sequence[str]) -> None:  # noqa: ANN001
+def _dispatched(s, batch_id: str, shards: Sequence[str]) -> None:
     s.execute(update(BatchPart).where(BatchPart.batch_id == batch_id,
                                       BatchPart.shard.in_(list(shards)))
               .values(dispatched=True))
@@ -370,7 +370,7 @@ class PartOutcome:
     error: str | None = None
 
 
-def _finish(s, batch_id: str, outcome: PartOutcome) -> None:  # noqa: ANN001
+def _finish(s, batch_id: str, outcome: PartOutcome) -> None:
     """The part's transition: ``running → done``, or ``→ failed`` with its error."""
     key = (BatchPart.batch_id == batch_id, BatchPart.shard == outcome.shard)
     if outcome.result is not None:
@@ -423,7 +423,7 @@ def settle_batch(Session: sessionmaker, batch_id: str) -> None:
         _settle(s, batch_id)
 
 
-def _settle(s, batch_id: str) -> None:  # noqa: ANN001
+def _settle(s, batch_id: str) -> None:
     """`settle_batch` inside the caller's transaction."""
     job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id).with_for_update())
     if job_id is not None and _complete_batch(s, batch_id):
@@ -438,7 +438,7 @@ def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
         return _complete_batch(s, batch_id)
 
 
-def _complete_batch(s, batch_id: str) -> bool:  # noqa: ANN001
+def _complete_batch(s, batch_id: str) -> bool:
     """`try_complete_batch` in the caller's transaction, the batch's row locked by it."""
     parts = s.execute(select(BatchPart.shard, BatchPart.status, BatchPart.error,
                              BatchPart.seconds, BatchPart.new_insights, BatchPart.merged,
@@ -471,7 +471,7 @@ def try_complete_job(Session: sessionmaker, job_id: str) -> str | None:
         return _complete_job(s, job_id)
 
 
-def _complete_job(s, job_id: str) -> str | None:  # noqa: ANN001
+def _complete_job(s, job_id: str) -> str | None:
     """`try_complete_job` in the caller's transaction (which locks the job's row first)."""
     sealed = s.scalar(select(Job.sealed).where(Job.id == job_id, Job.status == "running")
                       .with_for_update())
@@ -501,7 +501,7 @@ def _complete_job(s, job_id: str) -> str | None:  # noqa: ANN001
     return status if won else None
 
 
-def _finish_run(s, job_id: str) -> None:  # noqa: ANN001
+def _finish_run(s, job_id: str) -> None:
     run_id = s.scalar(select(Job.run_id).where(Job.id == job_id))
     s.execute(update(Run).where(Run.id == run_id).values(status="finished",
                                                          finished_at=time.time()))

@@ -80,13 +80,13 @@ class RedisShardLock:
             with contextlib.suppress(Exception):  # an expired lease has nothing to release
                 lock.release()
 
-    def _renew(self, lock, stop: threading.Event) -> None:  # noqa: ANN001
+    def _renew(self, lock, stop: threading.Event) -> None:
         import logging
 
         while not stop.wait(self.lease_s / 3):
             try:
                 lock.reacquire()  # the TTL back to lease_s, if the token is still ours
-            except Exception as err:  # noqa: BLE001 - lost or unreachable: say so, stop
+            except Exception as err:  # lost or unreachable: say so, stop
                 logging.getLogger(__name__).warning("shard lock %s: lease not renewed (%s)",
                                                     lock.name, err)
                 return

@@ -71,7 +71,7 @@ def is_gone(owner: Owner, heartbeat_at: float | None, now: float,
     return not _pid_exists(owner.pid)
 
 
-def interrupted(job, now: float) -> bool:  # noqa: ANN001 - a `sql.Job` row
+def interrupted(job, now: float) -> bool:  # a `sql.Job` row
     """Whether a job still recorded as ``running`` by a local process lost that process."""
     if job.status != "running" or job.owner_pid is None:
         return False

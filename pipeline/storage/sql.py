@@ -228,7 +228,7 @@ def make_engine(url: str, pooled: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, **extra)
 
         @event.listens_for(engine, "connect")
-        def _pragmas(conn, _record) -> None:  # noqa: ANN001
+        def _pragmas(conn, _record) -> None:
             cur = conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")

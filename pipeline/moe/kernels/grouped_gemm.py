@@ -237,7 +237,7 @@ def _bench(kernel_call, quantiles):  # shorter than Triton's 25 ms + 100 ms per 
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _tuned(kernel, key: list[str], configs: list = _CONFIGS, prune: bool = True):  # noqa: ANN001, ANN202
+def _tuned(kernel, key: list[str], configs: list = _CONFIGS, prune: bool = True):
     return triton.autotune(configs, key=key, do_bench=_bench, cache_results=True,
                            prune_configs_by={"early_config_prune": _prune} if prune else None,
                            )(kernel)
@@ -262,7 +262,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch(tuned, raw, grid, work: int, interpreted: bool,  # noqa: ANN001
+def _launch(tuned, raw, grid, work: int, interpreted: bool,
             *args: object, **meta: object) -> None:
     """``raw`` with the interpreter's or the fixed tile, or ``tuned``; ``grid(BM, BN)``."""
     if interpreted or work < _TUNE_MIN_WORK:
@@ -274,7 +274,7 @@ def _launch(tuned, raw, grid, work: int, interpreted: bool,  # noqa: ANN001
     tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
-def _row_grid(rows: int, cols: int, num_experts: int):  # noqa: ANN202
+def _row_grid(rows: int, cols: int, num_experts: int):
     """Row tiles: ``ceil(rows / BM) + E`` covers any routing (module docstring)."""
     return lambda bm, bn: (triton.cdiv(rows, bm) + num_experts, triton.cdiv(cols, bn))
 
