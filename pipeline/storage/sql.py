@@ -223,8 +223,13 @@ def make_engine(url: str, pooled: bool = True) -> Engine:
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Made owner-only before SQLite opens it: SQLite gives its -wal, -shm and
             # -journal files the database file's mode, so the ledger stays private
-            # whatever the process's umask.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            # whatever the process's umask. Only when it does not exist yet: closing any
+            # descriptor of a file drops every POSIX lock this process holds on it, so
+            # opening and closing a database this process already uses would take SQLite's
+            # locks away from under its connections (another process then believes itself
+            # alone, rebuilds the WAL index, and each side stops seeing the other's commits).
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         engine = create_engine(url, connect_args={"timeout": 30}, **extra)
 
         @event.listens_for(engine, "connect")
