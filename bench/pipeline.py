@@ -225,8 +225,8 @@ class Remote:
     """The parent's handle on one tree's process."""
 
     def __init__(self, name: str, pythonpath: str, broker: str) -> None:
-        self.name = name
-        state = tempfile.mkdtemp(prefix=f"moe-bench-pipeline-{name}-")
+        self.name, self.pythonpath = name, pythonpath
+        self.state = state = tempfile.mkdtemp(prefix=f"moe-bench-pipeline-{name}-")
         self.log = open(os.path.join(state, "serve.log"), "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, HERE, "--serve", state, "--broker", broker],
@@ -248,6 +248,11 @@ class Remote:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        # The tree's embedded graph server outlives its process, as it does for a user:
+        # stopped here, so that a benchmark leaves nothing running.
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "down"], capture_output=True,
+                       env={**os.environ, "PYTHONPATH": self.pythonpath,
+                            "MOE_STATE_DIR": self.state}, timeout=120)
 
 
 def export(ref: str) -> str:
