@@ -426,8 +426,13 @@ def settle_batch(Session: sessionmaker, batch_id: str) -> None:
 def _settle(s, batch_id: str) -> None:
     """`settle_batch` inside the caller's transaction."""
     job_id = s.scalar(select(Batch.job_id).where(Batch.id == batch_id).with_for_update())
-    if job_id is not None and _complete_batch(s, batch_id):
-        _complete_job(s, job_id)
+    if job_id is None:
+        return
+    _complete_batch(s, batch_id)
+    # Whether or not this call completed the batch: a batch failed outright (poison, given
+    # up after its attempts) is finished without passing through `_complete_batch`, and may
+    # be the job's last one.
+    _complete_job(s, job_id)
 
 
 def try_complete_batch(Session: sessionmaker, batch_id: str) -> bool:
