@@ -58,8 +58,10 @@ def test_cli_turns_config_errors_into_one_line_and_exit_1():
 
 @pytest.mark.parametrize("args, expected", [
     (["run", "examples/texts.jsonl", "--batch-size", "-5"],
-     "Invalid value for '--batch-size': -5 is not in the range x>=1. (see moe-pipeline run"),
-    (["submit", "examples/texts.jsonl", "--batch-size", "0"], "0 is not in the range x>=1"),
+     "Invalid value for '--batch-size': -5 is not in the range 1<=x<=1000000. "
+     "(see moe-pipeline run"),
+    (["submit", "examples/texts.jsonl", "--batch-size", "0"],
+     "0 is not in the range 1<=x<=1000000"),
     (["run", "no-such-file.jsonl"], "File 'no-such-file.jsonl' does not exist"),
     (["nosuchcommand"], "No such command 'nosuchcommand'. (see moe-pipeline --help)"),
     (["query"], "Missing argument 'CYPHER'"),

@@ -395,3 +395,12 @@ def test_printable_escapes_controls_and_bidi_and_keeps_the_rest(raw, shown):
     from pipeline.cli.text import printable
 
     assert printable(raw) == shown
+
+
+def test_an_unexpected_error_is_one_line_with_the_way_to_its_traceback():
+    from pipeline.cli import _unexpected_line
+
+    line = _unexpected_line(RuntimeError("boom\n  File 'x.py', line 1"))
+    assert line == ("RuntimeError: boom (unexpected; run the command again with --debug for "
+                    "the traceback)")
+    assert "\x1b" not in _unexpected_line(ValueError("\x1b[2Jcleared"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 
 from pipeline import __version__
 from pipeline.cli.bounds import Count
+from pipeline.cli.text import printable
 from pipeline.errors import PipelineError
 from pipeline.redact import redacted
 from pipeline.settings import PRIVATE_UMASK, Settings, private_state_dir
@@ -38,8 +40,11 @@ from pipeline.settings import PRIVATE_UMASK, Settings, private_state_dir
 @click.option("--max-params", type=Count(1, 10**15), metavar="N",
               help="refuse a model (checkpoint, --config, Llama) of more parameters than N, "
                    "counted before it is built [default: MOE_MAX_PARAMS, else 2e9]")
+@click.option("--debug", is_flag=True,
+              help="an unexpected error shows its traceback instead of one line")
 @click.pass_context
-def cli(ctx: click.Context, model_path: str | None, max_params: int | None) -> None:
+def cli(ctx: click.Context, model_path: str | None, max_params: int | None,
+        debug: bool) -> None:
     """moe-pipeline: mixture-of-experts routing, deduplicated insights in a graph."""
     given = {k: v for k, v in (("model_path", model_path), ("max_params", max_params)) if v}
     ctx.obj = Settings(**given)
@@ -123,6 +128,26 @@ def _sql_full(err: Exception) -> bool:
             or getattr(orig, "sqlstate", None) == PG_DISK_FULL)
 
 
+def _unexpected_line(err: Exception) -> str:
+    """An error no handler above expected, in one line: its kind and first line, and where
+    to find the rest. A graph server's own failure on a state dir whose disk is (nearly)
+    full is said to be that: the server reports it as an unknown error."""
+    first = (str(err).strip().splitlines() or [""])[0][:500]
+    if type(err).__module__.startswith("neo4j"):
+        try:
+            state = Settings().state_dir
+            free = shutil.disk_usage(state).free if state.exists() else None
+        except Exception:  # settings or the disk unreadable: say only what failed
+            free = None
+        if free is not None and free < LOW_DISK_BYTES:
+            return (f"disk full writing the graph in {state}: {free:,} bytes free "
+                    f"(the server said: {printable(first)})")
+        return f"graph server error: {printable(first)}"
+    return (f"{type(err).__name__}: {printable(first)} (unexpected; run the command again "
+            "with --debug for the traceback)")
+
+
+LOW_DISK_BYTES = 4 << 20  # below this, a graph server's failure is taken for a full disk
 SQLITE_FULL = 13  # sqlite3.h
 PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE class 53, insufficient resources
 
@@ -135,8 +160,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # matters in one line, so those stay out of the terminal (a user's logging config that
     # wants them still gets them: the records propagate).
     logging.getLogger("neo4j").addHandler(logging.NullHandler())
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=args, standalone_mode=False)
     # Click's own exceptions first: they are Exceptions too, and the catch-all below let
     # them through as tracebacks (a bad option value, a missing file, Ctrl-C at a prompt).
     except click.exceptions.Abort:
@@ -174,8 +201,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _error(_disk_line(err))
         sys.exit(1)
     except Exception as err:
-        if not _is_settings_error(err):
+        if _is_settings_error(err):
+            _error(f"settings: {type(err).__name__}: {err}")
+        elif debug:
             raise
-        _error(f"settings: {type(err).__name__}: {err}")
+        else:
+            _error(_unexpected_line(err))
         sys.exit(1)
 
