@@ -317,7 +317,7 @@ def test_a_bad_checkpoint_config_is_one_line(cli, corpus, tmp_path, case):
 
 
 @pytest.mark.parametrize("case,named", [
-    ("a-list", "a JSON list"), ("deeply-nested", "nested too deeply"),
+    ("a-list", "got a list JSON value"), ("deeply-nested", "nested too deeply"),
     ("non-utf8", "not UTF-8"), ("over-a-megabyte", "over"),
     ("wrong-type", "a known MoEConfig field"),
     ("object-for-a-number", "a known MoEConfig field")])
