@@ -11,7 +11,9 @@ two trees round by round on the same fresh items, and the figures are medians.
 
 Workloads: vectors (32 dims, topics with near-duplicates) and texts (examples/texts.jsonl,
 MiniLM), each embedded (`run_local`) and queued (`submit` + `wait`). Queued items/s count from
-the first message sent to the job's completion in SQL.
+the first message sent to the job's completion in SQL. Each tree queues on its own Redis
+database (``BENCH_REDIS_URL``, default db 13, and ``BENCH_REDIS_BEFORE_URL``, default db 14)
+under a key prefix of the run's own; nothing is flushed, and only the run's keys are deleted.
 
 Per batch, on the embedded way (``--count-items`` items, ``--count-batch`` a batch): SQL
 transactions (SQLAlchemy's ``after_begin``: a read session counts, it is a transaction on
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -197,6 +200,25 @@ class Tree:
                 **{f"{k}_per_job": runs[0].get(k, 0) for k in keys}}
 
 
+def redis_keys(url: str) -> set[bytes]:
+    """Every key in a Redis database (SCAN), to tell after a run which keys it created."""
+    import redis
+
+    return set(redis.Redis.from_url(url).scan_iter(count=1000))
+
+
+def drop_redis_keys(url: str, prefix: str, present: set[bytes]) -> None:
+    """Delete the keys under ``prefix``, and the keys an unprefixed tree created (those not
+    ``present`` at the start and under no other ``moe-`` prefix)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    mine = [k for k in client.scan_iter(count=1000)
+            if k.startswith(prefix.encode()) or (k not in present and not k.startswith(b"moe-"))]
+    for i in range(0, len(mine), 500):
+        client.unlink(*mine[i:i + 500])
+
+
 def serve(state: str, broker: str) -> None:
     """A tree's process: one JSON command a line on stdin, one JSON answer a line on stdout
     (the pipeline's own output goes to stderr)."""
@@ -301,12 +323,15 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.items or (128 if args.quick else 1024)
     rounds = args.rounds or (1 if args.quick else 3)
     modes = ("embedded",) if args.no_queued else MODES
-    base = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13").rsplit("/", 1)[0]
-    brokers = {"after": f"{base}/13", "before": f"{base}/14"}
-    import redis
-
-    for url in brokers.values():
-        redis.Redis.from_url(url).flushdb()
+    # Each tree's queues live in a Redis database of its own, under a key prefix of this
+    # run's own (MOE_REDIS_PREFIX); nothing is flushed, and at the end only this run's keys go:
+    # those under its prefix, and (for an older tree that predates the prefix) those that
+    # appeared in its database during the run.
+    brokers = {"after": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+               "before": os.environ.get("BENCH_REDIS_BEFORE_URL", "redis://127.0.0.1:6379/14")}
+    prefix = f"moe-bench-{uuid.uuid4().hex[:12]}:"
+    os.environ["MOE_REDIS_PREFIX"] = prefix
+    present = {name: redis_keys(url) for name, url in brokers.items()}
     before_tree = export(args.before)
     trees = {"after": Remote("after", ROOT, brokers["after"]),
              "before": Remote("before", before_tree, brokers["before"])}
@@ -321,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         for tree in trees.values():
             tree.close()
+        for name, url in brokers.items():
+            drop_redis_keys(url, prefix, present[name])
     med = {name: {k: round(statistics.median(v), 1) for k, v in r.items()}
            for name, r in rates.items()}
     ratios = {f"after_vs_before_{k}": med["after"][k] / med["before"][k] for k in med["after"]}

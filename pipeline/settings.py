@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
     celery_broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
+    # Prepended to every Redis key this system writes (broker queues and bindings, query
+    # results, shard locks, dead letters), so several deployments, or test runs, share one
+    # Redis database without touching each other's keys. Empty: the keys are unprefixed, as
+    # before this setting. Every process of one deployment must use the same prefix; no
+    # blanks or glob characters, so that a ``SCAN MATCH <prefix>*`` finds exactly its keys.
+    redis_prefix: str = Field("", max_length=200, pattern=r"^[^\s*?\[\]]*$",
+                              validation_alias=_env("REDIS_PREFIX"))
 
     # The model the workers serve: a checkpoint directory (`MixtureOfExpertsSystem.save`),
     # or, unset, the built-in default model initialised from ``seed``.

@@ -47,7 +47,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 # Fixtures that stand for a real server: a test using one is an integration test, so that
 # `pytest -m "not integration"` is the fast tier of pure unit tests.
-SERVER_FIXTURES = {"graph", "sql_url", "redis_url", "stack", "embedded_server"}
+SERVER_FIXTURES = {"graph", "sql_url", "redis_url", "redis_prefix", "stack",
+                   "embedded_server"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -183,6 +184,94 @@ def graph(request):
     store.close()
 
 
+# -- where the suite may write ----------------------------------------------------------------
+# Two settings name everything the suite writes outside its temporary directories:
+# MOE_TEST_REDIS_URL, the one Redis database it uses (default db 15 of the local server), and
+# MOE_TEST_PG_PREFIX, the prefix of every PostgreSQL database it creates (default
+# ``moe_test_``) on the server of TEST_POSTGRES_URL. Nothing flushes: each user of Redis takes
+# a key prefix of its own (`new_redis_prefix`, the product's MOE_REDIS_PREFIX for workers)
+# and deletes only keys under it, so many runs, and other users, share one database.
+
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def suite_redis_url() -> str:
+    return os.environ.get("MOE_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+
+
+def pg_prefix() -> str:
+    return os.environ.get("MOE_TEST_PG_PREFIX", "moe_test_")
+
+
+def new_redis_prefix() -> str:
+    """A key prefix no other test, run or user holds."""
+    import uuid
+
+    return f"moe-test-{uuid.uuid4().hex[:12]}:"
+
+
+def delete_redis_keys(url: str, prefix: str) -> int:
+    """Delete the keys under ``prefix`` (found by SCAN, never KEYS or FLUSHDB); returns how
+    many. A prefix must end in ':' so that it cannot be the start of another's."""
+    import redis
+
+    assert prefix.endswith(":") and len(prefix) > 8, prefix
+    client = redis.Redis.from_url(url)
+    gone = 0
+    try:
+        batch = []
+        for key in client.scan_iter(match=prefix + "*", count=500):
+            batch.append(key)
+            if len(batch) == 500:
+                gone += client.unlink(*batch)
+                batch = []
+        if batch:
+            gone += client.unlink(*batch)
+    finally:
+        client.close()
+    return gone
+
+
+def reachable_redis() -> str:
+    """MOE_TEST_REDIS_URL, or a skip saying why it cannot be used."""
+    import redis
+
+    url = suite_redis_url()
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.exceptions.ConnectionError as err:
+        pytest.skip(f"no Redis at {url} (MOE_TEST_REDIS_URL): {err}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The suite's Redis database: MOE_TEST_REDIS_URL, the local server, or a container."""
+    import redis
+
+    url = suite_redis_url()
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.exceptions.ConnectionError as err:
+        if not _docker_engine():
+            pytest.skip(f"no Redis at {url} ({err}) and no Docker engine for a container")
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7.4") as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        return
+    yield url
+
+
+@pytest.fixture
+def redis_prefix(redis_url):
+    """A key prefix of this test's own in the suite's Redis; its keys are deleted after."""
+    prefix = new_redis_prefix()
+    yield prefix
+    delete_redis_keys(redis_url, prefix)
+
+
 def _postgres_admin_url() -> str:
     return os.environ.get("TEST_POSTGRES_URL",
                           "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -200,7 +289,7 @@ def sql_url(request, tmp_path):
     from sqlalchemy.exc import OperationalError
 
     admin = create_engine(_postgres_admin_url(), isolation_level="AUTOCOMMIT")
-    name = f"moe_test_{uuid.uuid4().hex[:12]}"
+    name = f"{pg_prefix()}{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))

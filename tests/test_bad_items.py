@@ -346,23 +346,8 @@ def test_an_error_record_is_stored_whatever_the_item_held(sql_url):
         assert s.get(Job, job.job_id).error.startswith("stopped: \\x00\\ud800 eee")
 
 
-@pytest.fixture
-def queue_redis():
-    """A Redis database of this file's own (the worker tests flush theirs)."""
-    import os
-
-    import redis
-
-    url = os.environ.get("TEST_BAD_ITEMS_REDIS_URL", "redis://127.0.0.1:6379/13")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.exceptions.ConnectionError as err:
-        pytest.skip(f"no Redis at {url}: {err}")
-    return url
-
-
 def test_every_kind_in_one_queued_job_keeps_every_good_item(tmp_path, graph, sql_url,
-                                                           queue_redis):
+                                                           redis_url):
     from test_queue_workers import Stack
 
     from pipeline import jobs
@@ -371,7 +356,7 @@ def test_every_kind_in_one_queued_job_keeps_every_good_item(tmp_path, graph, sql
         pytest.skip("this graph backend gives no credentials for worker processes")
     path = tmp_path / "strange.jsonl"
     good_ids, expected = _job_file(path, tmp_path.name)
-    stack = Stack(tmp_path, graph, queue_redis)
+    stack = Stack(tmp_path, graph, redis_url)
     stack.env["DATABASE_URL"] = sql_url
     try:
         stack.workers("gpu", "librarian")

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra_env}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=300)
 
@@ -170,9 +170,12 @@ def test_similarity_bench_quick_compares_against_faiss_and_numpy():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_pipeline_bench_quick_compares_this_code_with_an_earlier_commit():
+def test_pipeline_bench_quick_compares_this_code_with_an_earlier_commit(redis_url):
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
-    proc = _run("bench/pipeline.py", "--quick", "--items", "64")
+    # Both trees queue in the suite's Redis database, under the bench's own key prefix (the
+    # older tree, which predates it, on plain keys the bench deletes after).
+    proc = _run("bench/pipeline.py", "--quick", "--items", "64",
+                BENCH_REDIS_URL=redis_url, BENCH_REDIS_BEFORE_URL=redis_url)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["bench"] == "pipeline"

@@ -153,7 +153,8 @@ sys.path.insert(0, {tests!r})
 from test_librarian import clustered, reports_for
 cfg = json.loads(sys.argv[1])
 graph = GraphStore.connect(cfg["uri"], cfg["user"], cfg["password"], cfg["database"])
-lib = Librarian(graph, RedisShardLock(cfg["redis"]), dim=16, run_id="run-two", cross_shard=False,
+locks = RedisShardLock(cfg["redis"], prefix=cfg["prefix"])
+lib = Librarian(graph, locks, dim=16, run_id="run-two", cross_shard=False,
                 dedup_threshold=0.85, related_threshold=0.5)
 rng = np.random.default_rng(cfg["seed"])
 for b in range(4):
@@ -164,20 +165,16 @@ graph.close()
 """
 
 
-def redis_url() -> str:
-    """The Redis to lock with (REDIS_URL, default the local one), or a skip with the reason."""
-    import redis
+def redis_lock() -> tuple[str, str]:
+    """(The suite's Redis, a lock key prefix of this test's own), or a skip with the reason:
+    lock keys are released or expire with their lease, and never meet another run's."""
+    from conftest import new_redis_prefix, reachable_redis
 
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url).ping()
-    except redis.exceptions.ConnectionError as err:
-        pytest.skip(f"no Redis at {url}: {err}")
-    return url
+    return reachable_redis(), new_redis_prefix() + "moe:shard-lock:"
 
 
 def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
-    url = redis_url()
+    url, prefix = redis_lock()
     if graph.auth is None:
         pytest.skip("this graph backend gives no credentials to pass to a second process")
     shard = f"two-{uuid.uuid4().hex[:8]}"
@@ -185,7 +182,8 @@ def test_two_librarian_processes_on_one_shard_keep_it_free_of_duplicates(graph):
     procs = [subprocess.Popen(
         [sys.executable, "-c", code, json.dumps(
             {"uri": graph.uri, "user": graph.auth[0], "password": graph.auth[1],
-             "database": graph.database, "redis": url, "seed": seed, "shard": shard})],
+             "database": graph.database, "redis": url, "prefix": prefix, "seed": seed,
+             "shard": shard})],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
         text=True) for seed in (1, 2)]
     for p in procs:
@@ -209,8 +207,8 @@ def test_a_held_shard_lock_times_out_with_the_shards_name(kind):
     from pipeline.storage.locks import LocalShardLock, LockTimeout, RedisShardLock
 
     if kind == "redis":
-        url = redis_url()
-        holder, waiter = RedisShardLock(url, wait_s=0.3), RedisShardLock(url, wait_s=0.3)
+        url, prefix = redis_lock()
+        holder, waiter = (RedisShardLock(url, wait_s=0.3, prefix=prefix) for _ in range(2))
     else:
         holder = waiter = LocalShardLock(wait_s=0.3)
     shard = f"lock-{uuid.uuid4().hex[:8]}"
@@ -276,7 +274,8 @@ def test_the_seq_fence_refuses_a_write_after_another_writer(graph):
 HOLDER = """
 import sys, time
 from pipeline.storage.locks import RedisShardLock
-with RedisShardLock(sys.argv[1], lease_s=float(sys.argv[3]))(sys.argv[2]):
+url, shard, lease_s, prefix = sys.argv[1:5]
+with RedisShardLock(url, lease_s=float(lease_s), prefix=prefix)(shard):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -289,20 +288,22 @@ def test_a_lease_outlives_its_ttl_while_held_and_frees_the_shard_when_its_holder
 
     from pipeline.storage.locks import LockTimeout, RedisShardLock
 
-    url = redis_url()
+    url, prefix = redis_lock()
     shard = f"lease-{uuid.uuid4().hex[:8]}"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, shard, "1.5"], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, shard, "1.5", prefix],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         time.sleep(4)  # more than twice the lease: the heartbeat keeps it
-        with pytest.raises(LockTimeout), RedisShardLock(url, wait_s=0.5)(shard):
+        with pytest.raises(LockTimeout), \
+                RedisShardLock(url, wait_s=0.5, prefix=prefix)(shard):
             pass
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
         start = time.monotonic()
-        with RedisShardLock(url, wait_s=10)(shard):  # free within the lease, not minutes
+        # Free within the lease, not minutes.
+        with RedisShardLock(url, wait_s=10, prefix=prefix)(shard):
             waited = time.monotonic() - start
         assert waited < 3
     finally:
@@ -399,5 +400,8 @@ def test_librarians_on_a_redis_broker_share_redis_locks(tmp_path):
     assert isinstance(locks(), LocalShardLock)  # the embedded default: one process
     assert isinstance(locks(celery_broker_url="redis://127.0.0.1:6379/14"), RedisShardLock)
     assert isinstance(locks(redis_url="redis://127.0.0.1:6379/13"), RedisShardLock)
+    # A deployment's MOE_REDIS_PREFIX goes before its lock keys, as before its queues.
+    assert locks(redis_url="redis://127.0.0.1:6379/13", redis_prefix="team-a:").prefix == \
+        "team-a:moe:shard-lock:"
     assert isinstance(locks(celery_broker_url="amqp://guest:guest@127.0.0.1//"),
                       LocalShardLock)

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_queue_workers import Stack, _wait, redis_url  # noqa: F401 - redis_url: fixture
+from test_queue_workers import Stack, _wait
 
 from pipeline import jobs
 from pipeline.queue.app import librarian_queue, queue_safe
@@ -48,7 +48,7 @@ def test_shards_are_read_as_human_names_or_queue_names():
 
 
 @pytest.fixture
-def stack(tmp_path, graph, redis_url):  # noqa: F811 - the imported fixture
+def stack(tmp_path, graph, redis_url):
     if graph.auth is None:
         pytest.skip("this graph backend gives no credentials for worker processes")
     s = Stack(tmp_path, graph, redis_url)

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_queue_workers import Stack, _items, _wait, _which, redis_url  # noqa: F401
+from test_queue_workers import Stack, _items, _wait, _which
 
 from pipeline import jobs
 from pipeline.queue.guard import DEAD_QUEUE
@@ -109,7 +109,8 @@ class Broker:
                 raw = _envelope(headers, ctype, body)
             elif raw is None:
                 raw = _envelope(*_kinds()["wrong_shape"][:3], encoded="!!" + SECRET + "*")
-            redis.Redis.from_url(self.stack.env["CELERY_BROKER_URL"]).lpush("gpu", raw)
+            redis.Redis.from_url(self.stack.env["CELERY_BROKER_URL"]).lpush(
+                self.stack.prefix + "gpu", raw)  # the stack's own queue (MOE_REDIS_PREFIX)
             return reason
         import kombu
 
@@ -125,7 +126,9 @@ class Broker:
         """The newest record on ``moe.dead``, taken off it."""
         import kombu
 
-        with kombu.Connection(self.stack.env["CELERY_BROKER_URL"]) as conn:
+        options = {"global_keyprefix": self.stack.prefix} if self.kind == "redis" else {}
+        with kombu.Connection(self.stack.env["CELERY_BROKER_URL"],
+                              transport_options=options) as conn:
             queue = conn.SimpleQueue(DEAD_QUEUE)
             message = queue.get(timeout=10)
             message.ack()
@@ -154,7 +157,7 @@ def _rabbitmq_vhost() -> str:
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
-def broker(request, tmp_path_factory, graph, redis_url):  # noqa: F811
+def broker(request, tmp_path_factory, graph, redis_url):
     if graph.auth is None:
         pytest.skip("this graph backend gives no credentials for worker processes")
     url = _rabbitmq_vhost() if request.param == "rabbitmq" else None

@@ -1,8 +1,9 @@
 """The queued pipeline with real Celery workers on a real Redis broker.
 
 Workers are real processes (`moe-pipeline worker ...`) started by the tests, against the
-session's embedded graph server, a fresh SQLite file and a Redis database of their own
-(``TEST_REDIS_URL``, default db 15 on localhost; where Docker runs, a Redis container).
+session's embedded graph server, a fresh SQLite file and the suite's Redis database
+(``MOE_TEST_REDIS_URL``, see conftest), in which each stack's keys carry a prefix of its own
+(``MOE_REDIS_PREFIX``) and are the only ones it deletes.
 The crash tests kill them with SIGKILL mid-batch and check that the graph holds exactly the
 reports one clean run would write: each once, none missing.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import delete_redis_keys, new_redis_prefix
 from sqlalchemy import select
 
 from pipeline import jobs, serving, stages
@@ -36,40 +38,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A Redis database for the broker: TEST_REDIS_URL, the local server, or a container."""
-    import redis
-
-    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.exceptions.ConnectionError as err:
-        from conftest import _docker_engine
-
-        if not _docker_engine():
-            pytest.skip(f"no Redis at {url} ({err}) and no Docker engine for a container")
-        from testcontainers.redis import RedisContainer
-
-        with RedisContainer("redis:7.4") as container:
-            host = container.get_container_host_ip()
-            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
-        return
-    yield url
-
-
 class Stack:
     """Environment and worker processes of one test's queued pipeline."""
 
     def __init__(self, tmp_path: Path, graph, redis_url: str, neo4j_uri: str | None = None,
                  broker_url: str | None = None):
-        import redis
-
-        redis.Redis.from_url(redis_url).flushdb()
-        self.tmp = tmp_path
+        self.tmp, self.redis_url = tmp_path, redis_url
+        # Keys of this stack's own in a database others share: nothing is flushed.
+        self.prefix = new_redis_prefix()
         self.env = {**os.environ, "MOE_STATE_DIR": str(tmp_path / "state"),
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'runs.sqlite3'}",
                     "CELERY_BROKER_URL": broker_url or redis_url, "REDIS_URL": redis_url,
+                    "MOE_REDIS_PREFIX": self.prefix,
                     "NEO4J_URI": neo4j_uri or graph.uri, "NEO4J_USERNAME": graph.auth[0],
                     "NEO4J_PASSWORD": graph.auth[1] or "", "MOE_DEVICE": "cpu",
                     "PYTHONUNBUFFERED": "1"}
@@ -142,6 +122,7 @@ class Stack:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill(proc)
+        delete_redis_keys(self.redis_url, self.prefix)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 import yaml
+from conftest import _postgres_admin_url, pg_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,18 +83,18 @@ class NativeStack:
         self.tmp, self.broker = tmp, broker
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         tag = uuid.uuid4().hex[:8]
+        pg_name = f"{pg_prefix()}stack_{tag}"  # role and database: the suite's prefix
         # The stack's credentials: .env.example's names, values of this test's own (the
         # Neo4j password is the harness's: it is the server's).
         self.vars = {**env_example(), "NEO4J_PASSWORD": neo4j["password"],
-                     "POSTGRES_USER": f"moe_stack_{tag}", "POSTGRES_PASSWORD": f"pg-{tag}",
-                     "POSTGRES_DB": f"moe_stack_{tag}", "REDIS_PASSWORD": f"redis-{tag}",
+                     "POSTGRES_USER": pg_name, "POSTGRES_PASSWORD": f"pg-{tag}",
+                     "POSTGRES_DB": pg_name, "REDIS_PASSWORD": f"redis-{tag}",
                      "RABBITMQ_USER": f"moe-stack-{tag}", "RABBITMQ_PASSWORD": f"mq-{tag}",
                      "COMPOSE_PROFILES": "cpu"}
         self.vhost = f"moe-stack-{tag}"
         self.redis_port = free_port()
         bolt = urlsplit(neo4j["uri"])
-        pg = urlsplit(os.environ.get("TEST_POSTGRES_URL",
-                                     "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
+        pg = urlsplit(_postgres_admin_url())
         mq = urlsplit(os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672"))
         self.hosts = {"neo4j": (bolt.hostname, bolt.port), "postgres": (pg.hostname, pg.port),
                       "rabbitmq": (mq.hostname, mq.port or 5672),
@@ -109,8 +110,7 @@ class NativeStack:
         from sqlalchemy import create_engine, text
         from sqlalchemy.exc import OperationalError
 
-        admin_url = os.environ.get("TEST_POSTGRES_URL",
-                                   "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+        admin_url = _postgres_admin_url()
         self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
         v = self.vars
         try:

@@ -75,6 +75,15 @@ def result_backend(settings: Settings) -> str:
     return url if url.startswith(("redis://", "rediss://")) else "rpc://"
 
 
+def _redis_options(settings: Settings, url: str) -> dict[str, Any]:
+    """Transport options of a Redis broker or result backend at ``url``: the deployment's
+    key prefix (kombu's and Celery's ``global_keyprefix``), so its keys share a database
+    with others' untouched."""
+    if settings.redis_prefix and url_scheme(url) in ("redis", "rediss"):
+        return {"global_keyprefix": settings.redis_prefix}
+    return {}
+
+
 def make_app(settings: Settings) -> Celery:
     """The Celery app for these settings; a worker imports the task module through it."""
     wire.register()
@@ -122,8 +131,10 @@ def make_app(settings: Settings) -> Celery:
             "unacked_restore_throttle": 1,
             # Read by `guard`: a larger message is refused before it is decoded.
             "max_message_bytes": int(settings.max_message_mb * 2**20),
+            **_redis_options(settings, settings.broker_url()),
         },
-        result_backend_transport_options={"visibility_timeout": vt},
+        result_backend_transport_options={
+            "visibility_timeout": vt, **_redis_options(settings, result_backend(settings))},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,

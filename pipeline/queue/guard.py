@@ -75,8 +75,9 @@ class Channel(kombu_redis.Channel):
                                            content_encoding="utf-8")
             self._inplace_augment_message(message, "", DEAD)
             with self.conn_or_acquire() as client:
+                # kombu's prefixing client prefixes LPUSH but not LTRIM: name the key whole.
                 client.pipeline().lpush(DEAD, json.dumps(message)).ltrim(
-                    DEAD, 0, DEAD_KEEP - 1).execute()
+                    self.global_keyprefix + DEAD, 0, DEAD_KEEP - 1).execute()
             return True
         except Exception as err:  # best effort: the drop must not fail
             log.warning("dead-lettering failed: %s", type(err).__name__)

@@ -95,7 +95,9 @@ class Reaper:
             channel = conn.default_channel
             for item in leases.lapsed(self.Session, self.timeout_s):
                 with channel.conn_or_acquire() as client:
-                    held = client.hexists(channel.unacked_key, item.delivery)
+                    # kombu's prefixing client leaves HEXISTS alone: prefix it here.
+                    held = client.hexists(channel.global_keyprefix + channel.unacked_key,
+                                          item.delivery)
                 if not held or not leases.claim(self.Session, item, self.timeout_s):
                     continue  # waiting in its queue, done, or another worker took it
                 channel.qos.restore_by_tag(item.delivery, leftmost=True)

@@ -54,8 +54,10 @@ class RedisShardLock:
     decided on a stale view of the shard.
     """
 
+    KEY = "moe:shard-lock:"  # after `Settings.redis_prefix`, before the shard's label
+
     def __init__(self, url: str, lease_s: float = 30.0, wait_s: float = 600.0,
-                 prefix: str = "moe:shard-lock:") -> None:
+                 prefix: str = KEY) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url)
@@ -108,4 +110,6 @@ def shard_locks(settings: Settings | None = None) -> LocalShardLock | RedisShard
     """Redis locks where processes share a Redis (`lock_url`), in-process ones otherwise."""
     settings = settings or Settings()
     url = lock_url(settings)
-    return RedisShardLock(url) if url else LocalShardLock()
+    if not url:
+        return LocalShardLock()
+    return RedisShardLock(url, prefix=settings.redis_prefix + RedisShardLock.KEY)
