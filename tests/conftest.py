@@ -33,6 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # builds `Settings()` with no state dir of its own writes here.
     import tempfile
 
+    pg_prefix()  # a bad MOE_TEST_PG_PREFIX stops the run in one line, before any test
     os.environ["MOE_STATE_DIR"] = tempfile.mkdtemp(prefix="moe-test-state-")
 
 
@@ -200,7 +201,15 @@ def suite_redis_url() -> str:
 
 
 def pg_prefix() -> str:
-    return os.environ.get("MOE_TEST_PG_PREFIX", "moe_test_")
+    """MOE_TEST_PG_PREFIX: it starts identifiers written into SQL (CREATE DATABASE and ROLE
+    take no parameters), so only lower-case letters, digits and '_' are accepted."""
+    import re
+
+    prefix = os.environ.get("MOE_TEST_PG_PREFIX", "moe_test_")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,39}", prefix):
+        raise pytest.UsageError(f"MOE_TEST_PG_PREFIX={prefix!r}: use 1-40 of a-z, 0-9 and _, "
+                                "not starting with a digit")
+    return prefix
 
 
 def new_redis_prefix() -> str:
