@@ -33,12 +33,13 @@ def test_migrations_started_together_all_succeed(sql_url):
 
 
 @pytest.mark.parametrize("sql_url", ["postgresql"], indirect=True)
-def test_a_worker_migrates_an_empty_database_at_start(sql_url, tmp_path):
+def test_a_worker_migrates_an_empty_database_at_start(sql_url, redis_url, redis_prefix,
+                                                     tmp_path):
     """A librarian worker started on an empty PostgreSQL database migrates it before its
     first task, and its log never shows a missing table."""
-    redis_url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
     env = {**os.environ, "DATABASE_URL": sql_url, "CELERY_BROKER_URL": redis_url,
-           "REDIS_URL": redis_url, "MOE_STATE_DIR": str(tmp_path / "state")}
+           "REDIS_URL": redis_url, "MOE_REDIS_PREFIX": redis_prefix,
+           "MOE_STATE_DIR": str(tmp_path / "state")}
     env.pop("NEO4J_URI", None)
     log = tmp_path / "worker.log"
     with log.open("w") as out:
