@@ -220,7 +220,8 @@ class EmbeddingCache:
         self._emb, self._scan = emb, scan
 
     def add(self, ids: Sequence[str], embeddings: Tensor | np.ndarray, seqs: Sequence[int],
-            support: Sequence[int] | None = None, texts: Sequence[str] | None = None) -> None:
+            support: Sequence[int] | np.ndarray | None = None,
+            texts: Sequence[str] | None = None) -> None:
         """Append rows (normalised here); ``support`` counts default to 1, ``texts`` to "".
 
         Rows whose seq is not above the watermark are already here (or were evicted) and are
@@ -256,7 +257,8 @@ class EmbeddingCache:
         if self.max_rows is not None and len(self) > self.max_rows:
             self.evict(len(self) - self.max_rows)
 
-    def add_support(self, rows: Sequence[int], counts: Sequence[int] | int = 1) -> None:
+    def add_support(self, rows: Sequence[int] | np.ndarray,
+                    counts: Sequence[int] | int = 1) -> None:
         """More reports merged into these rows (what eviction ranks by)."""
         np.add.at(self._support, np.asarray(rows, np.int64), counts)
 

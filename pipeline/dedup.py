@@ -127,8 +127,8 @@ def _best_match(emb_LD: Tensor, grams: list[frozenset[str]] | None, cache: Embed
     """For each leader: the cache's top-k by cosine ``(L, K)`` with their rows, and the best
     candidate under the rule (row ``(L,)``, score ``(L,)``). The lexical branch may prefer a
     candidate below the cosine top-1."""
-    cos, rows = cache.search(emb_LD, k)
-    cos, rows = cos.cpu().numpy(), rows.cpu().numpy()
+    cos_LK, rows_LK = cache.search(emb_LD, k)
+    cos, rows = cos_LK.cpu().numpy(), rows_LK.cpu().numpy()
     sc = cos.astype(np.float64)
     hybrid = rule.hybrid()
     if grams is not None and hybrid is not None:
@@ -159,7 +159,7 @@ def decide(emb_ND: Tensor, cache: EmbeddingCache, dedup_threshold: float | Rule,
     emb = torch.nn.functional.normalize(emb_ND.float().to(cache.device), dim=-1)
     leader = dedup_in_batch(emb, rule, texts)
     leaders = np.flatnonzero(leader == np.arange(len(leader)))
-    grams = None if texts is None else _grams([texts[i] for i in leaders])
+    grams = None if texts is None else _grams([texts[int(i)] for i in leaders])
     target_row = np.full(len(leader), -1, dtype=np.int64)
     related_cached: dict[int, list[tuple[int, float]]] = {}
     foreign: dict[int, tuple[str, int, float]] = {}

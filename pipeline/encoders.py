@@ -77,7 +77,10 @@ class TextEncoder:
                                          trust_remote_code=False)
         dim = getattr(self.model, "get_embedding_dimension", None) or \
             self.model.get_sentence_embedding_dimension
-        self.dim = int(dim())
+        size = dim()
+        if size is None:
+            raise EncoderUnavailable(f"{self.path}: the model gives no embedding dimension")
+        self.dim = int(size)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         if not texts:

@@ -66,8 +66,8 @@ def _kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value),
-                                                                 type(value).__name__)
+    kinds: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def string_problem(value: str, limit: int) -> str | None:
@@ -263,11 +263,11 @@ def in_job(results: Sequence[Item | BadItem], width: int | None, why: str,
             result = BadItem(result.line, result.id, "vector",
                              f"expected {width} values, got {len(result.vector)} ({why})")
         out.append(result)
-    good = [i for i, r in enumerate(out) if isinstance(r, Item)]
-    fresh = seen.novel([out[i].id for i in good])  # type: ignore[union-attr]
-    for i, ok in zip(good, fresh, strict=True):
+    good = [(i, r) for i, r in enumerate(out) if isinstance(r, Item)]
+    fresh = seen.novel([item.id for _, item in good])
+    for (i, item), ok in zip(good, fresh, strict=True):
         if not ok:
-            out[i] = BadItem(out[i].line, out[i].id, "id", "duplicate id within the job")
+            out[i] = BadItem(item.line, item.id, "id", "duplicate id within the job")
     return out
 
 
@@ -281,7 +281,10 @@ def validate(raws: Iterable[tuple[int, Any]], dim: int | None = None
     seen = SeenIds()
     try:
         for result in in_job(checked, width, why, seen):
-            (bad if isinstance(result, BadItem) else items).append(result)
+            if isinstance(result, BadItem):
+                bad.append(result)
+            else:
+                items.append(result)
     finally:
         seen.close()
     return items, bad
@@ -384,7 +387,10 @@ def read_chunks(path: Path, found: Survey, batch_size: int) -> Iterator[Chunk]:
         while block := [raw if isinstance(raw, BadItem) else _check(raw, line)
                         for line, raw in itertools.islice(lines, ID_BLOCK)]:
             for result in in_job(block, found.width, found.why, seen):
-                (bad if isinstance(result, BadItem) else items).append(result)
+                if isinstance(result, BadItem):
+                    bad.append(result)
+                else:
+                    items.append(result)
                 if len(items) == batch_size:
                     yield items, bad
                     items, bad = [], []

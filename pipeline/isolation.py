@@ -39,10 +39,10 @@ def isolate(work: Callable[[list[T]], R], items: Sequence[T],
     """``work(items)``; if that raises one of ``faults``, the items that raise it alone are
     set aside and ``work`` runs on the rest (see the module docstring)."""
     items = list(items)
-    outage = outage_errors()
+    fatal: tuple[type[BaseException], ...] = (PipelineError, *outage_errors())
     try:
         return Isolated(work(items), items)
-    except (PipelineError, *outage):
+    except fatal:
         raise
     except faults as err:
         if len(items) < 2:
@@ -52,7 +52,7 @@ def isolate(work: Callable[[list[T]], R], items: Sequence[T],
         for item in items:
             try:
                 work([item])
-            except (PipelineError, *outage):
+            except fatal:
                 raise
             except faults as one:
                 failed.append((item, one))

@@ -46,8 +46,8 @@ def masked(url: str | None) -> str:
     if not url:
         return ""
     found = userinfo(url)
-    if found is not None and found[1]:
-        m = _SCHEME.match(url)
+    # userinfo found a password, so the scheme matched.
+    if found is not None and found[1] and (m := _SCHEME.match(url)):
         url = f"{m['scheme']}{found[0]}:{MASK}@{m['rest'][m['rest'].rfind('@') + 1:]}"
     return _PARAM.sub(lambda p: p["head"] + MASK, url)
 

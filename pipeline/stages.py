@@ -86,6 +86,7 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
     device = next(system.parameters()).device
     out = system.draft_reports(x.to(device))
     rep = out.reports
+    assert rep is not None  # draft_reports drafts them
     ids = rep.constellation_ids.cpu().numpy()
     scores = rep.scores.float().cpu().numpy()
     emb = rep.embeddings.float().cpu().numpy()

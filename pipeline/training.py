@@ -215,8 +215,10 @@ def train(source: Source, settings: Settings, *, constellations: dict[str, str] 
                                                  settings.text_model)
         targets = _seeded_kmeans(x, protos)
         mode = "unsupervised"
-    keep = config is not None and not constellations and config.constellations is not None
-    cfg = config if keep else _with_constellations(base, names)
+    if config is not None and not constellations and config.constellations is not None:
+        cfg = config  # its own constellations, kept
+    else:
+        cfg = _with_constellations(base, names)
     if [n for n, _ in cfg.constellation_members()] != list(names):
         raise TrainError(f"the model's constellations {[n for n, _ in cfg.constellation_members()]}"
                          f" are not the ones trained for ({list(names)})")

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -46,7 +47,8 @@ from pipeline.settings import PRIVATE_UMASK, Settings, private_state_dir
 def cli(ctx: click.Context, model_path: str | None, max_params: int | None,
         debug: bool) -> None:
     """moe-pipeline: mixture-of-experts routing, deduplicated insights in a graph."""
-    given = {k: v for k, v in (("model_path", model_path), ("max_params", max_params)) if v}
+    given: dict[str, Any] = {k: v for k, v in (("model_path", model_path),
+                                               ("max_params", max_params)) if v}
     ctx.obj = Settings(**given)
     # This process writes the state dir (SQLite and its WAL, checkpoints, the graph server
     # it starts inherits the umask too): private whatever the shell's umask, and a state dir

@@ -107,7 +107,7 @@ def _cap(rows: Iterator[dict], limit: int | None) -> Iterator[dict]:
                    else f"{MAX_BYTES // 2**20} MiB of output ({n:,} rows)")
             click.echo(f"stopped at {why}; --all for everything", err=True)
             return
-        row = _printable(row)
+        row = {k: _printable(v) for k, v in row.items()}
         used += len(json.dumps(row, default=str))
         yield row
 
@@ -168,7 +168,9 @@ def _vector_file(path: str) -> list[float]:
     items, bad = read_items([{"id": "query", "vector": data}])  # the items' own checks
     if bad:
         raise PipelineError(f"{path}: {bad[0].field}: {bad[0].message}")
-    return list(items[0].vector)
+    vector = items[0].vector
+    assert vector is not None  # given as a vector, it was checked as one
+    return list(vector)
 
 
 def _npy_vector(path: str) -> list[float]:
@@ -213,7 +215,7 @@ def _json_vector(path: str) -> list:
     return data
 
 
-def _ask_worker(settings: Settings, message: dict, timeout: float) -> list[dict]:
+def _ask_worker(settings: Settings, message: dict, timeout: float) -> dict[str, Any]:
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from pipeline.queue.app import SIMILAR, make_app

@@ -5,6 +5,7 @@ converted to MoE, generating with its expert statistics)."""
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import click
 
@@ -37,6 +38,7 @@ def demo(settings: Settings, gate_type: str, num_experts: int, top_k: int, exper
 
     from pipeline.moe.analysis import entropy, expert_usage, parameter_counts
     from pipeline.moe.config import MoEConfig
+    from pipeline.moe.gating import Router
     from pipeline.moe.layer import MoELayer
     from pipeline.moe.toy import mixture_task, sample
 
@@ -77,7 +79,7 @@ def demo(settings: Settings, gate_type: str, num_experts: int, top_k: int, exper
     click.echo("expert usage (% of assignments): " + "  ".join(
         f"e{i}:{p:.1f}" for i, p in enumerate(usage["percent"])))
     if cfg.gate_type in ROUTER_GATES:
-        probs = layer.gate.router(x.to(device)).softmax(-1)
+        probs = cast(Router, layer.gate.router)(x.to(device)).softmax(-1)
         h = entropy(probs)
         click.echo(f"routing entropy {h['entropy']:.3f} nats ({h['normalized']:.0%} of maximum)")
 

@@ -23,7 +23,7 @@ def active_fraction(layer: MoELayer) -> float:
     cfg = layer.config
     if cfg.gate_type == "soft":
         return 1.0  # every token mixes into every slot
-    per_token = cfg.top_k_experts
+    per_token: float = cfg.top_k_experts
     if cfg.gate_type == "expert_choice":
         per_token = cfg.top_k_experts * cfg.capacity_factor
     return min(1.0, per_token / cfg.num_experts)

@@ -20,6 +20,8 @@ from pipeline.moe.config import MoEConfig
 class ExpertConstellation(nn.Module):
     """The constellations of a config, configured or derived (one per expert)."""
 
+    membership: Tensor  # (G, E) bool, a buffer
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         groups = cfg.constellation_members()

@@ -88,12 +88,12 @@ class _OneDnnLinear(torch.autograd.Function):
     """``x @ w^T`` through oneDNN, forward and backward (the op itself has no autograd)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(x, w)
         return _onednn_linear(x, w)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, w = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         # oneDNN takes transposed views without a copy: dx = dy @ w, dw = dy^T @ x.
@@ -151,7 +151,7 @@ def packed_weights(w_EOI: Tensor) -> tuple[Tensor, ...]:
             packs = tuple(torch.ops.mkldnn._reorder_linear_weight(w_OI, None)
                           for w_OI in w_EOI.detach().unbind(0))
         ident = id(w_EOI)
-        ref = weakref.ref(w_EOI, lambda _, ident=ident: _PACKED.pop(ident, None))
+        ref = weakref.ref(w_EOI, lambda _: _PACKED.pop(ident, None))
         hit = _PACKED[ident] = (ref, key, w_EOI.detach(), packs)
     return hit[3]
 

@@ -285,6 +285,7 @@ class HashGate(nn.Module):
     """
 
     NUM_BUCKETS = 65536
+    table: Tensor  # (NUM_BUCKETS, K) int64 expert ids, a buffer
 
     def __init__(self, cfg: MoEConfig, seed: int = 0) -> None:
         super().__init__()

@@ -14,7 +14,8 @@ stays the readable reference.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from pipeline.moe.balancing import (
 )
 from pipeline.moe.config import CONSTRAINABLE_GATES, ROUTER_GATES, TOKEN_ID_GATES, MoEConfig
 from pipeline.moe.experts import Experts
-from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, build_gate
+from pipeline.moe.gating import ExpertChoice, Router, SoftRouting, TokenChoice, build_gate
 
 
 class MoEAux(NamedTuple):
@@ -83,6 +84,8 @@ def _experts(cfg: MoEConfig, num_experts: int, hidden_dim: int) -> Experts:
 class MoELayer(nn.Module):
     """A mixture-of-experts feed-forward layer for every routing scheme in `gating`."""
 
+    balance_bias: Tensor | None  # (E,) float32, a buffer; None unless aux-free balancing
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
@@ -125,7 +128,8 @@ class MoELayer(nn.Module):
         use_kernels = self._use_kernels(x_TD)
         plan = None
         if use_kernels and self._kernel_routes():
-            logits_TE = self.gate.router(x_in)
+            # `_kernel_routes` holds only for the gates that route with a `Router`.
+            logits_TE = cast(Router, self.gate.router)(x_in)
             probs_TE, ids_TK, w_TK, plan = kernels.route(
                 logits_TE, cfg.top_k_experts, bias_E=self.balance_bias, allowed_TE=allowed_TE,
                 renormalize=cfg.gate_type != "switch")
@@ -136,8 +140,10 @@ class MoELayer(nn.Module):
         if constraint is not None and constraint.scale is not None:
             scale_TK = constraint.scale[input_T].gather(1, routing.expert_ids)
             routing = routing._replace(weights=routing.weights * scale_TK)
-        sink = dispatch.Pool(input_T, x_TD.new_zeros(
-            cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype)) if pool else None
+        sink = None
+        if pool and input_T is not None:  # input_T is set whenever pool is
+            sink = dispatch.Pool(input_T, x_TD.new_zeros(
+                cfg.num_experts, B, cfg.output_dim, dtype=self.experts.dtype))
         if use_kernels:
             out = self._dispatch_kernels(x_TD, routing, plan, sink)
         else:
@@ -146,12 +152,12 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TO = y_TO + self.shared.forward_padded(x_TD.unsqueeze(0))[0]
         aux = self._aux(out)
-        if pool:
+        if sink is not None:
             # A new record, not aux._replace(...): Dynamo in torch 2.11 cannot hand a
             # _replace'd NamedTuple out of a compiled region (an AssertionError in its
             # side-effect replay); a record built by its constructor it can.
             aux = MoEAux(*aux[:-2], pooled=sink.out_EBO.transpose(0, 1),
-                         input_weights=self._input_weights(routing, input_T, B))
+                         input_weights=self._input_weights(routing, sink.input_T, B))
         return y_TO.to(x.dtype).reshape(*lead, cfg.output_dim), aux
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
@@ -282,7 +288,8 @@ class MoELayer(nn.Module):
 
 
 # Dispatch is chosen by the routing's type, the one thing that decides it.
-_DISPATCH = {
+# Each method takes its own kind of routing record.
+_DISPATCH: dict[type, Callable[..., _Dispatched]] = {
     TokenChoice: MoELayer._dispatch_tokens,
     ExpertChoice: MoELayer._dispatch_expert_choice,
     SoftRouting: MoELayer._dispatch_soft,

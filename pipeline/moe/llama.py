@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,16 @@ class MoEMLP(nn.Module):
         return y
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+class _GatedMLP(Protocol):
+    """What the conversion reads of a decoder layer's dense MLP (transformers' LlamaMLP)."""
+
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+
+
+def _layers(model: nn.Module) -> Any:
+    """The decoder layers: transformers' modules, whose attributes are read by name."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -75,7 +84,7 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _init_experts(layer: MoELayer, mlp: nn.Module, strategy: str, noise: float,
+def _init_experts(layer: MoELayer, mlp: _GatedMLP, strategy: str, noise: float,
                   gen: torch.Generator) -> None:
     ex, E = layer.experts, layer.config.num_experts
     gate, up, down = (mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
@@ -232,8 +241,9 @@ def generate(moe_model: nn.Module, tokenizer: Any, prompt: str, temperature: flo
     device = next(moe_model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     mlps = moe_mlps(moe_model)
-    for m in mlps.values():
-        m.record = []
+    records: dict[int, list[MoEAux]] = {}
+    for i, m in mlps.items():
+        m.record = records[i] = []
     try:
         ids = list(tokenizer.encode(prompt))
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -248,7 +258,7 @@ def generate(moe_model: nn.Module, tokenizer: Any, prompt: str, temperature: flo
                 break
             new.append(token)
             out = moe_model(nxt.view(1, 1), use_cache=True, **cache)
-        stats = {i: _layer_stats(m.record) for i, m in mlps.items()}
+        stats = {i: _layer_stats(records[i]) for i in mlps}
     finally:
         for m in mlps.values():
             m.record = None

@@ -145,11 +145,12 @@ def build_llama(h: dict[str, int], t: dict[str, Tensor]):
     force_offline()
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # RoPE's theta is left at transformers' default, 10000, which is llama2.c's.
     config = LlamaConfig(
         vocab_size=h["vocab_size"], hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
         num_hidden_layers=h["n_layers"], num_attention_heads=h["n_heads"],
         num_key_value_heads=h["n_kv_heads"], max_position_embeddings=h["max_seq_len"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=bool(h["shared_classifier"]),
+        rms_norm_eps=1e-5, tie_word_embeddings=bool(h["shared_classifier"]),
         bos_token_id=BOS, eos_token_id=EOS)
     model = LlamaForCausalLM(config)
     state = {"model.embed_tokens.weight": t["embed"], "model.norm.weight": t["norm"],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -113,9 +113,11 @@ def load_hf_llama(directory: Path, tokenizer_dir: Path | None = None,
 
     attention = config.get("attn_implementation") or config.get("_attn_implementation")
     try:
-        model, info = LlamaForCausalLM.from_pretrained(
+        loaded = LlamaForCausalLM.from_pretrained(
             directory, local_files_only=True, output_loading_info=True, use_safetensors=True,
             trust_remote_code=False, attn_implementation=attention or "sdpa")
+        # With output_loading_info, a (model, info) pair: transformers' annotation omits it.
+        model, info = cast(tuple[LlamaForCausalLM, dict[str, Any]], loaded)
     except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as err:
         raise ModelFileError(directory, f"cannot load the weights: {_one_line(err)}") from err
     missing = sorted(map(str, [*info["missing_keys"], *info["mismatched_keys"]]))

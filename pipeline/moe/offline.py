@@ -56,7 +56,8 @@ def force_offline() -> None:
     """
     for name in OFFLINE_VARIABLES:
         os.environ[name] = "1"
-    constants = sys.modules.get("huggingface_hub.constants")
+    # A module typed as a plain ModuleType: its constants are not known to the checker.
+    constants: Any = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
 

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import InputShapeError
 from pipeline.moe.config import MoEConfig
 from pipeline.moe.layer import MoEAux, RoutingConstraint
-from pipeline.moe.system import MixtureOfExpertsSystem, MoEBlock, SystemOutput
+from pipeline.moe.system import MixtureOfExpertsSystem, SystemOutput
 
 # Compile modes whose inductor output already replays as CUDA graphs (cudagraph trees).
 _INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -141,7 +141,7 @@ class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
         device = next(self.parameters()).device.type
         return torch.autocast(device, dtype=getattr(torch, self.config.amp_dtype))
 
-    def _call_block(self, block: MoEBlock, h: Tensor, constraint: RoutingConstraint | None,
+    def _call_block(self, block: nn.Module, h: Tensor, constraint: RoutingConstraint | None,
                     pool: bool) -> tuple[Tensor, MoEAux]:
         if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, constraint, pool, use_reentrant=False)

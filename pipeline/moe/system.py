@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -156,11 +156,13 @@ class MixtureOfExpertsSystem(nn.Module):
         loss = loss + cfg.constellation_balance_weight * decision.balance_loss()
         last = auxes[-1]
         if align:
+            assert last.input_weights is not None  # the last block pooled
             target = self.constellation.mass(last.input_weights)
             loss = loss + cfg.constellation_balance_weight * self.supervisor.alignment_loss(
                 decision, target)
         batch = None
         if reports:
+            assert last.pooled is not None and last.input_weights is not None  # it pooled
             emb, weights = self.constellation.reports(
                 last.pooled, last.input_weights, decision.chosen, x_BND.mean(1),
                 cfg.report_expert_weight)
@@ -169,7 +171,7 @@ class MixtureOfExpertsSystem(nn.Module):
             out = out.squeeze(1)
         return SystemOutput(out, loss, decision, tuple(auxes), batch)
 
-    def _call_block(self, block: MoEBlock, h: Tensor, constraint: RoutingConstraint | None,
+    def _call_block(self, block: nn.Module, h: Tensor, constraint: RoutingConstraint | None,
                     pool: bool) -> tuple[Tensor, MoEAux]:
         return block(h, constraint, pool)
 
@@ -196,7 +198,9 @@ class MixtureOfExpertsSystem(nn.Module):
         chosen_B1 = torch.tensor(constellations, device=x_D.device).unsqueeze(1)
         x_BD = x_D.reshape(1, -1).expand(len(constellations), -1)
         with self._autocast():
-            return self.run(x_BD, reports=True, chosen_BC=chosen_B1).reports
+            batch = self.run(x_BD, reports=True, chosen_BC=chosen_B1).reports
+        assert batch is not None  # reports=True drafts them
+        return batch
 
     # -- training --------------------------------------------------------------------------
     def init_supervisor(self, prototypes_GD: Tensor, temperature: float = 0.05) -> None:
@@ -225,8 +229,8 @@ class MixtureOfExpertsSystem(nn.Module):
             loss = loss_fn(out.output.float(), y) + out.loss
         optimizer.zero_grad(set_to_none=True)
         self._step(loss, optimizer)
-        for block, aux in zip(self.blocks, out.aux, strict=True):
-            block.moe.update_balance_bias(aux.counts)
+        for moe, aux in zip(self.moe_layers(), out.aux, strict=True):
+            moe.update_balance_bias(aux.counts)
         return float(loss.detach())
 
     def _step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -284,4 +288,5 @@ class MixtureOfExpertsSystem(nn.Module):
         }
 
     def moe_layers(self) -> Iterator[MoELayer]:
-        return (block.moe for block in self.blocks)
+        # nn.ModuleList yields plain modules; each block's `moe` is a MoELayer.
+        return (cast(MoELayer, block.moe) for block in self.blocks)

@@ -60,10 +60,11 @@ def tiny_llama(num_layers: int = 4):
     force_offline()
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # RoPE's theta is left at transformers' default, 10000.
     config = LlamaConfig(
         vocab_size=CharTokenizer().vocab_size, hidden_size=64, intermediate_size=256,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=512, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

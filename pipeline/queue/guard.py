@@ -101,7 +101,9 @@ class Channel(kombu_redis.Channel):
                 self.connection._deliver(payload, dest)
             return True
         finally:
-            self._in_poll = None
+            # kombu declares `_in_poll = False`, then keeps the polling connection or None in
+            # it (as its own `_brpop_read` does).
+            self._in_poll = None  # type: ignore[assignment]
             flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
             if flush is not None:
                 flush()
@@ -115,7 +117,8 @@ class Channel(kombu_redis.Channel):
             return False
         return super()._deliver_fanout_message(message, exchange)
 
-    def _get(self, queue: str) -> dict[str, Any]:
+    # kombu's Redis channel, whose `_get` this replaces, takes no timeout either.
+    def _get(self, queue: str) -> dict[str, Any]:  # type: ignore[override]
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
                 while item := client.rpop(self._q_for_pri(queue, pri)):

@@ -24,14 +24,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Container
+from collections.abc import Callable, Container
 from typing import Any
 
 from pipeline.queue import messages, wire
 from pipeline.queue.app import CURATE_PART, ROUTE_BATCH
 
 # The content types the app accepts (`app.make_app`), with the decoder of each.
-DECODERS = {wire.CONTENT_TYPE: wire.loads, "application/json": json.loads}
+DECODERS: dict[str, Callable[[str | bytes], Any]] = {wire.CONTENT_TYPE: wire.loads,
+                                                     "application/json": json.loads}
 # The fields each task reads from its one argument (a missing one fails it mid-task).
 FIELDS = {ROUTE_BATCH: messages.BATCH_FIELDS, CURATE_PART: messages.PART_FIELDS}
 

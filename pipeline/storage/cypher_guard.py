@@ -144,8 +144,8 @@ def tokenize(query: str) -> list[Token]:
         if c in _WHITESPACE:
             i += 1
         elif query.startswith("//", i):
-            end = _LINE_BREAKS.search(query, i)
-            i = n if end is None else end.start()
+            brk = _LINE_BREAKS.search(query, i)
+            i = n if brk is None else brk.start()
         elif query.startswith("/*", i):
             end = query.find("*/", i + 2)
             if end < 0:

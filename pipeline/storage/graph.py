@@ -222,12 +222,12 @@ class GraphStore:
 
         def work(tx: ManagedTransaction) -> dict[str, int]:
             for shard, expected in (expect_max_seq or {}).items():
-                seq = tx.run(cypher.MAX_SEQ, shard=shard).single()["seq"]
+                seq = tx.run(cypher.MAX_SEQ, shard=shard).single(strict=True)["seq"]
                 if (-1 if seq is None else int(seq)) != expected:
                     raise StaleWriteError(shard, f"max seq is {seq}, the writer saw "
                                           f"{expected}: another writer got in")
             found = set(tx.run(cypher.EXISTING_INSIGHTS,
-                               ids=sorted(new_ids | referenced)).single()["ids"])
+                               ids=sorted(new_ids | referenced)).single(strict=True)["ids"])
             missing = sorted(referenced - new_ids - found)
             if missing:
                 shard = next(iter(expect_max_seq or {}), None) or (
@@ -247,9 +247,9 @@ class GraphStore:
                     tx.run(statement, rows=params[key]).consume()
             grown = sorted({s.insight_id for s in batch.supports})
             if grown:
-                found = tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
-                               cap=rows.MEDOID_MAX_SUPPORT).data()
-                texts = [r for f in found for r in rows.medoid_rows([f], int(f["dim"]))]
+                embedded = tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
+                                  cap=rows.MEDOID_MAX_SUPPORT).data()
+                texts = [r for f in embedded for r in rows.medoid_rows([f], int(f["dim"]))]
                 if texts:
                     tx.run(cypher.SET_TEXTS, rows=texts).consume()
             return {k: len(v) for k, v in params.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import sessionmaker
 
 import pipeline
@@ -58,6 +58,7 @@ def resume_job(Session: sessionmaker, resume_key: str, owner: Owner) -> tuple[st
                                            Job.status.in_(("running", "failed")))
                          .order_by(Job.created_at.desc())).all()
     for job in jobs:
+        seen: tuple[ColumnElement[bool], ...]
         if job.status == "running" and interrupted(job, now):
             seen = (Job.status == "running", Job.owner_pid == job.owner_pid,
                     Job.owner_host == job.owner_host,

@@ -302,6 +302,8 @@ def record_routing(Session: sessionmaker, batch_id: str, routed: RoutingMetrics,
 
 
 def _record_item_errors(s, job_id: str | None, bad: Sequence[BadItem]) -> None:
+    if job_id is None:  # an item error row belongs to a job
+        raise ValueError(f"{len(bad)} bad item(s) given without the id of their job")
     rows = [_item_error(job_id, b) for b in bad]
     have = set(s.execute(select(ItemError.item_id, ItemError.field).where(
         ItemError.job_id == job_id,

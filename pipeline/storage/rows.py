@@ -94,17 +94,21 @@ def batch_rows(batch: CuratedBatch, existing: set[str],
             row.update(run_id=batch.run_id, supports=[], produced=[], similar=[])
             nested[insight.id] = row
     old: dict[str, list[Row]] = {"supports": [], "produced": [], "similar": []}
-    for key, items, make in (("supports", batch.supports, support_row),
-                             ("produced", batch.produced, produced_row),
-                             ("similar", batch.similar, similar_row)):
-        for item in items:
-            row = make(item)
-            # A similar edge between two new insights waits for both nodes: MERGE, after.
-            late = key == "similar" and item.other_id in new_ids
-            if item.insight_id in nested and not late:
-                nested[item.insight_id][key].append(row)
-            else:
-                old[key].append(row)
+
+    def place(key: str, insight_id: str, row: Row, late: bool = False) -> None:
+        if insight_id in nested and not late:
+            nested[insight_id][key].append(row)
+        else:
+            old[key].append(row)
+
+    for support in batch.supports:
+        place("supports", support.insight_id, support_row(support))
+    for produced in batch.produced:
+        place("produced", produced.insight_id, produced_row(produced))
+    for similar in batch.similar:
+        # A similar edge between two new insights waits for both nodes: MERGE, after.
+        place("similar", similar.insight_id, similar_row(similar),
+              late=similar.other_id in new_ids)
     # Support counts distinct sources: one SUPPORTED_BY per (insight, source), whatever
     # number of jobs (or reports of one item) back it; the first report names the edge.
     for row in nested.values():

@@ -51,14 +51,16 @@ class _Products:
         return grouped_gemm.segment_mm(a_NK, w_EKP.transpose(1, 2), self.plan,
                                        self.interpreted)
 
-    def wgrad(self, a_NM: Tensor, b_NP: Tensor, x_TP: Tensor | None = None) -> Tensor:
+    def wgrad(self, a_NM: Tensor, b_NP: Tensor | None, x_TP: Tensor | None = None) -> Tensor:
         """``sum_r a[r]^T b[r]`` per expert ``(E, M, P)``; ``x_TP`` given: b's rows are the
-        tokens' rows of x."""
-        if self.native:
-            return torch._grouped_mm(a_NM.t(), b_NP, offs=self.plan.offsets_E)
-        if x_TP is not None:
+        tokens' rows of x, and the kernels read them from x (``b_NP`` may then be None)."""
+        if x_TP is not None and not self.native:
             return grouped_gemm.segment_wgrad(a_NM, x_TP, self.plan, self.E, self.K,
                                               self.interpreted)
+        if b_NP is None:
+            raise ValueError("wgrad needs b_NP unless the kernels read its rows from x_TP")
+        if self.native:
+            return torch._grouped_mm(a_NM.t(), b_NP, offs=self.plan.offsets_E)
         return grouped_gemm.segment_wgrad(a_NM, b_NP, self.plan, self.E, None,
                                           self.interpreted)
 
@@ -72,19 +74,20 @@ class RoutingFunction(torch.autograd.Function):
     """``logits_TE -> (probs_TE, ids_TK, w_TK, *plan)``; gradients reach the logits."""
 
     @staticmethod
-    def forward(ctx, logits_TE: Tensor, bias_E: Tensor | None, allowed_TE: Tensor | None,  # type: ignore[override]
+    def forward(ctx, logits_TE: Tensor, bias_E: Tensor | None, allowed_TE: Tensor | None,
                 k: int, renormalize: bool, block_tokens: int | None,
                 interpreted: bool) -> tuple[Tensor, ...]:
         probs, ids, w, plan = routing.launch(
             logits_TE, None, logits_TE.shape[-1], k, bias_E=bias_E, allowed_TE=allowed_TE,
             renormalize=renormalize, block_tokens=block_tokens, interpreted=interpreted)
+        assert probs is not None and w is not None  # launch computes both from logits
         ctx.renormalize = renormalize
         ctx.save_for_backward(probs, ids, w)
         ctx.mark_non_differentiable(ids, *plan)
         return (probs, ids, w, *plan)
 
     @staticmethod
-    def backward(ctx, grad_probs: Tensor | None, _ids: None, grad_w: Tensor | None,  # type: ignore[override]
+    def backward(ctx, grad_probs: Tensor | None, _ids: None, grad_w: Tensor | None,
                  *_plan: None) -> tuple[Tensor | None, ...]:
         probs, ids, w = ctx.saved_tensors
         grad = routing.routing_backward(probs, ids, w, ctx.renormalize, grad_probs, grad_w)
@@ -95,7 +98,7 @@ class ExpertsFunction(torch.autograd.Function):
     """``(x_TD, w_A, w1, w3 | None, w2, *plan) -> y_AO`` (x's dtype), weights of x's dtype."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, w_A: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,  # type: ignore[override]
+    def forward(ctx, x_TD: Tensor, w_A: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,
                 counts_E: Tensor, offsets_E: Tensor, row_slot_N: Tensor, slot_row_A: Tensor,
                 activation: str, top_k: int, interpreted: bool) -> Tensor:
         plan = Plan(counts_E, offsets_E, row_slot_N, slot_row_A)
@@ -109,7 +112,7 @@ class ExpertsFunction(torch.autograd.Function):
         return y_AO
 
     @staticmethod
-    def backward(ctx, g_AO: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, g_AO: Tensor) -> tuple[Tensor | None, ...]:
         x, w_A, w1, w3, w2, counts, offsets, row_slot, slot_row, h, pre = ctx.saved_tensors
         dtype, T, K = x.dtype, x.shape[0], ctx.top_k
         plan = Plan(counts, offsets, row_slot, slot_row)

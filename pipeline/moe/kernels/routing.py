@@ -185,15 +185,17 @@ def launch(logits_TE: Tensor | None, ids_TK: Tensor | None, num_experts: int, k:
     and third are None when ``ids_TK`` was given. No value is read back to the host.
     """
     src = logits_TE if logits_TE is not None else ids_TK
+    if src is None:
+        raise ValueError("the routing prologue needs logits_TE or ids_TK")
     T, dev = src.shape[0], src.device
     E, E_P, K_P = num_experts, triton.next_power_of_2(num_experts), triton.next_power_of_2(k)
     from_ids = ids_TK is not None
-    if from_ids:
+    if ids_TK is not None:
         ids_TK = ids_TK.contiguous()
         probs_TE = w_TK = None
         logits = probs = w = ids_TK  # never read
     else:
-        logits = logits_TE.float().contiguous()
+        logits = src.float().contiguous()  # logits_TE: no ids were given
         probs_TE = torch.empty_like(logits)
         ids_TK = torch.empty(T, k, dtype=torch.int64, device=dev)
         w_TK = torch.empty(T, k, dtype=torch.float32, device=dev)
