@@ -16,13 +16,19 @@ the first message sent to the job's completion in SQL.
 Per batch, on the embedded way (``--count-items`` items, ``--count-batch`` a batch): SQL
 transactions (SQLAlchemy's ``after_begin``: a read session counts, it is a transaction on
 the server; the job's heartbeat thread, which beats every 5 s whatever the batches, is left
-out), SQL statements (``before_cursor_execute``), and graph queries and write
-transactions (the driver's ``run`` and ``execute_write``). Per batch is the difference
+out), SQL statements (``before_cursor_execute``), graph queries (the driver's ``run``, on a
+session or in a transaction), graph transactions (a session's ``run`` is one, an auto-commit
+transaction, and so is each ``execute_write``, ``execute_read`` and ``begin_transaction``),
+the write transactions among them, and the parts curated (``Librarian.curate``), so that
+graph transactions per part can be read beside them. Per batch is the difference
 between a job of twice the items and one of ``--count-items``, over the batches it adds, so a
 job's own rows (open, seal, outcome) fall out; ``*_per_job`` is the smaller job whole.
 
 Usage: ``python bench/pipeline.py [--quick] [--items N] [--batch-size B] [--rounds R]
-[--before REF] [--no-queued]``.
+[--before REF] [--no-queued] [--redis URL [URL]]``. ``--redis``: the trees' Redis database,
+one for both (embedded only: it holds their shard locks, taken in turn) or one each (the
+queued way's brokers, flushed before the run); default ``BENCH_REDIS_URL``'s server, dbs 13
+and 14. Nothing is flushed when the queued way is not measured.
 (``common`` takes bench/ off ``sys.path`` first, so this file does not shadow the package).
 """
 
@@ -56,6 +62,8 @@ from common import emit, target  # noqa: E402
 
 KINDS = ("vectors", "texts")
 MODES = ("embedded", "queued")
+COUNTED = ("sql_transactions", "sql_statements", "graph_queries", "graph_transactions",
+           "graph_write_transactions", "curated_parts")
 
 
 def vectors(n: int, seed: int, dim: int = 32, topics: int = 50) -> list[dict]:
@@ -82,13 +90,16 @@ def workload(kind: str, n: int, seed: int) -> list[dict]:
 # -- counting (runs in a tree's process, on whichever `pipeline` that tree has) -----------
 @contextlib.contextmanager
 def counting() -> Iterator[Counter]:
-    """SQL transactions and statements, graph queries and graph write transactions, of
-    every engine, session and driver of this process while the block runs."""
+    """SQL transactions and statements, graph queries, transactions and write
+    transactions, and parts curated, of every engine, session, driver and librarian of this
+    process while the block runs."""
     from neo4j._sync.work.session import Session as GraphSession
     from neo4j._sync.work.transaction import TransactionBase
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
+
+    from pipeline.librarian import Librarian
 
     seen: Counter = Counter()
 
@@ -104,21 +115,28 @@ def counting() -> Iterator[Counter]:
         if on_main():
             seen["sql_statements"] += 1
 
-    originals = {(GraphSession, "run"): GraphSession.run,
-                 (TransactionBase, "run"): TransactionBase.run,
-                 (GraphSession, "execute_write"): GraphSession.execute_write}
+    # A session's run is a query in an auto-commit transaction of its own; a transaction's
+    # run is a query in one already counted.
+    counts = {(GraphSession, "run"): ("graph_queries", "graph_transactions"),
+              (TransactionBase, "run"): ("graph_queries",),
+              (GraphSession, "execute_write"): ("graph_transactions",
+                                                "graph_write_transactions"),
+              (GraphSession, "execute_read"): ("graph_transactions",),
+              (GraphSession, "begin_transaction"): ("graph_transactions",),
+              (Librarian, "curate"): ("curated_parts",)}
+    originals = {(cls, name): getattr(cls, name) for cls, name in counts}
 
-    def counted(fn, key: str):
+    def counted(fn, keys: tuple[str, ...]):
         def wrapper(*args, **kwargs):
-            seen[key] += 1
+            for key in keys:
+                seen[key] += 1
             return fn(*args, **kwargs)
         return wrapper
 
     event.listen(Session, "after_begin", began)
     event.listen(Engine, "before_cursor_execute", executed)
-    GraphSession.run = counted(GraphSession.run, "graph_queries")
-    TransactionBase.run = counted(TransactionBase.run, "graph_queries")
-    GraphSession.execute_write = counted(GraphSession.execute_write, "graph_write_transactions")
+    for (cls, name), keys in counts.items():
+        setattr(cls, name, counted(originals[(cls, name)], keys))
     try:
         yield seen
     finally:
@@ -190,11 +208,13 @@ class Tree:
                 self.run("embedded", workload(kind, size, seed + offset), batch_size)
             runs.append(dict(seen))
         extra = -(-2 * n // batch_size) + (-(-n // batch_size)) * -1
-        keys = ("sql_transactions", "sql_statements", "graph_queries",
-                "graph_write_transactions")
-        return {**{f"{k}_per_batch": round((runs[1].get(k, 0) - runs[0].get(k, 0)) / extra, 2)
-                   for k in keys},
-                **{f"{k}_per_job": runs[0].get(k, 0) for k in keys}}
+        per_batch = {k: round((runs[1].get(k, 0) - runs[0].get(k, 0)) / extra, 2)
+                     for k in COUNTED}
+        parts = per_batch["curated_parts"]
+        return {**{f"{k}_per_batch": v for k, v in per_batch.items()},
+                **{f"{k}_per_job": runs[0].get(k, 0) for k in COUNTED},
+                "graph_transactions_per_part": round(per_batch["graph_transactions"] / parts, 2)
+                if parts else None}
 
 
 def serve(state: str, broker: str) -> None:
@@ -292,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-queued", action="store_true", help="the embedded way only")
     p.add_argument("--count-items", type=int, default=64)
     p.add_argument("--count-batch", type=int, default=16)
+    p.add_argument("--redis", nargs="+", metavar="URL",
+                   help="the trees' Redis database: one for both (embedded only), or two")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--broker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -302,11 +324,15 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = args.rounds or (1 if args.quick else 3)
     modes = ("embedded",) if args.no_queued else MODES
     base = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13").rsplit("/", 1)[0]
-    brokers = {"after": f"{base}/13", "before": f"{base}/14"}
-    import redis
+    urls = args.redis or [f"{base}/13", f"{base}/14"]
+    if len(urls) > 2 or ("queued" in modes and len(set(urls)) != 2):
+        p.error("--redis: one URL (with --no-queued) or two different ones")
+    brokers = {"after": urls[0], "before": urls[-1]}
+    if "queued" in modes:  # each tree's broker starts empty
+        import redis
 
-    for url in brokers.values():
-        redis.Redis.from_url(url).flushdb()
+        for url in brokers.values():
+            redis.Redis.from_url(url).flushdb()
     before_tree = export(args.before)
     trees = {"after": Remote("after", ROOT, brokers["after"]),
              "before": Remote("before", before_tree, brokers["before"])}
@@ -327,9 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "queued" in modes:
         ratios["queued_vs_embedded_vectors"] = (med["after"]["queued_vectors"]
                                                 / med["after"]["embedded_vectors"])
-    keys = [f"{k}_per_{unit}" for unit in ("batch", "job")
-            for k in ("sql_transactions", "sql_statements", "graph_queries",
-                      "graph_write_transactions")]
+    keys = [f"{k}_per_{unit}" for unit in ("batch", "job") for k in COUNTED]
+    keys.append("graph_transactions_per_part")
     per_batch = {key: {name: {kind: counts[name][kind][key] for kind in KINDS}
                        for name in counts} for key in keys}
     return emit("pipeline", torch.device("cpu"),
@@ -353,6 +378,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "goal": 3, "value": max(per_batch["sql_transactions_per_batch"]["after"]
                                             .values()),
                     "met": max(per_batch["sql_transactions_per_batch"]["after"].values()) <= 3},
+                    "graph_transactions_per_part": {
+                    "goal": 1, "value": max(per_batch["graph_transactions_per_part"]["after"]
+                                            .values()),
+                    "met": max(per_batch["graph_transactions_per_part"]["after"].values())
+                    <= 1},
                     **{k: target(1.0, v) for k, v in ratios.items()
                        if k.startswith("after_vs_before_embedded")}},
                 runs=rates)
