@@ -18,8 +18,11 @@ under a key prefix of the run's own; nothing is flushed, and only the run's keys
 Per batch, on the embedded way (``--count-items`` items, ``--count-batch`` a batch): SQL
 transactions (SQLAlchemy's ``after_begin``: a read session counts, it is a transaction on
 the server; the job's heartbeat thread, which beats every 5 s whatever the batches, is left
-out), SQL statements (``before_cursor_execute``), and graph queries and write
-transactions (the driver's ``run`` and ``execute_write``). Per batch is the difference
+out), SQL statements (``before_cursor_execute``), graph queries (the driver's ``run``, on a
+session or in a transaction), graph transactions (a session's ``run`` is one, an auto-commit
+transaction, and so is each ``execute_write``, ``execute_read`` and ``begin_transaction``),
+the write transactions among them, and the parts curated (``Librarian.curate``), so that
+graph transactions per part can be read beside them. Per batch is the difference
 between a job of twice the items and one of ``--count-items``, over the batches it adds, so a
 job's own rows (open, seal, outcome) fall out; ``*_per_job`` is the smaller job whole.
 
@@ -59,6 +62,8 @@ from common import emit, target  # noqa: E402
 
 KINDS = ("vectors", "texts")
 MODES = ("embedded", "queued")
+COUNTED = ("sql_transactions", "sql_statements", "graph_queries", "graph_transactions",
+           "graph_write_transactions", "curated_parts")
 
 
 def vectors(n: int, seed: int, dim: int = 32, topics: int = 50) -> list[dict]:
@@ -85,13 +90,16 @@ def workload(kind: str, n: int, seed: int) -> list[dict]:
 # -- counting (runs in a tree's process, on whichever `pipeline` that tree has) -----------
 @contextlib.contextmanager
 def counting() -> Iterator[Counter]:
-    """SQL transactions and statements, graph queries and graph write transactions, of
-    every engine, session and driver of this process while the block runs."""
+    """SQL transactions and statements, graph queries, transactions and write
+    transactions, and parts curated, of every engine, session, driver and librarian of this
+    process while the block runs."""
     from neo4j._sync.work.session import Session as GraphSession
     from neo4j._sync.work.transaction import TransactionBase
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
+
+    from pipeline.librarian import Librarian
 
     seen: Counter = Counter()
 
@@ -107,21 +115,28 @@ def counting() -> Iterator[Counter]:
         if on_main():
             seen["sql_statements"] += 1
 
-    originals = {(GraphSession, "run"): GraphSession.run,
-                 (TransactionBase, "run"): TransactionBase.run,
-                 (GraphSession, "execute_write"): GraphSession.execute_write}
+    # A session's run is a query in an auto-commit transaction of its own; a transaction's
+    # run is a query in one already counted.
+    counts = {(GraphSession, "run"): ("graph_queries", "graph_transactions"),
+              (TransactionBase, "run"): ("graph_queries",),
+              (GraphSession, "execute_write"): ("graph_transactions",
+                                                "graph_write_transactions"),
+              (GraphSession, "execute_read"): ("graph_transactions",),
+              (GraphSession, "begin_transaction"): ("graph_transactions",),
+              (Librarian, "curate"): ("curated_parts",)}
+    originals = {(cls, name): getattr(cls, name) for cls, name in counts}
 
-    def counted(fn, key: str):
+    def counted(fn, keys: tuple[str, ...]):
         def wrapper(*args, **kwargs):
-            seen[key] += 1
+            for key in keys:
+                seen[key] += 1
             return fn(*args, **kwargs)
         return wrapper
 
     event.listen(Session, "after_begin", began)
     event.listen(Engine, "before_cursor_execute", executed)
-    GraphSession.run = counted(GraphSession.run, "graph_queries")
-    TransactionBase.run = counted(TransactionBase.run, "graph_queries")
-    GraphSession.execute_write = counted(GraphSession.execute_write, "graph_write_transactions")
+    for (cls, name), keys in counts.items():
+        setattr(cls, name, counted(originals[(cls, name)], keys))
     try:
         yield seen
     finally:
@@ -193,11 +208,13 @@ class Tree:
                 self.run("embedded", workload(kind, size, seed + offset), batch_size)
             runs.append(dict(seen))
         extra = -(-2 * n // batch_size) + (-(-n // batch_size)) * -1
-        keys = ("sql_transactions", "sql_statements", "graph_queries",
-                "graph_write_transactions")
-        return {**{f"{k}_per_batch": round((runs[1].get(k, 0) - runs[0].get(k, 0)) / extra, 2)
-                   for k in keys},
-                **{f"{k}_per_job": runs[0].get(k, 0) for k in keys}}
+        per_batch = {k: round((runs[1].get(k, 0) - runs[0].get(k, 0)) / extra, 2)
+                     for k in COUNTED}
+        parts = per_batch["curated_parts"]
+        return {**{f"{k}_per_batch": v for k, v in per_batch.items()},
+                **{f"{k}_per_job": runs[0].get(k, 0) for k in COUNTED},
+                "graph_transactions_per_part": round(per_batch["graph_transactions"] / parts, 2)
+                if parts else None}
 
 
 def redis_keys(url: str) -> set[bytes]:
@@ -354,9 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "queued" in modes:
         ratios["queued_vs_embedded_vectors"] = (med["after"]["queued_vectors"]
                                                 / med["after"]["embedded_vectors"])
-    keys = [f"{k}_per_{unit}" for unit in ("batch", "job")
-            for k in ("sql_transactions", "sql_statements", "graph_queries",
-                      "graph_write_transactions")]
+    keys = [f"{k}_per_{unit}" for unit in ("batch", "job") for k in COUNTED]
+    keys.append("graph_transactions_per_part")
     per_batch = {key: {name: {kind: counts[name][kind][key] for kind in KINDS}
                        for name in counts} for key in keys}
     return emit("pipeline", torch.device("cpu"),
@@ -380,6 +396,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "goal": 3, "value": max(per_batch["sql_transactions_per_batch"]["after"]
                                             .values()),
                     "met": max(per_batch["sql_transactions_per_batch"]["after"].values()) <= 3},
+                    "graph_transactions_per_part": {
+                    "goal": 1, "value": max(per_batch["graph_transactions_per_part"]["after"]
+                                            .values()),
+                    "met": max(per_batch["graph_transactions_per_part"]["after"].values())
+                    <= 1},
                     **{k: target(1.0, v) for k, v in ratios.items()
                        if k.startswith("after_vs_before_embedded")}},
                 runs=rates)

@@ -1,8 +1,9 @@
 """The librarian: curate a shard's draft reports into insights, under the shard's lock.
 
-`Librarian.curate` runs, under the shard's lock: skip reports already in the graph (a
-redelivered task), catch the shard's hot cache up by seq, decide (`pipeline.dedup.decide`,
-pure), write one transaction, then append to the cache. A crash before the commit leaves
+`Librarian.curate` runs, under the shard's lock and in one graph transaction: skip reports
+already in the graph (a redelivered task), catch the shard's hot cache (and the other shards'
+it looks across) up by seq, decide (`pipeline.dedup.decide`, pure), write; then, committed,
+append to the cache. A crash before the commit leaves
 nothing; after it, the next catch-up repairs the cache. A write that finds the shard moved
 under it (`StaleWriteError`: another writer got in) re-warms the cache and decides again.
 """
@@ -12,19 +13,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cache import EmbeddingCache
-from pipeline.dedup import Rule, build_batch, decide
+from pipeline.cache import EmbeddingCache, ShardReader
+from pipeline.dedup import Decision, Rule, build_batch, decide
 from pipeline.moe.config import KnowledgeConfig, MoEConfig
-from pipeline.records import CurateResult, DraftReport, stable_id
-from pipeline.storage.graph import GraphStore, StaleWriteError
+from pipeline.records import CuratedBatch, CurateResult, DraftReport, Insight, stable_id
+from pipeline.storage.graph import CurateTx, GraphStore, StaleWriteError
 
 ShardLocks = Callable[[str], AbstractContextManager]
+
+
+@dataclass
+class Decided:
+    """A part's decision and the batch it writes: the reports not yet curated, what `decide`
+    made of them, the batch and its new insights."""
+
+    todo: list[DraftReport]
+    decision: Decision
+    batch: CuratedBatch
+    new: list[Insight]
 # How long the list of the graph's constellations (for cross-shard lookups) is kept before it
 # is read again: a new model's constellations appear within this many seconds.
 SHARDS_TTL_S = 30.0
@@ -73,9 +86,11 @@ class Librarian:
     def related_threshold(self) -> float:
         return self.rule.related
 
-    def cache(self, shard: str, model: str | None = None) -> EmbeddingCache:
+    def cache(self, shard: str, model: str | None = None,
+              reader: ShardReader | None = None) -> EmbeddingCache:
         """The shard's cache (of ``model``'s insights only, if given): from its snapshot if
-        there is one, else warmed from the graph.
+        there is one, else warmed from the graph (through ``reader``, a part's transaction,
+        if given).
 
         Call `EmbeddingCache.catch_up` before relying on it being current.
         """
@@ -85,14 +100,15 @@ class Librarian:
             if snap is not None and (snap / "cache.json").exists():
                 cache = EmbeddingCache.load(snap, self.device, max_rows=self.max_kg_nodes)
             else:
-                cache = self._warmed(shard, model)
+                cache = self._warmed(shard, model, reader)
             self.caches[key] = cache
             self._saved_at[key] = cache.updates
         return self.caches[key]
 
-    def _warmed(self, shard: str, model: str | None = None) -> EmbeddingCache:
+    def _warmed(self, shard: str, model: str | None = None,
+                reader: ShardReader | None = None) -> EmbeddingCache:
         cache = EmbeddingCache(self.dim, self.device, max_rows=self.max_kg_nodes)
-        cache.warm(self.graph, shard, model)
+        cache.warm(reader or self.graph, shard, model)
         self._saved_at[(shard, model)] = cache.updates
         return cache
 
@@ -121,41 +137,49 @@ class Librarian:
                     self.caches[(shard, model)] = self._warmed(shard, model)  # the truth
         raise AssertionError("unreachable")
 
-    def _others(self, shard: str, model: str | None) -> dict[str, EmbeddingCache]:
-        """The other shards' caches, caught up: read, never written, under this lock."""
+    def _other_shards(self, shard: str, g: CurateTx) -> list[str]:
+        """The shards other than ``shard`` whose caches a part looks across."""
         if not self.cross_shard:
-            return {}
+            return []
         now = time.monotonic()
         # Constellations come and go rarely: the list is read again after a while, or at
         # once when it lacks this very shard (a model whose constellations are new here).
         if now - self._shards_at > SHARDS_TTL_S or shard not in self._shards:
-            self._shards, self._shards_at = self.graph.constellations(), now
-        out = {}
-        for other in self._shards:
-            if other != shard:
-                cache = self.cache(other, model)
-                cache.catch_up(self.graph, other, model)
-                out[other] = cache
-        return out
+            self._shards, self._shards_at = g.constellations(), now
+        return [other for other in self._shards if other != shard]
 
     def _curate_locked(self, shard: str, reports: Sequence[DraftReport],
                        unique: list[DraftReport], run_id: str,
                        model: str | None) -> CurateResult:
-        done = self.graph.supported_reports((r.item_id, r.id) for r in unique)
-        todo = [r for r in unique if r.id not in done]
-        cache = self.cache(shard, model)
-        cache.catch_up(self.graph, shard, model)
-        if not todo:
+        # One transaction: the reports already curated, the shards' tops (one query), the
+        # caches caught up (or warmed, met for the first time), the decision, the write.
+        # The driver may run it again from the start: every cache it touches then holds
+        # committed rows only, and what the write adds reaches them after the commit.
+        others: dict[str, EmbeddingCache] = {}
+
+        def work(g: CurateTx) -> tuple[dict[str, str], Decided | None]:
+            done = g.supported_reports((r.item_id, r.id) for r in unique)
+            todo = [r for r in unique if r.id not in done]
+            names = self._other_shards(shard, g) if todo else []
+            g.shard_tops([shard, *names])
+            cache = self.cache(shard, model, g)
+            cache.catch_up(g, shard, model)
+            if not todo:
+                return done, None
+            others.clear()
+            for other in names:
+                others[other] = self.cache(other, model, g)
+                others[other].catch_up(g, other, model)
+            decided = self._decide(shard, todo, cache, others, run_id, model)
+            g.write_batch(decided.batch, expect_max_seq={shard: cache.watermark})
+            return done, decided
+
+        done, decided = self.graph.curate(work)
+        if decided is None:
             return CurateResult(shard, len(reports), len(reports), 0, 0, 0, dict(done))
-        # Decide on what the graph will hold: embeddings are stored as float16.
-        emb = torch.from_numpy(np.stack([np.asarray(r.embedding, np.float16)
-                                         for r in todo]).astype(np.float32))
-        others = self._others(shard, model)
-        texts = [r.text[:280] for r in todo]  # as the insight's summary will hold it
-        decision = decide(emb, cache, self.rule, texts=texts, others=others)
-        batch, new = build_batch(shard, todo, decision, cache, run_id, cache.watermark + 1,
-                                 others, model)
-        self.graph.write_batch(batch, expect_max_seq={shard: cache.watermark})
+        # Committed: only now do the caches learn what the write added.
+        cache = self.cache(shard, model)
+        decision, batch, new = decided.decision, decided.batch, decided.new
         merged_rows = decision.target_row[decision.target_row >= 0]
         if merged_rows.size:
             cache.add_support(merged_rows)
@@ -168,9 +192,23 @@ class Librarian:
         cache.add([i.id for i in new], rows, [i.seq for i in new],
                   texts=[i.summary for i in new])
         self._maybe_snapshot(shard, model, cache)
+        todo = len(decided.todo)
         mapping = {**done, **{s.report_id: s.insight_id for s in batch.supports}}
-        return CurateResult(shard, len(reports), len(reports) - len(todo), len(new),
-                            len(todo) - len(new), len(batch.similar), mapping)
+        return CurateResult(shard, len(reports), len(reports) - todo, len(new),
+                            todo - len(new), len(batch.similar), mapping)
+
+    def _decide(self, shard: str, todo: list[DraftReport], cache: EmbeddingCache,
+                others: dict[str, EmbeddingCache], run_id: str, model: str | None) -> Decided:
+        """What the reports not yet curated become, against the caught-up caches (pure: the
+        caches are read, not changed)."""
+        # Decide on what the graph will hold: embeddings are stored as float16.
+        emb = torch.from_numpy(np.stack([np.asarray(r.embedding, np.float16)
+                                         for r in todo]).astype(np.float32))
+        texts = [r.text[:280] for r in todo]  # as the insight's summary will hold it
+        decision = decide(emb, cache, self.rule, texts=texts, others=others)
+        batch, new = build_batch(shard, todo, decision, cache, run_id, cache.watermark + 1,
+                                 others, model)
+        return Decided(todo, decision, batch, new)
 
     def _snapshot_dir(self, shard: str, model: str | None = None) -> Path | None:
         if self.checkpoint_dir is None:

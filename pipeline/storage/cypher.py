@@ -247,6 +247,14 @@ MATCH (i:{INSIGHT}) WHERE i.shard = $shard
 RETURN max(i.seq) AS seq
 """
 
+# The tops of several shards at once: a librarian's catch-up of its own shard and of the
+# shards it looks across, one query in its part's transaction. A shard with no insight has
+# no row.
+SHARD_TOPS = f"""
+MATCH (i:{INSIGHT}) WHERE i.shard IN $shards
+RETURN i.shard AS shard, max(i.seq) AS seq
+"""
+
 CONSTELLATIONS = f"""
 MATCH (c:{CONSTELLATION})
 RETURN collect(c.id) AS ids

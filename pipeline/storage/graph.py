@@ -1,10 +1,12 @@
 """The insight graph over Bolt, with the official neo4j driver only.
 
 `GraphStore` writes one transaction per curated batch (``UNWIND $rows`` + ``MERGE`` on
-deterministic ids, so a replayed batch changes nothing), reads a shard's embeddings into a
-preallocated array for the hot cache, and runs users' Cypher read-only unless a write is
-asked for explicitly. Writes go through the driver's managed transactions, which retry
-transient errors (deadlock, leader switch, session expiry) with backoff.
+deterministic ids, so a replayed batch changes nothing); the librarian's reads for the batch
+(reports already curated, the shards' new rows) run in that same transaction (`curate`,
+`CurateTx`). It reads a shard's embeddings into a preallocated array for the hot cache, and
+runs users' Cypher read-only unless a write is asked for explicitly. Writes go through the
+driver's managed transactions, which retry transient errors (deadlock, leader switch,
+session expiry) with backoff.
 
 A read-only query is refused in three layers: by `cypher_guard` before it is sent (deny by
 default), by the server (it runs as a user that may only read, where the store has one, and
@@ -21,9 +23,9 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from neo4j import Driver, GraphDatabase, ManagedTransaction, ResultSummary
@@ -46,6 +48,8 @@ from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it
 READ_TIMEOUT_S = 120.0
 # Rows a user's query pulls from the server at a time (the driver's default), made explicit.
 FETCH_ROWS = 1000
+
+T = TypeVar("T")
 
 
 class GraphUnavailable(Outage):
@@ -211,50 +215,21 @@ class GraphStore:
         transaction, and new ones are created rather than merged. ``expect_max_seq`` fences
         the write: if a shard's max seq is not what the writer saw, or an insight the batch
         only adds edges to is missing, `StaleWriteError` is raised and nothing is written.
+        The librarian writes through `curate` instead, its reads in the same transaction.
         """
-        new_ids = {i.id for i in batch.insights}
-        referenced = ({s.insight_id for s in batch.supports}
-                      | {p.insight_id for p in batch.produced}
-                      | {s.insight_id for s in batch.similar}
-                      | {s.other_id for s in batch.similar})
-        shards = sorted({i.shard for i in batch.insights})
-        experts = sorted({p.expert for p in batch.produced})
+        return self._write(lambda tx: _write_batch(tx, batch, expect_max_seq,
+                                                   self.with_vector))
 
-        def work(tx: ManagedTransaction) -> dict[str, int]:
-            for shard, expected in (expect_max_seq or {}).items():
-                seq = tx.run(cypher.MAX_SEQ, shard=shard).single(strict=True)["seq"]
-                if (-1 if seq is None else int(seq)) != expected:
-                    raise StaleWriteError(shard, f"max seq is {seq}, the writer saw "
-                                          f"{expected}: another writer got in")
-            found = set(tx.run(cypher.EXISTING_INSIGHTS,
-                               ids=sorted(new_ids | referenced)).single(strict=True)["ids"])
-            missing = sorted(referenced - new_ids - found)
-            if missing:
-                shard = next(iter(expect_max_seq or {}), None) or (
-                    batch.insights[0].shard if batch.insights else "(unknown)")
-                raise StaleWriteError(shard, f"insight {missing[0]} is not in the graph "
-                                      "(a stale cache?)")
-            params = rows.batch_rows(batch, found, self.with_vector)
-            if params["insights"]:
-                tx.run(cypher.MERGE_HUBS, shards=shards, run=batch.run_id).consume()
-            if experts:
-                tx.run(cypher.MERGE_EXPERTS, experts=rows.expert_rows(experts)).consume()
-            for statement, key in ((cypher.CREATE_INSIGHTS, "insights"),
-                                   (cypher.MERGE_SUPPORTS, "old_supports"),
-                                   (cypher.MERGE_PRODUCED, "old_produced"),
-                                   (cypher.MERGE_SIMILAR, "old_similar")):
-                if params[key]:
-                    tx.run(statement, rows=params[key]).consume()
-            grown = sorted({s.insight_id for s in batch.supports})
-            if grown:
-                embedded = tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
-                                  cap=rows.MEDOID_MAX_SUPPORT).data()
-                texts = [r for f in embedded for r in rows.medoid_rows([f], int(f["dim"]))]
-                if texts:
-                    tx.run(cypher.SET_TEXTS, rows=texts).consume()
-            return {k: len(v) for k, v in params.items()}
+    def curate(self, work: Callable[[CurateTx], T]) -> T:
+        """``work(view)`` in one write transaction: a curated part's reads (reports already
+        curated, the shards' tops and new rows) and its write, through ``view``.
 
-        return self._write(work)
+        The driver runs ``work`` again from the start after a transient error (and so does
+        `_write` after a uniqueness conflict), with nothing of the failed try committed: it
+        must change nothing outside the graph that a second run would get wrong (catching a
+        cache up twice is harmless; adding the new insights to it waits for the commit).
+        """
+        return self._write(lambda tx: work(CurateTx(tx, self.with_vector)))
 
     def _write(self, work, conflict_retries: int = 5) -> Any:
         """Run ``work`` in a managed write transaction (which retries transient errors).
@@ -276,12 +251,8 @@ class GraphStore:
 
     def supported_reports(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Of (source id, report id) pairs, the reports already in the graph: report -> insight."""
-        rows_ = [{"source": s, "report": r} for s, r in pairs]
-        if not rows_:
-            return {}
         with self._outage(), self._session(read=True) as session:
-            return {rec["report"]: rec["insight"]
-                    for rec in session.run(cypher.SUPPORTED_REPORTS, rows=rows_)}
+            return _supported_reports(session, pairs)
 
     def insight_details(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Shard, summary, support count and a few source ids of each insight: id -> row."""
@@ -349,40 +320,9 @@ class GraphStore:
     def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
                    model: str | None = None) -> ShardRows:
         """Insights of ``shard`` with ``seq > after`` (drafted by ``model``, if given), in seq
-        order, into preallocated arrays.
-
-        Pages are seq ranges up to the shard's current maximum; each page's embeddings are
-        decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
-        """
-        top = self.max_seq(shard)
-        if top <= after:  # nothing new: the common case of a catch-up, one query
-            return ShardRows([], np.empty(0, np.int64), np.empty((0, dim), np.float16), [],
-                             top)
-        expected = self.count_after(shard, after, model, dim)
-        ids: list[str] = []
-        summaries: list[str] = []
-        seqs = np.empty(expected, dtype=np.int64)
-        emb = np.empty((expected, dim), dtype=np.float16)
-        n, lo = 0, after
+        order, into preallocated arrays (see `_read_shard`)."""
         with self._outage(), self._session(read=True) as session:
-            while lo < top:
-                rec = session.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page,
-                                  model=model, dim=dim).single()
-                got = len(rec["ids"])
-                if n + got > len(seqs):  # rows landed since the count: grow by doubling
-                    size = max(2 * len(seqs), n + got)
-                    seqs, emb = np.resize(seqs, size), np.resize(emb, (size, dim))
-                if got:
-                    ids.extend(rec["ids"])
-                    summaries.extend(t or "" for t in rec["summaries"])
-                    seqs[n:n + got] = rec["seqs"]
-                    emb[n:n + got] = np.frombuffer(b"".join(rec["embeddings"]),
-                                                   dtype="<f2").reshape(got, dim)
-                    n += got
-                lo += page
-        order = np.argsort(seqs[:n], kind="stable")
-        return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order],
-                         [summaries[i] for i in order], top)
+            return _read_shard(session, shard, dim, after, page, model)
 
     def _read_one(self, query: str, **params: Any) -> dict[str, Any]:
         with self._outage(), self._session(read=True) as session:
@@ -455,6 +395,140 @@ class GraphStore:
         """Remove a set of shards' insights (tests and resets; never the pipeline itself)."""
         self.run_cypher(f"MATCH (i:{cypher.INSIGHT}) WHERE i.shard IN $shards DETACH DELETE i",
                         {"shards": list(shards)}, write=True)
+
+
+class CurateTx:
+    """A curated part's transaction (`GraphStore.curate`): the reads the librarian needs and
+    the write, on one transaction. The shards' tops are read once, in one query
+    (`shard_tops`), and each `read_shard` after it starts from them instead of asking again.
+    """
+
+    def __init__(self, tx: ManagedTransaction, with_vector: bool = False) -> None:
+        self.tx, self.with_vector = tx, with_vector
+        self.tops: dict[str, int] = {}
+
+    def supported_reports(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """As `GraphStore.supported_reports`, in this transaction."""
+        return _supported_reports(self.tx, pairs)
+
+    def shard_tops(self, shards: Iterable[str]) -> dict[str, int]:
+        """The highest seq of each shard (-1 when empty), in one query; kept for
+        `read_shard`."""
+        shards = sorted(set(shards))
+        found = {r["shard"]: int(r["seq"]) for r in self.tx.run(cypher.SHARD_TOPS,
+                                                                shards=shards)
+                 if r["seq"] is not None}
+        self.tops.update({shard: found.get(shard, -1) for shard in shards})
+        return {shard: self.tops[shard] for shard in shards}
+
+    def constellations(self) -> list[str]:
+        """As `GraphStore.constellations`, in this transaction."""
+        return sorted(self.tx.run(cypher.CONSTELLATIONS).single(strict=True)["ids"])
+
+    def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
+                   model: str | None = None) -> ShardRows:
+        """As `GraphStore.read_shard`, in this transaction, from the top `shard_tops` read."""
+        return _read_shard(self.tx, shard, dim, after, page, model, self.tops.get(shard))
+
+    def write_batch(self, batch: CuratedBatch,
+                    expect_max_seq: dict[str, int] | None = None) -> dict[str, int]:
+        """As `GraphStore.write_batch`, in this transaction."""
+        return _write_batch(self.tx, batch, expect_max_seq, self.with_vector)
+
+
+def _supported_reports(runner: Any, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Of (source id, report id) pairs, the reports already in the graph: report -> insight.
+    ``runner`` is a session or a transaction."""
+    rows_ = [{"source": s, "report": r} for s, r in pairs]
+    if not rows_:
+        return {}
+    return {rec["report"]: rec["insight"]
+            for rec in runner.run(cypher.SUPPORTED_REPORTS, rows=rows_)}
+
+
+def _read_shard(runner: Any, shard: str, dim: int, after: int, page: int,
+                model: str | None, top: int | None = None) -> ShardRows:
+    """Insights of ``shard`` with ``seq > after`` (of ``model``, if given), in seq order, on
+    ``runner`` (a session or a transaction); ``top``, the shard's max seq when the caller read
+    it already.
+
+    Pages are seq ranges up to the shard's current maximum; each page's embeddings are
+    decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
+    """
+    if top is None:
+        record = runner.run(cypher.MAX_SEQ, shard=shard).single()
+        top = -1 if record["seq"] is None else int(record["seq"])
+    if top <= after:  # nothing new: the common case of a catch-up
+        return ShardRows([], np.empty(0, np.int64), np.empty((0, dim), np.float16), [], top)
+    expected = int(runner.run(cypher.COUNT_AFTER, shard=shard, after=after, model=model,
+                              dim=dim).single()["n"])
+    ids: list[str] = []
+    summaries: list[str] = []
+    seqs = np.empty(expected, dtype=np.int64)
+    emb = np.empty((expected, dim), dtype=np.float16)
+    n, lo = 0, after
+    while lo < top:
+        rec = runner.run(cypher.PAGE_RANGE, shard=shard, lo=lo, hi=lo + page,
+                         model=model, dim=dim).single()
+        got = len(rec["ids"])
+        if n + got > len(seqs):  # rows landed since the count: grow by doubling
+            size = max(2 * len(seqs), n + got)
+            seqs, emb = np.resize(seqs, size), np.resize(emb, (size, dim))
+        if got:
+            ids.extend(rec["ids"])
+            summaries.extend(t or "" for t in rec["summaries"])
+            seqs[n:n + got] = rec["seqs"]
+            emb[n:n + got] = np.frombuffer(b"".join(rec["embeddings"]),
+                                           dtype="<f2").reshape(got, dim)
+            n += got
+        lo += page
+    order = np.argsort(seqs[:n], kind="stable")
+    return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order],
+                     [summaries[i] for i in order], top)
+
+
+def _write_batch(tx: ManagedTransaction, batch: CuratedBatch,
+                 expect_max_seq: dict[str, int] | None, with_vector: bool) -> dict[str, int]:
+    """The statements of `GraphStore.write_batch`, on ``tx``; returns the row counts."""
+    new_ids = {i.id for i in batch.insights}
+    referenced = ({s.insight_id for s in batch.supports}
+                  | {p.insight_id for p in batch.produced}
+                  | {s.insight_id for s in batch.similar}
+                  | {s.other_id for s in batch.similar})
+    shards = sorted({i.shard for i in batch.insights})
+    experts = sorted({p.expert for p in batch.produced})
+    for shard, expected in (expect_max_seq or {}).items():
+        seq = tx.run(cypher.MAX_SEQ, shard=shard).single(strict=True)["seq"]
+        if (-1 if seq is None else int(seq)) != expected:
+            raise StaleWriteError(shard, f"max seq is {seq}, the writer saw "
+                                  f"{expected}: another writer got in")
+    found = set(tx.run(cypher.EXISTING_INSIGHTS,
+                       ids=sorted(new_ids | referenced)).single(strict=True)["ids"])
+    missing = sorted(referenced - new_ids - found)
+    if missing:
+        shard = next(iter(expect_max_seq or {}), None) or (
+            batch.insights[0].shard if batch.insights else "(unknown)")
+        raise StaleWriteError(shard, f"insight {missing[0]} is not in the graph "
+                              "(a stale cache?)")
+    params = rows.batch_rows(batch, found, with_vector)
+    if params["insights"]:
+        tx.run(cypher.MERGE_HUBS, shards=shards, run=batch.run_id).consume()
+    if experts:
+        tx.run(cypher.MERGE_EXPERTS, experts=rows.expert_rows(experts)).consume()
+    for statement, key in ((cypher.CREATE_INSIGHTS, "insights"),
+                           (cypher.MERGE_SUPPORTS, "old_supports"),
+                           (cypher.MERGE_PRODUCED, "old_produced"),
+                           (cypher.MERGE_SIMILAR, "old_similar")):
+        if params[key]:
+            tx.run(statement, rows=params[key]).consume()
+    grown = sorted({s.insight_id for s in batch.supports})
+    if grown:
+        found_ = tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
+                        cap=rows.MEDOID_MAX_SUPPORT).data()
+        texts = [r for f in found_ for r in rows.medoid_rows([f], int(f["dim"]))]
+        if texts:
+            tx.run(cypher.SET_TEXTS, rows=texts).consume()
+    return {k: len(v) for k, v in params.items()}
 
 
 def _open_driver(uri: str, auth: tuple[str, str], timeout_s: float) -> Driver:
