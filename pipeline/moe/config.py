@@ -1,90 +1,47 @@
-"""`MoEConfig`: the model's hyperparameters, a plain dataclass validated once.
+"""`MoEConfig`: the model's hyperparameters as one flat constructor, and its four parts.
 
-Every invalid value raises `ConfigError` (a `ValueError`) naming the field, the bad value and
-what is allowed. The fields stay flat (the original framework's names are what users type);
-`layer`, `knowledge` and `optimization` hand each consumer only its part.
+The fields stay flat (the original framework's names are what users type, and what a
+checkpoint's config.json holds); the config builds its parts once, and that is its
+validation (each part checks its own fields, `pipeline.moe.config_parts`): ``layer``,
+``system``, ``knowledge`` and ``optimization`` hand each consumer only its part.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from typing import Any
 
 from pipeline.errors import ConfigError
-
-EXPERT_TYPES = ("standard", "gated", "cur")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-GATE_TYPES = ("topk", "switch", "noisy_topk", "expert_choice", "soft", "hash", "random")
-# Gates that choose experts per token from learned router logits: the only ones a bias can steer.
-ROUTER_GATES = ("topk", "switch", "noisy_topk")
-# Gates that produce (token -> k experts) assignments and so go through token-choice dispatch.
-TOKEN_CHOICE_GATES = ("topk", "switch", "noisy_topk", "hash", "random")
-BALANCE_LOSSES = ("none", "switch", "group", "aux_free")
-DISPATCH_MODES = ("dropless", "capacity")
-KERNELS = ("triton", "torch")
-DTYPES = ("float32", "bfloat16", "float16")
-AMP_DTYPES = ("bfloat16", "float16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Gates that route by the token's vocabulary id (MoELayer's ``token_ids``).
-TOKEN_ID_GATES = ("hash",)
-# Gates that can be confined to the experts of an input's chosen constellations.
-CONSTRAINABLE_GATES = ("topk", "switch", "noisy_topk", "random")
-# Ceilings on single fields, far above any real model (Llama 3.1 405B: 126 layers, width
-# 16384, MLP 53248; DeepSeek-V3: 256 experts) and far below what exhausts memory on their
-# own; the parameter count as a whole is bounded where a model is built (`budget`).
-MAX_DIM = 1 << 20
-MAX_EXPERTS = 4096  # the hash gate draws a 65536 x E table: 1 GiB at this ceiling
-MAX_LAYERS = 1024
-MAX_SLOTS = 1024
-MAX_GRAPH_TOKENS = 1 << 24
-
-
-def _json_ready(spec: Any) -> Any:
-    """A constellation's spec as JSON reads it back (lists, not tuples)."""
-    if isinstance(spec, tuple):
-        return list(spec)
-    if isinstance(spec, dict):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
-    return spec
-
-
-def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(field, value, "one of " + ", ".join(repr(a) for a in allowed))
-
-
-def _positive_int(field: str, value: object, limit: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(field, value, "a positive integer")
-    if limit is not None and value > limit:
-        raise ConfigError(field, value, f"a positive integer of at most {limit:,}")
-
-
-def _non_negative(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ConfigError(field, value, "a finite number >= 0")
-    if math.isinf(value):
-        raise ConfigError(field, value, "a finite number >= 0")
+from pipeline.moe.config_parts import (  # noqa: F401 - the constants are named from here too
+    ACTIVATIONS,
+    AMP_DTYPES,
+    BALANCE_LOSSES,
+    COMPILE_MODES,
+    CONSTRAINABLE_GATES,
+    DISPATCH_MODES,
+    DTYPES,
+    EXPERT_TYPES,
+    GATE_TYPES,
+    KERNELS,
+    MAX_DIM,
+    MAX_EXPERTS,
+    MAX_GRAPH_TOKENS,
+    MAX_LAYERS,
+    MAX_SLOTS,
+    ROUTER_GATES,
+    TOKEN_CHOICE_GATES,
+    TOKEN_ID_GATES,
+    KnowledgeConfig,
+    LayerConfig,
+    OptimizationConfig,
+    SystemConfig,
+)
 
 
 @dataclass(frozen=True)
-class KnowledgeConfig:
-    """The part of `MoEConfig` the librarian reads: how reports become insights."""
-
-    dim: int  # report embedding width (the model's input_dim)
-    dedup_threshold: float
-    related_threshold: float
-    max_kg_nodes: int
-    kg_checkpoint_dir: str | None
-    kg_save_interval: int
-    lexical_threshold: float | None = None
-    lexical_floor: float = 0.45
-
-
-@dataclass
 class MoEConfig:
-    """Hyperparameters of a mixture-of-experts layer (and, in later modules, the system).
+    """Hyperparameters of a mixture-of-experts layer and the system around it, flat.
 
     Dimensions: experts map ``input_dim -> hidden_dim -> output_dim``.
 
@@ -105,13 +62,17 @@ class MoEConfig:
     standard and gated experts on the Triton kernels of `pipeline.moe.kernels` where they can
     run (CUDA with triton installed), the router's top-k fused into them for the learned
     gates; ``"torch"`` keeps the readable torch path everywhere. The CPU takes the torch path.
+    ``dtype`` is the experts' weights' dtype, ``router_dtype`` the router's. These fields form
+    ``.layer`` (`LayerConfig`).
 
-    System: ``num_layers`` MoE blocks behind a supervisor. ``constellations`` names groups of
-    experts (``{"mathematics": [0, 3, 7], ...}``, overlaps allowed, every expert in one at
-    least); the supervisor picks ``top_k_constellations`` of them per input (default 1) and
-    that input's tokens route among their members only. With none given, each expert is its
-    own constellation, named by ``expert_specializations`` when given, tokens route over all
-    experts (a flat top-k MoE) and ``top_k_constellations`` defaults to ``top_k_experts``.
+    System (``.system``, `SystemConfig`): ``num_layers`` MoE blocks behind a supervisor.
+    ``constellations`` names groups of experts (``{"mathematics": [0, 3, 7], ...}``, overlaps
+    allowed, every expert in one at least); the supervisor (``supervisor_heads`` attention
+    heads) picks ``top_k_constellations`` of them per input (default 1) and that input's
+    tokens route among their members only; ``constellation_balance_weight`` weighs its
+    balance loss. With none given, each expert is its own constellation, named by
+    ``expert_specializations`` when given, tokens route over all experts (a flat top-k MoE)
+    and ``top_k_constellations`` defaults to ``top_k_experts``.
 
     A constellation may carry a ``description`` beside its experts (``{"mathematics":
     {"experts": [0, 1], "description": "numbers, proofs, equations"}}``): the pipeline starts
@@ -121,19 +82,24 @@ class MoEConfig:
     report space stays the encoder's space, shaded by what the experts made of it (0 gives the
     encoder's space exactly; a large weight, the experts' output alone).
 
-    Knowledge graph (the librarian): reports at cosine >= ``dedup_threshold`` are one insight,
-    and so are reports whose texts share at least ``lexical_threshold`` of their character
-    3-grams (Jaccard) at cosine >= ``lexical_floor`` (None: cosine alone); new insights link
-    to neighbours with ``related_threshold <= cosine < dedup_threshold`` (SIMILAR_TO).
-    ``max_kg_nodes`` bounds each shard's hot cache (the least-supported, oldest insights leave
-    it first and stay in the graph); with ``kg_checkpoint_dir`` the caches are
-    snapshotted every ``kg_save_interval`` added insights.
+    Knowledge graph (``.knowledge``, `KnowledgeConfig`, the librarian): reports at cosine >=
+    ``dedup_threshold`` are one insight, and so are reports whose texts share at least
+    ``lexical_threshold`` of their character 3-grams (Jaccard) at cosine >= ``lexical_floor``
+    (None: cosine alone); new insights link to neighbours with ``related_threshold <= cosine <
+    dedup_threshold`` (SIMILAR_TO). ``max_kg_nodes`` bounds each shard's hot cache (the
+    least-supported, oldest insights leave it first and stay in the graph); with
+    ``kg_checkpoint_dir`` the caches are snapshotted every ``kg_save_interval`` added insights.
 
-    Optimizations (read by `FullyOptimizedMoESystem`; the base system runs without them):
-    ``use_compile`` with ``compile_mode``, ``use_amp`` with ``amp_dtype`` (float16 brings a
-    gradient scaler), ``use_gradient_checkpointing``; on CUDA, ``use_cuda_graphs`` serves
-    `FullyOptimizedMoESystem.infer` from CUDA graphs over a static input buffer of
-    ``cuda_graph_max_tokens`` tokens (a larger batch is refused, naming the setting).
+    Optimizations (``.optimization``, `OptimizationConfig`), read by `FullyOptimizedMoESystem`
+    only: the plain system, which `moe-pipeline run`, the workers and `train` serve, runs
+    without them (a checkpoint keeps them, and they are part of its fingerprint, but they do
+    not change its weights). ``use_compile`` with ``compile_mode``, ``use_amp`` with
+    ``amp_dtype`` (float16 brings a gradient scaler), ``use_gradient_checkpointing``; on CUDA,
+    ``use_cuda_graphs`` serves `FullyOptimizedMoESystem.infer` from CUDA graphs over a static
+    input buffer of ``cuda_graph_max_tokens`` tokens (a larger batch is refused, naming the
+    setting).
+
+    Frozen, like its parts: the parts are built once, here, and stay true to the fields.
     """
 
     input_dim: int = 512
@@ -190,208 +156,71 @@ class MoEConfig:
     cuda_graph_max_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        # JSON has no tuples: keep what a checkpoint's config.json reads back identical.
-        if isinstance(self.constellations, dict):
-            self.constellations = {k: _json_ready(v) for k, v in self.constellations.items()}
-        if isinstance(self.expert_specializations, tuple):
-            self.expert_specializations = list(self.expert_specializations)
-        limits = {"input_dim": MAX_DIM, "hidden_dim": MAX_DIM, "output_dim": MAX_DIM,
-                  "num_experts": MAX_EXPERTS, "top_k_experts": MAX_EXPERTS,
-                  "cur_rank": MAX_DIM, "slots_per_expert": MAX_SLOTS,
-                  "num_expert_groups": MAX_EXPERTS}
-        for name, limit in limits.items():
-            _positive_int(name, getattr(self, name), limit)
-        if isinstance(self.num_shared_experts, bool) or not isinstance(
-            self.num_shared_experts, int
-        ) or not 0 <= self.num_shared_experts <= MAX_EXPERTS:
-            raise ConfigError("num_shared_experts", self.num_shared_experts,
-                              f"an integer >= 0, at most {MAX_EXPERTS:,}")
-        _choice("expert_type", self.expert_type, EXPERT_TYPES)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("gate_type", self.gate_type, GATE_TYPES)
-        _choice("balance_loss", self.balance_loss, BALANCE_LOSSES)
-        _choice("dispatch", self.dispatch, DISPATCH_MODES)
-        _choice("kernels", self.kernels, KERNELS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("router_dtype", self.router_dtype, DTYPES)
-        for name in ("jitter_noise", "load_balance_weight", "z_loss_weight",
-                     "aux_free_update_rate", "dropout"):
-            _non_negative(name, getattr(self, name))
-        if self.dropout >= 1:
-            raise ConfigError("dropout", self.dropout, "a probability in [0, 1)")
-        if self.jitter_noise >= 1:
-            raise ConfigError("jitter_noise", self.jitter_noise, "a value in [0, 1)")
-        _non_negative("capacity_factor", self.capacity_factor)
-        if self.capacity_factor <= 0:
-            raise ConfigError("capacity_factor", self.capacity_factor, "a number > 0")
-        if self.top_k_experts > self.num_experts:
-            raise ConfigError("top_k_experts", self.top_k_experts,
-                              f"at most num_experts={self.num_experts}")
-        if self.gate_type == "switch" and self.top_k_experts != 1:
-            raise ConfigError("top_k_experts", self.top_k_experts,
-                              "1 with gate_type='switch' (switch routing is top-1)")
-        if self.jitter_noise > 0 and self.gate_type != "switch":
-            raise ConfigError("jitter_noise", self.jitter_noise,
-                              "0 unless gate_type='switch' (jitter is switch routing's noise)")
-        if self.cur_rank > min(self.input_dim, self.hidden_dim, self.output_dim) and (
-            self.expert_type == "cur"
-        ):
-            raise ConfigError("cur_rank", self.cur_rank,
-                              "at most min(input_dim, hidden_dim, output_dim) for 'cur' experts")
-        if self.num_experts % self.num_expert_groups:
-            raise ConfigError("num_expert_groups", self.num_expert_groups,
-                              f"a divisor of num_experts={self.num_experts}")
-        if self.num_expert_groups > 1 and self.balance_loss != "group":
-            raise ConfigError("num_expert_groups", self.num_expert_groups,
-                              "1 unless balance_loss='group'")
-        if self.balance_loss == "aux_free" and self.gate_type not in ROUTER_GATES:
-            raise ConfigError("balance_loss", self.balance_loss,
-                              "a loss other than 'aux_free' with gate_type="
-                              f"{self.gate_type!r}: the bias steers only "
-                              + ", ".join(ROUTER_GATES))
-        if self.num_shared_experts and self.gate_type not in TOKEN_CHOICE_GATES:
-            raise ConfigError("num_shared_experts", self.num_shared_experts,
-                              "0 with gate_type=" + repr(self.gate_type)
-                              + "; shared experts sit beside a token-choice gate")
+        # Building the parts is the validation, in this order: a config with faults in
+        # several parts reports its layer's first.
+        _ = (self.layer, self.knowledge, self.system, self.optimization)
+        # The system part keeps its collections as JSON reads them back (lists, not tuples);
+        # so do the flat fields, so that a checkpoint's config.json reads back identical.
+        object.__setattr__(self, "constellations", self.system.constellations)
+        object.__setattr__(self, "expert_specializations", self.system.expert_specializations)
 
-        for name in ("dedup_threshold", "related_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                    -1.0 <= value <= 1.0):
-                raise ConfigError(name, value, "a cosine similarity in [-1, 1]")
-        if self.related_threshold > self.dedup_threshold:
-            raise ConfigError("related_threshold", self.related_threshold,
-                              f"at most dedup_threshold={self.dedup_threshold}")
-        if self.lexical_threshold is not None:
-            lex = self.lexical_threshold
-            if isinstance(lex, bool) or not isinstance(lex, int | float) or not 0 < lex <= 1:
-                raise ConfigError("lexical_threshold", lex,
-                                  "a character 3-gram Jaccard in (0, 1], or None to turn the "
-                                  "lexical signal off")
-        floor = self.lexical_floor
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or not (
-                -1.0 <= floor <= self.dedup_threshold):
-            raise ConfigError("lexical_floor", floor,
-                              f"a cosine in [-1, dedup_threshold={self.dedup_threshold}]")
-        w = self.report_expert_weight
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1e6:
-            raise ConfigError("report_expert_weight", w, "a finite number >= 0")
-        _positive_int("max_kg_nodes", self.max_kg_nodes)
-        _positive_int("kg_save_interval", self.kg_save_interval)
-        _positive_int("num_layers", self.num_layers, MAX_LAYERS)
-        _positive_int("supervisor_heads", self.supervisor_heads)
-        if self.input_dim % self.supervisor_heads:
-            raise ConfigError("supervisor_heads", self.supervisor_heads,
-                              f"a divisor of input_dim={self.input_dim}")
-        _non_negative("constellation_balance_weight", self.constellation_balance_weight)
-        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        _positive_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, MAX_GRAPH_TOKENS)
-        for name in ("use_compile", "use_amp", "use_gradient_checkpointing", "use_cuda_graphs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "True or False")
-        self._check_specializations()
-        self._check_constellations()
-        groups = len(self.constellation_members())
-        if self.top_k_constellations is not None:
-            _positive_int("top_k_constellations", self.top_k_constellations)
-            if self.top_k_constellations > groups:
-                raise ConfigError("top_k_constellations", self.top_k_constellations,
-                                  f"at most the number of constellations, {groups}")
+    def _flat(self, part: type) -> dict[str, Any]:
+        """The flat fields a part holds (`KnowledgeConfig`'s ``dim`` is ``input_dim``)."""
+        return {f.name: getattr(self, f.name) for f in fields(part)
+                if f.name not in ("layer", "dim")}
 
-    def _check_specializations(self) -> None:
-        names = self.expert_specializations
-        if names is None:
-            return
-        if (not isinstance(names, list | tuple) or len(names) != self.num_experts
-                or not all(isinstance(n, str) and n for n in names)):
-            raise ConfigError("expert_specializations", names,
-                              f"a list of {self.num_experts} non-empty names, one per expert")
-        if len(set(names)) != len(names):
-            raise ConfigError("expert_specializations", names, "distinct names")
+    # -- the parts: built on first use (in __post_init__), then kept; frozen, so always true
+    # to the flat fields (cached_property writes the instance dict, which freezing allows)
+    @cached_property
+    def layer(self) -> LayerConfig:
+        """The layer's fields, for `MoELayer`, its gate and its experts."""
+        return LayerConfig(**self._flat(LayerConfig))
 
-    def _check_constellations(self) -> None:
-        if self.constellations is None:
-            return
-        field = "constellations"
-        if not isinstance(self.constellations, dict) or not self.constellations:
-            raise ConfigError(field, self.constellations,
-                              "a non-empty mapping of name to expert indices")
-        for name, spec in self.constellations.items():
-            if isinstance(spec, dict):
-                unknown = sorted(set(spec) - {"experts", "description"})
-                if unknown or "experts" not in spec:
-                    raise ConfigError(f"{field}[{name!r}]", spec, "a list of expert indices, "
-                                      "or {'experts': [...], 'description': '...'}")
-                if not isinstance(spec.get("description", ""), str):
-                    raise ConfigError(f"{field}[{name!r}].description",
-                                      spec["description"], "a string")
-        groups = dict(self.constellation_members())
-        for name, members in groups.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigError(field, name, "non-empty string names")
-            ok = (isinstance(members, list | tuple) and members and len(set(members)) ==
-                  len(members) and all(isinstance(m, int) and not isinstance(m, bool)
-                                       and 0 <= m < self.num_experts for m in members))
-            if not ok:
-                raise ConfigError(f"{field}[{name!r}]", members,
-                                  f"distinct expert indices in [0, {self.num_experts})")
-        covered = {m for members in groups.values() for m in members}
-        missing = sorted(set(range(self.num_experts)) - covered)
-        if missing:
-            raise ConfigError(field, groups, f"every expert in a constellation; expert "
-                              f"{missing[0]} is in none")
-        smallest = min(len(m) for m in groups.values())
-        if self.top_k_experts > smallest:
-            raise ConfigError("top_k_experts", self.top_k_experts,
-                              f"at most the smallest constellation's size, {smallest}")
-        if self.gate_type not in CONSTRAINABLE_GATES:
-            raise ConfigError("gate_type", self.gate_type, "one of "
-                              + ", ".join(repr(g) for g in CONSTRAINABLE_GATES)
-                              + " when constellations are given")
+    @cached_property
+    def system(self) -> SystemConfig:
+        """The system's fields (its layer included), for the supervisor and constellations."""
+        return SystemConfig(layer=self.layer, **self._flat(SystemConfig))
 
+    @cached_property
+    def knowledge(self) -> KnowledgeConfig:
+        """The knowledge-graph fields only, for the librarian."""
+        return KnowledgeConfig(dim=self.input_dim, **self._flat(KnowledgeConfig))
+
+    @cached_property
+    def optimization(self) -> OptimizationConfig:
+        """The switches of `FullyOptimizedMoESystem`."""
+        return OptimizationConfig(**self._flat(OptimizationConfig))
+
+    # -- what the system part answers, kept on the flat config for its callers -------------
     def constellation_members(self) -> list[tuple[str, list[int]]]:
         """(name, expert indices) of every constellation, configured or derived."""
-        if self.constellations is not None:
-            return [(name, list(spec["experts"] if isinstance(spec, dict) else spec))
-                    for name, spec in self.constellations.items()]
-        return [(name, [e]) for e, name in enumerate(self.expert_names())]
+        return self.system.constellation_members()
 
     def constellation_descriptions(self) -> dict[str, str]:
         """Name -> the description a constellation was given ("" where none was)."""
-        return {name: (spec.get("description", "") if isinstance(spec, dict) else "")
-                for name, spec in (self.constellations or {}).items()} or {
-            name: "" for name, _ in self.constellation_members()}
+        return self.system.constellation_descriptions()
 
     def expert_names(self) -> list[str]:
         """A name per expert: its specialization, or ``expert_<i>``."""
-        if self.expert_specializations is not None:
-            return list(self.expert_specializations)
-        return [f"expert_{e}" for e in range(self.num_experts)]
+        return self.system.expert_names()
 
     @property
     def constellations_constrain_routing(self) -> bool:
         """Whether tokens route only among their input's chosen constellations' members."""
+        # Read from the flat field, not the part: the system's forward asks this under
+        # torch.compile, which traces a plain attribute without a cached_property lookup.
         return self.constellations is not None
 
     @property
     def chosen_per_input(self) -> int:
         """How many constellations the supervisor picks per input."""
-        if self.top_k_constellations is not None:
-            return self.top_k_constellations
-        return 1 if self.constellations is not None else self.top_k_experts
+        return self.system.chosen_per_input
 
     @property
     def is_token_choice(self) -> bool:
-        return self.gate_type in TOKEN_CHOICE_GATES
+        return self.layer.is_token_choice
 
-    @property
-    def knowledge(self) -> KnowledgeConfig:
-        """The knowledge-graph fields only, for the librarian."""
-        return KnowledgeConfig(self.input_dim, self.dedup_threshold, self.related_threshold,
-                               self.max_kg_nodes, self.kg_checkpoint_dir, self.kg_save_interval,
-                               self.lexical_threshold, self.lexical_floor)
-
+    # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -402,3 +231,8 @@ class MoEConfig:
         if unknown:
             raise ConfigError(unknown[0], data[unknown[0]], "a known MoEConfig field")
         return cls(**data)
+
+
+def as_layer(config: MoEConfig | LayerConfig) -> LayerConfig:
+    """The layer part of a config given either way (`MoELayer` takes both)."""
+    return config.layer if isinstance(config, MoEConfig) else config

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.moe.config import MoEConfig
+from pipeline.moe.config import SystemConfig
 
 
 class ExpertConstellation(nn.Module):
@@ -22,12 +22,12 @@ class ExpertConstellation(nn.Module):
 
     membership: Tensor  # (G, E) bool, a buffer
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: SystemConfig) -> None:
         super().__init__()
         groups = cfg.constellation_members()
         self.names: list[str] = [name for name, _ in groups]
         self.expert_names: list[str] = cfg.expert_names()
-        membership = torch.zeros(len(groups), cfg.num_experts, dtype=torch.bool)
+        membership = torch.zeros(len(groups), cfg.layer.num_experts, dtype=torch.bool)
         for g, (_, members) in enumerate(groups):
             membership[g, members] = True
         self.register_buffer("membership", membership)

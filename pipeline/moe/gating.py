@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import InputShapeError
-from pipeline.moe.config import MoEConfig
+from pipeline.moe.config import LayerConfig
 
 
 class TokenChoice(NamedTuple):
@@ -139,7 +139,7 @@ class TopKGate(nn.Module):
     Honours ``bias_E`` and ``allowed_TE``; refuses ``token_ids_T``; ``batch`` is not read.
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.k = cfg.top_k_experts
         self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
@@ -163,7 +163,7 @@ class SwitchGate(nn.Module):
     ``allowed_TE``; refuses ``token_ids_T``; ``batch`` is not read.
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.jitter = cfg.jitter_noise
         self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
@@ -189,7 +189,7 @@ class NoisyTopKGate(nn.Module):
     ``allowed_TE``; refuses ``token_ids_T``; ``batch`` is not read.
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.k = cfg.top_k_experts
         self.router = Router(cfg.input_dim, cfg.num_experts, _dtype(cfg.router_dtype))
@@ -220,7 +220,7 @@ class ExpertChoiceGate(nn.Module):
     confined per token without breaking its fixed capacity).
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.k, self.capacity_factor = cfg.top_k_experts, cfg.capacity_factor
         self.num_experts = cfg.num_experts
@@ -247,7 +247,7 @@ class SoftMoEGate(nn.Module):
     a bias or a mask to act on.
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.num_slots = cfg.num_experts * cfg.slots_per_expert
         self.phi = nn.Parameter(torch.randn(self.num_slots, cfg.input_dim) * cfg.input_dim ** -0.5)
@@ -287,7 +287,7 @@ class HashGate(nn.Module):
     NUM_BUCKETS = 65536
     table: Tensor  # (NUM_BUCKETS, K) int64 expert ids, a buffer
 
-    def __init__(self, cfg: MoEConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: LayerConfig, seed: int = 0) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
         gen = torch.Generator().manual_seed(seed)
@@ -313,7 +313,7 @@ class RandomGate(nn.Module):
     (nothing learned for a bias to steer); ``batch`` is not read.
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.num_experts, self.k = cfg.num_experts, cfg.top_k_experts
 
@@ -341,5 +341,5 @@ GATES: dict[str, type[nn.Module]] = {
 }
 
 
-def build_gate(cfg: MoEConfig) -> nn.Module:
+def build_gate(cfg: LayerConfig) -> nn.Module:
     return GATES[cfg.gate_type](cfg)

@@ -30,7 +30,14 @@ from pipeline.moe.balancing import (
     routing_entropy,
     switch_balance_loss,
 )
-from pipeline.moe.config import CONSTRAINABLE_GATES, ROUTER_GATES, TOKEN_ID_GATES, MoEConfig
+from pipeline.moe.config import (
+    CONSTRAINABLE_GATES,
+    ROUTER_GATES,
+    TOKEN_ID_GATES,
+    LayerConfig,
+    MoEConfig,
+    as_layer,
+)
 from pipeline.moe.experts import Experts
 from pipeline.moe.gating import ExpertChoice, Router, SoftRouting, TokenChoice, build_gate
 
@@ -75,7 +82,7 @@ class RoutingConstraint(NamedTuple):
     scale: Tensor | None = None
 
 
-def _experts(cfg: MoEConfig, num_experts: int, hidden_dim: int) -> Experts:
+def _experts(cfg: LayerConfig, num_experts: int, hidden_dim: int) -> Experts:
     return Experts(num_experts, cfg.input_dim, hidden_dim, cfg.output_dim,
                    expert_type=cfg.expert_type, activation=cfg.activation,
                    dropout=cfg.dropout, cur_rank=cfg.cur_rank, dtype=getattr(torch, cfg.dtype))
@@ -86,8 +93,10 @@ class MoELayer(nn.Module):
 
     balance_bias: Tensor | None  # (E,) float32, a buffer; None unless aux-free balancing
 
-    def __init__(self, config: MoEConfig) -> None:
+    def __init__(self, config: MoEConfig | LayerConfig) -> None:
+        """``config``: the layer part, or a whole `MoEConfig` (its ``.layer`` is kept)."""
         super().__init__()
+        config = as_layer(config)
         self.config = config
         self.gate = build_gate(config)
         self.experts = _experts(config, config.num_experts, config.hidden_dim)
@@ -122,7 +131,7 @@ class MoELayer(nn.Module):
         if constraint is not None or pool:  # which input each token belongs to
             input_T = torch.arange(x_TD.shape[0], device=x.device) // (x_TD.shape[0] // B)
         # One call for every gate: each reads what it needs (see `gating`). The bias is None
-        # unless aux-free balancing is on, which MoEConfig allows only for learned routers.
+        # unless aux-free balancing is on, which LayerConfig allows only for learned routers.
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         allowed_TE = None if constraint is None else constraint.allowed[input_T]
         use_kernels = self._use_kernels(x_TD)

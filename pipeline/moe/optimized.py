@@ -29,7 +29,7 @@ _INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def graph_tokens(x: Tensor, max_tokens: int) -> int:
     """Tokens of an inference batch ``(B, N, D)`` or ``(B, D)``, refused past ``max_tokens``
-    (`MoEConfig.cuda_graph_max_tokens`, the static buffer's size)."""
+    (`OptimizationConfig.cuda_graph_max_tokens`, the static buffer's size)."""
     tokens = x.numel() // max(1, x.shape[-1])
     if tokens > max_tokens:
         raise InputShapeError("x", tuple(x.shape), f"at most cuda_graph_max_tokens={max_tokens} "
@@ -119,6 +119,7 @@ class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
+        self.optimization = config.optimization  # its part; the modules read layer and system
         self._compiled: Callable[..., SystemOutput] | None = None
         self._scaler: torch.amp.GradScaler | None = None
         self._graphs: GraphedInference | None = None
@@ -129,26 +130,27 @@ class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
         return super()._apply(fn, *args, **kwargs)
 
     def _runner(self) -> Callable[..., SystemOutput]:
-        if not self.config.use_compile:
+        if not self.optimization.use_compile:
             return self.run
         if self._compiled is None:
-            self._compiled = torch.compile(self.run, mode=self.config.compile_mode)
+            self._compiled = torch.compile(self.run, mode=self.optimization.compile_mode)
         return self._compiled
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.config.use_amp:
+        if not self.optimization.use_amp:
             return contextlib.nullcontext()
         device = next(self.parameters()).device.type
-        return torch.autocast(device, dtype=getattr(torch, self.config.amp_dtype))
+        return torch.autocast(device, dtype=getattr(torch, self.optimization.amp_dtype))
 
     def _call_block(self, block: nn.Module, h: Tensor, constraint: RoutingConstraint | None,
                     pool: bool) -> tuple[Tensor, MoEAux]:
-        if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if (self.optimization.use_gradient_checkpointing and self.training
+                and torch.is_grad_enabled()):
             return checkpoint(block, h, constraint, pool, use_reentrant=False)
         return block(h, constraint, pool)
 
     def _step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if not (self.config.use_amp and self.config.amp_dtype == "float16"):
+        if not (self.optimization.use_amp and self.optimization.amp_dtype == "float16"):
             super()._step(loss, optimizer)
             return
         if self._scaler is None:  # fp16 gradients underflow without loss scaling
@@ -165,18 +167,19 @@ class FullyOptimizedMoESystem(MixtureOfExpertsSystem):
         with `InputShapeError` naming the setting)."""
         self.eval()
         device = next(self.parameters()).device
-        cfg = self.config
-        if (device.type == "cuda" and cfg.use_cuda_graphs
-                and not (cfg.use_compile and cfg.compile_mode in _INDUCTOR_GRAPH_MODES)):
+        opt = self.optimization
+        if (device.type == "cuda" and opt.use_cuda_graphs
+                and not (opt.use_compile and opt.compile_mode in _INDUCTOR_GRAPH_MODES)):
             if self._graphs is None:
-                self._graphs = GraphedInference(cfg.cuda_graph_max_tokens)
+                self._graphs = GraphedInference(opt.cuda_graph_max_tokens)
             return self._graphs(self._graph_forward, x, device, reports)
         with self._autocast():
             return self._runner()(x, reports=reports)
 
     def _graph_forward(self, x: Tensor, reports: bool) -> SystemOutput:
         # Autocast's cast cache must be off under capture: cached casts would outlive it.
-        amp = contextlib.nullcontext() if not self.config.use_amp else torch.autocast(
-            "cuda", dtype=getattr(torch, self.config.amp_dtype), cache_enabled=False)
+        opt = self.optimization
+        amp = contextlib.nullcontext() if not opt.use_amp else torch.autocast(
+            "cuda", dtype=getattr(torch, opt.amp_dtype), cache_enabled=False)
         with amp:
             return self._runner()(x, reports=reports)

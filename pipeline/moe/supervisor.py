@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.moe.balancing import switch_balance_loss
-from pipeline.moe.config import MoEConfig
+from pipeline.moe.config import SystemConfig
 
 
 class SupervisorDecision(NamedTuple):
@@ -36,9 +36,9 @@ class SupervisorDecision(NamedTuple):
 class SupervisorGating(nn.Module):
     """Scores constellations per input by multi-head attention pooling over its tokens."""
 
-    def __init__(self, cfg: MoEConfig, num_constellations: int) -> None:
+    def __init__(self, cfg: SystemConfig, num_constellations: int) -> None:
         super().__init__()
-        D, H = cfg.input_dim, cfg.supervisor_heads
+        D, H = cfg.layer.input_dim, cfg.supervisor_heads
         self.heads, self.head_dim = H, D // H
         self.choose = min(cfg.chosen_per_input, num_constellations)
         self.norm = nn.LayerNorm(D)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipeline.errors import ConfigError, InputShapeError
 from pipeline.moe import checkpoint as ckpt
 from pipeline.moe.analysis import parameter_counts
-from pipeline.moe.config import TOKEN_CHOICE_GATES, MoEConfig
+from pipeline.moe.config import TOKEN_CHOICE_GATES, LayerConfig, MoEConfig
 from pipeline.moe.constellation import ExpertConstellation
 from pipeline.moe.fitting import FitResult, fit
 from pipeline.moe.layer import MoEAux, MoELayer, RoutingConstraint
@@ -55,10 +55,10 @@ class SystemOutput(NamedTuple):
 class MoEBlock(nn.Module):
     """Pre-norm residual MoE block: ``h + moe(norm(h))``."""
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, layer: LayerConfig) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.input_dim)
-        self.moe = MoELayer(dataclasses.replace(cfg, output_dim=cfg.input_dim))
+        self.norm = nn.LayerNorm(layer.input_dim)
+        self.moe = MoELayer(dataclasses.replace(layer, output_dim=layer.input_dim))
 
     def forward(self, h_BND: Tensor, constraint: RoutingConstraint | None,
                 pool: bool) -> tuple[Tensor, MoEAux]:
@@ -87,9 +87,9 @@ class MixtureOfExpertsSystem(nn.Module):
             raise ConfigError("gate_type", config.gate_type, "a token-choice gate ("
                               + ", ".join(TOKEN_CHOICE_GATES) + "): draft reports pool per expert")
         self.config = config
-        self.constellation = ExpertConstellation(config)
-        self.supervisor = SupervisorGating(config, len(self.constellation))
-        self.blocks = nn.ModuleList(MoEBlock(config) for _ in range(config.num_layers))
+        self.constellation = ExpertConstellation(config.system)
+        self.supervisor = SupervisorGating(config.system, len(self.constellation))
+        self.blocks = nn.ModuleList(MoEBlock(config.layer) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.input_dim)
         self.head = nn.Linear(config.input_dim, config.output_dim)
         self.knowledge: Any = None  # a Librarian, once attached
