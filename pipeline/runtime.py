@@ -9,21 +9,24 @@ librarian never loads the model. `close()` lets go of all of it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
 from pipeline import serving
 from pipeline.librarian import Librarian
-from pipeline.moe.config import MoEConfig
+from pipeline.moe.config import KnowledgeConfig, MoEConfig
 from pipeline.moe.system import MixtureOfExpertsSystem
 from pipeline.settings import Settings, private_state_dir
 from pipeline.storage import ledger
 from pipeline.storage.connect import open_graph
 from pipeline.storage.graph import GraphStore
 from pipeline.storage.locks import LocalShardLock, RedisShardLock, shard_locks
+from pipeline.storage.run_knowledge import RunKnowledge
 from pipeline.storage.sql import session_factory
 
 
@@ -48,7 +51,7 @@ class Runtime:
         self._locks: LocalShardLock | RedisShardLock | None = None
         self._librarians: dict[str, Librarian] = {}
         self._runs: set[str] = set()
-        self._run_configs: dict[str, MoEConfig] = {}
+        self._run_knowledge: dict[str, RunKnowledge] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: str | None = None,
@@ -114,26 +117,29 @@ class Runtime:
             self._locks = shard_locks(self.settings)
         return self._locks
 
-    def librarian(self, config: MoEConfig | None = None) -> Librarian:
-        """One librarian per model shape (width, thresholds), its caches kept warm."""
-        config = config or self.config
-        key = serving.config_fingerprint(config)
+    def librarian(self, config: MoEConfig | KnowledgeConfig | None = None) -> Librarian:
+        """One librarian per knowledge part (width, thresholds, cache bound, snapshots), its
+        caches kept warm."""
+        knowledge = (config or self.config)
+        if isinstance(knowledge, MoEConfig):
+            knowledge = knowledge.knowledge
+        key = json.dumps(asdict(knowledge), sort_keys=True)
         if key not in self._librarians:
-            self._librarians[key] = Librarian.from_config(self.graph, self.locks, config,
+            self._librarians[key] = Librarian.from_config(self.graph, self.locks, knowledge,
                                                           device=self.device)
         return self._librarians[key]
 
-    def run_config(self, run_id: str) -> MoEConfig:
-        """The model config a run was recorded with (from SQL, once per process)."""
-        if run_id not in self._run_configs:
-            self._run_configs[run_id] = ledger.run_config(self.Session, run_id)
-        return self._run_configs[run_id]
+    def run_knowledge(self, run_id: str) -> RunKnowledge:
+        """What a run's curation reads of its model, as the run recorded it (from SQL, once
+        per process)."""
+        if run_id not in self._run_knowledge:
+            self._run_knowledge[run_id] = ledger.run_knowledge(self.Session, run_id)
+        return self._run_knowledge[run_id]
 
-    def ensure_run(self, run_id: str, config: MoEConfig, model: str | None = None) -> None:
+    def ensure_run(self, run_id: str, known: RunKnowledge, model: str | None = None) -> None:
         """The run's node and its model's experts and constellations, once per process."""
         if run_id not in self._runs:
-            self.graph.ensure_run(run_id, config.to_dict(), serving.constellation_map(config),
-                                  model)
+            self.graph.ensure_run(run_id, known.to_json(), known.constellations, model)
             self._runs.add(run_id)
 
     def close(self) -> None:

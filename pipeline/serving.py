@@ -175,9 +175,3 @@ def load_system(settings: Settings, device: str | None = None) -> MixtureOfExper
         system = build_system(default_config(), settings)
     return system.to(device or settings.torch_device()).eval()
 
-
-def constellation_map(config: MoEConfig) -> dict[str, list[str]]:
-    """Constellation name -> its experts' names (what the graph's model nodes hold)."""
-    names = config.expert_names()
-    return {name: [names[e] for e in members] for name, members in
-            config.constellation_members()}

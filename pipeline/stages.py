@@ -273,10 +273,10 @@ def run_batch(rt: Runtime, batch: ItemBatch, attempts: int) -> dict[str, Any]:
 def _curate(rt: Runtime, part: ShardPart) -> tuple[CurateResult, list[BadItem], float]:
     """Curate one part into the graph (one write transaction, under the shard's lock),
     isolating the reports that break it: the result, those reports as bad items, seconds."""
-    config = rt.run_config(part.run_id)
-    rt.ensure_run(part.run_id, config, part.model)
+    known = rt.run_knowledge(part.run_id)
+    rt.ensure_run(part.run_id, known, part.model)
     t = time.perf_counter()
-    librarian = rt.librarian(config)
+    librarian = rt.librarian(known.knowledge)
     step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,
                                                     model=part.model),
                    part.reports, CURATE_FAULTS)

@@ -107,9 +107,7 @@ def run_stats(Session: sessionmaker, run_id: str | None = None) -> RunStats:
     merged = sum(m.merged for _, m in rows.batches)
     total_parts = sum(n for _, n in rows.shard_reports) or 1
     try:
-        config = ledger.run_config(Session, rows.run_id)
-        members = {name: [config.expert_names()[e] for e in experts]
-                   for name, experts in config.constellation_members()}
+        members = ledger.run_knowledge(Session, rows.run_id).constellations
     except PipelineError:  # a run recorded without its model: no membership to show
         members = {}
     return RunStats(rows.run_id, rows.jobs, len(rows.batches), items, reports,

@@ -160,3 +160,26 @@ def test_a_redelivered_routing_sends_only_undispatched_parts(sql_url):
     ledger.mark_dispatched(Session, batch_id, ["a"])  # died after sending a, before b
     assert ledger.begin_batch(Session, batch_id, "w", "cpu", 3) == ("run", 2)
     assert ledger.record_routing(Session, batch_id, routed, {"a": 1, "b": 1}, {}) == ["b"]
+
+
+def test_a_run_row_keeps_only_what_curation_and_stats_read(sql_url):
+    """The knowledge part and the constellations' expert names, not the whole config; a
+    row of the old format (the whole flat config) still reads."""
+    from dataclasses import asdict
+
+    from pipeline.storage.sql import Run
+
+    Session = session_factory(sql_url)
+    config = default_config()
+    job = _routed(Session)
+    with Session() as s:
+        stored = s.scalar(select(Run.model_config).where(Run.id == job.run_id))
+    assert stored == {"knowledge": asdict(config.knowledge),
+                      "constellations": config.system.constellation_map()}
+    known = ledger.run_knowledge(Session, job.run_id)
+    assert known.knowledge == config.knowledge
+    assert known.constellations == config.system.constellation_map()
+    with Session.begin() as s:  # a row written before the config had parts
+        s.execute(update(Run).where(Run.id == job.run_id).values(
+            model_config=config.to_dict()))
+    assert ledger.run_knowledge(Session, job.run_id) == known

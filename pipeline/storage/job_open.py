@@ -17,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 import pipeline
 from pipeline.moe.config import MoEConfig
 from pipeline.storage.owner import Owner, interrupted
+from pipeline.storage.run_knowledge import RunKnowledge
 from pipeline.storage.sql import Job, Run
 
 # -- jobs recorded as their file is read (`jobs.run_local`, `jobs.submit`) -----------------
@@ -31,7 +32,7 @@ def open_job(Session: sessionmaker, config: MoEConfig, mode: str, device: str, i
              resume_command: str | None = None) -> tuple[str, str]:
     """Record a run and an unsealed running job of ``items`` items; (run id, job id)."""
     with Session.begin() as s:
-        run = Run(model_config=config.to_dict(), code_version=pipeline.__version__,
+        run = Run(model_config=RunKnowledge.of(config).to_json(), code_version=pipeline.__version__,
                   device=device)
         job = Job(run=run, submitted_items=items, mode=mode, status="running", sealed=False,
                   resume_key=resume_key, resume_command=resume_command,

@@ -42,10 +42,11 @@ from pipeline.storage.progress import (  # noqa: F401 - the ledger's reads, name
     job_outcome,
     job_status,
     progress,
-    run_config,
     run_job_ids,
+    run_knowledge,
     run_rows,
 )
+from pipeline.storage.run_knowledge import RunKnowledge
 from pipeline.storage.sql import (
     Batch,
     BatchMetrics,
@@ -102,7 +103,7 @@ def create_job(Session: sessionmaker, items: Sequence[Item], bad: Sequence[BadIt
     """Record a run, a job, its bad items and its batches; a job with no good item is
     recorded as failed and raises `JobFailed`."""
     with Session.begin() as s:
-        run = Run(model_config=config.to_dict(), code_version=pipeline.__version__,
+        run = Run(model_config=RunKnowledge.of(config).to_json(), code_version=pipeline.__version__,
                   device=device)
         job = Job(run=run, submitted_items=len(items) + len(bad), mode=mode,
                   status="running" if items else "failed",

@@ -1,4 +1,5 @@
-"""The ledger read back: a job's progress and outcome, a run's config and statistics rows.
+"""The ledger read back: a job's progress and outcome, what a run keeps of its model, and
+its statistics rows.
 
 What `pipeline.storage.ledger` writes, read in one session each, for `status`, `wait`, the
 end of a run, and `stats`; nothing here changes a row.
@@ -13,19 +14,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.errors import PipelineError
-from pipeline.moe.config import MoEConfig
+from pipeline.storage.run_knowledge import RunKnowledge
 from pipeline.storage.sql import Batch, BatchMetrics, BatchPart, ItemError, Job, Run
 
 DONE_BATCH = ("completed", "failed")
 
 
-def run_config(Session: sessionmaker, run_id: str) -> MoEConfig:
-    """The model config a run was recorded with."""
+def run_knowledge(Session: sessionmaker, run_id: str) -> RunKnowledge:
+    """The knowledge settings and constellations a run was recorded with."""
     with Session() as s:
         data = s.scalar(select(Run.model_config).where(Run.id == run_id))
     if data is None:
         raise PipelineError(f"run {run_id}: not in SQL (a message for another database?)")
-    return MoEConfig.from_dict(data)
+    return RunKnowledge.from_json(data, run_id)
 
 
 def bad_item_count(Session: sessionmaker, job_id: str) -> int:

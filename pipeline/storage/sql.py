@@ -71,6 +71,8 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    # What the run keeps of its model (`run_knowledge.RunKnowledge`); rows written before the
+    # config had parts hold the whole flat MoEConfig, and still read.
     model_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     code_version: Mapped[str] = mapped_column(String(64))
     device: Mapped[str] = mapped_column(String(64))
