@@ -18,16 +18,25 @@ rounds, medians; CUDA events on the GPU):
   fraction of the dense GEMM; decode (1-64 tokens) under CUDA graphs against the HBM floor
   (the bytes of the experts the tokens touch, at the bandwidth of a device-to-device copy).
 
-Usage: ``python bench/moe_layer.py [--quick] [--device cuda] [--dtype bfloat16]``
+With ``--busy-neighbour`` every comparison is timed twice in each round, once quiet and once
+while a second process burns one core (a plain Python loop), the two calls back to back so
+that both see the same machine: the figures of the second carry a ``_busy`` suffix. This is
+what a routing worker meets when its pool or a librarian shares its cores.
+
+Usage: ``python bench/moe_layer.py [--quick] [--device cuda] [--dtype bfloat16]
+[--busy-neighbour] [--sections loop,hf] [--sizes 8x128,8192]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -162,6 +171,62 @@ class OthersLoad:
         return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
 
 
+BUSY = "@busy"  # the suffix of a function's name when it runs beside the neighbour
+CONDITIONS = (("", ""), (BUSY, "_busy"))  # (function-name suffix, record-key suffix)
+
+
+# The neighbour dies with the bench, even while stopped: Linux's parent-death signal where
+# libc's prctl is there, else its own check that its parent is still the bench.
+_BURN = """
+import ctypes, os, signal
+parent = os.getppid()
+try:
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+class BusyNeighbour:
+    """A second process burning one core, a plain Python loop, that runs only while a call
+    wrapped by `beside` runs (stopped by SIGSTOP otherwise) and is killed on exit."""
+
+    def __enter__(self) -> BusyNeighbour:
+        self._proc = subprocess.Popen([sys.executable, "-c", _BURN])
+        os.kill(self._proc.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.kill()
+        self._proc.wait()
+
+    def beside(self, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            os.kill(self._proc.pid, signal.SIGCONT)
+            try:
+                return fn()
+            finally:
+                os.kill(self._proc.pid, signal.SIGSTOP)
+        return run
+
+
+def with_neighbour(fns: dict[str, Callable[[], object]], neighbour: BusyNeighbour | None,
+                   ) -> dict[str, Callable[[], object]]:
+    """``fns`` and, with a neighbour, each also beside it (named ``name@busy``), every pair
+    back to back so that the two conditions take turns within each round."""
+    if neighbour is None:
+        return fns
+    return {k: v for name, fn in fns.items()
+            for k, v in ((name, fn), (name + BUSY, neighbour.beside(fn)))}
+
+
+def conditions(neighbour: BusyNeighbour | None) -> tuple[tuple[str, str], ...]:
+    return CONDITIONS if neighbour is not None else CONDITIONS[:1]
+
+
 def roofline(flops: float, device: torch.device, dtype: torch.dtype,
              rounds: int) -> tuple[float, str]:
     """The best dense GEMM rate here: FLOP/s and which kernel and shape gave it.
@@ -220,7 +285,8 @@ def no_grad(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[
 
 # -- section 1: ours against a loop over experts and a masked dense block --------------------
 def measure(layer: MoELayer, tokens: int, rounds: int, device: torch.device,
-            dtype: torch.dtype, with_masked: bool) -> dict[str, float]:
+            dtype: torch.dtype, with_masked: bool,
+            neighbour: BusyNeighbour | None = None) -> dict[str, float]:
     cfg = layer.config
     x = torch.randn(tokens, cfg.input_dim, device=device, dtype=dtype)
 
@@ -237,58 +303,63 @@ def measure(layer: MoELayer, tokens: int, rounds: int, device: torch.device,
     fns = {"ours_fwd": no_grad(ours, x), "loop_fwd": no_grad(loop, x)}
     if with_masked:
         fns["masked_fwd"] = no_grad(lambda t: masked_dense(layer, t), x)
-    out = timed(fns, rounds, device)
+    out = timed(with_neighbour(fns, neighbour), rounds, device)
     layer.train()
-    out.update(timed({"ours_fwdbwd": fwd_bwd(ours), "loop_fwdbwd": fwd_bwd(loop)},
-                     max(1, rounds // 2 + 1), device))
+    out.update(timed(with_neighbour({"ours_fwdbwd": fwd_bwd(ours), "loop_fwdbwd": fwd_bwd(loop)},
+                                    neighbour), max(1, rounds // 2 + 1), device))
     layer.eval()
     return out
 
 
 def loop_section(cfg: MoEConfig, sizes: dict[str, int], rounds: int, device: torch.device,
-                 dtype: torch.dtype, rec: dict[str, dict]) -> None:
+                 dtype: torch.dtype, rec: dict[str, dict],
+                 neighbour: BusyNeighbour | None = None) -> None:
     with torch.device(device):
         layer = MoELayer(cfg)
     res, refs, ratios, targets = rec["results"], rec["references"], rec["ratios"], rec["targets"]
     for label, tokens in sizes.items():
         secs = measure(layer, tokens, rounds, device, dtype,
-                       with_masked=(label in ("8x128", "small")))
-        rate = {k: tokens / v for k, v in secs.items()}
-        res[f"ours_fwd_tokens_per_s_{label}"] = round(rate["ours_fwd"], 1)
-        res[f"ours_fwdbwd_tokens_per_s_{label}"] = round(rate["ours_fwdbwd"], 1)
-        refs[f"loop_over_experts_fwd_tokens_per_s_{label}"] = round(rate["loop_fwd"], 1)
-        refs[f"loop_over_experts_fwdbwd_tokens_per_s_{label}"] = round(rate["loop_fwdbwd"], 1)
-        ratios[f"ours_vs_loop_fwd_{label}"] = rate["ours_fwd"] / rate["loop_fwd"]
-        ratios[f"ours_vs_loop_fwdbwd_{label}"] = rate["ours_fwdbwd"] / rate["loop_fwdbwd"]
-        targets[f"ours_vs_loop_fwd_{label}"] = target(1.25, ratios[f"ours_vs_loop_fwd_{label}"])
-        if "masked_fwd" in rate:
-            refs[f"masked_dense_fwd_tokens_per_s_{label}"] = round(rate["masked_fwd"], 1)
-            ratios[f"ours_vs_masked_fwd_{label}"] = rate["ours_fwd"] / rate["masked_fwd"]
-            targets[f"ours_vs_masked_fwd_{label}"] = target(
-                5.0, ratios[f"ours_vs_masked_fwd_{label}"])
+                       with_masked=(label in ("8x128", "small")), neighbour=neighbour)
         flops = expert_flops(cfg, tokens)
         peak, kernel = roofline(flops, device, dtype, rounds)
         rec["roofline"][label] = peak
         refs[f"roofline_fwd_tokens_per_s_{label}"] = round(tokens * peak / flops, 1)
         refs[f"roofline_gflops_{label}"] = round(peak / 1e9, 1)
         refs[f"roofline_kernel_{label}"] = kernel
-        res[f"ours_fwd_gflops_{label}"] = round(flops * rate["ours_fwd"] / tokens / 1e9, 1)
-        ratios[f"ours_vs_roofline_fwd_{label}"] = rate["ours_fwd"] * flops / tokens / peak
-        if label in ("8192", "large") and device.type == "cpu":
-            targets[f"ours_vs_roofline_fwd_{label}"] = target(
-                0.75, ratios[f"ours_vs_roofline_fwd_{label}"])
+        for fn_suffix, key in conditions(neighbour):
+            rate = {k.removesuffix(fn_suffix): tokens / v for k, v in secs.items()
+                    if (k.endswith(BUSY) if fn_suffix else not k.endswith(BUSY))}
+            tag = f"{label}{key}"
+            res[f"ours_fwd_tokens_per_s_{tag}"] = round(rate["ours_fwd"], 1)
+            res[f"ours_fwdbwd_tokens_per_s_{tag}"] = round(rate["ours_fwdbwd"], 1)
+            refs[f"loop_over_experts_fwd_tokens_per_s_{tag}"] = round(rate["loop_fwd"], 1)
+            refs[f"loop_over_experts_fwdbwd_tokens_per_s_{tag}"] = round(rate["loop_fwdbwd"], 1)
+            ratios[f"ours_vs_loop_fwd_{tag}"] = rate["ours_fwd"] / rate["loop_fwd"]
+            ratios[f"ours_vs_loop_fwdbwd_{tag}"] = rate["ours_fwdbwd"] / rate["loop_fwdbwd"]
+            targets[f"ours_vs_loop_fwd_{tag}"] = target(1.25, ratios[f"ours_vs_loop_fwd_{tag}"])
+            if "masked_fwd" in rate:
+                refs[f"masked_dense_fwd_tokens_per_s_{tag}"] = round(rate["masked_fwd"], 1)
+                ratios[f"ours_vs_masked_fwd_{tag}"] = rate["ours_fwd"] / rate["masked_fwd"]
+                targets[f"ours_vs_masked_fwd_{tag}"] = target(
+                    5.0, ratios[f"ours_vs_masked_fwd_{tag}"])
+            res[f"ours_fwd_gflops_{tag}"] = round(flops * rate["ours_fwd"] / tokens / 1e9, 1)
+            ratios[f"ours_vs_roofline_fwd_{tag}"] = rate["ours_fwd"] * flops / tokens / peak
+            if label in ("8192", "large") and device.type == "cpu":
+                targets[f"ours_vs_roofline_fwd_{tag}"] = target(
+                    0.75, ratios[f"ours_vs_roofline_fwd_{tag}"])
 
 
 # -- section 2: transformers' Qwen3-MoE block and a straight grouped_mm MoE ------------------
 def hf_section(cfg: MoEConfig, sizes: dict[str, int], rounds: dict[str, int],
-               device: torch.device, dtype: torch.dtype, rec: dict[str, dict]) -> None:
+               device: torch.device, dtype: torch.dtype, rec: dict[str, dict],
+               neighbour: BusyNeighbour | None = None) -> None:
     """Ours (gated, top-k) against transformers' block on our weights, full forward."""
     with torch.device(device):
         layer = MoELayer(cfg).eval()
     block = moe_refs.hf_qwen3(layer, device, dtype)
     straight, _ = moe_refs.grouped_mm_moe(layer, dtype)
     silu_mul = moe_refs.liger_silu_mul()
-    res, refs, ratios, targets = rec["results"], rec["references"], rec["ratios"], rec["targets"]
+    res = rec["results"]
     rec["notes"]["liger_kernel"] = ("fused SiLU-mul inside the grouped_mm MoE" if silu_mul
                                     else "not importable: skipped")
     for label, tokens in sizes.items():
@@ -315,6 +386,7 @@ def hf_section(cfg: MoEConfig, sizes: dict[str, int], rounds: dict[str, int],
                                                                           silu_mul)[0], x)
         if device.type == "cuda":
             fns["ours_cuda_graph"] = cuda_graph(lambda t: layer(t)[0], x)
+        fns = with_neighbour(fns, neighbour)
         # Three warm-up calls each: on the CPU the first calls of a size fault in fresh pages
         # for their temporaries (seen here: 3.4 s, 2.2 s, then 0.6 s for ours at 8,192).
         per_round = None
@@ -326,24 +398,37 @@ def hf_section(cfg: MoEConfig, sizes: dict[str, int], rounds: dict[str, int],
                 secs = {k: statistics.median(ts) for k, ts in per_round.items()}
         rec["load"][label] = {"others_cpu_share": load.share,
                               "loadavg_1min_after": round(os.getloadavg()[0], 2)}
-        rate = {k: tokens / v for k, v in secs.items()}
-        flops = expert_flops(cfg, tokens)
-        for name, r in rate.items():
-            book = res if name.startswith("ours") else refs
-            book[f"gated_{name}_fwd_tokens_per_s_{label}"] = round(r, 1)
-            book[f"gated_{name}_fwd_tflops_{label}"] = round(flops * r / tokens / 1e12, 4)
-        hf_best = max((n for n in rate if n.startswith("hf_")), key=rate.__getitem__)
-        refs[f"hf_fastest_impl_{label}"] = hf_best
-        best_ours = max(rate["ours"], rate.get("ours_cuda_graph", 0.0))
-        ratios[f"ours_vs_hf_fastest_fwd_{label}"] = best_ours / rate[hf_best]
-        ratios[f"ours_vs_grouped_mm_moe_fwd_{label}"] = best_ours / rate["grouped_mm_moe"]
-        for impl in ("eager", "grouped_mm"):
-            ratios[f"ours_vs_hf_{impl}_fwd_{label}"] = best_ours / rate[f"hf_qwen3_{impl}"]
-        targets[f"ours_vs_hf_fastest_fwd_{label}"] = target(
-            1.25, ratios[f"ours_vs_hf_fastest_fwd_{label}"])
-        if per_round is not None:  # each round's ratio, the two calls seconds apart
-            rec["spread"][f"ours_vs_hf_fastest_fwd_{label}"] = quantiles(
-                [h / o for h, o in zip(per_round[hf_best], per_round["ours"], strict=True)])
+        for fn_suffix, key in conditions(neighbour):
+            hf_record(cfg, label, tokens, fn_suffix, key, secs, per_round, rec)
+
+
+def hf_record(cfg: MoEConfig, label: str, tokens: int, fn_suffix: str, key: str,
+              secs: dict[str, float], per_round: dict[str, list[float]] | None,
+              rec: dict[str, dict]) -> None:
+    """One condition's figures of `hf_section`: the functions named ``*{fn_suffix}``, the
+    record's keys ending ``{label}{key}``."""
+    res, refs, ratios, targets = rec["results"], rec["references"], rec["ratios"], rec["targets"]
+    mine = (lambda k: k.endswith(BUSY)) if fn_suffix else (lambda k: not k.endswith(BUSY))
+    rate = {k.removesuffix(fn_suffix): tokens / v for k, v in secs.items() if mine(k)}
+    tag = f"{label}{key}"
+    flops = expert_flops(cfg, tokens)
+    for name, r in rate.items():
+        book = res if name.startswith("ours") else refs
+        book[f"gated_{name}_fwd_tokens_per_s_{tag}"] = round(r, 1)
+        book[f"gated_{name}_fwd_tflops_{tag}"] = round(flops * r / tokens / 1e12, 4)
+    hf_best = max((n for n in rate if n.startswith("hf_")), key=rate.__getitem__)
+    refs[f"hf_fastest_impl_{tag}"] = hf_best
+    best_ours = max(rate["ours"], rate.get("ours_cuda_graph", 0.0))
+    ratios[f"ours_vs_hf_fastest_fwd_{tag}"] = best_ours / rate[hf_best]
+    ratios[f"ours_vs_grouped_mm_moe_fwd_{tag}"] = best_ours / rate["grouped_mm_moe"]
+    for impl in ("eager", "grouped_mm"):
+        ratios[f"ours_vs_hf_{impl}_fwd_{tag}"] = best_ours / rate[f"hf_qwen3_{impl}"]
+    targets[f"ours_vs_hf_fastest_fwd_{tag}"] = target(
+        1.25, ratios[f"ours_vs_hf_fastest_fwd_{tag}"])
+    if per_round is not None:  # each round's ratio, the two calls seconds apart
+        rec["spread"][f"ours_vs_hf_fastest_fwd_{tag}"] = quantiles(
+            [h / o for h, o in zip(per_round[hf_best + fn_suffix], per_round["ours" + fn_suffix],
+                                   strict=True)])
 
 
 # -- section 3 (CUDA): ours eager / compiled / CUDA graph, Triton kernels / torch path --------
@@ -473,9 +558,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--expert-type", default="standard", choices=["standard", "gated"])
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--busy-neighbour", action="store_true",
+                   help="also time every comparison beside a process burning one core")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated token-count labels to run (default all: 8x128,8192; "
+                        "with --quick small,large)")
+    p.add_argument("--sections", default="loop,hf",
+                   help="comma-separated: loop (ours against a loop over experts and a "
+                        "masked block), hf (against transformers' blocks); CUDA sections run "
+                        "on CUDA regardless")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
+    sections = set(args.sections.split(","))
+    if sections - {"loop", "hf"}:
+        p.error(f"--sections: unknown {', '.join(sorted(sections - {'loop', 'hf'}))}")
     torch.manual_seed(0)
     if args.quick:
         dims = dict(input_dim=64, hidden_dim=128, output_dim=64, num_experts=8, top_k_experts=2)
@@ -488,12 +585,24 @@ def main(argv: list[str] | None = None) -> dict:
         # make single rounds swing 3x either way (see ``spread`` and ``load`` in the record).
         hf_rounds = {"8x128": args.rounds or (15 if cuda else 21),
                      "8192": args.rounds or 15}
+    if args.sizes:
+        wanted = args.sizes.split(",")
+        if set(wanted) - set(sizes):
+            p.error(f"--sizes: choose from {', '.join(sizes)}")
+        sizes = {k: v for k, v in sizes.items() if k in wanted}
+        hf_rounds = {k: v for k, v in hf_rounds.items() if k in wanted}
     cfg = MoEConfig(**dims, expert_type=args.expert_type, dtype=args.dtype)
     rec: dict[str, dict] = {k: {} for k in ("results", "references", "ratios", "targets",
                                             "notes", "roofline", "spread", "load")}
-    loop_section(cfg, sizes, rounds, device, dtype, rec)
-    gated = MoEConfig(**dims, expert_type="gated", dtype=args.dtype)
-    hf_section(gated, sizes, hf_rounds, device, dtype, rec)
+    rec["load"]["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    with contextlib.ExitStack() as stack:
+        neighbour = stack.enter_context(BusyNeighbour()) if args.busy_neighbour else None
+        if "loop" in sections or cuda:  # the CUDA sections read its roofline
+            loop_section(cfg, sizes, rounds, device, dtype, rec, neighbour)
+        if "hf" in sections:
+            gated = MoEConfig(**dims, expert_type="gated", dtype=args.dtype)
+            hf_section(gated, sizes, hf_rounds, device, dtype, rec, neighbour)
+    rec["load"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     if cuda and not args.quick:
         modes_section(cfg, sizes, rounds, device, dtype, rec)
         qwen3_section(32 * 1024, rounds, device, dtype, rec)
@@ -505,6 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
         "input_dim", "hidden_dim", "output_dim", "num_experts", "top_k_experts", "expert_type",
         "activation", "gate_type", "dispatch", "kernels", "dtype")}, "tokens": sizes,
         "rounds": rounds, "hf_rounds": hf_rounds, "quick": args.quick,
+        "busy_neighbour": args.busy_neighbour, "sections": sorted(sections),
         "kernels_active": kernels.applies(torch.empty(0, device=device))}
     if cuda and not args.quick:
         config["qwen3"] = {**QWEN3, "tokens": 32 * 1024}
@@ -514,7 +624,10 @@ def main(argv: list[str] | None = None) -> dict:
                 flops_fwd={k: expert_flops(cfg, t) for k, t in sizes.items()},
                 note="flops count routed expert matmuls only; ratios are medians of "
                      "interleaved rounds on the same weights and inputs; 'gated_*' entries "
-                     "are SwiGLU experts at the same dims (transformers' blocks are gated)")
+                     "are SwiGLU experts at the same dims (transformers' blocks are gated); "
+                     "'_busy' entries were timed beside a process burning one core, each "
+                     "call right after its quiet twin; loadavg_* are os.getloadavg() at the "
+                     "start and end (1, 5, 15 minutes)")
 
 
 if __name__ == "__main__":

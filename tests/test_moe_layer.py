@@ -226,9 +226,7 @@ def test_cpu_lanes_give_the_one_thread_answer(lanes_on, monkeypatch, mode):
     x = torch.randn(4, 9, D)
     sizes = [5, 0, 9, 1, 3, 3]
     assert lanes_on.cpu_lanes(torch.float32, sizes) == 2
-    groups = lanes_on.balanced_groups(sizes, 2)
-    assert sorted(e for g in groups for e in g) == [0, 2, 3, 4, 5]
-    assert sorted(sum(sizes[e] for e in g) for g in groups) == [10, 11]
+    assert lanes_on.largest_first(sizes) == [2, 0, 4, 5, 3]
     y_lanes, aux_lanes, y_one, aux_one = _lanes_and_not(lanes_on, monkeypatch, layer, x, mode)
     torch.testing.assert_close(y_lanes, y_one, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(aux_lanes.pooled, aux_one.pooled, atol=1e-6, rtol=1e-5)
@@ -262,6 +260,35 @@ def test_cpu_lanes_leave_the_router_its_gradient_and_new_threads_their_count(lan
     fresh.start()
     fresh.join()
     assert seen == [2]
+
+
+def test_lanes_run_every_item_once_and_raise_a_lane_s_error(lanes_on):
+    """The shared queue: each item runs once whichever lane takes it; a failure reaches the
+    caller; the caller's own ops are on one thread inside `one_thread_caller`, the lanes
+    still count its two, and both counts come back after."""
+    ran = []
+
+    def work(item):
+        ran.append(item)
+        return torch.full((2,), float(item))
+
+    items = list(range(40))
+    with torch.no_grad(), lanes_on.one_thread_caller():
+        assert torch.get_num_threads() == 1 and lanes_on.lane_threads() == 2
+        assert lanes_on.cpu_lanes(torch.float32, [64, 64]) == 2
+        done = lanes_on.run_in_lanes(items, work, 2)
+    assert torch.get_num_threads() == 2 and lanes_on.lane_threads() == 2
+    assert sorted(ran) == items and sorted(done) == items
+    assert all(done[i][0].item() == i for i in items)
+
+    def fails(item):
+        if item == 7:
+            raise RuntimeError("expert 7")
+        return torch.zeros(1)
+
+    with pytest.raises(RuntimeError, match="expert 7"):
+        lanes_on.run_in_lanes(items, fails, 2)
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.skipif(not packable(torch.bfloat16),

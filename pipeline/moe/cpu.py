@@ -5,16 +5,17 @@ Legend: E experts, I a layer's input width, O its output width, n one expert's r
 Everything the CPU path decides by measurement lives here, so one file holds the machine's
 choices: oneDNN's fused linear against MKL (`cpu_linear`, `mkl_preferred`), oneDNN's blocked
 layouts of bf16 weights (`packed_weights`), the per-forward state of the split dispatch
-(`ExpertSlices`), and one-thread lanes that run bf16 experts side by side (`cpu_lanes`,
-`lane_pool`). `dispatch._dropless_split` is the one caller of the last two.
+(`ExpertSlices`), and one-thread lanes that run experts side by side from a shared queue
+(`cpu_lanes`, `run_in_lanes`). `dispatch._dropless_split` is the one caller of the last two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -219,69 +220,167 @@ class ExpertSlices:
         return a.mul_(b) if self.inplace else a * b
 
 
-# Lanes: on the CPU, bf16 experts run side by side, one thread each, rather than one after
-# another with every thread on each product. Measured on an Intel Xeon (AMX, 2 cores), the
-# seed layer's gated experts without autograd: at 768 rows per expert two one-thread lanes
-# ran the experts 1.4-1.6x faster than two-thread products, at 96 rows about 1.1x; fp32
-# (AVX-512, no AMX) gained nothing, 0.92-0.98x. A one-thread AMX product keeps its tiles busy,
-# and two threads splitting one small product mostly wait for each other.
-LANE_DTYPES = (torch.bfloat16,)
-LANE_MIN_ROWS = 64  # mean rows per busy expert; below it a lane's thread start is not repaid
+# Lanes: on the CPU the experts run side by side, one thread each, rather than one after
+# another with every thread on each product; the caller is one lane, and every lane takes
+# the next expert from one shared queue (largest first) until none is left.
+# Why: a product split over two threads ends on a barrier where one waits for the other,
+# and a forward holds about a hundred of them (three products, a gather and an add per
+# expert). On a quiet machine that costs little; when another process holds a core, each
+# barrier waits for a descheduled thread's next time slice. Measured on an Intel Xeon
+# (2 cores, fp32, gated seed layer, 1,024 tokens) with other jobs loading both cores:
+# two-thread products took 4.7 s a forward, one thread 0.38 s. Lanes on a shared queue
+# have no barrier but the last expert: a lane whose core is taken simply takes fewer
+# experts, and the caller, which is a lane itself, never waits for a lane to start.
+# On a quiet machine bf16 experts gain most (AMX keeps a one-thread product busy: at 768
+# rows per expert lanes ran 1.4-1.6x faster than two-thread products, at 96 rows 1.1x).
+LANE_DTYPES = (torch.float32, torch.bfloat16)
+LANE_MIN_ROWS = 64  # mean rows per busy expert; below it handing work out is not repaid
+
+
+def lanes_apply(dtype: torch.dtype) -> bool:
+    """Whether experts of ``dtype`` may run in lanes on this CPU."""
+    return dtype in LANE_DTYPES and dtype in onednn_dtypes()
 
 
 def cpu_lanes(dtype: torch.dtype, sizes: list[int]) -> int:
     """How many one-thread lanes the CPU split path runs experts on (1: no lanes)."""
     busy = [n for n in sizes if n]
-    threads = torch.get_num_threads()
-    if (dtype not in LANE_DTYPES or dtype not in onednn_dtypes() or threads < 2
+    threads = lane_threads()
+    if (not lanes_apply(dtype) or threads < 2
             or len(busy) < 2 or sum(busy) < LANE_MIN_ROWS * len(busy)):
         return 1
     return min(threads, len(busy))
 
 
-def balanced_groups(sizes: list[int], lanes: int) -> list[list[int]]:
-    """Busy experts dealt into ``lanes`` groups of about equal rows, largest first (each to
-    the lightest group so far); each group keeps expert order."""
-    groups: list[list[int]] = [[] for _ in range(lanes)]
-    rows = [0] * lanes
-    for e in sorted((e for e, n in enumerate(sizes) if n), key=lambda e: -sizes[e]):
-        lightest = rows.index(min(rows))
-        groups[lightest].append(e)
-        rows[lightest] += sizes[e]
-    return [sorted(g) for g in groups if g]
+# The rest of a forward (router, top-k, sort, gathers, statistics) is a few dozen small ops,
+# each split over every thread and so each ending on a barrier: under a busy neighbour they
+# cost as much as the experts. Measured here (gated seed layer, 1,024 tokens, both cores
+# loaded by other jobs): lanes with the rest on two threads 2.0-3.3 s a forward, with the
+# rest on one thread 0.85 s. On a quiet machine the rest is about 1% of the forward.
+_CALLER = threading.local()
+
+
+def lane_threads() -> int:
+    """Threads the lanes may use: the caller's count before `one_thread_caller`, if inside
+    one, else its count now."""
+    return getattr(_CALLER, "threads", 0) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def one_thread_caller() -> Iterator[None]:
+    """The calling thread's own ops on one intra-op thread until the block ends, while
+    `cpu_lanes` still counts the threads it had; its count is then restored."""
+    if getattr(_CALLER, "threads", 0):  # already inside one
+        yield
+        return
+    _CALLER.threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_CALLER.threads)
+        _CALLER.threads = 0
+
+
+def largest_first(sizes: list[int]) -> list[int]:
+    """The busy experts, most rows first (ties in expert order): the lanes' queue, so that
+    the last expert any lane takes is a small one and the others do not wait long for it."""
+    return sorted((e for e, n in enumerate(sizes) if n), key=lambda e: -sizes[e])
 
 
 _LANE_POOL: ThreadPoolExecutor | None = None
 _LANE_LOCK = threading.Lock()
 
 
-def lane_pool(lanes: int) -> ThreadPoolExecutor:
-    """The process's pool of at least ``lanes`` threads, each with one intra-op thread.
+def lane_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of at least ``threads`` threads, each with one intra-op thread.
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP team size and also the count
     every thread started later begins with; so each lane thread is started and set to one
     here, all at once, and the caller's count is then set again, which leaves the caller and
-    later threads as they were. A larger ``lanes`` replaces the pool with a larger one.
+    later threads as they were. A larger ``threads`` replaces the pool with a larger one.
 
     Not for forked children: OpenMP cannot run a team again in a child forked after its
     parent ran one (seen here: the child's first multi-threaded product never returns), so
     a prefork worker's parent must not run the model first, lanes or no lanes."""
     global _LANE_POOL
     with _LANE_LOCK:
-        if _LANE_POOL is not None and _LANE_POOL._max_workers >= lanes:
+        if _LANE_POOL is not None and _LANE_POOL._max_workers >= threads:
             return _LANE_POOL
-        threads = torch.get_num_threads()
-        pool = ThreadPoolExecutor(lanes, thread_name_prefix="moe-lane")
-        started = threading.Barrier(lanes)
+        count = torch.get_num_threads()
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="moe-lane")
+        started = threading.Barrier(threads)
 
         def one_thread() -> None:
             torch.set_num_threads(1)
             started.wait()  # every task on its own thread: all lanes start now
 
-        for done in [pool.submit(one_thread) for _ in range(lanes)]:
+        for done in [pool.submit(one_thread) for _ in range(threads)]:
             done.result()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(count)
         if _LANE_POOL is not None:
             _LANE_POOL.shutdown(wait=False)
         _LANE_POOL = pool
         return pool
+
+
+class _SharedQueue:
+    """Items handed out one at a time to whichever lane asks; results kept by item."""
+
+    def __init__(self, items: list[int], work: Callable[[int], Tensor]) -> None:
+        self._items = iter(items)
+        self._work = work
+        self._left = len(items)
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        self.results: dict[int, Tensor] = {}
+        self.error: BaseException | None = None
+        if not items:
+            self.done.set()
+
+    def drain(self) -> None:
+        """Take and run items until none is left; after a failure, take without running."""
+        while True:
+            with self._lock:
+                item = next(self._items, None)
+            if item is None:
+                return
+            try:
+                if self.error is None:
+                    self.results[item] = self._work(item)
+            except BaseException as exc:  # handed to the caller, which raises it
+                self.error = self.error or exc
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self.done.set()
+
+
+def run_in_lanes(items: list[int], work: Callable[[int], Tensor], lanes: int) -> dict[int, Tensor]:
+    """``work(item)`` for every item on ``lanes`` one-thread lanes: ``{item: result}``.
+
+    The caller is one lane (its intra-op thread count is one meanwhile, then restored);
+    ``lanes - 1`` pool threads are the others. The caller waits only for items a lane has
+    taken: a pool thread that was not scheduled before the queue ran dry finds it empty.
+    Grad and inference modes are per thread: the pool's lanes take the caller's.
+    """
+    queue = _SharedQueue(items, work)
+    mode = torch.inference_mode if torch.is_inference_mode_enabled() else torch.no_grad
+
+    def helper() -> None:
+        with mode():
+            queue.drain()
+
+    pool = lane_pool(lanes - 1)
+    for _ in range(lanes - 1):
+        pool.submit(helper)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        queue.drain()
+    finally:
+        torch.set_num_threads(threads)
+    queue.done.wait()
+    if queue.error is not None:
+        raise queue.error
+    return queue.results

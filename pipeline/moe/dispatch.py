@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pipeline.moe.cpu import ExpertSlices, balanced_groups, cpu_lanes, lane_pool, packable
+from pipeline.moe.cpu import ExpertSlices, cpu_lanes, largest_first, packable, run_in_lanes
 from pipeline.moe.experts import Experts
 from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, capacity
 from pipeline.moe.grouped_mm import grouped_mm_supported
@@ -117,8 +117,8 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     expert's size, which the allocator recycles; the sort-everything layout of the CUDA
     path allocates several (K*T, D) buffers per call, and at 8,192 tokens their page faults
     cost about a fifth of the forward. Without autograd the temporaries are overwritten in
-    place (`ExpertSlices`), and bf16 experts run in one-thread lanes side by side
-    (`cpu_lanes`), each lane adding into its own output.
+    place (`ExpertSlices`), and experts run in one-thread lanes side by side (`cpu_lanes`),
+    their outputs then added in expert order, as one lane would.
     """
     T = x_TD.shape[0]
     ids_A, w_A = _flatten(routing)
@@ -133,18 +133,19 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
     tokens_A = order_A.remainder(T).split(sizes)
     weights_A = w_A.index_select(0, order_A).to(x_TD.dtype).unsqueeze(-1).split(sizes)
 
-    def run(group: list[int]) -> Tensor:
-        y_TO = x_TD.new_zeros(T, experts.output_dim)
-        for e in group:
-            out = experts.forward_one(e, x_TD.index_select(0, tokens_A[e]), slices)
-            weighted = slices.mul(out, weights_A[e])
-            y_TO.index_add_(0, tokens_A[e], weighted)
-            if pool is not None:  # expert e's own rows: lanes never write the same ones
-                pool.out_EBO[e].index_add_(0, pool.input_T[tokens_A[e]],
-                                           weighted.to(pool.out_EBO.dtype))
-        return y_TO
+    def expert(e: int) -> Tensor:
+        """Expert e on its rows, weighted: ``(n_e, O)``."""
+        out = experts.forward_one(e, x_TD.index_select(0, tokens_A[e]), slices)
+        return slices.mul(out, weights_A[e])
 
-    busy = [e for e in range(len(sizes)) if sizes[e]]
+    y_TO = x_TD.new_zeros(T, experts.output_dim)
+
+    def add(e: int, weighted: Tensor) -> None:
+        y_TO.index_add_(0, tokens_A[e], weighted)
+        if pool is not None:
+            pool.out_EBO[e].index_add_(0, pool.input_T[tokens_A[e]],
+                                       weighted.to(pool.out_EBO.dtype))
+
     # Lanes run without autograd, so not while the router's weights want a gradient (frozen
     # experts, trained router); and not under training dropout, whose draws from the one
     # generator would come in whatever order the lanes ran.
@@ -153,18 +154,15 @@ def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
             and not (experts.training and experts.dropout)):
         lanes = cpu_lanes(x_TD.dtype, sizes)
     if lanes < 2:
-        return run(busy)
+        for e in range(len(sizes)):
+            if sizes[e]:
+                add(e, expert(e))
+        return y_TO
     slices.prefetch(experts.parameters(), x_TD.dtype)
-    # Grad and inference modes are per thread: a lane takes the caller's (no autograd here).
-    mode = torch.inference_mode if torch.is_inference_mode_enabled() else torch.no_grad
-
-    def lane(group: list[int]) -> Tensor:
-        with mode():
-            return run(group)
-
-    y_TO, *rest = lane_pool(lanes).map(lane, balanced_groups(sizes, lanes))
-    for y in rest:
-        y_TO.add_(y)
+    done = run_in_lanes(largest_first(sizes), expert, lanes)
+    # Added in expert order whichever lane ran them: the same sums, bit for bit, as above.
+    for e in sorted(done):
+        add(e, done.pop(e))
     return y_TO
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError, InputShapeError
-from pipeline.moe import dispatch, kernels
+from pipeline.moe import cpu, dispatch, kernels
 from pipeline.moe.balancing import (
     aux_free_bias_update,
     expert_counts,
@@ -121,6 +121,29 @@ class MoELayer(nn.Module):
 
         Returns ``y`` (T, O) or (B, N, O) in ``x``'s dtype, and a `MoEAux`.
         """
+        if self._on_lanes(x):
+            with cpu.one_thread_caller():
+                return self._forward(x, token_ids, constraint, pool)
+        return self._forward(x, token_ids, constraint, pool)
+
+    def _on_lanes(self, x: Tensor) -> bool:
+        """Whether this forward runs the CPU's way for a shared machine: the experts side by
+        side in one-thread lanes, everything else on one thread (`cpu.one_thread_caller`).
+
+        Only where the lanes can run: dropless token choice, no autograd, no training
+        dropout. Not with shared experts, a dense product over every token that a thread
+        less would slow on a quiet machine.
+        """
+        cfg = self.config
+        return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and cfg.dispatch == "dropless" and cfg.is_token_choice
+                and self.shared is None and cpu.lanes_apply(self.compute_dtype(x))
+                and not (self.training and cfg.dropout > 0)
+                and not (torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in self.parameters()))))
+
+    def _forward(self, x: Tensor, token_ids: Tensor | None,
+                 constraint: RoutingConstraint | None, pool: bool) -> tuple[Tensor, MoEAux]:
         cfg = self.config
         self._check(x, token_ids, constraint, pool)
         lead = x.shape[:-1]
