@@ -166,7 +166,10 @@ class Tree:
             log = open(os.path.join(self.settings.state_dir, f"{kind}.log"), "w")  # noqa: SIM115
             self.workers.append(subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "WARNING"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                # In the state dir: `-m` puts the working directory first on sys.path, and the
+                # bench's own (the checkout) would hand the older tree's workers this code.
+                env=self.env, cwd=self.settings.state_dir, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
 
     def close(self) -> None:
         for proc in self.workers:
@@ -263,14 +266,15 @@ def serve(state: str, broker: str) -> None:
 class Remote:
     """The parent's handle on one tree's process."""
 
-    def __init__(self, name: str, pythonpath: str, broker: str) -> None:
+    def __init__(self, name: str, pythonpath: str, broker: str, prefix: str) -> None:
         self.name, self.pythonpath = name, pythonpath
         self.state = state = tempfile.mkdtemp(prefix=f"moe-bench-pipeline-{name}-")
         self.log = open(os.path.join(state, "serve.log"), "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, HERE, "--serve", state, "--broker", broker],
-            env={**os.environ, "PYTHONPATH": pythonpath}, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+            env={**os.environ, "PYTHONPATH": pythonpath, "MOE_REDIS_PREFIX": prefix},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            start_new_session=True)
 
     def ask(self, **cmd: object) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -340,18 +344,18 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.items or (128 if args.quick else 1024)
     rounds = args.rounds or (1 if args.quick else 3)
     modes = ("embedded",) if args.no_queued else MODES
-    # Each tree's queues live in a Redis database of its own, under a key prefix of this
-    # run's own (MOE_REDIS_PREFIX); nothing is flushed, and at the end only this run's keys go:
-    # those under its prefix, and (for an older tree that predates the prefix) those that
+    # Each tree's queues live under a key prefix of its own (MOE_REDIS_PREFIX), in a Redis
+    # database of its own by default; nothing is flushed, and at the end only this run's keys
+    # go: those under its prefixes, and (for an older tree that predates the prefix) those that
     # appeared in its database during the run.
     brokers = {"after": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
                "before": os.environ.get("BENCH_REDIS_BEFORE_URL", "redis://127.0.0.1:6379/14")}
-    prefix = f"moe-bench-{uuid.uuid4().hex[:12]}:"
-    os.environ["MOE_REDIS_PREFIX"] = prefix
+    run = uuid.uuid4().hex[:12]
+    prefixes = {name: f"moe-bench-{run}-{name}:" for name in brokers}
     present = {name: redis_keys(url) for name, url in brokers.items()}
     before_tree = export(args.before)
-    trees = {"after": Remote("after", ROOT, brokers["after"]),
-             "before": Remote("before", before_tree, brokers["before"])}
+    trees = {"after": Remote("after", ROOT, brokers["after"], prefixes["after"]),
+             "before": Remote("before", before_tree, brokers["before"], prefixes["before"])}
     try:
         counts = {name: {kind: tree.ask(op="count", kind=kind, n=args.count_items,
                                         batch_size=args.count_batch, seed=500)
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         for tree in trees.values():
             tree.close()
         for name, url in brokers.items():
-            drop_redis_keys(url, prefix, present[name])
+            drop_redis_keys(url, prefixes[name], present[name])
     med = {name: {k: round(statistics.median(v), 1) for k, v in r.items()}
            for name, r in rates.items()}
     ratios = {f"after_vs_before_{k}": med["after"][k] / med["before"][k] for k in med["after"]}
