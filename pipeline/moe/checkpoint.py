@@ -80,16 +80,17 @@ class JsonFileError(PipelineError):
         super().__init__(f"{file}: {reason}")
 
 
-def read_json(file: Path) -> Any:
-    """The JSON value of ``file``, read up to `MAX_CONFIG_BYTES`; every failure (missing,
-    too large, not UTF-8, not JSON, nested past the parser's depth) a `JsonFileError`."""
+def read_json(file: Path, limit: int = MAX_CONFIG_BYTES, what: str = "a config") -> Any:
+    """The JSON value of ``file``, read up to ``limit`` bytes; every failure (missing, too
+    large, not UTF-8, not JSON, nested past the parser's depth) a `JsonFileError` whose
+    reason calls the file ``what`` it is not."""
     try:
         with file.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+            raw = f.read(limit + 1)
     except OSError as err:
         raise JsonFileError(file, f"unreadable: {err.strerror}") from err
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise JsonFileError(file, f"over {MAX_CONFIG_BYTES:,} bytes: not a config")
+    if len(raw) > limit:
+        raise JsonFileError(file, f"over {limit:,} bytes: not {what}")
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -97,7 +98,7 @@ def read_json(file: Path) -> Any:
     except json.JSONDecodeError as err:
         raise JsonFileError(file, f"not JSON: {err}") from err
     except RecursionError as err:  # the json module's answer to nesting past ~1000 levels
-        raise JsonFileError(file, "nested too deeply to be a config") from err
+        raise JsonFileError(file, f"nested too deeply to be {what}") from err
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

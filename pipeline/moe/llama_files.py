@@ -24,7 +24,6 @@ is built and refused over ``max_params`` (`budget`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.moe import budget
+from pipeline.moe.checkpoint import JsonFileError, read_json
 from pipeline.moe.llama2c import Llama2cTokenizer, build_llama, read_tensors
 from pipeline.moe.offline import check_local_config, force_offline
 
@@ -154,15 +154,9 @@ def _check_config(directory: Path, max_params: int) -> dict[str, Any]:
         raise ModelFileError(directory, "no config.json: not a Hugging Face model directory "
                              "(save_pretrained writes one)")
     try:
-        with file.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ModelFileError(file, f"over {MAX_CONFIG_BYTES:,} bytes: not a model config")
-        config = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(file, f"cannot read as JSON: {_one_line(err)}") from err
-    except RecursionError as err:
-        raise ModelFileError(file, "nested too deeply to be a model config") from err
+        config = read_json(file, MAX_CONFIG_BYTES, "a model config")
+    except JsonFileError as err:
+        raise ModelFileError(file, err.reason) from err
     if not isinstance(config, dict):
         raise ModelFileError(file, f"a JSON {type(config).__name__}, not a config object")
     kind = config.get("model_type")
