@@ -248,9 +248,13 @@ def make_engine(url: str, pooled: bool = True) -> Engine:
 
 def alembic_config(url: str):
     """An Alembic config for ``url`` that finds the migrations inside the package."""
+    import sys
+
     from alembic.config import Config
 
-    cfg = Config()
+    # Alembic's default stream is the sys.stdout of the moment it was first imported, which
+    # may since have been replaced and closed (a test's capture, a daemon's redirect).
+    cfg = Config(stdout=sys.stdout)
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
