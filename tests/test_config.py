@@ -196,3 +196,16 @@ def test_token_ids_must_match_and_only_serve_hash_routing():
         _small(gate_type="hash")(x, token_ids=torch.arange(10))
     with pytest.raises(InputShapeError, match="unless gate_type='hash'"):
         _small()(x, token_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("part", [LayerConfig, KnowledgeConfig, SystemConfig,
+                                  OptimizationConfig])
+def test_a_part_defaults_each_field_as_the_flat_config_does(part):
+    """The defaults are written twice (the flat constructor and its part): they must agree."""
+    flat = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    # On purpose: a run recorded before the lexical signal existed reads back with it off.
+    own = {("KnowledgeConfig", "lexical_threshold")}
+    for field in dataclasses.fields(part):
+        if field.default is not dataclasses.MISSING and field.name in flat and (
+                (part.__name__, field.name) not in own):
+            assert field.default == flat[field.name], (part.__name__, field.name)

@@ -192,6 +192,8 @@ class KnowledgeConfig:
     max_kg_nodes: int
     kg_checkpoint_dir: str | None
     kg_save_interval: int
+    # None, not MoEConfig's 0.36: a run recorded before the lexical signal existed reads
+    # back with it off, as it ran.
     lexical_threshold: float | None = None
     lexical_floor: float = 0.45
 
