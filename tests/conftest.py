@@ -310,3 +310,16 @@ def sql_url(request, tmp_path):
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def stack(tmp_path, graph, redis_url):
+    """A queued stack of this test's own (`test_queue_workers.Stack`: a GPU/CPU and a
+    librarian worker on the suite's Redis under a fresh prefix), closed after."""
+    from test_queue_workers import Stack
+
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials for worker processes")
+    s = Stack(tmp_path, graph, redis_url)
+    yield s
+    s.close()

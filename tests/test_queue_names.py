@@ -12,8 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-from test_queue_workers import Stack, _wait
+from test_queue_workers import _wait
 
 from pipeline import jobs
 from pipeline.queue.app import librarian_queue, queue_safe
@@ -45,15 +44,6 @@ def test_shards_are_read_as_human_names_or_queue_names():
         "rocks/minerals", "earth and space", "physics"]
     assert shard_names([queue_safe("biology, chemistry")], known) == ["biology, chemistry"]
     assert shard_names(["physics,physics", "other"], known) == ["physics", "other"]
-
-
-@pytest.fixture
-def stack(tmp_path, graph, redis_url):
-    if graph.auth is None:
-        pytest.skip("this graph backend gives no credentials for worker processes")
-    s = Stack(tmp_path, graph, redis_url)
-    yield s
-    s.close()
 
 
 def _labelled_items(n: int) -> list[dict]:

@@ -139,15 +139,6 @@ def _environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
-@pytest.fixture
-def stack(tmp_path, graph, redis_url):
-    if graph.auth is None:
-        pytest.skip("this graph backend gives no credentials for worker processes")
-    s = Stack(tmp_path, graph, redis_url)
-    yield s
-    s.close()
-
-
 def _items(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     topics = rng.standard_normal((6, 16))

@@ -14,20 +14,10 @@ import subprocess
 import sys
 import uuid
 
-import pytest
 import redis
-from test_queue_workers import Stack, _items, _wait
+from test_queue_workers import _items, _wait
 
 from pipeline import jobs
-
-
-@pytest.fixture
-def stack(tmp_path, graph, redis_url):
-    if graph.auth is None:
-        pytest.skip("this graph backend gives no credentials for worker processes")
-    s = Stack(tmp_path, graph, redis_url)
-    yield s
-    s.close()
 
 
 def _keys(client: redis.Redis, pattern: str) -> set[str]:
