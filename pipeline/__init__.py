@@ -23,10 +23,11 @@ _LAZY = {
     "MixtureOfExpertsSystem": "pipeline.api",
     "FullyOptimizedMoESystem": "pipeline.api",
     "Settings": "pipeline.settings",
+    "forget": "pipeline.api",
 }
 
 if TYPE_CHECKING:
-    from pipeline.api import FullyOptimizedMoESystem, MixtureOfExpertsSystem
+    from pipeline.api import FullyOptimizedMoESystem, MixtureOfExpertsSystem, forget
     from pipeline.moe.config import MoEConfig
     from pipeline.moe.layer import MoEAux, MoELayer
     from pipeline.settings import Settings
@@ -46,4 +47,4 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["ConfigError", "FullyOptimizedMoESystem", "InputShapeError", "MixtureOfExpertsSystem",
-           "MoEAux", "MoEConfig", "MoELayer", "PipelineError", "Settings", "__version__"]
+           "MoEAux", "MoEConfig", "MoELayer", "PipelineError", "Settings", "__version__", "forget"]

@@ -9,10 +9,13 @@ state dir's embedded server), which is what the seeds' Quick Start expects of
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pipeline.moe import optimized, system
-from pipeline.runtime import default_knowledge
+from pipeline.retract import ForgetResult
+from pipeline.runtime import Runtime, default_knowledge
+from pipeline.settings import Settings
 
 
 class _SettingsKnowledge:
@@ -30,4 +33,17 @@ class FullyOptimizedMoESystem(_SettingsKnowledge, optimized.FullyOptimizedMoESys
     """`pipeline.moe.optimized.FullyOptimizedMoESystem`, answering from the settings' graph."""
 
 
-__all__ = ["FullyOptimizedMoESystem", "MixtureOfExpertsSystem"]
+def forget(sources: Iterable[str] = (), *, job: str | None = None, file: str | None = None,
+           dry_run: bool = False, settings: Settings | None = None) -> ForgetResult:
+    """Take sources (ids, the ids of a JSON Lines ``file``, or what ``job`` filed) back out
+    of the graph that ``settings`` (default: the environment's) names: what
+    ``moe-pipeline forget`` does (`pipeline.retract.forget`)."""
+    from pipeline import retract
+    from pipeline.inputs import file_ids
+
+    ids = [*sources, *(file_ids(file) if file else [])]
+    with Runtime.from_settings(settings or Settings()) as rt:
+        return retract.forget(rt, ids, job=job, dry_run=dry_run)
+
+
+__all__ = ["FullyOptimizedMoESystem", "MixtureOfExpertsSystem", "forget"]

@@ -173,6 +173,9 @@ class EmbeddingCache:
         self._support = np.empty(0, dtype=np.int64)
         self.watermark = -1  # highest seq ever added (evicted rows included)
         self.updates = 0  # rows added since creation, for snapshot intervals
+        # The shard's forget count when last read (None: never read): a catch-up that finds
+        # another count reads the shard anew, as a forget removed or changed rows.
+        self.epoch: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -355,15 +358,26 @@ class EmbeddingCache:
     def warm(self, graph: ShardReader, shard: str, model: str | None = None) -> int:
         """Replace the contents with the shard's insights (of ``model`` only, if given);
         returns the row count."""
+        self._clear()
+        return self.catch_up(graph, shard, model)
+
+    def _clear(self) -> None:
         self.ids, self.texts = [], []
         self._seqs, self._support = np.empty(0, np.int64), np.empty(0, np.int64)
-        self.watermark = -1
-        return self.catch_up(graph, shard, model)
+        self.watermark, self.epoch = -1, None
 
     def catch_up(self, graph: ShardReader, shard: str, model: str | None = None) -> int:
         """Add the shard's insights with ``seq > watermark`` (of ``model`` only, if given);
-        returns how many. The watermark moves to the shard's top seq either way."""
+        returns how many. The watermark moves to the shard's top seq either way.
+
+        If a forget touched the shard since the last read (its forget count moved), the
+        cache is emptied and the whole shard read again: removed rows go, re-represented
+        ones come back with their new embedding and text."""
         fresh = graph.read_shard(shard, self.dim, after=self.watermark, model=model)
+        if self.epoch is not None and fresh.epoch != self.epoch:
+            self._clear()
+            fresh = graph.read_shard(shard, self.dim, after=-1, model=model)
+        self.epoch = fresh.epoch
         self.add(fresh.ids, fresh.embeddings.astype(np.float32), fresh.seqs,
                  texts=fresh.summaries)
         self.watermark = max(self.watermark, fresh.top)
@@ -393,7 +407,8 @@ class EmbeddingCache:
                    "support": torch.from_numpy(self._support.copy())},
                   str(path / "cache.safetensors"))
         (path / "cache.json").write_text(json.dumps(
-            {"dim": self.dim, "watermark": self.watermark, "rows": len(self)}))
+            {"dim": self.dim, "watermark": self.watermark, "rows": len(self),
+             "epoch": self.epoch}))
         # Ids one per line: splitting text reads a million of them several times faster
         # than parsing a JSON list.
         (path / "ids.txt").write_text("\n".join(self.ids))
@@ -425,4 +440,6 @@ class EmbeddingCache:
         cache._seqs = tensors["seqs"].numpy().copy()
         cache._support = tensors["support"].numpy().copy()
         cache.watermark = meta["watermark"]
+        # Snapshots from before forgetting existed hold a shard no forget had touched.
+        cache.epoch = meta.get("epoch", 0)
         return cache

@@ -229,7 +229,8 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
         target = cache.ids[row] if row >= 0 else new_ids[int(decision.leader[i])]
         batch.supports.append(Support(target, report.item_id, report.id, report.job_id,
                                       report.score, report.text,
-                                      np.asarray(report.embedding, np.float32)))
+                                      np.asarray(report.embedding, np.float32),
+                                      report.content))
         for expert, weight in report.experts.items():
             key = (target, expert)
             produced[key] = max(weight, produced.get(key, weight))

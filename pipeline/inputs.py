@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.records import BadItem, Item, stable_id
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a line is read whole: bounded, whatever the file holds
@@ -432,3 +433,22 @@ def describe_bad(bad: Sequence[BadItem], limit: int = 3, total: int | None = Non
 def _shown_id(item_id: str) -> str:
     """An id as an error line shows it: quoted and escaped, at most 60 characters."""
     return repr(item_id if len(item_id) <= 60 else item_id[:57] + "...")
+
+
+def file_ids(path: str) -> list[str]:
+    """The ids of a JSON Lines file of items (what `run` would have filed), in order."""
+    ids = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{path}: line {n}: not JSON ({err.msg})") from None
+            item_id = record.get("id") if isinstance(record, dict) else None
+            if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+                raise PipelineError(f"{path}: line {n}: field 'id': a string or an integer "
+                                    "is needed")
+            ids.append(str(item_id))
+    return ids

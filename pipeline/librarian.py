@@ -10,6 +10,7 @@ under it (`StaleWriteError`: another writer got in) re-warms the cache and decid
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -209,6 +210,18 @@ class Librarian:
         batch, new = build_batch(shard, todo, decision, cache, run_id, cache.watermark + 1,
                                  others, model)
         return Decided(todo, decision, batch, new)
+
+    def forget_shards(self, shards: Sequence[str]) -> None:
+        """A forget changed these shards: drop their caches (the next use reads them anew)
+        and their snapshots, which may hold a forgotten embedding or text."""
+        models = {model for _, model in self.caches} | {None}
+        for key in [k for k in self.caches if k[0] in shards]:
+            del self.caches[key]
+        for shard in shards:
+            for model in models:
+                snap = self._snapshot_dir(shard, model)
+                if snap is not None:
+                    shutil.rmtree(snap, ignore_errors=True)
 
     def _snapshot_dir(self, shard: str, model: str | None = None) -> Path | None:
         if self.checkpoint_dir is None:

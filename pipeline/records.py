@@ -38,6 +38,18 @@ def storable(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def content_hash(text: str | None, vector: list[float] | None) -> str:
+    """What an item says, as a hash kept on its Source: an id ingested again with another
+    hash is a changed source (its old support is retracted first). Text and vectors hash
+    apart; a vector by its float32 bytes, so 0.1 written two ways is one content."""
+    h = hashlib.sha256()
+    if text is not None:
+        h.update(b"text\x1f" + text.encode("utf-8", "surrogatepass"))
+    else:
+        h.update(b"vector\x1f" + np.asarray(vector or [], dtype="<f4").tobytes())
+    return h.hexdigest()[:32]
+
+
 def report_id(job_id: str, item_id: str, constellation: str) -> str:
     return stable_id("report", job_id, item_id, constellation)
 
@@ -108,6 +120,7 @@ class DraftReport:
     score: float  # the supervisor's probability for this constellation
     experts: dict[str, float]  # expert name -> mean routing weight, experts that fired
     text: str = ""  # the item's text span, if it had one
+    content: str = ""  # the item's content hash (`content_hash`); "" from older senders
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Support:
     weight: float
     source_text: str = ""
     embedding: np.ndarray | None = None  # (dim,) the report's, for the insight's medoid text
+    content_hash: str = ""  # the source's (`content_hash`), kept on its node
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,10 @@ class Runtime:
                                                           device=self.device)
         return self._librarians[key]
 
+    def librarians(self) -> list[Librarian]:
+        """The librarians this process made (each with its caches)."""
+        return list(self._librarians.values())
+
     def run_knowledge(self, run_id: str) -> RunKnowledge:
         """What a run's curation reads of its model, as the run recorded it (from SQL, once
         per process)."""

@@ -37,8 +37,10 @@ from pipeline.records import (
     Item,
     ItemBatch,
     ShardPart,
+    content_hash,
     report_id,
 )
+from pipeline.retract import forget
 from pipeline.runtime import Runtime, worker_name
 from pipeline.settings import Settings
 from pipeline.storage import ledger
@@ -96,6 +98,7 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
     n = len(items)
     finite_B = (np.isfinite(emb.reshape(n, -1)).all(1) & np.isfinite(scores.reshape(n, -1))
                 .all(1) & np.isfinite(weights.reshape(n, -1)).all(1))
+    content = [content_hash(item.text, item.vector) for item in items]
     reports = []
     for b, item in enumerate(items):
         if not finite_B[b]:
@@ -107,7 +110,7 @@ def route(system: MixtureOfExpertsSystem, x: torch.Tensor, items: Sequence[Item]
                 continue
             reports.append(DraftReport(report_id(job_id, item.id, shard), job_id, item.id,
                                        shard, emb[b, c], float(scores[b, c]), fired,
-                                       item.text or ""))
+                                       item.text or "", content[b]))
     counts = torch.stack([a.counts for a in out.aux]).sum(0).float().cpu()
     usage = (counts / counts.sum().clamp_min(1)).tolist()
     metrics = ledger.RoutingMetrics(
@@ -197,6 +200,9 @@ def _route(rt: Runtime, batch: ItemBatch, attempts: int
             f"serves {rt.fingerprint}; start the GPU workers with the MOE_MODEL_PATH, MOE_SEED "
             "and MOE_TEXT_MODEL the job was submitted with")
     faults(s, attempts, [i.id for i in batch.items])
+    changed = rt.graph.changed_sources(batch.items)
+    if changed:  # ingested before with other content: the old support is taken back first
+        forget(rt, changed)
     system = rt.system
     timings: dict[str, float] = {}
     t = time.perf_counter()

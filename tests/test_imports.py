@@ -81,7 +81,7 @@ LAYERS = [
      "pipeline.isolation", "pipeline.lexical", "pipeline.quality", "pipeline.topics"},
     {"pipeline.encoders", "pipeline.dedup", "pipeline.librarian", "pipeline.serving"},
     {"pipeline.runtime"},
-    {"pipeline.stages"},
+    {"pipeline.stages", "pipeline.retract"},
     {"pipeline.queue", "pipeline.jobs", "pipeline.stats", "pipeline.training", "pipeline.api"},
     {"pipeline.cli"},
 ]

@@ -1,4 +1,5 @@
-"""Commands that run the pipeline: ``run``, ``submit``, ``status``, ``stats``, ``worker``."""
+"""Commands that run the pipeline: ``run``, ``submit``, ``status``, ``stats``, ``worker``,
+``forget``."""
 
 from __future__ import annotations
 
@@ -304,4 +305,48 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
         click.echo(f"chart written to {plot_file}")
 
 
-COMMANDS = [run, submit, worker, status, stats]
+@click.command()
+@click.argument("sources", nargs=-1)
+@click.option("--source", "more", multiple=True, metavar="ID",
+              help="a source (item) id to forget; may be repeated")
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False),
+              help="forget every item id of this JSON Lines file")
+@click.option("--job", "job", metavar="JOB", help="forget what this job filed")
+@click.option("--dry-run", is_flag=True, help="say what would change, change nothing")
+@click.pass_obj
+def forget(settings: Settings, sources: tuple[str, ...], more: tuple[str, ...],
+           file: str | None, job: str | None, dry_run: bool) -> None:
+    """Take sources back out of the graph, with everything that followed from them.
+
+    Their supports and Source nodes go; an insight left with no support goes; one that keeps
+    support is re-represented from what remains; every cache learns of it; their bad-item
+    records go. Name sources by id, by --file, or by --job."""
+    from pipeline.inputs import file_ids
+
+    ids = [*sources, *more, *(file_ids(file) if file else [])]
+    if job is not None and ids:
+        raise click.UsageError("give source ids (or --file) or --job, not both")
+    if job is None and not ids:
+        raise click.UsageError("name what to forget: source ids, --file FILE or --job JOB")
+    from pipeline.retract import forget as forget_
+    from pipeline.runtime import Runtime
+
+    note_server_start(settings)
+    with Runtime.from_settings(settings) as rt:
+        done = forget_(rt, ids, job=job, dry_run=dry_run)
+    c = done.counts
+    verb = "would forget" if done.dry_run else "forgot"
+    click.echo(f"{verb} {c['sources']} source(s): {c['supports']} support(s) removed"
+               + (f", {c['supports_thinned']} kept by other jobs" if c["supports_thinned"]
+                  else "")
+               + f"; {c['insights_removed']} insight(s) removed, "
+               f"{c['insights_rerepresented']} re-represented"
+               + (f" in {printable(', '.join(done.shards))}" if done.shards else ""))
+    if done.unknown:
+        shown = ", ".join(printable(i) for i in done.unknown[:5])
+        more_ = f" and {len(done.unknown) - 5} more" if len(done.unknown) > 5 else ""
+        click.echo(f"unknown: {len(done.unknown)} id(s) no source has ({shown}{more_}); "
+                   "nothing changed for them", err=True)
+
+
+COMMANDS = [run, submit, worker, status, stats, forget]

@@ -50,17 +50,19 @@ def part_message(part: ShardPart) -> dict[str, Any]:
             "job_id": reports[0].job_id, "ids": [r.id for r in reports],
             "item_ids": [r.item_id for r in reports], "scores": [r.score for r in reports],
             "experts": [r.experts for r in reports], "texts": [r.text for r in reports],
+            "contents": [r.content for r in reports],
             "embeddings": np.stack([np.asarray(r.embedding, np.float16) for r in reports]),
             "model": part.model}
 
 
 def message_part(message: dict[str, Any]) -> ShardPart:
     emb = message["embeddings"].astype(np.float32)
+    contents = message.get("contents") or [""] * len(message["ids"])  # older senders
     reports = [DraftReport(rid, message["job_id"], item_id, message["shard"], emb[n], score,
-                           experts, text)
-               for n, (rid, item_id, score, experts, text) in enumerate(zip(
+                           experts, text, content)
+               for n, (rid, item_id, score, experts, text, content) in enumerate(zip(
                    message["ids"], message["item_ids"], message["scores"],
-                   message["experts"], message["texts"], strict=True))]
+                   message["experts"], message["texts"], contents, strict=True))]
     return ShardPart(message["batch_id"], message["run_id"], message["shard"], reports,
                      message.get("model"))
 

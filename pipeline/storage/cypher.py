@@ -111,7 +111,7 @@ CREATE (i)-[:{DISCOVERED_IN}]->(run)
 WITH i, r.supports AS supports, r.produced AS produced, r.similar AS similar
 UNWIND supports AS s
 MERGE (src:{SOURCE} {{id: s.source}})
-ON CREATE SET src.text = s.text
+ON CREATE SET src.text = s.text, src.hash = s.hash
 CREATE (i)-[e:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job,
                                 jobs: s.jobs, reports: s.reports}}]->(src)
 SET e.embedding = s.embedding
@@ -129,7 +129,7 @@ MERGE_SUPPORTS = f"""
 UNWIND $rows AS r
 MATCH (i:{INSIGHT} {{id: r.insight}})
 MERGE (s:{SOURCE} {{id: r.source}})
-ON CREATE SET s.text = r.text
+ON CREATE SET s.text = r.text, s.hash = r.hash
 MERGE (i)-[e:{SUPPORTED_BY}]->(s)
 ON CREATE SET e.report_id = r.report, e.weight = r.weight, e.job_id = r.job,
               e.jobs = r.jobs, e.reports = r.reports, e.embedding = r.embedding
@@ -278,4 +278,93 @@ MATCH (i:{INSIGHT}) WHERE i.shard = $shard AND i.seq > $lo AND i.seq <= $hi
   AND ($model IS NULL OR i.model = $model)
 RETURN collect(i.id) AS ids, collect(i.seq) AS seqs, collect(i.embedding) AS embeddings,
        collect(coalesce(i.summary, '')) AS summaries
+"""
+
+# A shard's forget count: every forget that removes or re-represents an insight of a shard
+# adds one, in its transaction. A cache that saw another count re-reads the shard: catching
+# up by seq alone learns of new insights, never of removed or changed ones.
+EPOCHS = f"""
+MATCH (c:{CONSTELLATION}) WHERE c.id IN $shards
+RETURN c.id AS shard, coalesce(c.forgotten, 0) AS epoch
+"""
+
+BUMP_EPOCHS = f"""
+MATCH (c:{CONSTELLATION}) WHERE c.id IN $shards
+SET c.forgotten = coalesce(c.forgotten, 0) + 1
+"""
+
+# -- forgetting (`pipeline.retract`) --------------------------------------------------------
+# Each support edge of these sources, with the jobs and reports that back it; a source with no
+# edge has one row with a null insight.
+SOURCE_SUPPORTS = f"""
+UNWIND $ids AS sid
+MATCH (s:{SOURCE} {{id: sid}})
+OPTIONAL MATCH (i:{INSIGHT})-[e:{SUPPORTED_BY}]->(s)
+RETURN sid AS source, i.id AS insight, i.shard AS shard,
+       coalesce(e.jobs, [e.job_id]) AS jobs, coalesce(e.reports, [e.report_id]) AS reports
+"""
+
+# The sources a job filed (its support edges name it).
+JOB_SOURCES = f"""
+MATCH (:{INSIGHT})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
+WHERE $job IN coalesce(e.jobs, [e.job_id])
+RETURN collect(DISTINCT s.id) AS ids
+"""
+
+# Everything an insight's representation is made of: each support's source, stored report
+# embedding and text, and the reports behind it (the founder's among them).
+INSIGHT_SUPPORTS = f"""
+UNWIND $ids AS id
+MATCH (i:{INSIGHT} {{id: id}})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
+RETURN i.id AS id, i.shard AS shard, i.dim AS dim, i.text AS text, i.summary AS summary,
+       collect([s.id, e.embedding, s.text, coalesce(e.reports, [e.report_id])]) AS supports
+"""
+
+DROP_SUPPORTS = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.insight}})-[e:{SUPPORTED_BY}]->(s:{SOURCE} {{id: r.source}})
+DELETE e
+"""
+
+# An edge that other jobs still back keeps them, less the forgotten job's.
+THIN_SUPPORTS = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.insight}})-[e:{SUPPORTED_BY}]->(s:{SOURCE} {{id: r.source}})
+SET e.jobs = r.jobs, e.reports = r.reports, e.job_id = r.jobs[0], e.report_id = r.reports[0]
+"""
+
+DROP_INSIGHTS = f"""
+UNWIND $ids AS id
+MATCH (i:{INSIGHT} {{id: id}})
+DETACH DELETE i
+"""
+
+# Sources left with no support go, with any edge a user may have added to them.
+DROP_BARE_SOURCES = f"""
+UNWIND $ids AS id
+MATCH (s:{SOURCE} {{id: id}})
+OPTIONAL MATCH (s)<-[e:{SUPPORTED_BY}]-()
+WITH s, count(e) AS support
+WHERE support = 0
+DETACH DELETE s
+"""
+
+REPRESENT = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.id}})
+SET i.text = r.text, i.summary = r.summary, i.embedding = r.embedding
+"""
+
+REPRESENT_VECTOR = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.id}})
+SET i.text = r.text, i.summary = r.summary, i.embedding = r.embedding,
+    i.embedding_vector = r.vector
+"""
+
+# The stored content of sources about to be ingested again: a changed one is retracted first.
+SOURCE_HASHES = f"""
+UNWIND $ids AS id
+MATCH (s:{SOURCE} {{id: id}})
+RETURN s.id AS id, s.hash AS hash, s.text AS text
 """

@@ -39,7 +39,7 @@ from neo4j.exceptions import (
 )
 
 from pipeline.errors import Outage, PipelineError
-from pipeline.records import CuratedBatch, insight_id
+from pipeline.records import CuratedBatch, Item, content_hash, insight_id
 from pipeline.storage import cypher, cypher_guard, rows
 from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it from here
 
@@ -100,6 +100,7 @@ class ShardRows:
     embeddings: np.ndarray  # (n, dim) float16
     summaries: list[str]
     top: int  # the shard's highest seq when read (any model's), -1 when empty
+    epoch: int = 0  # the shard's forget count when read (`cypher.EPOCHS`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -231,6 +232,11 @@ class GraphStore:
         """
         return self._write(lambda tx: work(CurateTx(tx, self.with_vector)))
 
+    def write(self, work: Callable[[ManagedTransaction], T]) -> T:
+        """``work(tx)`` in one managed write transaction, retried from the start after a
+        transient error or a uniqueness conflict (so it must be idempotent)."""
+        return self._write(work)
+
     def _write(self, work, conflict_retries: int = 5) -> Any:
         """Run ``work`` in a managed write transaction (which retries transient errors).
 
@@ -281,6 +287,25 @@ class GraphStore:
     def _read_all(self, query: str, **params: Any) -> list[dict[str, Any]]:
         with self._outage(), self._session(read=True) as session:
             return session.run(query, **params).data()
+
+    def changed_sources(self, items: Sequence[Item]) -> list[str]:
+        """The ids of ``items`` that a Source already holds with other content (its content
+        hash, or, on a source stored before hashes, its text)."""
+        if not items:
+            return []
+        stored = {r["id"]: r for r in self._read_all(cypher.SOURCE_HASHES,
+                                                     ids=[i.id for i in items])}
+        changed = []
+        for item in items:
+            old = stored.get(item.id)
+            if old is None:
+                continue
+            if old["hash"] is not None:
+                if old["hash"] != content_hash(item.text, item.vector):
+                    changed.append(item.id)
+            elif item.text is not None and old["text"] != item.text:
+                changed.append(item.id)
+        return changed
 
     def lookup(self, item_id: str) -> dict[str, Any] | None:
         """An insight's embedding and shard, or a source's text, by id (None: neither)."""
@@ -406,6 +431,7 @@ class CurateTx:
     def __init__(self, tx: ManagedTransaction, with_vector: bool = False) -> None:
         self.tx, self.with_vector = tx, with_vector
         self.tops: dict[str, int] = {}
+        self.epochs: dict[str, int] = {}
 
     def supported_reports(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
         """As `GraphStore.supported_reports`, in this transaction."""
@@ -419,6 +445,7 @@ class CurateTx:
                                                                 shards=shards)
                  if r["seq"] is not None}
         self.tops.update({shard: found.get(shard, -1) for shard in shards})
+        self.epochs.update(_epochs(self.tx, shards))
         return {shard: self.tops[shard] for shard in shards}
 
     def constellations(self) -> list[str]:
@@ -428,7 +455,8 @@ class CurateTx:
     def read_shard(self, shard: str, dim: int, after: int = -1, page: int = 5000,
                    model: str | None = None) -> ShardRows:
         """As `GraphStore.read_shard`, in this transaction, from the top `shard_tops` read."""
-        return _read_shard(self.tx, shard, dim, after, page, model, self.tops.get(shard))
+        return _read_shard(self.tx, shard, dim, after, page, model, self.tops.get(shard),
+                           self.epochs.get(shard))
 
     def write_batch(self, batch: CuratedBatch,
                     expect_max_seq: dict[str, int] | None = None) -> dict[str, int]:
@@ -446,11 +474,19 @@ def _supported_reports(runner: Any, pairs: Iterable[tuple[str, str]]) -> dict[st
             for rec in runner.run(cypher.SUPPORTED_REPORTS, rows=rows_)}
 
 
+def _epochs(runner: Any, shards: Sequence[str]) -> dict[str, int]:
+    """Each shard's forget count (0 for a shard no forget touched, or with no node yet)."""
+    found = {r["shard"]: int(r["epoch"]) for r in runner.run(cypher.EPOCHS,
+                                                             shards=list(shards))}
+    return {shard: found.get(shard, 0) for shard in shards}
+
+
 def _read_shard(runner: Any, shard: str, dim: int, after: int, page: int,
-                model: str | None, top: int | None = None) -> ShardRows:
+                model: str | None, top: int | None = None,
+                epoch: int | None = None) -> ShardRows:
     """Insights of ``shard`` with ``seq > after`` (of ``model``, if given), in seq order, on
-    ``runner`` (a session or a transaction); ``top``, the shard's max seq when the caller read
-    it already.
+    ``runner`` (a session or a transaction); ``top`` and ``epoch``, the shard's max seq and
+    forget count when the caller read them already.
 
     Pages are seq ranges up to the shard's current maximum; each page's embeddings are
     decoded with one ``frombuffer`` over the joined bytes, then the rows are sorted by seq.
@@ -458,8 +494,11 @@ def _read_shard(runner: Any, shard: str, dim: int, after: int, page: int,
     if top is None:
         record = runner.run(cypher.MAX_SEQ, shard=shard).single()
         top = -1 if record["seq"] is None else int(record["seq"])
+    if epoch is None:
+        epoch = _epochs(runner, [shard])[shard]
     if top <= after:  # nothing new: the common case of a catch-up
-        return ShardRows([], np.empty(0, np.int64), np.empty((0, dim), np.float16), [], top)
+        return ShardRows([], np.empty(0, np.int64), np.empty((0, dim), np.float16), [], top,
+                         epoch)
     expected = int(runner.run(cypher.COUNT_AFTER, shard=shard, after=after, model=model,
                               dim=dim).single()["n"])
     ids: list[str] = []
@@ -484,7 +523,7 @@ def _read_shard(runner: Any, shard: str, dim: int, after: int, page: int,
         lo += page
     order = np.argsort(seqs[:n], kind="stable")
     return ShardRows([ids[i] for i in order], seqs[:n][order], emb[:n][order],
-                     [summaries[i] for i in order], top)
+                     [summaries[i] for i in order], top, epoch)
 
 
 def _write_batch(tx: ManagedTransaction, batch: CuratedBatch,

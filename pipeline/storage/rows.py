@@ -43,6 +43,7 @@ def insight_row(insight: Insight, with_vector: bool = False) -> Row:
 def support_row(s: Support) -> Row:
     return {"insight": s.insight_id, "source": s.source_id, "report": s.report_id,
             "job": s.job_id, "weight": float(s.weight), "text": s.source_text,
+            "hash": s.content_hash or None,
             "embedding": None if s.embedding is None else encode_embedding(s.embedding)}
 
 
@@ -62,11 +63,16 @@ def medoid_rows(found: list[dict[str, Any]], dim: int) -> list[Row]:
         pairs = [(e, t) for e, t in row["pairs"] if e is not None and t]
         if len(pairs) < 2:
             continue
-        emb = decode_embeddings([e for e, _ in pairs], dim).astype(np.float32)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        mean = emb.mean(0)
-        out.append({"id": row["id"], "text": pairs[int(np.argmax(emb @ mean))][1]})
+        pick = medoid([e for e, _ in pairs], dim)
+        out.append({"id": row["id"], "text": pairs[pick][1]})
     return out
+
+
+def medoid(blobs: list[bytes], dim: int) -> int:
+    """The index of the stored embedding nearest the mean direction of them all (cosine)."""
+    emb = decode_embeddings(blobs, dim).astype(np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return int(np.argmax(emb @ emb.mean(0)))
 
 
 def produced_row(p: Produced) -> Row:

@@ -215,6 +215,23 @@ class ItemError(Base):
     job: Mapped[Job] = relationship(back_populates="item_errors")
 
 
+class Forget(Base):
+    """One forget: what was asked (sources, or a job's), when, and what it changed. A job's
+    own rows stay; this says what of it was taken back. ``finished_at`` is NULL while it runs
+    (or after it was killed: running it again finishes it)."""
+
+    __tablename__ = "forgets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    # the job forgotten (``forget --job``), else NULL: sources named by id or by a file
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    source_ids: Mapped[list[str]] = mapped_column(JSON)  # the ids asked for
+    # what it changed: sources, supports, insights removed and re-represented, unknown ids
+    counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
 def make_engine(url: str, pooled: bool = True) -> Engine:
     """An engine for ``url``; SQLite gets foreign keys on and a busy timeout for workers.
     ``pooled=False`` keeps no connection open between uses (for a process that forks)."""

@@ -1,0 +1,278 @@
+"""Forgetting: sources taken back out of the graph, with everything that followed from them.
+
+What forgetting a source means (the README's "Forgetting" section says the same):
+
+- its ``SUPPORTED_BY`` edges go, and its ``Source`` node;
+- an insight left with no support goes, with all its edges;
+- an insight that keeps support is re-represented from what remains: its text is what a run
+  of the remaining sources alone gives it (the medoid of their texts, or the one source's
+  text), and where the report that founded it came from a forgotten source, its embedding
+  and summary become the remaining medoid's report's;
+- each shard whose insights were removed or changed counts one more forget (on its
+  ``Constellation`` node): every cache replica, in any process, reads the shard anew at its
+  next catch-up, which comes before any dedup decision or similarity answer; this process's
+  cache snapshots of those shards are deleted;
+- in SQL, the bad-item records of the forgotten ids go; jobs keep their rows, and a
+  ``forgets`` row says what was taken back, when, and what it changed.
+
+Forgetting a job (``job=``) takes back what that job filed: a source that another job filed
+too keeps its support, less the job's reports, as it would had the job never run.
+
+One graph transaction holds the whole change, under the locks of every shard the sources
+reach (taken in order, as librarians take them), so a forget killed part-way changed nothing
+in the graph, and running it again finishes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from pipeline.errors import PipelineError
+from pipeline.records import decode_embeddings, insight_id, report_id
+from pipeline.runtime import Runtime
+from pipeline.storage import cypher, rows
+from pipeline.storage.owner import interrupted
+from pipeline.storage.sql import Batch, Forget, ItemError, Job
+
+# Statuses of a job still filing items (a local job whose process is gone is not).
+LIVE = ("queued", "running")
+
+
+@dataclass
+class Plan:
+    """What one forget changes in the graph, read in its transaction (`plan`)."""
+
+    asked: list[str]
+    unknown: list[str] = field(default_factory=list)  # ids no Source has
+    drop: list[dict[str, str]] = field(default_factory=list)  # support edges removed
+    thin: list[dict[str, Any]] = field(default_factory=list)  # edges other jobs still back
+    sources: list[str] = field(default_factory=list)  # Source nodes removed
+    insights: list[str] = field(default_factory=list)  # insights left with no support
+    represent: list[dict[str, Any]] = field(default_factory=list)  # new text / embedding
+    locked: list[str] = field(default_factory=list)  # shards the sources' supports are in
+    touched: list[str] = field(default_factory=list)  # shards whose insights changed
+
+    def counts(self) -> dict[str, int]:
+        return {"sources": len(self.sources), "supports": len(self.drop),
+                "supports_thinned": len(self.thin), "insights_removed": len(self.insights),
+                "insights_rerepresented": len(self.represent), "unknown": len(self.unknown)}
+
+
+@dataclass
+class ForgetResult:
+    """What `forget` did (or, on a dry run, would do)."""
+
+    id: str | None  # the ``forgets`` row; None on a dry run
+    dry_run: bool
+    asked: int
+    unknown: list[str]
+    counts: dict[str, int]
+    shards: list[str]
+
+
+def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool) -> Plan:
+    """What forgetting ``ids`` (only ``job``'s backing of them, if given) changes, read on
+    ``tx``; pure of writes."""
+    found = tx.run(cypher.SOURCE_SUPPORTS, ids=list(ids)).data()
+    known = {r["source"] for r in found}
+    p = Plan(list(ids), unknown=[i for i in ids if i not in known])
+    names = tx.run(cypher.CONSTELLATIONS).single(strict=True)["ids"] if job else []
+    gone: dict[str, set[str]] = {}  # insight -> its sources whose support goes
+    kept, locked = set(), set()
+    for r in found:
+        if r["insight"] is None:  # a source with no support at all: it goes too
+            continue
+        locked.add(r["shard"])
+        jobs = [j for j in r["jobs"] if j is not None]
+        if job is not None:
+            if job not in jobs:
+                kept.add(r["source"])
+                continue
+            others = [j for j in jobs if j != job]
+            if others:
+                mine = {report_id(job, r["source"], c) for c in names}
+                reports = [x for x in r["reports"] if x is not None and x not in mine]
+                p.thin.append({"insight": r["insight"], "source": r["source"],
+                               "jobs": others, "reports": reports or r["reports"]})
+                kept.add(r["source"])
+                continue
+        p.drop.append({"insight": r["insight"], "source": r["source"]})
+        gone.setdefault(r["insight"], set()).add(r["source"])
+    p.sources = sorted(known - kept)
+    touched = set()
+    if gone:
+        for row in tx.run(cypher.INSIGHT_SUPPORTS, ids=sorted(gone)):
+            rest = [s for s in row["supports"] if s[0] not in gone[row["id"]]]
+            if not rest:
+                p.insights.append(row["id"])
+                touched.add(row["shard"])
+                continue
+            new = represent(row, rest, with_vector)
+            if new is not None:
+                p.represent.append(new)
+                touched.add(row["shard"])
+    p.locked, p.touched = sorted(locked), sorted(touched)
+    return p
+
+
+def represent(row: dict[str, Any], rest: list[list[Any]],
+              with_vector: bool) -> dict[str, Any] | None:
+    """An insight's text (and, if its founder is gone, embedding and summary) from its
+    remaining supports ``rest`` ([source, embedding bytes, text, reports] each), as curating
+    them alone would have made it; None when nothing changes.
+
+    The text is the medoid of the remaining texts where two or more have an embedding (what
+    `rows.medoid_rows` keeps an insight's text at), else the summary. An insight whose
+    founding report is among the forgotten is founded anew by the remaining medoid: its
+    report's embedding and its text's first 280 characters (the summary a new insight has).
+    """
+    iid, shard, dim = row["id"], row["shard"], int(row["dim"])
+    founded = any(insight_id(shard, rep) == iid for s in rest for rep in (s[3] or [])
+                  if rep is not None)
+    usable = [s for s in rest if s[1] is not None]
+    founder = usable[rows.medoid([s[1] for s in usable], dim)] if usable else rest[0]
+    summary = row["summary"] if founded else (founder[2] or "")[:280]
+    pairs = [s for s in usable if s[2]]
+    text = pairs[rows.medoid([s[1] for s in pairs], dim)][2] if len(pairs) >= 2 else summary
+    if founded and text == row["text"]:
+        return None
+    out: dict[str, Any] = {"id": iid, "text": text, "summary": summary, "embedding": None,
+                           "vector": None}
+    if not founded and founder[1] is not None:
+        out["embedding"] = founder[1]
+        if with_vector:
+            out["vector"] = [float(v) for v in decode_embeddings([founder[1]], dim)[0]]
+    return out
+
+
+def apply(tx: Any, p: Plan, with_vector: bool) -> None:
+    """The writes of plan ``p``, on ``tx``."""
+    if p.drop:
+        tx.run(cypher.DROP_SUPPORTS, rows=p.drop).consume()
+    if p.thin:
+        tx.run(cypher.THIN_SUPPORTS, rows=p.thin).consume()
+    if p.insights:
+        tx.run(cypher.DROP_INSIGHTS, ids=p.insights).consume()
+    if p.sources:
+        tx.run(cypher.DROP_BARE_SOURCES, ids=p.sources).consume()
+    if p.represent:
+        tx.run(cypher.REPRESENT_VECTOR if with_vector else cypher.REPRESENT,
+               rows=p.represent).consume()
+    if p.touched:
+        tx.run(cypher.BUMP_EPOCHS, shards=p.touched).consume()
+
+
+def job_item_ids(rt: Runtime, job: str) -> list[str]:
+    """Every item id a job recorded, in order; `PipelineError` (one line) for an unknown job
+    or one still filing items."""
+    with rt.Session() as s:
+        row = s.get(Job, job)
+        if row is None:
+            raise PipelineError(f"--job {job!r}: no such job (moe-pipeline status lists them)")
+        if row.status in LIVE and not interrupted(row, time.time()):
+            raise PipelineError(f"--job {job!r} is still {row.status}: forget it once it has "
+                                "finished (moe-pipeline status JOB)")
+        lists = s.scalars(select(Batch.item_ids).where(Batch.job_id == job)
+                          .order_by(Batch.index)).all()
+    return list(dict.fromkeys(i for ids in lists for i in ids))
+
+
+def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
+           dry_run: bool = False) -> ForgetResult:
+    """Take back ``sources`` (ids), or what ``job`` filed, from the graph, every cache and
+    SQL (see the module's docstring); with ``dry_run``, only say what would change.
+
+    An id no source has is reported (``unknown``) and changes nothing; a request with no
+    known id at all is a `PipelineError`, unless it finishes a forget that was cut off.
+    """
+    ids = list(dict.fromkeys(str(i) for i in sources))
+    if job is not None:
+        ids = job_item_ids(rt, job)
+    elif not ids:
+        raise PipelineError("forget: name at least one source id, a --file or a --job")
+    graph, wv = rt.graph, rt.graph.with_vector
+    preview = graph.write(lambda tx: plan(tx, ids, job, wv))
+    if dry_run:
+        return ForgetResult(None, True, len(ids), preview.unknown if job is None else [],
+                            preview.counts(), preview.touched)
+    record = _open_record(rt, ids, job)
+    if record is None and job is None and len(preview.unknown) == len(ids):
+        shown = ", ".join(repr(i) for i in ids[:3]) + (" ..." if len(ids) > 3 else "")
+        raise PipelineError(f"forget: no source has the id(s) {shown}; nothing changed")
+    record = record or _new_record(rt, ids, job)
+    want = set(preview.locked)
+    while True:
+        done = _apply_locked(rt, ids, job, frozenset(want))
+        if set(done.locked) <= want:
+            break
+        want |= set(done.locked)  # a job filed these sources into more shards meanwhile
+    counts = done.counts()
+    if job is not None:
+        counts["unknown"] = 0  # a job's bad items have no source: not worth a word
+    _finish_record(rt, record, ids, job, counts)
+    for librarian in rt.librarians():
+        librarian.forget_shards(done.touched)
+    return ForgetResult(record, False, len(ids), done.unknown if job is None else [],
+                        counts, done.touched)
+
+
+def _apply_locked(rt: Runtime, ids: list[str], job: str | None,
+                  shards: frozenset[str]) -> Plan:
+    """Under the locks of ``shards`` (taken in order, as every librarian takes them), plan
+    and apply in one graph transaction; a plan that reaches a shard not held is returned
+    unapplied, for the caller to take that lock too."""
+    wv = rt.graph.with_vector
+    with contextlib.ExitStack() as held:
+        for shard in sorted(shards):
+            held.enter_context(rt.locks(shard))
+
+        def work(tx: Any) -> Plan:
+            p = plan(tx, ids, job, wv)
+            if set(p.locked) <= shards:
+                apply(tx, p, wv)
+                if rt.settings.fault_kill_item in ids:  # a drill: killed before the commit
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return p
+
+        return rt.graph.write(work)
+
+
+def _open_record(rt: Runtime, ids: list[str], job: str | None) -> str | None:
+    """A forget of the same request that was cut off before it finished, if there is one:
+    running it again finishes that one."""
+    with rt.Session() as s:
+        rows_ = s.scalars(select(Forget).where(Forget.finished_at.is_(None))).all()
+        for row in rows_:
+            if row.job_id == job and row.source_ids == ids:
+                return row.id
+    return None
+
+
+def _new_record(rt: Runtime, ids: list[str], job: str | None) -> str:
+    with rt.Session.begin() as s:
+        row = Forget(job_id=job, source_ids=ids, counts={})
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def _finish_record(rt: Runtime, record: str, ids: list[str], job: str | None,
+                   counts: dict[str, int]) -> None:
+    """The forgotten ids' bad-item records go (they may quote the input); the forget's row
+    is finished with what this run changed."""
+    with rt.Session.begin() as s:
+        if job is not None:
+            s.execute(delete(ItemError).where(ItemError.job_id == job))
+        else:
+            for start in range(0, len(ids), 500):
+                s.execute(delete(ItemError).where(ItemError.item_id.in_(ids[start:start + 500])))
+        s.execute(update(Forget).where(Forget.id == record)
+                  .values(counts=counts, finished_at=time.time()))

