@@ -138,10 +138,12 @@ def represent(row: dict[str, Any], rest: list[list[Any]],
     founded = any(insight_id(shard, rep) == iid for s in rest for rep in (s[3] or [])
                   if rep is not None)
     usable = [s for s in rest if s[1] is not None]
-    founder = usable[rows.medoid([s[1] for s in usable], dim)] if usable else rest[0]
+    founder = (usable[rows.medoid([s[1] for s in usable], dim, [s[2] or s[0] for s in usable])]
+               if usable else rest[0])
     summary = row["summary"] if founded else (founder[2] or "")[:280]
     pairs = [s for s in usable if s[2]]
-    text = pairs[rows.medoid([s[1] for s in pairs], dim)][2] if len(pairs) >= 2 else summary
+    text = (pairs[rows.medoid([s[1] for s in pairs], dim, [s[2] for s in pairs])][2]
+            if len(pairs) >= 2 else summary)
     if founded and text == row["text"]:
         return None
     out: dict[str, Any] = {"id": iid, "text": text, "summary": summary, "embedding": None,

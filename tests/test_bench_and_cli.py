@@ -221,3 +221,15 @@ def test_startup_bench_quick_times_the_commands_that_need_no_model():
                                     "down_seconds", "query_seconds"}
     assert all(v > 0 for v in data["results"].values())
     assert data["references"]["import_torch_seconds"] > 0
+
+
+def test_forget_bench_quick_compares_forgetting_with_a_fresh_run_and_checks_equality():
+    proc = _run("bench/forget.py", "--quick", "--items", "200")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bench"] == "forget" and record["config"]["forgotten"] == 20
+    assert record["results"]["forget_sources"] == 20
+    assert record["references"]["fresh_run_of_the_rest_s"] > 0
+    assert set(record["targets"]) == {"fresh_run_vs_forget", "graph_equals_fresh_run"}
+    # Equality is the bench's own check, read back from both graphs: it must hold.
+    assert record["targets"]["graph_equals_fresh_run"]["met"], record["equality"]

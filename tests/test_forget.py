@@ -234,3 +234,52 @@ def test_a_forget_killed_mid_transaction_finishes_when_run_again(tmp_path, graph
 
 def test_forget_is_exported_where_users_look_for_it():
     assert pipeline.forget.__module__ == "pipeline.api"
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_in_the_stack_a_forget_beside_a_running_job_loses_nothing_and_no_replica_remembers(
+        stack):
+    from pipeline import jobs
+
+    stack.workers("gpu", "librarian", "query")
+    settings = stack.settings()
+    graph = stack.graph
+    shards = _shards(settings)
+    items = _febrl(260)
+    first, second = items[:60], items[60:]
+    gone = [i["id"] for i in first[::6]]
+    _wipe(graph, shards, [i["id"] for i in items])
+    Session = session_factory(settings.sql_url(), run_migrations=False)
+    job = jobs.submit(first, settings, 16)
+    jobs.wait(Session, job.job_id, 120, poll_s=0.2)
+    ask = next(i["text"] for i in first if i["id"] == gone[1])
+    cli = [sys.executable, "-m", "pipeline.cli"]
+
+    def similar() -> list[dict]:
+        out = subprocess.run(cli + ["similar", "--text", ask, "--k", "5", "--json", "--queue",
+                                    "--min-score", "-1"], cwd=stack.tmp, env=stack.env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr + stack.logs()
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    assert any(gone[1] in (h["sources"] or []) for h in similar())  # the replica is warm
+    running = jobs.submit(second, settings, 16)
+    refused = subprocess.run(cli + ["forget", "--job", running.job_id], cwd=stack.tmp,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "still" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    out = subprocess.run(cli + ["forget", *gone], cwd=stack.tmp, env=stack.env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr + stack.logs()
+    assert f"forgot {len(gone)} source(s)" in out.stdout
+    jobs.wait(Session, running.job_id, 300, poll_s=0.2)
+    hits = similar()
+    assert all(not set(gone) & set(h["sources"] or []) for h in hits), hits
+    assert all(h["summary"] != ask for h in hits)
+    # The job that ran beside the forget filed every item once: nothing lost or doubled.
+    rows = graph.run_cypher("MATCH (:Insight)-[e:SUPPORTED_BY]->(s:Source) "
+                            "WHERE $job IN e.jobs RETURN s.id AS id", {"job": running.job_id})
+    assert sorted(r["id"] for r in rows) == sorted(i["id"] for i in second)
+    assert not graph.run_cypher("UNWIND $ids AS id MATCH (s:Source {id: id}) RETURN s.id",
+                                {"ids": gone})
+    _wipe(graph, shards, [i["id"] for i in items])

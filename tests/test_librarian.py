@@ -405,3 +405,13 @@ def test_librarians_on_a_redis_broker_share_redis_locks(tmp_path):
         "team-a:moe:shard-lock:"
     assert isinstance(locks(celery_broker_url="amqp://guest:guest@127.0.0.1//"),
                       LocalShardLock)
+
+
+def test_a_medoid_tie_goes_to_the_smallest_text_whatever_the_order():
+    from pipeline.records import encode_embedding
+    from pipeline.storage.rows import medoid
+
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    blobs = [encode_embedding(a), encode_embedding(b)]
+    assert medoid(blobs, 3, ["zeta", "alpha"]) == 1
+    assert medoid(blobs[::-1], 3, ["alpha", "zeta"]) == 0

@@ -63,16 +63,27 @@ def medoid_rows(found: list[dict[str, Any]], dim: int) -> list[Row]:
         pairs = [(e, t) for e, t in row["pairs"] if e is not None and t]
         if len(pairs) < 2:
             continue
-        pick = medoid([e for e, _ in pairs], dim)
+        pick = medoid([e for e, _ in pairs], dim, [t for _, t in pairs])
         out.append({"id": row["id"], "text": pairs[pick][1]})
     return out
 
 
-def medoid(blobs: list[bytes], dim: int) -> int:
-    """The index of the stored embedding nearest the mean direction of them all (cosine)."""
+# Scores this close to the best tie: with two supports both are exactly as near the mean, but
+# rounding decides which scores higher, and the order the server lists them in decides that.
+MEDOID_TIE = 1e-5
+
+
+def medoid(blobs: list[bytes], dim: int, keys: list[str] | None = None) -> int:
+    """The index of the stored embedding nearest the mean direction of them all (cosine);
+    ties go to the smallest of ``keys`` (the texts), so the answer does not depend on the
+    order the rows came in."""
     emb = decode_embeddings(blobs, dim).astype(np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return int(np.argmax(emb @ emb.mean(0)))
+    score = emb @ emb.mean(0)
+    near = np.flatnonzero(score >= score.max() - MEDOID_TIE)
+    if keys is None or len(near) == 1:
+        return int(near[0])
+    return int(min(near, key=lambda i: keys[i]))
 
 
 def produced_row(p: Produced) -> Row:
