@@ -38,7 +38,7 @@ def storable(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def content_hash(text: str | None, vector: list[float] | None) -> str:
+def content_hash(text: str | None, vector: Any) -> str:
     """What an item says, as a hash kept on its Source: an id ingested again with another
     hash is a changed source (its old support is retracted first). Text and vectors hash
     apart; a vector by its float32 bytes, so 0.1 written two ways is one content."""
@@ -46,7 +46,8 @@ def content_hash(text: str | None, vector: list[float] | None) -> str:
     if text is not None:
         h.update(b"text\x1f" + text.encode("utf-8", "surrogatepass"))
     else:
-        h.update(b"vector\x1f" + np.asarray(vector or [], dtype="<f4").tobytes())
+        h.update(b"vector\x1f" + np.asarray([] if vector is None else vector,
+                                              dtype="<f4").tobytes())
     return h.hexdigest()[:32]
 
 

@@ -78,10 +78,14 @@ class ForgetResult:
     shards: list[str]
 
 
-def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool) -> Plan:
+def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
+         keep: dict[str, str] | None = None) -> Plan:
     """What forgetting ``ids`` (only ``job``'s backing of them, if given) changes, read on
-    ``tx``; pure of writes."""
+    ``tx``; pure of writes. A source whose content hash is the one ``keep`` gives for it is
+    left alone (a changed source that another librarian has filed anew already)."""
     found = tx.run(cypher.SOURCE_SUPPORTS, ids=list(ids)).data()
+    if keep:
+        found = [r for r in found if r["hash"] is None or keep.get(r["source"]) != r["hash"]]
     known = {r["source"] for r in found}
     p = Plan(list(ids), unknown=[i for i in ids if i not in known])
     names = tx.run(cypher.CONSTELLATIONS).single(strict=True)["ids"] if job else []
@@ -188,12 +192,14 @@ def job_item_ids(rt: Runtime, job: str) -> list[str]:
 
 
 def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
-           dry_run: bool = False) -> ForgetResult:
+           dry_run: bool = False, keep: dict[str, str] | None = None) -> ForgetResult:
     """Take back ``sources`` (ids), or what ``job`` filed, from the graph, every cache and
     SQL (see the module's docstring); with ``dry_run``, only say what would change.
 
     An id no source has is reported (``unknown``) and changes nothing; a request with no
     known id at all is a `PipelineError`, unless it finishes a forget that was cut off.
+    ``keep`` (id -> content hash) spares a source that already holds that content: how a
+    librarian retracts a changed source's old content without undoing another's new one.
     """
     ids = list(dict.fromkeys(str(i) for i in sources))
     if job is not None:
@@ -201,18 +207,18 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     elif not ids:
         raise PipelineError("forget: name at least one source id, a --file or a --job")
     graph, wv = rt.graph, rt.graph.with_vector
-    preview = graph.write(lambda tx: plan(tx, ids, job, wv))
+    preview = graph.write(lambda tx: plan(tx, ids, job, wv, keep))
     if dry_run:
         return ForgetResult(None, True, len(ids), preview.unknown if job is None else [],
                             preview.counts(), preview.touched)
     record = _open_record(rt, ids, job)
-    if record is None and job is None and len(preview.unknown) == len(ids):
+    if record is None and job is None and keep is None and len(preview.unknown) == len(ids):
         shown = ", ".join(repr(i) for i in ids[:3]) + (" ..." if len(ids) > 3 else "")
         raise PipelineError(f"forget: no source has the id(s) {shown}; nothing changed")
     record = record or _new_record(rt, ids, job)
     want = set(preview.locked)
     while True:
-        done = _apply_locked(rt, ids, job, frozenset(want))
+        done = _apply_locked(rt, ids, job, frozenset(want), keep)
         if set(done.locked) <= want:
             break
         want |= set(done.locked)  # a job filed these sources into more shards meanwhile
@@ -226,8 +232,8 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
                         counts, done.touched)
 
 
-def _apply_locked(rt: Runtime, ids: list[str], job: str | None,
-                  shards: frozenset[str]) -> Plan:
+def _apply_locked(rt: Runtime, ids: list[str], job: str | None, shards: frozenset[str],
+                  keep: dict[str, str] | None) -> Plan:
     """Under the locks of ``shards`` (taken in order, as every librarian takes them), plan
     and apply in one graph transaction; a plan that reaches a shard not held is returned
     unapplied, for the caller to take that lock too."""
@@ -237,7 +243,7 @@ def _apply_locked(rt: Runtime, ids: list[str], job: str | None,
             held.enter_context(rt.locks(shard))
 
         def work(tx: Any) -> Plan:
-            p = plan(tx, ids, job, wv)
+            p = plan(tx, ids, job, wv, keep)
             if set(p.locked) <= shards:
                 apply(tx, p, wv)
                 if rt.settings.fault_kill_item in ids:  # a drill: killed before the commit

@@ -200,9 +200,6 @@ def _route(rt: Runtime, batch: ItemBatch, attempts: int
             f"serves {rt.fingerprint}; start the GPU workers with the MOE_MODEL_PATH, MOE_SEED "
             "and MOE_TEXT_MODEL the job was submitted with")
     faults(s, attempts, [i.id for i in batch.items])
-    changed = rt.graph.changed_sources(batch.items)
-    if changed:  # ingested before with other content: the old support is taken back first
-        forget(rt, changed)
     system = rt.system
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -282,6 +279,10 @@ def _curate(rt: Runtime, part: ShardPart) -> tuple[CurateResult, list[BadItem], 
     known = rt.run_knowledge(part.run_id)
     rt.ensure_run(part.run_id, known, part.model)
     t = time.perf_counter()
+    contents = {r.item_id: (r.content, r.text) for r in part.reports if r.content}
+    changed = rt.graph.changed_sources(contents)
+    if changed:  # ingested before with other content: the old support is taken back first
+        forget(rt, changed, keep={i: contents[i][0] for i in changed})
     librarian = rt.librarian(known.knowledge)
     step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,
                                                     model=part.model),

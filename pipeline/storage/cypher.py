@@ -300,7 +300,7 @@ SOURCE_SUPPORTS = f"""
 UNWIND $ids AS sid
 MATCH (s:{SOURCE} {{id: sid}})
 OPTIONAL MATCH (i:{INSIGHT})-[e:{SUPPORTED_BY}]->(s)
-RETURN sid AS source, i.id AS insight, i.shard AS shard,
+RETURN sid AS source, s.hash AS hash, i.id AS insight, i.shard AS shard,
        coalesce(e.jobs, [e.job_id]) AS jobs, coalesce(e.reports, [e.report_id]) AS reports
 """
 

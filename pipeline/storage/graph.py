@@ -39,7 +39,7 @@ from neo4j.exceptions import (
 )
 
 from pipeline.errors import Outage, PipelineError
-from pipeline.records import CuratedBatch, Item, content_hash, insight_id
+from pipeline.records import CuratedBatch, insight_id
 from pipeline.storage import cypher, cypher_guard, rows
 from pipeline.storage.cypher_guard import ReadOnlyQueryError  # callers catch it from here
 
@@ -288,23 +288,18 @@ class GraphStore:
         with self._outage(), self._session(read=True) as session:
             return session.run(query, **params).data()
 
-    def changed_sources(self, items: Sequence[Item]) -> list[str]:
-        """The ids of ``items`` that a Source already holds with other content (its content
-        hash, or, on a source stored before hashes, its text)."""
-        if not items:
+    def changed_sources(self, contents: dict[str, tuple[str, str]]) -> list[str]:
+        """Of ``contents`` (source id -> (content hash, text)), the ids a Source already
+        holds with other content: another hash, or, on a source stored before hashes, other
+        text (a vector item's old source cannot tell, and counts as unchanged)."""
+        if not contents:
             return []
-        stored = {r["id"]: r for r in self._read_all(cypher.SOURCE_HASHES,
-                                                     ids=[i.id for i in items])}
         changed = []
-        for item in items:
-            old = stored.get(item.id)
-            if old is None:
-                continue
-            if old["hash"] is not None:
-                if old["hash"] != content_hash(item.text, item.vector):
-                    changed.append(item.id)
-            elif item.text is not None and old["text"] != item.text:
-                changed.append(item.id)
+        for row in self._read_all(cypher.SOURCE_HASHES, ids=sorted(contents)):
+            digest, text = contents[row["id"]]
+            if row["hash"] is not None and row["hash"] != digest or (
+                    row["hash"] is None and text and row["text"] != text):
+                changed.append(row["id"])
         return changed
 
     def lookup(self, item_id: str) -> dict[str, Any] | None:
