@@ -237,13 +237,16 @@ def wait(Session: sessionmaker, job_id: str, timeout_s: float | None = None,
 
 
 def run_local(source: Source, settings: Settings, batch_size: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> JobSummary:
+              progress: Callable[[int, int], None] | None = None,
+              on_open: Callable[[str], None] | None = None) -> JobSummary:
     """Run a job in this process, reading its file a chunk at a time.
 
     ``progress(n, total)`` is told as each chunk's n items (good and bad) are done. The job
     records this process and beats while it runs; if the process dies, `status` shows the
     job interrupted, and running the same file again resumes it: batches already done are
-    skipped, the rest are (re)done, nothing is written twice (`ledger.resume_job`)."""
+    skipped, the rest are (re)done, nothing is written twice (`ledger.resume_job`).
+    ``on_open(job_id)`` is told the job's id as soon as it is recorded (the API answers
+    with it while the job runs on)."""
     batch_size = _batch_size(batch_size, settings)
     start = time.perf_counter()
     owner = Owner.me()
@@ -252,6 +255,8 @@ def run_local(source: Source, settings: Settings, batch_size: int | None = None,
         ids = ledger.resume_job(rt.Session, key, owner) if key else None
         run_id, job_id = ids or ledger.open_job(rt.Session, rt.config, "local", rt.device,
                                                 read.items, owner, key, command)
+        if on_open:
+            on_open(job_id)
         with Beating(rt.Session, job_id, owner):
             totals = _run_chunks(rt, read, run_id, job_id, batch_size, progress)
         status, bad_count = ledger.job_outcome(rt.Session, job_id)

@@ -146,6 +146,11 @@ start_rabbitmq() {
   say "RabbitMQ started on 127.0.0.1:$AMQP_PORT"
 }
 
+browser() {  # not a server: the headless browser the page's test drives (Debian's chromium)
+  if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then return 0; fi
+  install chromium && say "chromium installed (the web page's browser test)"
+}
+
 stop_all() {
   local bin
   if [ -s "$DIR/postgres/postmaster.pid" ] && bin=$(pg_bin); then
@@ -180,6 +185,7 @@ case "${1:-start}" in
     start_postgres || true
     start_redis || true
     start_rabbitmq || true
+    browser || true
     ;;
   stop) stop_all ;;
   status) status_all ;;

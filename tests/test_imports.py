@@ -76,13 +76,15 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 # Lower layers never import higher ones (a module may import its own layer or below).
 LAYERS = [
-    {"pipeline.errors", "pipeline.settings", "pipeline.records", "pipeline.redact"},
+    {"pipeline.errors", "pipeline.settings", "pipeline.records", "pipeline.redact",
+     "pipeline.tokens"},
     {"pipeline.moe", "pipeline.storage", "pipeline.cache", "pipeline.inputs",
      "pipeline.isolation", "pipeline.lexical", "pipeline.quality", "pipeline.topics"},
     {"pipeline.encoders", "pipeline.dedup", "pipeline.librarian", "pipeline.serving"},
     {"pipeline.runtime"},
     {"pipeline.stages", "pipeline.retract"},
     {"pipeline.queue", "pipeline.jobs", "pipeline.stats", "pipeline.training", "pipeline.api"},
+    {"pipeline.service"},
     {"pipeline.cli"},
 ]
 

@@ -1,8 +1,9 @@
-"""The `moe-pipeline` command line: one group, its commands in three modules.
+"""The `moe-pipeline` command line: one group, its commands in four modules.
 
 - `run` — the pipeline: ``run``, ``submit``, ``status``, ``stats``, ``worker``;
 - `graph` — questions and the embedded server: ``query``, ``similar``, ``up``, ``down``;
-- `model` — the model: ``train``, ``models``, ``demo``, ``generate``.
+- `model` — the model: ``train``, ``models``, ``demo``, ``generate``;
+- `serve` — the service: ``serve``, ``token``.
 
 The group builds `Settings` once and hands it to every command (``ctx.obj``); `main` turns
 every `PipelineError` (and an unreachable SQL database or broker, a setting out of its
@@ -61,9 +62,9 @@ def cli(ctx: click.Context, model_path: str | None, max_params: int | None,
 
 
 def _register() -> None:
-    from pipeline.cli import graph, model, run
+    from pipeline.cli import graph, model, run, serve
 
-    for module in (run, graph, model):
+    for module in (run, graph, model, serve):
         for command in module.COMMANDS:
             cli.add_command(command)
 
