@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.bounds import Count
+from pipeline.cli.bounds import Count, Real
 from pipeline.cli.progress import note_server_start
 from pipeline.settings import Settings
 
@@ -14,7 +14,8 @@ from pipeline.settings import Settings
               help="the address to listen on (another than loopback exposes the API: every "
                    "route but /health still needs a token)")
 @click.option("--port", type=Count(1, 65535), default=8000, show_default=True)
-@click.option("--max-body-mb", type=float, default=64.0, show_default=True,
+@click.option("--max-body-mb", type=Real(0.0, 65536.0, min_open=True), default=64.0,
+              show_default=True,
               help="a request body past this is refused (413)")
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int, max_body_mb: float) -> None:
