@@ -14,7 +14,7 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY pipeline ./pipeline
 # The base image's torch satisfies the package's torch>=2.9,<3, so pip keeps it.
-RUN pip install '.[text,monitor]' && mkdir -p /var/lib/moe && chown moe:moe /var/lib/moe
+RUN pip install '.[text,monitor,serve]' && mkdir -p /var/lib/moe && chown moe:moe /var/lib/moe
 
 USER moe
 VOLUME ["/var/lib/moe"]

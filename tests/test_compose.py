@@ -35,7 +35,7 @@ APP_SERVICES = {n for n, s in SERVICES.items() if s.get("image", "").startswith(
 COMPOSE_ONLY = {"COMPOSE_PROFILES", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB",
                 "REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "NEO4J_HTTP_PORT",
                 "NEO4J_BOLT_PORT", "POSTGRES_PORT", "REDIS_PORT", "FLOWER_PORT",
-                "RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBITMQ_PORT"}
+                "RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBITMQ_PORT", "API_PORT"}
 
 
 def env_example() -> dict[str, str]:
@@ -58,7 +58,7 @@ def settings_variables() -> set[str]:
 
 def test_the_expected_services_exist():
     assert set(SERVICES) == {"neo4j", "redis", "rabbitmq", "postgres", "migrate", "gpu-worker",
-                             "cpu-worker", "librarian", "query", "flower"}
+                             "cpu-worker", "librarian", "query", "flower", "api"}
     # RabbitMQ carries the tasks (a dead worker's messages come back at once); Redis the
     # shard locks and query answers.
     env = SERVICES["librarian"]["environment"]
@@ -117,7 +117,11 @@ def test_worker_commands_name_kinds_whose_queues_the_app_routes_to():
     # published on this host: it holds the broker's password only, and no state
     assert set(SERVICES["flower"]["environment"]) == {"CELERY_BROKER_URL"}
     assert SERVICES["flower"]["volumes"] == []
-    for name in APP_SERVICES - {"migrate", "flower"}:
+    # The API serves on the published port (loopback on the host) and checks /health.
+    assert SERVICES["api"]["command"][:2] == ["moe-pipeline", "serve"]
+    assert SERVICES["api"]["ports"] == ["127.0.0.1:${API_PORT}:8000"]
+    assert "/health" in SERVICES["api"]["healthcheck"]["test"][-1]
+    for name in APP_SERVICES - {"migrate", "flower", "api"}:
         command = SERVICES[name]["command"]
         assert command[:2] == ["moe-pipeline", "worker"], name
         assert command[2] in queues, f"{name}: no worker kind {command[2]!r}"
@@ -141,7 +145,7 @@ def test_images_are_pinned_and_ports_stay_on_localhost():
     dockerfile = (ROOT / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert base.startswith("pytorch/pytorch:2.") and "cuda" in base
-    assert re.search(r"^USER moe$", dockerfile, re.M) and "'.[text,monitor]'" in dockerfile
+    assert re.search(r"^USER moe$", dockerfile, re.M) and "'.[text,monitor,serve]'" in dockerfile
     assert 'VOLUME ["/var/lib/moe"]' in dockerfile
 
 

@@ -74,6 +74,12 @@ def test_the_api_runs_a_job_answers_questions_and_forgets_on_both_sql_backends(
         bad = {(b["line"], b["field"]) for b in job["bad_items"]}
         assert bad == {(5, "text"), (6, "line")}  # the same per-line errors as `run`
         assert job_id in [j["id"] for j in client.get("/jobs", headers=read).json()]
+        # The same file as an upload (multipart): one more job, the same items again.
+        uploaded = client.post("/jobs", files={"file": ("items.jsonl", body.encode())},
+                               headers=write)
+        assert uploaded.status_code == 202, uploaded.text
+        again = _wait(client, uploaded.json()["id"], read)
+        assert again["status"] == "completed_with_errors" and len(again["bad_items"]) == 2
 
         rows = client.post("/query", headers=read, json={
             "cypher": "UNWIND $ids AS id MATCH (s:Source {id: id}) RETURN s.text AS text",
@@ -121,6 +127,8 @@ def test_limits_tokens_the_openapi_document_and_the_page(tmp_path, graph):
         big = client.post("/jobs", content="x" * 4096, headers=write)
         assert big.status_code == 413
         assert client.post("/jobs", content="", headers=write).status_code == 422
+        assert client.post("/jobs", files={"other": ("a.jsonl", b"{}")},
+                           headers=write).status_code == 422
         spec = client.get("/openapi.json").json()
         assert {"/jobs", "/jobs/{job_id}", "/query", "/similar", "/constellations",
                 "/insights/{insight_id}", "/sources/{source_id}", "/metrics",

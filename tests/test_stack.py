@@ -204,7 +204,10 @@ class NativeStack:
             env["CELERY_BROKER_URL"] = self.host_env()["REDIS_URL"]
         command = [c.replace("%h", name) for c in interpolate(SERVICES[name]["command"],
                                                                self.vars)]
-        if port is not None:  # a published port: this test's own, on loopback
+        if port is not None and name == "api":  # `serve --host H --port P`: loopback, ours
+            at = {flag: command.index(flag) + 1 for flag in ("--host", "--port")}
+            command[at["--host"]], command[at["--port"]] = "127.0.0.1", str(port)
+        elif port is not None:  # a published port: this test's own, on loopback
             command = [re.sub(r"^--port=\d+$", f"--port={port}", c) for c in command]
             command.append("--address=127.0.0.1")
         return self.start(name, command, env)
@@ -276,6 +279,9 @@ def test_the_compose_services_run_natively_and_the_readme_commands_work(native_s
             wait_until(lambda log=log, proc=proc: " ready." in log.read_text(errors="replace")
                        or proc.poll() is not None, 120, name, stack.logs)
             assert proc.poll() is None, stack.logs()
+    api_port = free_port()
+    stack.run_service("api", port=api_port)
+    wait_until(lambda: port_answers(api_port), 120, "api", stack.logs)
     flower_port = None
     if _flower_installed():
         flower_port = free_port()
@@ -331,11 +337,43 @@ def test_the_compose_services_run_natively_and_the_readme_commands_work(native_s
         workers = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert {f"worker@{name}" for name in names} <= set(workers), (workers, stack.logs())
         assert all(w.get("registered") for w in workers.values()), workers
+    _the_api_answers_in_the_stack(stack, api_port)
     # No password of the stack in any service's log.
     for name, _, log in stack.procs:
         text = log.read_text(errors="replace")
         for secret in ("POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "REDIS_PASSWORD"):
             assert stack.vars[secret] not in text, (name, secret)
+
+
+def _the_api_answers_in_the_stack(stack: NativeStack, port: int) -> None:
+    """The api service: a token from its state, a job posted and queued to the workers,
+    questions answered."""
+    import httpx
+
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **stack.service_env("api")}
+    token = subprocess.run([str(BIN / "moe-pipeline"), "token", "--write"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert token.returncode == 0, token.stderr
+    auth = {"Authorization": f"Bearer {token.stdout.strip()}"}
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
+    assert httpx.get(f"{base}/jobs", timeout=10).status_code == 401
+    body = "".join(json.dumps({"id": f"api-{n}", "text": text}) + "\n" for n, text in
+                   enumerate(["sleep consolidates what was learned during the day",
+                              "a proof by induction climbs one rung at a time"]))
+    posted = httpx.post(f"{base}/jobs", content=body, headers=auth, timeout=120)
+    assert posted.status_code == 202 and posted.json()["mode"] == "queued", posted.text
+    job = posted.json()["id"]
+    deadline = time.monotonic() + 180
+    while (state := httpx.get(f"{base}/jobs/{job}", headers=auth, timeout=30).json())[
+            "status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, (state, stack.logs())
+        time.sleep(0.5)
+    assert state["status"] == "completed", state
+    hits = httpx.get(f"{base}/similar", params={"text": "sleep and memory"}, headers=auth,
+                     timeout=120).json()["hits"]
+    assert hits and any("sleep" in (h["summary"] or "").lower() for h in hits), hits
+    assert token.stdout.strip() not in stack.logs()
 
 
 def _flower_installed() -> bool:
