@@ -236,14 +236,29 @@ class Librarian:
             cache.save(snap)
             self._saved_at[key] = cache.updates
 
+    def catch_up(self, shards: Sequence[str], model: str | None = None) -> None:
+        """Bring these shards' caches level with the graph in one read transaction: their
+        tops and forget counts in two queries, then the new rows of the shards that have
+        some (what a question does before it searches several shards)."""
+        def work(g: CurateTx) -> None:
+            g.shard_tops(shards)
+            for shard in shards:
+                self.cache(shard, model, g).catch_up(g, shard, model)
+
+        self.graph.view(work)
+
     def search(self, query: Tensor | np.ndarray, top_k: int = 5,
-               shards: Sequence[str] | None = None, model: str | None = None) -> list[dict]:
+               shards: Sequence[str] | None = None, model: str | None = None,
+               caught_up: bool = False) -> list[dict]:
         """Nearest insights to one query over the given shards' caches (default: every shard
-        of the graph, so a librarian attached by hand answers without being told names)."""
+        of the graph, so a librarian attached by hand answers without being told names),
+        caught up first unless the caller just did (``caught_up``)."""
         hits: list[dict] = []
-        for shard in self.graph.shards() if shards is None else shards:
+        shards = self.graph.shards() if shards is None else shards
+        if not caught_up:
+            self.catch_up(shards, model)
+        for shard in shards:
             cache = self.cache(shard, model)
-            cache.catch_up(self.graph, shard, model)
             scores, rows = cache.search(query, top_k)
             ids = cache.ids_at(rows)[0]
             hits += [{"node_id": i, "similarity": float(s), "shard": shard}

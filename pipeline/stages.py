@@ -398,9 +398,11 @@ def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None
     floor = rt.settings.similar_floor if min_score is None else float(min_score)
     librarian = rt.librarian(system.config)
     queries, exclude = _question(rt, shards, text, vector, like)
+    librarian.catch_up(shards, model=rt.fingerprint)  # every shard's cache, in one read
     best: dict[str, dict] = {}
     for shard, query in queries.items():
-        for hit in librarian.search(query, k + 1, shards=[shard], model=rt.fingerprint):
+        for hit in librarian.search(query, k + 1, shards=[shard], model=rt.fingerprint,
+                                    caught_up=True):
             if hit["node_id"] == exclude:
                 continue
             if hit["node_id"] not in best or best[hit["node_id"]]["similarity"] < hit[

@@ -232,6 +232,12 @@ class GraphStore:
         """
         return self._write(lambda tx: work(CurateTx(tx, self.with_vector)))
 
+    def view(self, work: Callable[[CurateTx], T]) -> T:
+        """``work(view)`` in one read transaction: the shards' tops and forget counts read
+        once for many shards (`CurateTx.shard_tops`), then their new rows."""
+        with self._outage(), self._session(read=True) as session:
+            return session.execute_read(lambda tx: work(CurateTx(tx, self.with_vector)))
+
     def write(self, work: Callable[[ManagedTransaction], T]) -> T:
         """``work(tx)`` in one managed write transaction, retried from the start after a
         transient error or a uniqueness conflict (so it must be idempotent)."""
