@@ -315,6 +315,7 @@ def snapshot_ready(cache: EmbeddingCache, data: np.ndarray, rng) -> dict[str, fl
                 np.float16)
             self.summaries = [""] * rows
             self.top = int(self.seqs[-1]) if rows else -1
+            self.epoch = 0  # no forget touched the shard
 
     tail = Tail(len(data) // 100)
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from pipeline.cache import EmbeddingCache, ShardReader
 from pipeline.dedup import Decision, Rule, build_batch, decide
+from pipeline.errors import PipelineError
 from pipeline.moe.config import KnowledgeConfig, MoEConfig
 from pipeline.records import CuratedBatch, CurateResult, DraftReport, Insight, stable_id
 from pipeline.storage.graph import CurateTx, GraphStore, StaleWriteError
@@ -39,6 +40,17 @@ class Decided:
     decision: Decision
     batch: CuratedBatch
     new: list[Insight]
+class ChangedSources(PipelineError):
+    """Sources of a part that the graph holds with other content: nothing was written; the
+    caller retracts their old content (`pipeline.retract.forget` with ``keep``) and curates
+    the part again."""
+
+    def __init__(self, shard: str, ids: list[str], keep: dict[str, str]) -> None:
+        self.ids, self.keep = ids, keep
+        super().__init__(f"shard {shard!r}: {len(ids)} source(s) changed since they were "
+                         f"filed (first: {ids[0]!r})")
+
+
 # How long the list of the graph's constellations (for cross-shard lookups) is kept before it
 # is read again: a new model's constellations appear within this many seconds.
 SHARDS_TTL_S = 30.0
@@ -158,7 +170,12 @@ class Librarian:
         # committed rows only, and what the write adds reaches them after the commit.
         others: dict[str, EmbeddingCache] = {}
 
+        contents = {r.item_id: (r.content, r.text) for r in unique if r.content}
+
         def work(g: CurateTx) -> tuple[dict[str, str], Decided | None]:
+            changed = g.changed_sources(contents)
+            if changed:  # their old content goes first, outside this transaction
+                raise ChangedSources(shard, changed, {i: contents[i][0] for i in changed})
             done = g.supported_reports((r.item_id, r.id) for r in unique)
             todo = [r for r in unique if r.id not in done]
             names = self._other_shards(shard, g) if todo else []

@@ -29,6 +29,7 @@ from pipeline import encoders
 from pipeline.errors import PipelineError
 from pipeline.inputs import read_items
 from pipeline.isolation import describe, isolate
+from pipeline.librarian import ChangedSources
 from pipeline.moe.system import MixtureOfExpertsSystem
 from pipeline.records import (
     BadItem,
@@ -279,14 +280,19 @@ def _curate(rt: Runtime, part: ShardPart) -> tuple[CurateResult, list[BadItem], 
     known = rt.run_knowledge(part.run_id)
     rt.ensure_run(part.run_id, known, part.model)
     t = time.perf_counter()
-    contents = {r.item_id: (r.content, r.text) for r in part.reports if r.content}
-    changed = rt.graph.changed_sources(contents)
-    if changed:  # ingested before with other content: the old support is taken back first
-        forget(rt, changed, keep={i: contents[i][0] for i in changed})
     librarian = rt.librarian(known.knowledge)
-    step = isolate(lambda reports: librarian.curate(part.shard, reports, run_id=part.run_id,
-                                                    model=part.model),
-                   part.reports, CURATE_FAULTS)
+    for attempt in range(3):
+        try:
+            step = isolate(lambda reports: librarian.curate(
+                part.shard, reports, run_id=part.run_id, model=part.model),
+                part.reports, CURATE_FAULTS)
+            break
+        except ChangedSources as changed:
+            # Ingested before with other content: its old support is taken back first (under
+            # the locks of every shard it reached), then the part is curated again.
+            if attempt == 2:
+                raise
+            forget(rt, changed.ids, keep=changed.keep)
     bad = [BadItem(None, r.item_id, "text" if r.text else "vector",
                    f"curate failed: {describe(err)}") for r, err in step.failed]
     return step.result, bad, time.perf_counter() - t

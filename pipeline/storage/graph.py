@@ -294,20 +294,6 @@ class GraphStore:
         with self._outage(), self._session(read=True) as session:
             return session.run(query, **params).data()
 
-    def changed_sources(self, contents: dict[str, tuple[str, str]]) -> list[str]:
-        """Of ``contents`` (source id -> (content hash, text)), the ids a Source already
-        holds with other content: another hash, or, on a source stored before hashes, other
-        text (a vector item's old source cannot tell, and counts as unchanged)."""
-        if not contents:
-            return []
-        changed = []
-        for row in self._read_all(cypher.SOURCE_HASHES, ids=sorted(contents)):
-            digest, text = contents[row["id"]]
-            if row["hash"] is not None and row["hash"] != digest or (
-                    row["hash"] is None and text and row["text"] != text):
-                changed.append(row["id"])
-        return changed
-
     def lookup(self, item_id: str) -> dict[str, Any] | None:
         """An insight's embedding and shard, or a source's text, by id (None: neither)."""
         row = self._read_one(cypher.LOOKUP, id=item_id)
@@ -448,6 +434,20 @@ class CurateTx:
         self.tops.update({shard: found.get(shard, -1) for shard in shards})
         self.epochs.update(_epochs(self.tx, shards))
         return {shard: self.tops[shard] for shard in shards}
+
+    def changed_sources(self, contents: dict[str, tuple[str, str]]) -> list[str]:
+        """Of ``contents`` (source id -> (content hash, text)), the ids a Source already
+        holds with other content: another hash, or, on a source stored before hashes, other
+        text (a vector item's old source cannot tell, and counts as unchanged)."""
+        if not contents:
+            return []
+        changed = []
+        for row in self.tx.run(cypher.SOURCE_HASHES, ids=sorted(contents)):
+            digest, text = contents[row["id"]]
+            if row["hash"] is not None and row["hash"] != digest or (
+                    row["hash"] is None and text and row["text"] != text):
+                changed.append(row["id"])
+        return changed
 
     def constellations(self) -> list[str]:
         """As `GraphStore.constellations`, in this transaction."""
