@@ -38,7 +38,7 @@ from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.storage import cypher
 from pipeline.storage.graph import QueryError, ReadOnlyQueryError
-from pipeline.storage.owner import interrupted
+from pipeline.storage.owner import shown_status
 from pipeline.storage.progress import progress
 from pipeline.storage.sql import BatchMetrics, ItemError, Job
 
@@ -85,12 +85,8 @@ class Service:
             self._rt.close()
 
 
-def _status(job: Job, now: float) -> str:
-    return "interrupted" if interrupted(job, now) else job.status
-
-
 def _job_row(job: Job, now: float) -> dict[str, Any]:
-    return {"id": job.id, "status": _status(job, now), "mode": job.mode,
+    return {"id": job.id, "status": shown_status(job, now), "mode": job.mode,
             "items": job.submitted_items, "run_id": job.run_id,
             "created_at": job.created_at, "finished_at": job.finished_at,
             "error": redacted(job.error) if job.error else None}

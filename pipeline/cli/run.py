@@ -113,11 +113,9 @@ def worker(ctx: click.Context, kind: str, shards: tuple[str, ...], concurrency: 
 
 
 def _job_status(job, now: float) -> str:  # a `sql.Job` row
-    """A job's status as a user should read it: a local job whose process is gone is
-    ``interrupted``, not ``running`` (see `storage.owner`)."""
-    from pipeline.storage.owner import interrupted
+    from pipeline.storage.owner import shown_status
 
-    return "interrupted" if interrupted(job, now) else job.status
+    return shown_status(job, now)
 
 
 def _resume_hint(job, now: float) -> str:  # a `sql.Job` row

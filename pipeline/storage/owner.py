@@ -77,3 +77,9 @@ def interrupted(job, now: float) -> bool:  # a `sql.Job` row
         return False
     return is_gone(Owner(job.owner_host, job.owner_pid, job.owner_start), job.heartbeat_at,
                    now)
+
+
+def shown_status(job, now: float) -> str:  # a `sql.Job` row
+    """A job's status as a user should read it: a local job whose process is gone is
+    ``interrupted``, not ``running``."""
+    return "interrupted" if interrupted(job, now) else job.status
