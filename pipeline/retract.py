@@ -77,6 +77,17 @@ class ForgetResult:
     counts: dict[str, int]
     shards: list[str]
 
+    def to_message(self) -> dict[str, Any]:
+        return {"id": self.id, "dry_run": self.dry_run, "asked": self.asked,
+                "unknown": self.unknown, "counts": self.counts, "shards": self.shards}
+
+    @classmethod
+    def from_message(cls, m: dict[str, Any]) -> ForgetResult:
+        return cls(m.get("id"), bool(m["dry_run"]), int(m["asked"]),
+                   [str(i) for i in m.get("unknown") or []],
+                   {str(k): int(v) for k, v in (m.get("counts") or {}).items()},
+                   [str(x) for x in m.get("shards") or []])
+
 
 def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
          keep: dict[str, str] | None = None) -> Plan:

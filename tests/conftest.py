@@ -56,13 +56,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The current Neo4j release runs a chosen few modules, and a case marked
     # `backends(NAME, ...)` only those graph backends; the others are deselected (not skipped:
     # they were never meant to run).
+    # A case marked `deployments` crosses the graph and SQL backends as they are deployed,
+    # not every pair: the embedded graph with SQLite (the default install), Neo4j with
+    # PostgreSQL (the stack); each backend still runs once.
     keep, dropped = [], []
     for item in items:
-        backend = getattr(getattr(item, "callspec", None), "params", {}).get("graph")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        backend, sql = params.get("graph"), params.get("sql_url")
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         only = item.get_closest_marker("backends")
         if backend == "neo4j-current" and module not in CURRENT_NEO4J_MODULES or \
-                backend and only and backend not in only.args:
+                backend and only and backend not in only.args or \
+                backend and sql and item.get_closest_marker("deployments") and \
+                (backend == "embedded") != (sql == "sqlite"):
             dropped.append(item)
         else:
             keep.append(item)

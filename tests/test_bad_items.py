@@ -304,6 +304,7 @@ def _settings(tmp_path, graph, url: str) -> Settings:
                     database_url=url, device="cpu")
 
 
+@pytest.mark.deployments
 def test_every_kind_in_one_local_job_keeps_every_good_item(tmp_path, graph, sql_url):
     from pipeline.jobs import run_local
 
@@ -346,6 +347,7 @@ def test_an_error_record_is_stored_whatever_the_item_held(sql_url):
         assert s.get(Job, job.job_id).error.startswith("stopped: \\x00\\ud800 eee")
 
 
+@pytest.mark.deployments
 def test_every_kind_in_one_queued_job_keeps_every_good_item(tmp_path, graph, sql_url,
                                                            redis_url):
     from test_queue_workers import Stack

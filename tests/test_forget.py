@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,7 @@ def _cli(settings: Settings, *args: str, env: dict | None = None
 
 
 @pytest.mark.backends("embedded", "neo4j")
+@pytest.mark.deployments
 def test_forget_by_job_by_file_dry_run_and_unknown_ids_on_both_sql_backends(
         tmp_path, graph, sql_url):
     settings = _settings(tmp_path, graph, sql_url)
@@ -272,6 +274,8 @@ def test_in_the_stack_a_forget_beside_a_running_job_loses_nothing_and_no_replica
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr + stack.logs()
     assert f"forgot {len(gone)} source(s)" in out.stdout
+    # CELERY_BROKER_URL is set: a query worker did it, under the stack's shard locks.
+    assert re.search(r"Task pipeline\.forget\[[^]]+\] succeeded", stack.logs()), stack.logs()
     jobs.wait(Session, running.job_id, 300, poll_s=0.2)
     hits = similar()
     assert all(not set(gone) & set(h["sources"] or []) for h in hits), hits

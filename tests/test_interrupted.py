@@ -56,6 +56,7 @@ def _completed_batches(Session) -> tuple[str | None, int]:
         return job.id, sum(b.status == "completed" for b in job.batches)
 
 
+@pytest.mark.deployments
 def test_a_killed_run_is_interrupted_and_resumes_with_nothing_lost_or_doubled(
         tmp_path, graph, sql_url):
     if graph.auth is None:

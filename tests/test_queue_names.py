@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from test_queue_workers import _wait
 
 from pipeline import jobs
@@ -53,6 +54,7 @@ def _labelled_items(n: int) -> list[dict]:
              .round(5).tolist(), "meta": {"topic": LABELS[i % 3]}} for i in range(n)]
 
 
+@pytest.mark.backends("neo4j")
 def test_labels_with_comma_space_and_slash_run_queued_to_the_graph(stack):
     raw = _labelled_items(30)
     path = stack.tmp / "train.jsonl"

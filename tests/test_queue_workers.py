@@ -243,6 +243,7 @@ def _running_batch(Session, job_id: str, timeout_s: float = 60) -> Batch:
     raise AssertionError(f"no batch of job {job_id} started running")
 
 
+@pytest.mark.backends("neo4j")
 def test_killed_pool_process_is_requeued_at_once_and_nothing_doubles(stack):
     stack.workers(("gpu", {"MOE_FAULT_STALL_S": "4"}), "librarian")
     raw = _items(60, seed=12)
@@ -312,6 +313,7 @@ def _kill_mid_batch_and_restart(stack: Stack, raw: list[dict]) -> tuple[str, str
     return job.job_id, victim.id, time.monotonic() - restarted
 
 
+@pytest.mark.backends("neo4j")
 def test_a_worker_killed_whole_on_redis_gets_its_batch_back_through_its_lease(
         stack, record_property):
     # The default visibility timeout (an hour): the batch must come back through its lease.
@@ -331,6 +333,7 @@ def test_a_worker_killed_whole_on_redis_gets_its_batch_back_through_its_lease(
     assert stack.secrets_in_logs() == []
 
 
+@pytest.mark.backends("neo4j")
 def test_a_worker_killed_whole_on_rabbitmq_gets_its_batch_back_at_once(
         tmp_path, graph, redis_url, rabbitmq_url, record_property):
     if graph.auth is None:
@@ -352,6 +355,7 @@ def test_a_worker_killed_whole_on_rabbitmq_gets_its_batch_back_at_once(
         stack.close()
 
 
+@pytest.mark.backends("neo4j")
 def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
     raw = _items(60, seed=14)
     poison = raw[25]["id"]  # in the second batch
@@ -374,6 +378,7 @@ def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
     assert sorted(_graph_reports(stack.graph, job.job_id)) == sorted(expected)
 
 
+@pytest.mark.backends("neo4j")
 def test_a_poison_shard_part_fails_its_batch_and_the_job_still_ends(stack):
     raw = _items(40, seed=16)
     poison = raw[5]["id"]  # its report lands in one shard part of the first batch

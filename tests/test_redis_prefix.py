@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 import redis
 from test_queue_workers import _items, _wait
 
@@ -24,6 +25,7 @@ def _keys(client: redis.Redis, pattern: str) -> set[str]:
     return {k.decode() for k in client.scan_iter(match=pattern, count=500)}
 
 
+@pytest.mark.backends("neo4j")
 def test_a_queued_stack_leaves_keys_it_did_not_create_untouched(stack):
     client = redis.Redis.from_url(stack.redis_url)
     sentinel = f"someone-else-{uuid.uuid4().hex[:12]}"  # under no prefix of the suite's

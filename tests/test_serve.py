@@ -45,6 +45,7 @@ def _wait(client: TestClient, job_id: str, headers: dict, timeout_s: float = 120
 
 
 @pytest.mark.backends("embedded", "neo4j")
+@pytest.mark.deployments
 def test_the_api_runs_a_job_answers_questions_and_forgets_on_both_sql_backends(
         tmp_path, graph, sql_url):
     settings = _settings(tmp_path, graph, sql_url)

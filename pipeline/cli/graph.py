@@ -215,23 +215,6 @@ def _json_vector(path: str) -> list:
     return data
 
 
-def _ask_worker(settings: Settings, message: dict, timeout: float) -> dict[str, Any]:
-    from celery.exceptions import TimeoutError as CeleryTimeout
-
-    from pipeline.queue.app import SIMILAR, make_app
-
-    try:
-        return make_app(settings).send_task(SIMILAR, args=[message]).get(timeout=timeout)
-    except CeleryTimeout as err:
-        raise PipelineError(f"no answer from a query worker within {timeout:.0f} s; is "
-                            "`moe-pipeline worker query` running?") from err
-    except PipelineError:
-        raise
-    except Exception as err:  # the broker, or the worker's own error, passed on
-        raise PipelineError(f"similar via {masked(settings.broker_url())}: "
-                            f"{type(err).__name__}: {err}") from err
-
-
 @click.command()
 @click.option("--text", help="find insights near this text")
 @click.option("--vector-file", type=click.Path(exists=True, dir_okay=False),
@@ -262,10 +245,11 @@ def similar(settings: Settings, text: str | None, vector_file: str | None, like:
     asked = via_queue
     via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
     if via_queue:
+        from pipeline.queue.app import SIMILAR, ask
         from pipeline.queue.messages import SimilarQuery
 
         message = SimilarQuery(text, vector, k, constellation, min_score, like).to_message()
-        answer = SimilarAnswer.from_message(_ask_worker(settings, message, timeout))
+        answer = SimilarAnswer.from_message(ask(settings, SIMILAR, message, timeout))
     else:
         from pipeline import stages
         from pipeline.runtime import Runtime

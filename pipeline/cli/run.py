@@ -311,14 +311,21 @@ def stats(settings: Settings, run_id: str | None, plot_file: str | None) -> None
               help="forget every item id of this JSON Lines file")
 @click.option("--job", "job", metavar="JOB", help="forget what this job filed")
 @click.option("--dry-run", is_flag=True, help="say what would change, change nothing")
+@click.option("--queue/--local", "via_queue", default=None,
+              help="have a query worker do it, or do it here [default: the queue when "
+                   "CELERY_BROKER_URL is set]")
+@click.option("--timeout", type=seconds(), default=600.0, show_default=True,
+              help="seconds to wait for a query worker")
 @click.pass_obj
 def forget(settings: Settings, sources: tuple[str, ...], more: tuple[str, ...],
-           file: str | None, job: str | None, dry_run: bool) -> None:
+           file: str | None, job: str | None, dry_run: bool, via_queue: bool | None,
+           timeout: float) -> None:
     """Take sources back out of the graph, with everything that followed from them.
 
     Their supports and Source nodes go; an insight left with no support goes; one that keeps
     support is re-represented from what remains; every cache learns of it; their bad-item
-    records go. Name sources by id, by --file, or by --job."""
+    records go. Name sources by id, by --file, or by --job. In the stack a query worker
+    does it, under the shard locks the librarians take."""
     from pipeline.inputs import file_ids
 
     ids = [*sources, *more, *(file_ids(file) if file else [])]
@@ -326,12 +333,21 @@ def forget(settings: Settings, sources: tuple[str, ...], more: tuple[str, ...],
         raise click.UsageError("give source ids (or --file) or --job, not both")
     if job is None and not ids:
         raise click.UsageError("name what to forget: source ids, --file FILE or --job JOB")
+    from pipeline.retract import ForgetResult
     from pipeline.retract import forget as forget_
-    from pipeline.runtime import Runtime
 
-    note_server_start(settings)
-    with Runtime.from_settings(settings) as rt:
-        done = forget_(rt, ids, job=job, dry_run=dry_run)
+    if bool(settings.celery_broker_url) if via_queue is None else via_queue:
+        from pipeline.queue.app import FORGET, ask
+        from pipeline.queue.messages import ForgetRequest
+
+        message = ForgetRequest(ids, job, dry_run).to_message()
+        done = ForgetResult.from_message(ask(settings, FORGET, message, timeout))
+    else:
+        from pipeline.runtime import Runtime
+
+        note_server_start(settings)
+        with Runtime.from_settings(settings) as rt:
+            done = forget_(rt, ids, job=job, dry_run=dry_run)
     c = done.counts
     verb = "would forget" if done.dry_run else "forgot"
     click.echo(f"{verb} {c['sources']} source(s): {c['supports']} support(s) removed"

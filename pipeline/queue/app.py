@@ -31,8 +31,8 @@ from pipeline.queue import wire
 from pipeline.settings import Settings
 
 GPU_QUEUE, QUERY_QUEUE, LIBRARIAN_PREFIX = "gpu", "query", "librarian."
-ROUTE_BATCH, CURATE_PART, SIMILAR = "pipeline.route_batch", "pipeline.curate_part", \
-    "pipeline.similar"
+ROUTE_BATCH, CURATE_PART, SIMILAR, FORGET = "pipeline.route_batch", "pipeline.curate_part", \
+    "pipeline.similar", "pipeline.forget"
 
 
 # A constellation's label is any text a user trained with ("biology, chemistry", "a/b"),
@@ -120,10 +120,11 @@ def make_app(settings: Settings) -> Celery:
         # (its pool process is replaced) and counts an attempt.
         task_soft_time_limit=0.8 * vt,
         task_time_limit=0.9 * vt,
-        task_ignore_result=True,  # only `similar` answers (it sets ignore_result=False)
+        task_ignore_result=True,  # only `similar` and `forget` answer (ignore_result=False)
         result_expires=600,
         task_default_queue=GPU_QUEUE,
-        task_routes={ROUTE_BATCH: {"queue": GPU_QUEUE}, SIMILAR: {"queue": QUERY_QUEUE}},
+        task_routes={ROUTE_BATCH: {"queue": GPU_QUEUE}, SIMILAR: {"queue": QUERY_QUEUE},
+                     FORGET: {"queue": QUERY_QUEUE}},
         broker_transport_options={
             "visibility_timeout": vt,
             # Sweep for messages of dead workers often enough for the timeout chosen.
@@ -153,3 +154,24 @@ def __getattr__(name: str) -> Any:
     if "app" not in _APP:
         _APP["app"] = make_app(Settings())
     return _APP["app"]
+
+
+def ask(settings: Settings, task: str, message: dict[str, Any], timeout: float) -> Any:
+    """Send ``task`` to the query workers and wait for its answer; a `PipelineError` (one
+    line, the broker's password masked) when none comes or the broker fails. A worker's own
+    `PipelineError` comes back as itself."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from pipeline.errors import PipelineError
+    from pipeline.redact import masked
+
+    try:
+        return make_app(settings).send_task(task, args=[message]).get(timeout=timeout)
+    except CeleryTimeout as err:
+        raise PipelineError(f"no answer from a query worker within {timeout:.0f} s; is "
+                            "`moe-pipeline worker query` running?") from err
+    except PipelineError:
+        raise
+    except Exception as err:  # the broker, or the worker's own error, passed on
+        raise PipelineError(f"{task.rsplit('.', 1)[-1]} via {masked(settings.broker_url())}: "
+                            f"{type(err).__name__}: {err}") from err

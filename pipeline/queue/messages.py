@@ -91,3 +91,22 @@ class SimilarQuery:
         return cls(message.get("text"), None if vector is None else [float(v) for v in vector],
                    int(message.get("k", 10)), message.get("constellation"),
                    None if floor is None else float(floor), message.get("like"))
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    """``forget``: source ids, or a job whose filing is taken back, and whether only to
+    say what would change."""
+
+    ids: list[str]
+    job: str | None = None
+    dry_run: bool = False
+
+    def to_message(self) -> dict[str, Any]:
+        return {"ids": self.ids, "job": self.job, "dry_run": self.dry_run}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> ForgetRequest:
+        job = message.get("job")
+        return cls([str(i) for i in message.get("ids") or []],
+                   None if job is None else str(job), bool(message.get("dry_run")))

@@ -1,10 +1,12 @@
-"""The three tasks, thin: a message in, a stage called under the error policy, ids out.
+"""The four tasks, thin: a message in, a stage called under the error policy, ids out.
 
 - ``pipeline.route_batch`` (queue ``gpu``): `stages.route_batch`, shipping each shard part to
   ``librarian.<shard>``;
 - ``pipeline.curate_part`` (queue ``librarian.<shard>``): `stages.curate_part`;
 - ``pipeline.similar`` (queue ``query``): `stages.similar`, answered through the result
-  backend.
+  backend;
+- ``pipeline.forget`` (queue ``query``): `retract.forget`, under the stack's shard locks as a
+  librarian takes them, answered through the result backend.
 
 The runtime they run on is their pool process's own (`worker.runtime`).
 """
@@ -17,7 +19,7 @@ from celery import shared_task
 
 from pipeline import stages
 from pipeline.queue import messages, worker
-from pipeline.queue.app import CURATE_PART, ROUTE_BATCH, SIMILAR, librarian_queue
+from pipeline.queue.app import CURATE_PART, FORGET, ROUTE_BATCH, SIMILAR, librarian_queue
 from pipeline.queue.lease import beating
 from pipeline.queue.policy import guarded
 from pipeline.records import ShardPart
@@ -63,3 +65,11 @@ def similar(message: dict[str, Any]) -> dict[str, Any]:
     q = messages.SimilarQuery.from_message(message)
     return stages.similar(worker.runtime(), q.text, q.vector, q.k, constellation=q.constellation,
                           min_score=q.min_score, like=q.like).to_message()
+
+
+@shared_task(name=FORGET, ignore_result=False, acks_late=False)
+def forget(message: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.retract import forget as forget_
+
+    q = messages.ForgetRequest.from_message(message)
+    return forget_(worker.runtime(), q.ids, job=q.job, dry_run=q.dry_run).to_message()
