@@ -159,7 +159,7 @@ def test_the_task_module_imports_after_its_app():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pipeline.route_batch" in proc.stdout and "pipeline.curate_part" in proc.stdout
-    assert "pipeline.similar" in proc.stdout
+    assert "pipeline.similar" in proc.stdout and "pipeline.forget" in proc.stdout
 
 
 def test_cli_help_does_not_import_torch():
@@ -168,3 +168,25 @@ def test_cli_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.stdout.split() == ["False", "False"], proc.stdout + proc.stderr
+
+
+def test_a_model_without_a_compiler_in_sight_does_not_import_it():
+    """Loading and running the model does not import torch._dynamo (1.4 s here) on a machine
+    whose kernels cannot run (no CUDA, no Triton interpreter): most model processes (a CLI
+    command, a worker) never compile."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the kernels' checks are the compiler's constants")
+    code = ("import sys, torch; from pipeline.moe.config import MoEConfig; "
+            "from pipeline.moe.system import MixtureOfExpertsSystem as M; import "
+            "pipeline.training, pipeline.serving; s = M(MoEConfig(input_dim=8, hidden_dim=8, "
+            "output_dim=8, num_experts=4, top_k_experts=2, num_layers=1, "
+            "constellations={'a': [0, 1], 'b': [2, 3]})); s.eval(); s(torch.randn(4, 8)); "
+            "print('torch._dynamo' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.stdout.split() == ["False"], proc.stdout + proc.stderr[-2000:]

@@ -15,7 +15,9 @@ Nothing here reads a tensor's value on the host except `dropless` on the CPU (se
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -24,6 +26,9 @@ from pipeline.moe.cpu import ExpertSlices, cpu_lanes, largest_first, packable, r
 from pipeline.moe.experts import Experts
 from pipeline.moe.gating import ExpertChoice, SoftRouting, TokenChoice, capacity
 from pipeline.moe.grouped_mm import grouped_mm_supported
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Pool(NamedTuple):
@@ -105,9 +110,29 @@ def _blocked(x_NI: Tensor, ids_N: Tensor, counts_E: Tensor, experts: Experts,
     return y_RO.reshape(R, -1).index_select(0, rows_N)
 
 
+def outside_graphs(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run eagerly even inside a `torch.compile`d caller, as `torch.compiler.disable`
+    makes it, without importing the compiler to say so: `torch.compiler.disable` at import
+    time loads ``torch._dynamo`` (1.4 s on this project's 2-core machine, paid by every
+    process that loads a model, most of which never compile). The disabled twin is made the
+    first time a compiled caller traces the call (Dynamo then graph-breaks around it, as it
+    would around the decorated function); eager calls go straight to ``fn``."""
+    twin: list[Callable[P, R]] = []
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        if torch.compiler.is_compiling():
+            if not twin:
+                twin.append(torch.compiler.disable(fn))
+            return twin[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 # Eager even under torch.compile: it reads group sizes on the host (a graph break anyway),
 # and inductor cannot lower the oneDNN linear op it calls.
-@torch.compiler.disable
+@outside_graphs
 def _dropless_split(x_TD: Tensor, routing: TokenChoice, experts: Experts,
                     counts_E: Tensor, pool: Pool | None) -> Tensor:
     """The CPU's dropless path: group sizes on the host, one GEMM chain per expert.

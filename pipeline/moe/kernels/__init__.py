@@ -16,7 +16,8 @@ dropless, the experts are standard or gated, and `applies` says the device can r
 with triton importable, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set
 before triton is first imported: the tests). Otherwise nothing changes.
 
-Nothing here imports triton until a forward asks for it.
+Nothing here imports triton until a forward asks for it, nor ``torch._dynamo`` (1.4 s to
+import) where the kernels cannot run: a CPU-only machine without the interpreter.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from pipeline.moe.dispatch import outside_graphs
 from pipeline.moe.kernels.plan import Plan
 
 if TYPE_CHECKING:  # for annotations only: both import the layer's neighbours
@@ -42,7 +47,19 @@ __all__ = ["KERNEL_EXPERT_TYPES", "Plan", "applies", "dropless", "interpreted", 
 KERNEL_EXPERT_TYPES = ("standard", "gated")
 
 
-@torch.compiler.assume_constant_result
+# Whether Triton interprets kernels: read once, as Triton reads it when they are defined.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Where the kernels can run, `torch.compile` must take the two checks below as constants;
+# elsewhere they are never called under it (`applies` stops before them), and the compiler's
+# decorator, which imports torch._dynamo, is left out.
+_COMPILABLE = _INTERPRET or "torch._dynamo" in sys.modules or torch.cuda.is_available()
+
+
+def _constant(fn: Callable[[], bool]) -> Callable[[], bool]:
+    return torch.compiler.assume_constant_result(fn) if _COMPILABLE else fn
+
+
+@_constant
 @functools.cache
 def triton_importable() -> bool:
     if importlib.util.find_spec("triton") is None:
@@ -54,7 +71,7 @@ def triton_importable() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+@_constant
 @functools.cache
 def interpreted() -> bool:
     """Whether the kernels were built by Triton's interpreter (they then run on CPU tensors)."""
@@ -72,10 +89,10 @@ def applies(x: Tensor) -> bool:
     Triton interprets (see the module docstring)."""
     if x.is_cuda:
         return triton_importable() and not interpreted()
-    return x.device.type == "cpu" and interpreted()
+    return x.device.type == "cpu" and _INTERPRET and interpreted()
 
 
-@torch.compiler.disable
+@outside_graphs
 def route(logits_TE: Tensor, k: int, *, bias_E: Tensor | None = None,
           allowed_TE: Tensor | None = None,
           renormalize: bool = True) -> tuple[Tensor, Tensor, Tensor, Plan]:
@@ -86,7 +103,7 @@ def route(logits_TE: Tensor, k: int, *, bias_E: Tensor | None = None,
                                renormalize=renormalize, interpreted=interpreted())
 
 
-@torch.compiler.disable
+@outside_graphs
 def dropless(x_TD: Tensor, ids_TK: Tensor, w_TK: Tensor, experts: Experts,
              plan: Plan | None = None, pool: Pool | None = None) -> tuple[Tensor, Plan]:
     """Every assignment through the kernels: ``(y_TO, plan)``.
