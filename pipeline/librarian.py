@@ -75,6 +75,7 @@ class Librarian:
         self._shards_at = -float("inf")
         # (shard, model) -> the cache of that model's insights of the shard (model None: all)
         self.caches: dict[tuple[str, str | None], EmbeddingCache] = {}
+        self._others: tuple[tuple, int] | None = None  # `other_models`' last key and answer
         self._saved_at: dict[tuple[str, str | None], int] = {}
 
     @classmethod
@@ -263,6 +264,16 @@ class Librarian:
                 self.cache(shard, model, g).catch_up(g, shard, model)
 
         self.graph.view(work)
+
+    def other_models(self, shards: Sequence[str], model: str | None) -> int:
+        """How many insights of these shards another model drafted (`GraphStore.other_models`,
+        a scan of the shards); read again only when one of the shards moved (its top seq or
+        its forget count, as caught up) since the last read."""
+        key = (model, tuple((s, self.cache(s, model).watermark, self.cache(s, model).epoch)
+                            for s in shards))
+        if self._others is None or self._others[0] != key:
+            self._others = (key, self.graph.other_models(shards, model))
+        return self._others[1]
 
     def search(self, query: Tensor | np.ndarray, top_k: int = 5,
                shards: Sequence[str] | None = None, model: str | None = None,

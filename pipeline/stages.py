@@ -419,5 +419,5 @@ def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None
     details = rt.graph.insight_details([h["node_id"] for h in hits])
     hits = [{**h, **{key: details.get(h["node_id"], {}).get(key)
                      for key in ("summary", "support", "sources")}} for h in hits]
-    return SimilarAnswer(hits, floor, shards, rt.graph.other_models(shards, rt.fingerprint),
+    return SimilarAnswer(hits, floor, shards, librarian.other_models(shards, rt.fingerprint),
                          len(ranked) - len(hits))
