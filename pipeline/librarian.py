@@ -265,6 +265,16 @@ class Librarian:
 
         self.graph.view(work)
 
+    def search_many(self, queries: Tensor, top_k: int, shard: str,
+                    model: str | None = None) -> list[list[dict]]:
+        """Each query's nearest insights ``(Q, D)`` in one shard's cache as it stands (the
+        caller caught it up), best first: one search for all of them."""
+        cache = self.cache(shard, model)
+        scores, rows = cache.search(queries, top_k)
+        return [[{"node_id": i, "similarity": float(s), "shard": shard}
+                 for i, s in zip(ids, row, strict=True)]
+                for ids, row in zip(cache.ids_at(rows), scores.tolist(), strict=True)]
+
     def other_models(self, shards: Sequence[str], model: str | None) -> int:
         """How many insights of these shards another model drafted (`GraphStore.other_models`,
         a scan of the shards); read again only when one of the shards moved (its top seq or

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,24 @@ from pipeline.storage.sql import BatchMetrics, ItemError, Job
 WEB = Path(__file__).resolve().parent / "web"
 MAX_ROWS = 1000  # rows a query answers with at most
 MAX_BODY_MB = 64.0  # a job's JSON Lines body, at most
+SIMILAR_BATCH = 64  # questions answered together at most
 
 
 class QueryBody(BaseModel):
     cypher: str = Field(min_length=1, max_length=100_000)
     params: dict[str, Any] = Field(default_factory=dict)
     write: bool = False
+
+
+@dataclass(eq=False)
+class _Asked:
+    """A `similar` question waiting in `Service.similar`: ``turn`` is set when it is
+    answered, or when its thread is to answer the next lot."""
+
+    question: stages.Question
+    answer: Any = None
+    answered: bool = False
+    turn: threading.Event = field(default_factory=threading.Event)
 
 
 class Service:
@@ -62,6 +75,9 @@ class Service:
         self.max_body = int(max_body_mb * 2**20)
         self._rt: Runtime | None = None
         self.lock = threading.Lock()
+        self._asking = threading.Lock()  # guards _pending and _answering
+        self._pending: list[_Asked] = []
+        self._answering = False  # a thread is answering a lot of questions
         self.registry = CollectorRegistry()
         self.latency = Histogram("moe_request_seconds", "request latency by route",
                                  ["route"], registry=self.registry)
@@ -73,6 +89,48 @@ class Service:
                            ("items", "items submitted, all jobs", []),
                            ("bad_items", "bad items recorded, all jobs", []),
                            ("dedup_rate", "share of reports merged into an insight", []))}
+
+    def similar(self, question: stages.Question) -> stages.SimilarAnswer:
+        """One question's answer. Questions answer in lots: the thread that finds nobody
+        answering answers every question waiting then (up to `SIMILAR_BATCH`) in one
+        `stages.similar_many` (one encoder pass, one model forward, one catch-up and one
+        search per constellation for the lot), then hands the turn to the oldest question
+        still waiting, whose thread answers the next lot. So 16 clients asking at once cost
+        little more than one, and no thread answers more than one lot."""
+        me = _Asked(question)
+        with self._asking:
+            self._pending.append(me)
+            lead = not self._answering
+            self._answering = True
+        if lead:
+            self._answer_lot()
+        while not me.answered:
+            me.turn.wait()
+            me.turn.clear()
+            if not me.answered:  # handed the turn: its own question is in this lot
+                self._answer_lot()
+        if isinstance(me.answer, Exception):
+            raise me.answer
+        return me.answer
+
+    def _answer_lot(self) -> None:
+        with self._asking:
+            lot = self._pending[:SIMILAR_BATCH]
+            del self._pending[:SIMILAR_BATCH]
+        try:
+            with self.lock:
+                answers: list[Any] = stages.similar_many(self.rt, [a.question for a in lot])
+        except Exception as err:  # the graph, say: every question of the lot hears it
+            answers = [err] * len(lot)
+        for asked, answer in zip(lot, answers, strict=True):
+            asked.answer, asked.answered = answer, True
+        with self._asking:
+            after = self._pending[0] if self._pending else None
+            self._answering = after is not None
+        for asked in lot:
+            asked.turn.set()
+        if after is not None:
+            after.turn.set()
 
     @property
     def rt(self) -> Runtime:
@@ -267,10 +325,8 @@ def create_app(settings: Settings, max_body_mb: float = MAX_BODY_MB) -> FastAPI:
                 k: int = Query(default=10, ge=1, le=100),
                 constellation: str | None = None,
                 min_score: float | None = Query(default=None, ge=-1, le=1)) -> dict[str, Any]:
-        with svc.lock:
-            answer = stages.similar(svc.rt, text, k=k, constellation=constellation,
-                                    min_score=min_score)
-        return answer.to_message()
+        return svc.similar(stages.Question(text, None, k, constellation, min_score)
+                           ).to_message()
 
     # -- the graph -------------------------------------------------------------------------
     @app.get("/constellations", dependencies=[read])

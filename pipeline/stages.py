@@ -325,13 +325,28 @@ def query_input(rt: Runtime, text: str | None, vector: Sequence[float] | None
                 ) -> torch.Tensor:
     """One question as the model's input row, validated like an item: a vector of another
     width than the served model's (``MOE_VECTOR_DIM``, when it is fixed) is refused."""
-    raw: dict[str, Any] = ({"id": "query", "text": text} if text is not None
-                           else {"id": "query", "vector": list(vector or [])})
-    items, bad = read_items([raw], dim=rt.settings.vector_dim)
+    rows, bad = query_inputs(rt, [(text, vector)])
     if bad:
-        raise PipelineError(f"query: {bad[0].field}: {bad[0].message}")
+        raise bad[0]
+    return rows
+
+
+def query_inputs(rt: Runtime, asked: Sequence[tuple[str | None, Sequence[float] | None]]
+                 ) -> tuple[torch.Tensor, dict[int, PipelineError]]:
+    """Questions (a text or a vector each) as the model's input rows, validated like items
+    and encoded in one pass: the rows of the valid ones, in order, and the error of each
+    invalid one by its position."""
+    raws: list[dict[str, Any]] = [
+        {"id": f"query-{n}", "text": text} if text is not None
+        else {"id": f"query-{n}", "vector": list(vector or [])}
+        for n, (text, vector) in enumerate(asked)]
+    items, bad = read_items(raws, dim=rt.settings.vector_dim)
+    errors = {int(str(b.item_id).rsplit("-", 1)[1]): PipelineError(
+        f"query: {b.field}: {b.message}") for b in bad}
     s = rt.settings
-    return encode(items, rt.config.input_dim, s.seed, s.text_model, rt.device)
+    if not items:
+        return torch.zeros(0, rt.config.input_dim), errors
+    return encode(items, rt.config.input_dim, s.seed, s.text_model, rt.device), errors
 
 
 @dataclass
@@ -355,30 +370,17 @@ class SimilarAnswer:
                    int(message.get("other_models", 0)), int(message.get("below_floor", 0)))
 
 
-def _question(rt: Runtime, shards: list[str], text: str | None,
-              vector: Sequence[float] | None, like: str | None
-              ) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Shard -> the query vector to search it with, and the id to leave out of the answer:
-    a stored insight's own embedding, else the report the text or vector (a source's text,
-    for a source id) would draft in each shard."""
-    stored = rt.graph.lookup(like) if like is not None else None
-    if stored is not None and stored.get("embedding") is not None:
-        query = torch.from_numpy(np.frombuffer(stored["embedding"], "<f2").astype(np.float32))
-        return {shard: query for shard in shards}, like
-    if like is not None:
-        if stored is None:
-            raise PipelineError(f"--id {like!r}: no insight or source has this id")
-        text, vector = stored.get("text") or None, None
-        if text is None:
-            raise PipelineError(f"--id {like!r}: a source with no text (a vector item): "
-                                "ask with --vector-file")
-    system = rt.system
-    x = query_input(rt, text, vector)
-    system.eval()
-    device = next(system.parameters()).device
-    index = [system.constellation.names.index(shard) for shard in shards]
-    emb = system.reports_in(x.reshape(-1).to(device), index).embeddings[:, 0].float().cpu()
-    return {shard: emb[c] for c, shard in enumerate(shards)}, None
+@dataclass(frozen=True)
+class Question:
+    """One `similar` question: a text, a vector or a stored id (``like``), how many answers,
+    and optionally one constellation and a floor."""
+
+    text: str | None = None
+    vector: Sequence[float] | None = None
+    k: int = 10
+    constellation: str | None = None
+    min_score: float | None = None
+    like: str | None = None
 
 
 @torch.no_grad()
@@ -395,29 +397,114 @@ def similar(rt: Runtime, text: str | None = None, vector: Sequence[float] | None
     ``similar_floor``) are held back: an off-topic question answers nothing rather than
     noise. An insight given by id is searched with its own stored embedding, itself left out.
     """
+    answer = similar_many(rt, [Question(text, vector, k, constellation, min_score, like)])[0]
+    if isinstance(answer, PipelineError):
+        raise answer
+    return answer
+
+
+@torch.no_grad()
+def similar_many(rt: Runtime, questions: Sequence[Question]
+                 ) -> list[SimilarAnswer | PipelineError]:
+    """`similar` for several questions at once, each answered as it would be alone: one
+    encoder pass and one model forward for all of them, one catch-up of the caches, one
+    search per constellation and one read of the hits' details. A question that cannot be
+    asked (an unknown constellation or id, a bad text or vector) gets its `PipelineError`
+    in its place; the others are answered."""
     system = rt.system
-    names = system.constellation.names
-    if constellation is not None and constellation not in names:
-        raise PipelineError(f"--constellation {constellation!r}: the served model has "
-                            f"{', '.join(names)}")
-    shards = [constellation] if constellation is not None else list(names)
-    floor = rt.settings.similar_floor if min_score is None else float(min_score)
-    librarian = rt.librarian(system.config)
-    queries, exclude = _question(rt, shards, text, vector, like)
-    librarian.catch_up(shards, model=rt.fingerprint)  # every shard's cache, in one read
-    best: dict[str, dict] = {}
-    for shard, query in queries.items():
-        for hit in librarian.search(query, k + 1, shards=[shard], model=rt.fingerprint,
-                                    caught_up=True):
-            if hit["node_id"] == exclude:
-                continue
-            if hit["node_id"] not in best or best[hit["node_id"]]["similarity"] < hit[
-                    "similarity"]:
-                best[hit["node_id"]] = hit
-    ranked = sorted(best.values(), key=lambda h: -h["similarity"])[:k]
-    hits = [h for h in ranked if h["similarity"] >= floor]
-    details = rt.graph.insight_details([h["node_id"] for h in hits])
-    hits = [{**h, **{key: details.get(h["node_id"], {}).get(key)
-                     for key in ("summary", "support", "sources")}} for h in hits]
-    return SimilarAnswer(hits, floor, shards, librarian.other_models(shards, rt.fingerprint),
-                         len(ranked) - len(hits))
+    names = list(system.constellation.names)
+    out: dict[int, SimilarAnswer | PipelineError] = {}
+    shards: dict[int, list[str]] = {}
+    for n, q in enumerate(questions):
+        if q.constellation is not None and q.constellation not in names:
+            out[n] = PipelineError(f"--constellation {q.constellation!r}: the served model "
+                                   f"has {', '.join(names)}")
+        else:
+            shards[n] = [q.constellation] if q.constellation is not None else names
+    # What each question searches with: a stored insight's own embedding, else what its
+    # text or vector (a source's text, for a source id) would draft in each constellation.
+    stored: dict[int, torch.Tensor] = {}
+    asked: dict[int, tuple[str | None, Sequence[float] | None]] = {}
+    for n in shards:
+        q = questions[n]
+        if q.like is None:
+            asked[n] = (q.text, q.vector)
+            continue
+        found = rt.graph.lookup(q.like)
+        if found is not None and found.get("embedding") is not None:
+            stored[n] = torch.from_numpy(
+                np.frombuffer(found["embedding"], "<f2").astype(np.float32))
+        elif found is None:
+            out[n] = PipelineError(f"--id {q.like!r}: no insight or source has this id")
+        elif not found.get("text"):
+            out[n] = PipelineError(f"--id {q.like!r}: a source with no text (a vector "
+                                   "item): ask with --vector-file")
+        else:
+            asked[n] = (found["text"], None)
+    drafted = _drafted(rt, names, asked, out)
+    live = [n for n in shards if n not in out]
+    if live:
+        _answer(rt, questions, live, names, shards, stored, drafted, out)
+    return [out[n] for n in range(len(questions))]
+
+
+def _drafted(rt: Runtime, names: list[str],
+             asked: dict[int, tuple[str | None, Sequence[float] | None]],
+             out: dict[int, SimilarAnswer | PipelineError]) -> dict[int, torch.Tensor]:
+    """Question -> ``(C, D)``, the report its text or vector would draft in each
+    constellation, for every question in ``asked`` in one pass (an invalid one gets its
+    error in ``out`` instead)."""
+    order = list(asked)
+    x, bad = query_inputs(rt, [asked[n] for n in order])
+    for position, err in bad.items():
+        out[order[position]] = err
+    good = [n for i, n in enumerate(order) if i not in bad]
+    if not good:
+        return {}
+    system = rt.system
+    system.eval()
+    device = next(system.parameters()).device
+    index = list(range(len(names)))
+    emb = system.reports_in(x.to(device), index).embeddings[:, 0].float().cpu()
+    emb = emb.reshape(len(good), len(names), -1)
+    return {n: emb[i] for i, n in enumerate(good)}
+
+
+def _answer(rt: Runtime, questions: Sequence[Question], live: list[int], names: list[str],
+            shards: dict[int, list[str]], stored: dict[int, torch.Tensor],
+            drafted: dict[int, torch.Tensor],
+            out: dict[int, SimilarAnswer | PipelineError]) -> None:
+    """Search, merge across constellations, hold back what is under each floor, and read
+    the details of what is left, for the questions in ``live``."""
+    librarian = rt.librarian(rt.system.config)
+    wanted = [s for s in names if any(s in shards[n] for n in live)]
+    librarian.catch_up(wanted, model=rt.fingerprint)  # every shard's cache, in one read
+    best: dict[int, dict[str, dict]] = {n: {} for n in live}
+    for shard in wanted:
+        asking = [n for n in live if shard in shards[n]]
+        query = torch.stack([stored[n] if n in stored else drafted[n][names.index(shard)]
+                             for n in asking])
+        k = max(questions[n].k for n in asking) + 1
+        found = librarian.search_many(query, k, shard, model=rt.fingerprint)
+        for n, hits in zip(asking, found, strict=True):
+            exclude = questions[n].like if n in stored else None
+            for hit in hits:
+                if hit["node_id"] == exclude:
+                    continue
+                seen = best[n].get(hit["node_id"])
+                if seen is None or seen["similarity"] < hit["similarity"]:
+                    best[n][hit["node_id"]] = hit
+    kept: dict[int, tuple[list[dict], float, int]] = {}
+    for n in live:
+        q = questions[n]
+        floor = rt.settings.similar_floor if q.min_score is None else float(q.min_score)
+        ranked = sorted(best[n].values(), key=lambda h: -h["similarity"])[:q.k]
+        hits = [h for h in ranked if h["similarity"] >= floor]
+        kept[n] = (hits, floor, len(ranked) - len(hits))
+    details = rt.graph.insight_details(
+        sorted({h["node_id"] for hits, _, _ in kept.values() for h in hits}))
+    for n, (hits, floor, below) in kept.items():
+        hits = [{**h, **{key: details.get(h["node_id"], {}).get(key)
+                         for key in ("summary", "support", "sources")}} for h in hits]
+        out[n] = SimilarAnswer(hits, floor, shards[n],
+                               librarian.other_models(shards[n], rt.fingerprint), below)

@@ -87,6 +87,87 @@ def test_one_constellation_and_more_like_this(seeded):
         stages.similar(rt, like="no-such-id")
 
 
+def test_questions_asked_together_get_the_answers_they_get_alone(seeded):
+    """`similar_many` (how `serve` answers questions that arrive at once) gives each
+    question what `similar` gives it alone, and a question that cannot be asked costs only
+    itself."""
+    rt, notes, _ = seeded
+    top = stages.similar(rt, "Short-term memory holds only a handful of items", k=1).hits[0]
+    asked = [stages.Question(text=n["text"], k=3) for n in notes[:12:3]]
+    asked += [stages.Question(text="how does sleep help memory?", k=5, constellation="memory"),
+              stages.Question(text="recipe for banana bread", k=5),
+              stages.Question(like=top["node_id"], k=3),
+              stages.Question(text="sleep", constellation="sleep"),
+              stages.Question(like="no-such-id"),
+              stages.Question(vector=[1.0, 2.0])]
+    together = stages.similar_many(rt, asked)
+    assert len(together) == len(asked)
+    refused = 0
+    for q, answer in zip(asked, together, strict=True):
+        try:
+            alone = stages.similar(rt, q.text, q.vector, q.k, constellation=q.constellation,
+                                   min_score=q.min_score, like=q.like)
+        except stages.PipelineError as err:
+            assert isinstance(answer, stages.PipelineError) and str(answer) == str(err)
+            refused += 1
+            continue
+        assert not isinstance(answer, Exception), answer
+        assert [h["node_id"] for h in answer.hits] == [h["node_id"] for h in alone.hits]
+        assert [h["similarity"] for h in answer.hits] == pytest.approx(
+            [h["similarity"] for h in alone.hits], abs=1e-5)
+        assert (answer.searched, answer.below_floor, answer.other_models) == (
+            alone.searched, alone.below_floor, alone.other_models)
+        assert [h["summary"] for h in answer.hits] == [h["summary"] for h in alone.hits]
+    assert refused >= 2 and refused == sum(isinstance(a, stages.PipelineError)
+                                           for a in together)
+
+
+def test_questions_from_many_threads_are_answered_in_lots_each_as_alone(seeded,
+                                                                        monkeypatch):
+    """`serve` answers questions that arrive together in lots (`Service.similar`): every
+    thread gets its own question's answer, a bad question fails only its own thread, and
+    lots of more than one question do form."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import threading
+
+    from pipeline.service import Service
+
+    rt, notes, _ = seeded
+    svc = Service(rt.settings)
+    svc._rt = rt  # the module's warm Runtime; not closed here
+    lots: list[int] = []
+    answer_many = stages.similar_many
+
+    def counted(runtime, questions):
+        lots.append(len(questions))
+        return answer_many(runtime, questions)
+
+    monkeypatch.setattr(stages, "similar_many", counted)
+    texts = [n["text"] for n in notes[:48]]
+    alone = {t: [h["node_id"] for h in answer_many(rt, [stages.Question(t, k=3)])[0].hits]
+             for t in texts}
+    got: dict[str, list[str]] = {}
+    failed: list[str] = []
+
+    def ask(mine: list[str], bad: bool) -> None:
+        for text in mine:
+            got[text] = [h["node_id"] for h in svc.similar(stages.Question(text, k=3)).hits]
+        if bad:
+            try:
+                svc.similar(stages.Question("sleep", constellation="sleep"))
+            except stages.PipelineError as err:
+                failed.append(str(err))
+
+    threads = [threading.Thread(target=ask, args=(texts[w::16], w == 5)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    assert len(failed) == 1 and "the served model has" in failed[0]
+    assert sum(lots) == len(texts) + 1 and max(lots) > 1, lots
+
+
 def test_another_models_insights_are_named_not_hidden(seeded, tmp_path):
     """A model served after others searches its own insights only, and says how many others
     there are: never "no insights yet" over a full graph."""

@@ -192,11 +192,14 @@ class MixtureOfExpertsSystem(nn.Module):
             return self._runner()(x, reports=True)
 
     def reports_in(self, x_D: Tensor, constellations: list[int]) -> DraftReportBatch:
-        """The reports one input ``(D,)`` would draft in each of ``constellations``, whatever
-        the supervisor would choose: ``embeddings`` is ``(len(constellations), 1, D)``. The
-        eager forward: a question, not the serving hot path."""
-        chosen_B1 = torch.tensor(constellations, device=x_D.device).unsqueeze(1)
-        x_BD = x_D.reshape(1, -1).expand(len(constellations), -1)
+        """The reports one input ``(D,)``, or each of ``(N, D)``, would draft in each of
+        ``constellations`` (C of them), whatever the supervisor would choose: ``embeddings``
+        is ``(N * C, 1, D)``, input-major (row ``n * C + c``). The eager forward: questions,
+        not the serving hot path."""
+        x_ND = x_D.reshape(-1, x_D.shape[-1])
+        chosen_B1 = torch.tensor(constellations, device=x_D.device).repeat(
+            x_ND.shape[0]).unsqueeze(1)
+        x_BD = x_ND.repeat_interleave(len(constellations), dim=0)
         with self._autocast():
             batch = self.run(x_BD, reports=True, chosen_BC=chosen_B1).reports
         assert batch is not None  # reports=True drafts them
