@@ -109,28 +109,40 @@ class Service:
             me.turn.clear()
             if not me.answered:  # handed the turn: its own question is in this lot
                 self._answer_lot()
-        if isinstance(me.answer, Exception):
+        if isinstance(me.answer, BaseException):
             raise me.answer
         return me.answer
 
     def _answer_lot(self) -> None:
-        with self._asking:
-            lot = self._pending[:SIMILAR_BATCH]
-            del self._pending[:SIMILAR_BATCH]
+        """Answer the questions waiting now, then hand the turn on, whatever happened: a
+        lot that fails (the graph, say) gives every question of it the error; one cut by a
+        BaseException (an interrupt) gives them that, then lets it go on."""
+        lot: list[_Asked] = []
+        escaped: BaseException | None = None
         try:
-            with self.lock:
+            with self.lock:  # the lot is taken once the Runtime is free: it takes all then
+                with self._asking:
+                    lot = self._pending[:SIMILAR_BATCH]
+                    del self._pending[:SIMILAR_BATCH]
                 answers: list[Any] = stages.similar_many(self.rt, [a.question for a in lot])
-        except Exception as err:  # the graph, say: every question of the lot hears it
+            if len(answers) != len(lot):
+                raise RuntimeError(f"{len(answers)} answers to {len(lot)} questions")
+        except Exception as err:
             answers = [err] * len(lot)
-        for asked, answer in zip(lot, answers, strict=True):
-            asked.answer, asked.answered = answer, True
-        with self._asking:
-            after = self._pending[0] if self._pending else None
-            self._answering = after is not None
-        for asked in lot:
-            asked.turn.set()
-        if after is not None:
-            after.turn.set()
+        except BaseException as err:
+            answers, escaped = [err] * len(lot), err
+        finally:
+            for asked, answer in zip(lot, answers, strict=True):
+                asked.answer, asked.answered = answer, True
+            with self._asking:
+                after = self._pending[0] if self._pending else None
+                self._answering = after is not None
+            for asked in lot:
+                asked.turn.set()
+            if after is not None:
+                after.turn.set()
+        if escaped is not None:
+            raise escaped
 
     @property
     def rt(self) -> Runtime:

@@ -465,9 +465,15 @@ def _drafted(rt: Runtime, names: list[str],
     system.eval()
     device = next(system.parameters()).device
     index = list(range(len(names)))
-    emb = system.reports_in(x.to(device), index).embeddings[:, 0].float().cpu()
-    emb = emb.reshape(len(good), len(names), -1)
-    return {n: emb[i] for i, n in enumerate(good)}
+    cfg = rt.config
+    if cfg.is_token_choice and cfg.dispatch == "dropless":  # each row routed on its own
+        emb = system.reports_in(x.to(device), index).embeddings[:, 0].float().cpu()
+        emb = emb.reshape(len(good), len(names), -1)
+        return {n: emb[i] for i, n in enumerate(good)}
+    # Expert choice, soft routing and capacity dispatch route a batch as a whole: a question
+    # asked beside others would draft another report than alone, so each goes alone.
+    return {n: system.reports_in(x[i].to(device), index).embeddings[:, 0].float().cpu()
+            for i, n in enumerate(good)}
 
 
 def _answer(rt: Runtime, questions: Sequence[Question], live: list[int], names: list[str],

@@ -128,7 +128,9 @@ def _write_items(path: Path, items: list[dict]) -> Path:
 
 def _cli(settings: Settings, *args: str, env: dict | None = None
          ) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "MOE_STATE_DIR": str(settings.state_dir),
+    # In process: a CELERY_BROKER_URL of the caller's would send the forget to a worker.
+    environ = {**{k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"},
+               "MOE_STATE_DIR": str(settings.state_dir),
                "DATABASE_URL": settings.sql_url(), "NEO4J_URI": settings.neo4j_uri or "",
                "NEO4J_USERNAME": settings.neo4j_username,
                "NEO4J_PASSWORD": settings.neo4j_password or "", "MOE_DEVICE": "cpu",

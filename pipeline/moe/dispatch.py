@@ -16,6 +16,7 @@ Nothing here reads a tensor's value on the host except `dropless` on the CPU (se
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import NamedTuple, ParamSpec, TypeVar
 
@@ -121,7 +122,10 @@ def outside_graphs(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        if torch.compiler.is_compiling():
+        # Once the compiler is loaded, even an eager call goes through the twin: Dynamo may
+        # have skipped this frame and run it eagerly with its hook still on, which would
+        # otherwise trace ``fn``.
+        if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
             if not twin:
                 twin.append(torch.compiler.disable(fn))
             return twin[0](*args, **kwargs)

@@ -166,10 +166,13 @@ def ask(settings: Settings, task: str, message: dict[str, Any], timeout: float) 
     from pipeline.redact import masked
 
     try:
-        return make_app(settings).send_task(task, args=[message]).get(timeout=timeout)
+        # Not started by then, it is dropped: nobody waits for its answer any more.
+        return make_app(settings).send_task(task, args=[message], expires=timeout).get(
+            timeout=timeout)
     except CeleryTimeout as err:
         raise PipelineError(f"no answer from a query worker within {timeout:.0f} s; is "
-                            "`moe-pipeline worker query` running?") from err
+                            "`moe-pipeline worker query` running? (not started, it was "
+                            "withdrawn; started, it still finishes)") from err
     except PipelineError:
         raise
     except Exception as err:  # the broker, or the worker's own error, passed on

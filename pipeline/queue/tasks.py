@@ -13,11 +13,14 @@ The runtime they run on is their pool process's own (`worker.runtime`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from celery import shared_task
 
 from pipeline import stages
+from pipeline.errors import PipelineError
 from pipeline.queue import messages, worker
 from pipeline.queue.app import CURATE_PART, FORGET, ROUTE_BATCH, SIMILAR, librarian_queue
 from pipeline.queue.lease import beating
@@ -63,8 +66,10 @@ def _lease(task, rt, lease: Lease):
 @shared_task(name=SIMILAR, ignore_result=False, acks_late=False)
 def similar(message: dict[str, Any]) -> dict[str, Any]:
     q = messages.SimilarQuery.from_message(message)
-    return stages.similar(worker.runtime(), q.text, q.vector, q.k, constellation=q.constellation,
-                          min_score=q.min_score, like=q.like).to_message()
+    with _answerable():
+        return stages.similar(worker.runtime(), q.text, q.vector, q.k,
+                              constellation=q.constellation, min_score=q.min_score,
+                              like=q.like).to_message()
 
 
 @shared_task(name=FORGET, ignore_result=False, acks_late=False)
@@ -72,4 +77,16 @@ def forget(message: dict[str, Any]) -> dict[str, Any]:
     from pipeline.retract import forget as forget_
 
     q = messages.ForgetRequest.from_message(message)
-    return forget_(worker.runtime(), q.ids, job=q.job, dry_run=q.dry_run).to_message()
+    with _answerable():
+        return forget_(worker.runtime(), q.ids, job=q.job, dry_run=q.dry_run).to_message()
+
+
+@contextlib.contextmanager
+def _answerable() -> Iterator[None]:
+    """A `PipelineError` goes back to the asker as a plain one with the same line: the result
+    backend rebuilds an exception from its message alone, which a subclass with arguments
+    of its own (`LockTimeout(shard, seconds)`) would not survive."""
+    try:
+        yield
+    except PipelineError as err:
+        raise PipelineError(str(err)) from None

@@ -47,8 +47,9 @@ __all__ = ["KERNEL_EXPERT_TYPES", "Plan", "applies", "dropless", "interpreted", 
 KERNEL_EXPERT_TYPES = ("standard", "gated")
 
 
-# Whether Triton interprets kernels: read once, as Triton reads it when they are defined.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Whether Triton interprets kernels (its own reading of the variable): read once, as Triton
+# reads it when they are defined.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 # Where the kernels can run, `torch.compile` must take the two checks below as constants;
 # elsewhere they are never called under it (`applies` stops before them), and the compiler's
 # decorator, which imports torch._dynamo, is left out.
