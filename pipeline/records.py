@@ -13,6 +13,7 @@ Ids are deterministic so that a retried task writes the same rows.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,3 +223,16 @@ class ShardPart:
     shard: str
     reports: list[DraftReport]
     model: str | None = None  # the fingerprint of the model that drafted the reports
+
+
+@dataclass(frozen=True)
+class Question:
+    """One `similar` question: a text, a vector (the model's input width) or a stored id
+    (``like``), how many answers, and optionally one constellation and a floor."""
+
+    text: str | None = None
+    vector: Sequence[float] | None = None
+    k: int = 10
+    constellation: str | None = None
+    min_score: float | None = None
+    like: str | None = None

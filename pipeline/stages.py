@@ -37,6 +37,7 @@ from pipeline.records import (
     DraftReport,
     Item,
     ItemBatch,
+    Question,
     ShardPart,
     content_hash,
     report_id,
@@ -368,19 +369,6 @@ class SimilarAnswer:
     def from_message(cls, message: dict[str, Any]) -> SimilarAnswer:
         return cls(list(message["hits"]), float(message["floor"]), list(message["searched"]),
                    int(message.get("other_models", 0)), int(message.get("below_floor", 0)))
-
-
-@dataclass(frozen=True)
-class Question:
-    """One `similar` question: a text, a vector or a stored id (``like``), how many answers,
-    and optionally one constellation and a floor."""
-
-    text: str | None = None
-    vector: Sequence[float] | None = None
-    k: int = 10
-    constellation: str | None = None
-    min_score: float | None = None
-    like: str | None = None
 
 
 @torch.no_grad()

@@ -246,9 +246,10 @@ def similar(settings: Settings, text: str | None, vector_file: str | None, like:
     via_queue = bool(settings.celery_broker_url) if via_queue is None else via_queue
     if via_queue:
         from pipeline.queue.app import SIMILAR, ask
-        from pipeline.queue.messages import SimilarQuery
+        from pipeline.queue.messages import similar_message
+        from pipeline.records import Question
 
-        message = SimilarQuery(text, vector, k, constellation, min_score, like).to_message()
+        message = similar_message(Question(text, vector, k, constellation, min_score, like))
         answer = SimilarAnswer.from_message(ask(settings, SIMILAR, message, timeout))
     else:
         from pipeline import stages

@@ -1,9 +1,10 @@
-"""The three messages on the queues, to and from their wire form (plain dicts for `wire`).
+"""The messages on the queues, to and from their wire form (plain dicts for `wire`).
 
 - a batch (`ItemBatch`): ids and texts as JSON, the vectors as one float32 array;
 - a shard part (`ShardPart`): the reports' fields as lists, the embeddings as one float16
   array (the precision the graph stores and the librarian decides on);
-- a similarity question (`SimilarQuery`): a text or a vector, and k.
+- a similarity question (`records.Question`: `similar_message`, `similar_question`);
+- a forget (`ForgetRequest`): source ids or a job.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.records import DraftReport, Item, ItemBatch, ShardPart
+from pipeline.records import DraftReport, Item, ItemBatch, Question, ShardPart
 
 # The fields a worker reads from each message (`poison` refuses one that lacks any).
 BATCH_FIELDS = ("batch_id", "job_id", "run_id", "model", "ids", "texts", "vector_rows",
@@ -67,30 +68,18 @@ def message_part(message: dict[str, Any]) -> ShardPart:
                      message.get("model"))
 
 
-@dataclass(frozen=True)
-class SimilarQuery:
-    """``similar``: a text, a vector (the model's input width) or a stored id, how many
-    answers, and optionally one constellation and a floor."""
+def similar_message(q: Question) -> dict[str, Any]:
+    return {"text": q.text, "vector": None if q.vector is None else list(q.vector), "k": q.k,
+            "constellation": q.constellation, "min_score": q.min_score, "like": q.like}
 
-    text: str | None = None
-    vector: list[float] | None = None
-    k: int = 10
-    constellation: str | None = None
-    min_score: float | None = None
-    like: str | None = None
 
-    def to_message(self) -> dict[str, Any]:
-        return {"text": self.text, "vector": self.vector, "k": self.k,
-                "constellation": self.constellation, "min_score": self.min_score,
-                "like": self.like}
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> SimilarQuery:
-        vector = message.get("vector")
-        floor = message.get("min_score")
-        return cls(message.get("text"), None if vector is None else [float(v) for v in vector],
-                   int(message.get("k", 10)), message.get("constellation"),
-                   None if floor is None else float(floor), message.get("like"))
+def similar_question(message: dict[str, Any]) -> Question:
+    vector = message.get("vector")
+    floor = message.get("min_score")
+    return Question(message.get("text"),
+                    None if vector is None else [float(v) for v in vector],
+                    int(message.get("k", 10)), message.get("constellation"),
+                    None if floor is None else float(floor), message.get("like"))
 
 
 @dataclass(frozen=True)

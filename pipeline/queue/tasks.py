@@ -65,7 +65,7 @@ def _lease(task, rt, lease: Lease):
 
 @shared_task(name=SIMILAR, ignore_result=False, acks_late=False)
 def similar(message: dict[str, Any]) -> dict[str, Any]:
-    q = messages.SimilarQuery.from_message(message)
+    q = messages.similar_question(message)
     with _answerable():
         return stages.similar(worker.runtime(), q.text, q.vector, q.k,
                               constellation=q.constellation, min_score=q.min_score,
