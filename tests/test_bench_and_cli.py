@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 
 # Each test runs a benchmark or the CLI in its own process, end to end.
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **extra_env}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=300)
+    return forkrun.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=300)
 
 
 def test_moe_layer_bench_quick_prints_the_shared_json_shape():
@@ -71,8 +72,8 @@ def test_usage_errors_are_one_line_and_exit_2(args, expected, tmp_path):
     """A negative batch size used to run nothing and leave the job running for ever; every
     usage error was a traceback."""
     env = {**os.environ, "MOE_STATE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
+    proc = forkrun.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
@@ -137,9 +138,9 @@ def test_graph_ingest_bench_quick_runs_against_the_embedded_server():
 def test_graph_ingest_bench_quick_runs_both_servers_on_the_same_rows(neo4j_server):
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NEO4J_PASSWORD": neo4j_server["password"]}
-    proc = subprocess.run([sys.executable, "bench/graph_ingest.py", "--quick", "--neo4j",
-                           "--uri", neo4j_server["uri"]], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    proc = forkrun.run([sys.executable, "bench/graph_ingest.py", "--quick", "--neo4j",
+                        "--uri", neo4j_server["uri"]], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     servers = record["config"]["servers"]
@@ -204,9 +205,9 @@ def test_layer_profile_bench_quick_counts_ops_and_compares_compiled():
 
 def test_sync_audit_runs_every_case_on_the_cpu(tmp_path):
     out = tmp_path / "audit.json"
-    proc = subprocess.run([sys.executable, "bench/sync_audit.py", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "DEV": "cpu"})
+    proc = forkrun.run([sys.executable, "bench/sync_audit.py", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "DEV": "cpu"})
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(out.read_text())["summary"]
     assert summary["n_cases"] >= 60 and not summary["setup_errors"]

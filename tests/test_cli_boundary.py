@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 
 import click
+import forkrun
 import pytest
 
 from pipeline.cli import cli, main
@@ -371,11 +372,11 @@ def test_a_full_state_dir_during_run_is_one_line(tmp_path):
     with _tiny_disk(tmp_path / "disk", "2m") as disk:
         env["MOE_STATE_DIR"] = str(disk / "state")
         try:
-            proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(items)],
-                                  capture_output=True, text=True, env=env, timeout=300)
+            proc = forkrun.run([sys.executable, "-m", "pipeline.cli", "run", str(items)],
+                               capture_output=True, text=True, env=env, timeout=300)
         finally:
-            subprocess.run([sys.executable, "-m", "pipeline.cli", "down"], env=env,
-                           capture_output=True, timeout=120)
+            forkrun.run([sys.executable, "-m", "pipeline.cli", "down"], env=env,
+                        capture_output=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines()
              if line and not line.startswith("starting the embedded graph server")]

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import forkrun
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,8 +20,8 @@ def cli(tmp_path_factory):
     env["MOE_STATE_DIR"] = str(state)
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
-                              capture_output=True, text=True, env=env, timeout=180)
+        return forkrun.run([sys.executable, "-m", "pipeline.cli", *args],
+                           capture_output=True, text=True, env=env, timeout=180)
 
     yield run
     run("down")
@@ -65,12 +66,12 @@ def test_a_command_that_starts_the_server_says_so(tmp_path):
     env["MOE_STATE_DIR"] = str(tmp_path / "fresh")
     run = [sys.executable, "-m", "pipeline.cli"]
     try:
-        first = subprocess.run([*run, "query", "RETURN 1 AS one"], capture_output=True,
-                               text=True, env=env, timeout=180)
+        first = forkrun.run([*run, "query", "RETURN 1 AS one"], capture_output=True,
+                            text=True, env=env, timeout=180)
         assert first.returncode == 0, first.stderr
         assert "starting the embedded graph server of" in first.stderr
-        again = subprocess.run([*run, "query", "RETURN 1 AS one"], capture_output=True,
-                               text=True, env=env, timeout=180)
+        again = forkrun.run([*run, "query", "RETURN 1 AS one"], capture_output=True,
+                            text=True, env=env, timeout=180)
         assert again.returncode == 0 and "starting" not in again.stderr
     finally:
-        subprocess.run([*run, "down"], env=env, capture_output=True, timeout=120)
+        forkrun.run([*run, "down"], env=env, capture_output=True, timeout=120)

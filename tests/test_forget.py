@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 from sqlalchemy import select
 
@@ -135,8 +136,8 @@ def _cli(settings: Settings, *args: str, env: dict | None = None
                "NEO4J_USERNAME": settings.neo4j_username,
                "NEO4J_PASSWORD": settings.neo4j_password or "", "MOE_DEVICE": "cpu",
                **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT,
-                          env=environ, capture_output=True, text=True, timeout=300)
+    return forkrun.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT,
+                       env=environ, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.backends("embedded", "neo4j")
@@ -260,20 +261,20 @@ def test_in_the_stack_a_forget_beside_a_running_job_loses_nothing_and_no_replica
     cli = [sys.executable, "-m", "pipeline.cli"]
 
     def similar() -> list[dict]:
-        out = subprocess.run(cli + ["similar", "--text", ask, "--k", "5", "--json", "--queue",
-                                    "--min-score", "-1"], cwd=stack.tmp, env=stack.env,
-                             capture_output=True, text=True, timeout=120)
+        out = forkrun.run(cli + ["similar", "--text", ask, "--k", "5", "--json", "--queue",
+                                 "--min-score", "-1"], cwd=stack.tmp, env=stack.env,
+                          capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr + stack.logs()
         return [json.loads(line) for line in out.stdout.splitlines()]
 
     assert any(gone[1] in (h["sources"] or []) for h in similar())  # the replica is warm
     running = jobs.submit(second, settings, 16)
-    refused = subprocess.run(cli + ["forget", "--job", running.job_id], cwd=stack.tmp,
-                             env=stack.env, capture_output=True, text=True, timeout=120)
+    refused = forkrun.run(cli + ["forget", "--job", running.job_id], cwd=stack.tmp,
+                          env=stack.env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "still" in refused.stderr, refused.stderr
     assert refused.stderr.count("\n") == 1
-    out = subprocess.run(cli + ["forget", *gone], cwd=stack.tmp, env=stack.env,
-                         capture_output=True, text=True, timeout=300)
+    out = forkrun.run(cli + ["forget", *gone], cwd=stack.tmp, env=stack.env,
+                      capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr + stack.logs()
     assert f"forgot {len(gone)} source(s)" in out.stdout
     # CELERY_BROKER_URL is set: a query worker did it, under the stack's shard locks.

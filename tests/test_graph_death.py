@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import forkrun
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -35,9 +36,9 @@ def test_a_graph_server_killed_mid_run_fails_the_job_and_a_rerun_finishes_it(tmp
     cli = [sys.executable, "-m", "pipeline.cli"]
     server = LocalGraphServer(state)
     try:
-        subprocess.run(cli + ["up"], env=env, check=True, capture_output=True, timeout=180)
-        run = subprocess.Popen(cli + ["run", str(path), "--batch-size", "50"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        forkrun.run(cli + ["up"], env=env, check=True, capture_output=True, timeout=180)
+        run = forkrun.Popen(cli + ["run", str(path), "--batch-size", "50"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         Session = session_factory(f"sqlite:///{state / 'runs.sqlite3'}", run_migrations=False)
         deadline = time.monotonic() + 120
         while True:  # a few batches in: then the server dies
@@ -60,13 +61,13 @@ def test_a_graph_server_killed_mid_run_fails_the_job_and_a_rerun_finishes_it(tmp
             (job,) = s.scalars(select(Job)).all()
             assert job.status == "failed"
 
-        again = subprocess.run(cli + ["run", str(path), "--batch-size", "50"], env=env,
-                               capture_output=True, text=True, timeout=600)
+        again = forkrun.run(cli + ["run", str(path), "--batch-size", "50"], env=env,
+                            capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr
-        count = subprocess.run(cli + ["query", "MATCH (i:Insight)-[e:SUPPORTED_BY]->(s:Source)"
-                                      " RETURN count(e) AS edges, count(DISTINCT s) AS sources",
-                                      "--json"], env=env, capture_output=True, text=True,
-                               timeout=180)
+        count = forkrun.run(cli + ["query", "MATCH (i:Insight)-[e:SUPPORTED_BY]->(s:Source)"
+                                   " RETURN count(e) AS edges, count(DISTINCT s) AS sources",
+                                   "--json"], env=env, capture_output=True, text=True,
+                            timeout=180)
         assert count.returncode == 0, count.stderr
         # Every item's source supports exactly one insight, once: nothing lost, nothing twice.
         assert json.loads(count.stdout) == {"edges": 1500, "sources": 1500}

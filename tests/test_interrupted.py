@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -36,8 +37,8 @@ def _env(tmp_path: Path, graph, sql_url: str, **extra: str) -> dict[str, str]:
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
+    return forkrun.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=300)
 
 
 def _write_items(path: Path, prefix: str) -> list[str]:
@@ -66,10 +67,10 @@ def test_a_killed_run_is_interrupted_and_resumes_with_nothing_lost_or_doubled(
     env = _env(tmp_path, graph, sql_url)
     Session = session_factory(sql_url)
     # Each batch's first attempt stalls 0.3 s: the job takes seconds, time to kill it.
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path),
-                             "--batch-size", str(BATCH)], cwd=ROOT,
-                            env={**env, "MOE_FAULT_STALL_S": "0.3"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = forkrun.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path),
+                          "--batch-size", str(BATCH)], cwd=ROOT,
+                         env={**env, "MOE_FAULT_STALL_S": "0.3"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     job_id, done = None, 0
     while done < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -119,7 +120,7 @@ def test_liveness_by_pid_start_time_and_heartbeat():
     assert not is_gone(me, now, now)
     # The same pid, started at another time: a reused pid, not our process.
     assert is_gone(Owner(me.host, me.pid, str(int(me.start) + 1)), now, now)
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child = forkrun.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert is_gone(Owner(me.host, child.pid, None), now, now)
     # On another host only the heartbeat can tell.

@@ -3,6 +3,7 @@ to topics found in the data, and reports whose space keeps the input's meaning."
 
 from __future__ import annotations
 
+import forkrun
 import pytest
 import torch
 
@@ -150,7 +151,6 @@ def test_train_refuses_what_it_cannot_do_with_the_item_and_field_named(tmp_path)
 @pytest.mark.integration  # the CLI in a subprocess
 def test_train_errors_are_one_line_from_the_cli(tmp_path):
     import os
-    import subprocess
     import sys
 
     empty = tmp_path / "empty.jsonl"
@@ -162,8 +162,8 @@ def test_train_errors_are_one_line_from_the_cli(tmp_path):
                            ([str(labelled), "--label-field", "topic"], "in no item's meta"),
                            ([str(labelled), "--label-field", "domain", "--constellations",
                              "maths"], "names no constellation")):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args],
-                              capture_output=True, text=True, env=env, timeout=120)
+        proc = forkrun.run([sys.executable, "-m", "pipeline.cli", "train", *args],
+                           capture_output=True, text=True, env=env, timeout=120)
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and expected in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr

@@ -1,8 +1,9 @@
 """Model files written to hurt: nothing connects, nothing grows unbounded, everything is one line.
 
-Every case runs the real command line (``python -m pipeline.cli``) in a subprocess whose
-HTTP(S) proxy is a recording proxy on loopback: any attempt to reach the network (a CONNECT
-to huggingface.co, a plain request) is recorded, and every test asserts that none was. A
+Every case runs the real command line (``python -m pipeline.cli``) in a process of its own
+(forked from the suite's helper, see ``forkrun``) whose HTTP(S) proxy is a recording proxy on
+loopback: any attempt to reach the network (a CONNECT to huggingface.co, a plain request) is
+recorded, and every test asserts that none was. A
 refused file must give a non-zero exit and exactly one line on stderr, naming the file and
 the field, never a traceback. The size cases run under an address-space limit, so that an
 allocation the count failed to stop fails loudly instead of swapping the machine.
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 
@@ -84,15 +84,9 @@ def cli(proxy, tmp_path):
     before = len(proxy.lines)
 
     def run(*args: str, env: dict[str, str] | None = None, limit: int | None = None):
-        def cap() -> None:
-            if limit:
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
         full = {**proxy.env(), "PYTHONPATH": str(ROOT),
                 "MOE_STATE_DIR": str(tmp_path / "state"), **(env or {})}
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300, env=full,
-                              preexec_fn=cap)
+        return forkrun.cli(args, cwd=ROOT, timeout=300, env=full, limit=limit)
 
     yield run
     assert proxy.lines[before:] == [], "connections recorded"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -128,23 +129,23 @@ def test_cli_run_on_the_example_file(settings):
            "NEO4J_PASSWORD": settings.neo4j_password,
            "NEO4J_DATABASE": settings.neo4j_database or "",
            "DATABASE_URL": settings.database_url, "MOE_STATE_DIR": str(settings.state_dir)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run",
-                           str(ROOT / "examples" / "vectors.jsonl")], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
+    proc = forkrun.run([sys.executable, "-m", "pipeline.cli", "run",
+                        str(ROOT / "examples" / "vectors.jsonl")], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "completed: 300 items (0 bad), 300 draft reports" in proc.stdout
     assert "items" not in proc.stderr  # no progress bar (nor its label) off a terminal
     job_id = proc.stdout.split("job ", 1)[1].split()[0]
-    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", job_id],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    status = forkrun.run([sys.executable, "-m", "pipeline.cli", "status", job_id],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert status.returncode == 0, status.stderr
     assert f"job {job_id}: completed, 300 items" in status.stdout
     assert status.stdout.count("  batch ") == 2 and "curate=" in status.stdout
-    listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    listing = forkrun.run([sys.executable, "-m", "pipeline.cli", "status"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert f"{job_id}  completed" in listing.stdout
-    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "nope"],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    missing = forkrun.run([sys.executable, "-m", "pipeline.cli", "status", "nope"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert missing.returncode == 1 and "error: no job 'nope'" in missing.stderr
 
 
@@ -156,8 +157,8 @@ def test_cli_query_reads_and_refuses_writes_unless_asked(settings):
            "DATABASE_URL": settings.database_url, "MOE_STATE_DIR": str(settings.state_dir)}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "query", *args],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        return forkrun.run([sys.executable, "-m", "pipeline.cli", "query", *args],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
     tag = f"cli-{os.getpid()}"
     ok = cli("RETURN $tag AS tag, $n + 1 AS n", "--param", f"tag={tag}", "--param", "n=41",
@@ -224,9 +225,9 @@ def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
            "NEO4J_USERNAME": settings.neo4j_username,
            "NEO4J_PASSWORD": settings.neo4j_password or ""}
     png = tmp_path / "usage.png"
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", summary.run_id,
-                          "--plot", str(png)], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=120)
+    out = forkrun.run([sys.executable, "-m", "pipeline.cli", "stats", summary.run_id,
+                       "--plot", str(png)], capture_output=True, text=True, cwd=ROOT,
+                      env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"run {summary.run_id}: 1 jobs, 2 batches, 40 items" in out.stdout
     assert "dedup rate" in out.stdout and "routing entropy" in out.stdout
@@ -245,8 +246,8 @@ def test_stats_cli_reports_usage_and_draws_a_chart(settings, tmp_path):
     assert "routing confidence (the supervisor's probability" in out.stdout
     assert re.search(r"\d+ of 40 items \(\d+\.\d%\) fit no constellation well", out.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "nope"],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    missing = forkrun.run([sys.executable, "-m", "pipeline.cli", "stats", "nope"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert missing.returncode == 1 and missing.stderr.startswith("error: no run 'nope'")
 
 

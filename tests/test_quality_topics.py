@@ -10,11 +10,11 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 import torch
@@ -196,8 +196,8 @@ def test_class_tfidf_follows_the_bertopic_formula():
 @pytest.mark.slow
 def test_quality_bench_quick_prints_the_shared_json_shape():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--device", "cpu"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = forkrun.run([sys.executable, "bench/quality.py", "--quick", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["bench"] == "quality"

@@ -8,9 +8,9 @@ Celery splits ``-Q`` on commas and the worker's ``--shards`` did too, so a label
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+import forkrun
 import numpy as np
 import pytest
 from test_queue_workers import _wait
@@ -59,9 +59,9 @@ def test_labels_with_comma_space_and_slash_run_queued_to_the_graph(stack):
     raw = _labelled_items(30)
     path = stack.tmp / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in raw) + "\n")
-    train = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(path),
-                            "--label-field", "topic", "--epochs", "20"], cwd=stack.tmp,
-                           env=stack.env, capture_output=True, text=True, timeout=300)
+    train = forkrun.run([sys.executable, "-m", "pipeline.cli", "train", str(path),
+                         "--label-field", "topic", "--epochs", "20"], cwd=stack.tmp,
+                        env=stack.env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr
     # The librarian is told its shards by their human names, commas and all.
     stack.workers("gpu", ("librarian", {}, ["--shards", ",".join(LABELS)]))

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 from conftest import delete_redis_keys, new_redis_prefix
@@ -179,9 +180,9 @@ def test_queued_job_end_to_end_then_query_and_similar(stack):
     path = stack.tmp / "items.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in raw) + "\n{not json\n")
     cli = [sys.executable, "-m", "pipeline.cli"]
-    out = subprocess.run(cli + ["submit", str(path), "--batch-size", "32", "--wait",
-                                "--timeout", "120"], cwd=stack.tmp, env=stack.env,
-                         capture_output=True, text=True, timeout=180)
+    out = forkrun.run(cli + ["submit", str(path), "--batch-size", "32", "--wait",
+                             "--timeout", "120"], cwd=stack.tmp, env=stack.env,
+                      capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr + stack.logs()
     job_id = out.stdout.split()[1]
     assert "completed_with_errors: 3/3 batches completed" in out.stdout
@@ -202,17 +203,17 @@ def test_queued_job_end_to_end_then_query_and_similar(stack):
     found = _graph_reports(stack.graph, job_id)
     assert sorted(found) == sorted(expected)  # every report once, none missing
 
-    query = subprocess.run(cli + ["query", "MATCH (i:Insight)-[e:SUPPORTED_BY]->(s:Source) "
-                                  "WHERE e.job_id = $job RETURN count(DISTINCT s) AS n",
-                                  "--param", f"job={json.dumps(job_id)}", "--json"],
-                           cwd=stack.tmp, env=stack.env, capture_output=True, text=True)
+    query = forkrun.run(cli + ["query", "MATCH (i:Insight)-[e:SUPPORTED_BY]->(s:Source) "
+                               "WHERE e.job_id = $job RETURN count(DISTINCT s) AS n",
+                               "--param", f"job={json.dumps(job_id)}", "--json"],
+                        cwd=stack.tmp, env=stack.env, capture_output=True, text=True)
     assert query.returncode == 0, query.stderr
     assert json.loads(query.stdout) == {"n": 90}
     (stack.tmp / "v.json").write_text(json.dumps(raw[0]["vector"]))
     for mode in ("--queue", "--local"):
-        hit = subprocess.run(cli + ["similar", "--vector-file", str(stack.tmp / "v.json"),
-                                    "--k", "3", "--json", mode], cwd=stack.tmp,
-                             env=stack.env, capture_output=True, text=True, timeout=120)
+        hit = forkrun.run(cli + ["similar", "--vector-file", str(stack.tmp / "v.json"),
+                                 "--k", "3", "--json", mode], cwd=stack.tmp,
+                          env=stack.env, capture_output=True, text=True, timeout=120)
         assert hit.returncode == 0, hit.stderr + stack.logs()
         hits = [json.loads(line) for line in hit.stdout.splitlines()]
         # The item's own report was inserted into, or merged into, an insight at least as
@@ -370,8 +371,8 @@ def test_poison_batch_is_failed_after_max_attempts_and_the_job_goes_on(stack):
         assert [b.status for b in batches] == ["completed", "failed", "completed"]
         assert batches[1].attempts == 3 and "gave up after 2 attempts" in batches[1].error
         assert "1 of 3 batches failed" in s.get(Job, job.job_id).error
-    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", job.job_id],
-                            env=stack.env, capture_output=True, text=True, timeout=60)
+    status = forkrun.run([sys.executable, "-m", "pipeline.cli", "status", job.job_id],
+                         env=stack.env, capture_output=True, text=True, timeout=60)
     assert "why: gave up after 2 attempts" in status.stdout, status.stdout + status.stderr
     good = raw[:20] + raw[40:]
     expected = _expected_reports(stack.settings(), job.job_id, good)
@@ -401,7 +402,7 @@ def test_an_unreachable_broker_is_one_clear_error_and_no_job(tmp_path):
                         database_url=f"sqlite:///{tmp_path / 'runs.sqlite3'}")
     with pytest.raises(PipelineError, match=r"broker redis://127.0.0.1:1/0 unreachable"):
         jobs.submit(_items(5, seed=1), settings)
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(_write(
+    out = forkrun.run([sys.executable, "-m", "pipeline.cli", "submit", str(_write(
         tmp_path, _items(5, seed=1)))], cwd=tmp_path, capture_output=True, text=True,
         env={**os.environ, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
              "MOE_STATE_DIR": str(tmp_path)})

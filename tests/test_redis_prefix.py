@@ -10,10 +10,10 @@ still there, unchanged, after the stack ran a job, answered a question and was t
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import uuid
 
+import forkrun
 import pytest
 import redis
 from test_queue_workers import _items, _wait
@@ -36,10 +36,10 @@ def test_a_queued_stack_leaves_keys_it_did_not_create_untouched(stack):
         job = jobs.submit(raw, stack.settings(), 16)
         assert _wait(stack, job.job_id).status == "completed", stack.logs()
         (stack.tmp / "v.json").write_text(json.dumps(raw[0]["vector"]))
-        hit = subprocess.run([sys.executable, "-m", "pipeline.cli", "similar", "--vector-file",
-                              str(stack.tmp / "v.json"), "--k", "1", "--json", "--queue"],
-                             cwd=stack.tmp, env=stack.env, capture_output=True, text=True,
-                             timeout=120)
+        hit = forkrun.run([sys.executable, "-m", "pipeline.cli", "similar", "--vector-file",
+                           str(stack.tmp / "v.json"), "--k", "1", "--json", "--queue"],
+                          cwd=stack.tmp, env=stack.env, capture_output=True, text=True,
+                          timeout=120)
         assert hit.returncode == 0, hit.stderr + stack.logs()
         assert len(hit.stdout.splitlines()) == 1
 

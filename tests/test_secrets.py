@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import forkrun
 import pytest
 
 from pipeline.redact import masked, redacted
@@ -37,8 +38,8 @@ def test_free_text_is_redacted_of_urls_and_named_secrets():
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> str:
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = forkrun.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
+                      capture_output=True, text=True, timeout=timeout)
     return out.stdout + out.stderr
 
 
@@ -53,11 +54,11 @@ def test_no_command_prints_a_password(tmp_path):
     # A worker's start line and its log, with a broker that never answers: started first,
     # so that its 12 s pass while the commands below run.
     started = time.monotonic()
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "query"],
-                              env={**base, "CELERY_BROKER_URL":
-                                   f"redis://:{REDIS}@127.0.0.1:1/0"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    worker = forkrun.Popen([sys.executable, "-m", "pipeline.cli", "worker", "query"],
+                           env={**base, "CELERY_BROKER_URL":
+                                f"redis://:{REDIS}@127.0.0.1:1/0"},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
     outputs = {
         "status": _cli("status", env={**base, "DATABASE_URL": pg_trust,
                                       "CELERY_BROKER_URL": f"amqp://moe:{AMQP}@127.0.0.1:1//",

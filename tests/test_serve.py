@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import forkrun
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
@@ -158,8 +159,8 @@ def test_serve_listens_on_loopback_and_token_prints_the_kept_token(tmp_path, gra
            "NEO4J_PASSWORD": settings.neo4j_password or "",
            "DATABASE_URL": settings.sql_url(), "MOE_DEVICE": "cpu"}
     cli = [sys.executable, "-m", "pipeline.cli"]
-    first = subprocess.run(cli + ["token"], env=env, cwd=ROOT, capture_output=True, text=True)
-    again = subprocess.run(cli + ["token"], env=env, cwd=ROOT, capture_output=True, text=True)
+    first = forkrun.run(cli + ["token"], env=env, cwd=ROOT, capture_output=True, text=True)
+    again = forkrun.run(cli + ["token"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0 and first.stdout == again.stdout  # kept, not made anew
     port = _free_port()
     proc = subprocess.Popen(cli + ["serve", "--port", str(port)], env=env, cwd=ROOT,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+import forkrun
 
 from pipeline.settings import Settings
 
@@ -30,8 +31,8 @@ def test_status_names_the_same_state_dir_from_any_directory(tmp_path):
     state = (tmp_path / "data" / "moe-pipeline").resolve()
     seen = []
     for cwd in (tmp_path, Path("/")):
-        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"], cwd=cwd,
-                             env=env, capture_output=True, text=True, timeout=60)
+        out = forkrun.run([sys.executable, "-m", "pipeline.cli", "status"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         seen.append(out.stdout.splitlines()[:2])
     assert seen[0] == seen[1] == [f"state dir: {state} (the default)",
@@ -45,14 +46,14 @@ def test_status_says_when_a_dot_env_file_chose_settings(tmp_path):
     env["MOE_STATE_DIR"] = str(tmp_path / "state")
     env["MOE_SEED"] = "1"  # set by the environment too: the file did not choose it
     (tmp_path / ".env").write_text("NEO4J_PASSWORD=hunter2-secret\nMOE_SEED=3\nMOE_BATCH_SIZE=8\n")
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = forkrun.run([sys.executable, "-m", "pipeline.cli", "status"], cwd=tmp_path,
+                      env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
     dot_env = (tmp_path / ".env").resolve()
     assert first == f"settings: {dot_env} chose MOE_BATCH_SIZE, NEO4J_PASSWORD"
     assert "hunter2" not in out.stdout + out.stderr
-    plain = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"],
-                           cwd=tmp_path / "state", env=env, capture_output=True, text=True,
-                           timeout=60)
+    plain = forkrun.run([sys.executable, "-m", "pipeline.cli", "status"],
+                        cwd=tmp_path / "state", env=env, capture_output=True, text=True,
+                        timeout=60)
     assert not plain.stdout.startswith("settings:"), plain.stdout

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import forkrun
 import pytest
 from sqlalchemy import create_engine, inspect
 
@@ -25,8 +26,8 @@ def _tables(url: str) -> set[str]:
 def test_migrations_started_together_all_succeed(sql_url):
     """Four processes migrating one empty database at once (four workers starting, or
     submits racing): each waits for the one that holds the lock, and all end at head."""
-    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, sql_url], stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [forkrun.Popen([sys.executable, "-c", MIGRATE, sql_url], stderr=subprocess.PIPE,
+                           text=True) for _ in range(4)]
     errors = [p.communicate(timeout=180)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
     assert {"jobs", "batches", "alembic_version"} <= _tables(sql_url)
@@ -43,9 +44,9 @@ def test_a_worker_migrates_an_empty_database_at_start(sql_url, redis_url, redis_
     env.pop("NEO4J_URI", None)
     log = tmp_path / "worker.log"
     with log.open("w") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "librarian",
-                                   "--shards", f"start-{os.getpid()}"], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
+        worker = forkrun.Popen([sys.executable, "-m", "pipeline.cli", "worker", "librarian",
+                                "--shards", f"start-{os.getpid()}"], env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while "batches" not in _tables(sql_url) and time.monotonic() < deadline:
@@ -58,8 +59,8 @@ def test_a_worker_migrates_an_empty_database_at_start(sql_url, redis_url, redis_
         worker.terminate()
         worker.wait(timeout=60)
         # The graph server the worker started for its state dir outlives it, by design.
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "down"], env=env,
-                       capture_output=True, timeout=120)
+        forkrun.run([sys.executable, "-m", "pipeline.cli", "down"], env=env,
+                    capture_output=True, timeout=120)
     text = log.read_text()
     assert "ready" in text, text[-3000:]
     assert "does not exist" not in text and "no such table" not in text, text[-3000:]

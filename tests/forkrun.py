@@ -1,0 +1,391 @@
+"""The command line in a fresh process without paying for its imports each time.
+
+Most of a ``python -m pipeline.cli ...`` subprocess is spent importing torch, transformers and
+sentence-transformers (about 3 s of 4 on this project's 2-core machine), and the suite runs
+the command line a few hundred times. Here one helper process imports those libraries once
+and forks a child per command. The child is a real, separate process: it gets the test's
+environment, working directory, stdin, address-space limit and (for workers) a session of
+its own, runs the command line's entry point exactly as ``python -m pipeline.cli`` does, and
+exits with its exit code; its stdout and stderr are its own. What it does not repeat is the
+interpreter's start and those third-party imports, so nothing of this project is imported
+before the fork: every ``pipeline`` module (and whatever reads the environment when it is
+imported) is imported by the child, under the child's environment.
+
+A test that is about the interpreter's start itself (what gets imported, ``-W`` flags, the
+installed ``moe-pipeline`` script) still runs ``subprocess`` directly.
+
+    proc = forkrun.run([sys.executable, "-m", "pipeline.cli", "status"], env=env,
+                       capture_output=True, text=True)        # as subprocess.run
+    worker = forkrun.Popen([sys.executable, "-m", "pipeline.cli", "worker", "gpu"],
+                           stdout=log.open("w"), stderr=subprocess.STDOUT,
+                           start_new_session=True)            # as subprocess.Popen
+
+Only ``python -m MODULE ...`` and ``python SCRIPT ...`` commands are forked; any other
+command (another program, interpreter options such as ``-W``) goes to `subprocess` as given.
+
+The helper refuses to start (and every call then falls back to a plain subprocess) if
+importing the libraries printed anything: a child would then miss a line a user sees.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_BASE_PATH: list[str] = []
+# Third-party libraries only: never a module of this project, which must be imported under
+# the child's own environment. Missing ones (an install without an extra) are skipped.
+PRELOAD = ("numpy", "torch", "transformers", "sentence_transformers", "sqlalchemy", "celery",
+           "kombu", "redis", "click", "pydantic", "pydantic_settings", "neo4j")
+
+
+# -- the helper process ---------------------------------------------------------------------
+
+def _serve() -> None:
+    """Run as ``python forkrun.py``: preload, then answer one JSON request per stdin line."""
+    import importlib
+
+    global _BASE_PATH
+    requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "w", buffering=1)
+    # The interpreter's own path (standard library, site-packages, .pth entries): a child
+    # puts its script's folder and its own PYTHONPATH in front, as its interpreter would.
+    ours = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    _BASE_PATH = [p for p in sys.path[1:] if os.path.abspath(p) not in ours]
+    with tempfile.TemporaryFile() as noise:
+        saved = os.dup(2)
+        os.dup2(noise.fileno(), 2)
+        for name in PRELOAD:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        noise.seek(0)
+        printed = noise.read().decode(errors="replace")
+    replies.write(json.dumps({"ready": not printed, "printed": printed[-2000:]}) + "\n")
+    if printed:
+        return
+    children: dict[int, int | None] = {}
+    for line in requests:
+        req = json.loads(line)
+        op = req["op"]
+        if op == "spawn":
+            pid = _fork(req)
+            children[pid] = None
+            replies.write(json.dumps({"pid": pid}) + "\n")
+        elif op == "wait":  # timeout None: until it ends; 0: poll
+            pid, timeout = req["pid"], req.get("timeout")
+            replies.write(json.dumps({"code": _wait(children, pid, timeout)}) + "\n")
+        elif op == "forget":
+            children.pop(req["pid"], None)
+            replies.write("{}\n")
+
+
+def _wait(children: dict[int, int | None], pid: int, timeout: float | None) -> int | None:
+    if children.get(pid) is not None:
+        return children[pid]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not ours, or reaped and forgotten
+            return -1
+        if got:
+            children[pid] = os.waitstatus_to_exitcode(status)
+            return children[pid]
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _fork(req: dict) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        code = _child(req)
+    finally:
+        os._exit(code)
+
+
+def _child(req: dict) -> int:
+    import io
+    import resource
+    import runpy
+    import traceback
+
+    os.closerange(3, 65536)  # a fresh interpreter holds only its standard streams
+    if req.get("new_session"):
+        os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # What a fresh interpreter would have had on its standard streams.
+    for fd, path, mode in ((0, req["stdin"], os.O_RDONLY),
+                           (1, req["stdout"], os.O_WRONLY | os.O_APPEND),
+                           (2, req["stderr"] or req["stdout"], os.O_WRONLY | os.O_APPEND)):
+        opened = os.open(path, mode)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, closefd=False)))
+    if req.get("limit"):
+        resource.setrlimit(resource.RLIMIT_AS, (req["limit"], req["limit"]))
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    sys.argv = [req["script"] or "-m", *req["args"]]
+    # `python SCRIPT` puts the script's folder first, `python -m` the working directory.
+    first = os.path.dirname(os.path.abspath(req["script"])) if req["script"] else req["cwd"]
+    extra = [os.path.abspath(p) for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [first, *extra, *_BASE_PATH]
+    try:
+        if req["script"]:
+            runpy.run_path(req["script"], run_name="__main__")
+        else:
+            runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    return code
+
+
+# -- the test side ---------------------------------------------------------------------------
+
+class _Helper:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, cwd=ROOT)
+        hello = json.loads(self.proc.stdout.readline() or b'{"ready": false}')
+        self.ready = bool(hello.get("ready"))
+        if not self.ready:
+            print(f"forkrun: the helper is not used: {hello.get('printed', '')[-500:]}",
+                  file=sys.stderr)
+
+    def ask(self, **req) -> dict:
+        with self.lock:
+            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the fork helper died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+_helper: _Helper | None = None
+_helper_lock = threading.Lock()
+
+
+def _get() -> _Helper | None:
+    global _helper
+    if os.environ.get("MOE_TEST_FORK", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    with _helper_lock:
+        if _helper is None or _helper.proc.poll() is not None:
+            _helper = _Helper()
+            atexit.register(_helper.close)
+        return _helper if _helper.ready else None
+
+
+def _forkable(cmd: Sequence[str | os.PathLike],
+              env) -> tuple[str | None, str | None, list[str]] | None:
+    """(module, script, arguments) of ``python -m MODULE ...`` or ``python SCRIPT ...``.
+
+    Not a command that sets TRITON_INTERPRET: Triton reads it when it is imported, and the
+    helper has imported it (sentence-transformers does)."""
+    if len(cmd) < 2 or str(cmd[0]) != sys.executable:
+        return None
+    if "TRITON_INTERPRET" in (os.environ if env is None else env):
+        return None
+    first, rest = str(cmd[1]), [str(a) for a in cmd[2:]]
+    if first == "-m" and rest:
+        return rest[0], None, rest[1:]
+    if not first.startswith("-"):
+        return None, first, rest
+    return None
+
+
+def _target(spec, tmp: Path, name: str) -> str | None:
+    """Where a child's stream goes: a path (PIPE: a file of ours), or None (STDOUT)."""
+    if spec == subprocess.PIPE:
+        path = tmp / name
+        path.touch()
+        return str(path)
+    if spec == subprocess.DEVNULL:
+        return os.devnull
+    if spec == subprocess.STDOUT:
+        return None
+    return str(Path(spec.name).resolve())  # an open file
+
+
+class _Child:
+    """A child of the helper: as much of `subprocess.Popen` as the tests use."""
+
+    def __init__(self, helper: _Helper, cmd, module: str | None, script: str | None,
+                 args: list[str], *, env, cwd, streams: dict[str, str | None], text: bool,
+                 new_session: bool = False, limit: int | None = None) -> None:
+        self.helper, self.args, self.text = helper, list(cmd), text
+        self.returncode: int | None = None
+        self.pid = helper.ask(op="spawn", module=module, script=script, args=args,
+                              env=dict(os.environ if env is None else env),
+                              cwd=str(cwd or os.getcwd()), **streams,
+                              new_session=new_session, limit=limit)["pid"]
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.helper.ask(op="wait", pid=self.pid, timeout=0)["code"]
+            self._done()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        # Short waits, so that the helper serves other calls (another thread's) meanwhile.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            self.returncode = self.helper.ask(op="wait", pid=self.pid, timeout=0.05)["code"]
+            if self.returncode is None and deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        self._done()
+        return self.returncode
+
+    def _done(self) -> None:
+        if self.returncode is not None:
+            with contextlib.suppress(RuntimeError):
+                self.helper.ask(op="forget", pid=self.pid)
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Popen(_Child):
+    """`subprocess.Popen` for the commands `_forkable` accepts, with the streams the tests
+    give (an open file, PIPE, DEVNULL, STDOUT); anything else goes to `subprocess.Popen`."""
+
+    def __new__(cls, cmd, **kwargs):
+        if (_forkable(cmd, kwargs.get("env")) is None or _get() is None
+                or set(kwargs) - {"env", "cwd", "stdout", "stderr", "stdin",
+                                  "start_new_session", "text"}
+                or kwargs.get("stdout") is None or kwargs.get("stderr") is None
+                or kwargs.get("stdin") not in (None, subprocess.DEVNULL)):
+            return subprocess.Popen(cmd, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, cmd, *, env=None, cwd=None, stdout=None, stderr=None, stdin=None,
+                 start_new_session: bool = False, text: bool = False) -> None:
+        module, script, args = _forkable(cmd, env)
+        self._tmp = tempfile.TemporaryDirectory(prefix="forkrun-")
+        tmp = Path(self._tmp.name)
+        self._out = _target(stdout, tmp, "stdout") if stdout == subprocess.PIPE else None
+        self._err = _target(stderr, tmp, "stderr") if stderr == subprocess.PIPE else None
+        streams = {"stdin": os.devnull, "stdout": _target(stdout, tmp, "stdout"),
+                   "stderr": _target(stderr, tmp, "stderr")}
+        super().__init__(_get(), cmd, module, script, args, env=env, cwd=cwd, streams=streams,
+                         text=text, new_session=start_new_session)
+
+    def _read(self, path: str | None):
+        if path is None:
+            return None
+        data = Path(path).read_bytes()
+        return data.decode(errors="replace") if self.text else data
+
+    def communicate(self, input=None, timeout: float | None = None):
+        self.wait(timeout)
+        return self._read(self._out), self._read(self._err)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
+
+
+def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=None,
+        timeout: float | None = None, input=None, check: bool = False, limit: int | None = None,
+        **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` for the commands `_forkable` accepts (the rest go to subprocess), plus
+    ``limit``: an address-space limit (bytes) for the child."""
+    forkable, helper = _forkable(cmd, env), _get()
+    if forkable is None or helper is None or kwargs:
+        def cap() -> None:
+            if limit:
+                import resource
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        return subprocess.run(cmd, capture_output=capture_output, text=text, env=env,
+                              cwd=cwd, timeout=timeout, input=input, check=check,
+                              preexec_fn=cap if limit else None, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
+        paths = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
+        data = input if isinstance(input, bytes) or input is None else input.encode()
+        paths["stdin"].write_bytes(data or b"")
+        for name in ("stdout", "stderr"):
+            paths[name].touch()
+        streams: dict[str, str | None] = {k: str(p) for k, p in paths.items()}
+        if not capture_output:  # the test's own streams are not files: nothing is kept
+            streams["stdout"] = streams["stderr"] = os.devnull
+        child = _Child(helper, cmd, *forkable, env=env, cwd=cwd, streams=streams, text=text,
+                       limit=limit)
+        try:
+            code = child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise
+
+        def read(name: str):
+            if not capture_output:
+                return None
+            raw = paths[name].read_bytes()
+            return raw.decode(errors="replace") if text else raw
+
+        done = subprocess.CompletedProcess(list(cmd), code, read("stdout"), read("stderr"))
+    if check:
+        done.check_returncode()
+    return done
+
+
+if __name__ == "__main__":
+    _serve()
