@@ -144,6 +144,8 @@ def _child(req: dict) -> int:
         os.dup2(opened, fd)
         os.close(opened)
     sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, closefd=False)))
+    if req.get("umask") is not None:
+        os.umask(req["umask"])
     if req.get("limit"):
         resource.setrlimit(resource.RLIMIT_AS, (req["limit"], req["limit"]))
     os.chdir(req["cwd"])
@@ -259,13 +261,14 @@ class _Child:
 
     def __init__(self, helper: _Helper, cmd, module: str | None, script: str | None,
                  args: list[str], *, env, cwd, streams: dict[str, str | None], text: bool,
-                 new_session: bool = False, limit: int | None = None) -> None:
+                 new_session: bool = False, limit: int | None = None,
+                 umask: int | None = None) -> None:
         self.helper, self.args, self.text = helper, list(cmd), text
         self.returncode: int | None = None
         self.pid = helper.ask(op="spawn", module=module, script=script, args=args,
                               env=dict(os.environ if env is None else env),
                               cwd=str(cwd or os.getcwd()), **streams,
-                              new_session=new_session, limit=limit)["pid"]
+                              new_session=new_session, limit=limit, umask=umask)["pid"]
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -344,19 +347,22 @@ class Popen(_Child):
 
 def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=None,
         timeout: float | None = None, input=None, check: bool = False, limit: int | None = None,
-        **kwargs) -> subprocess.CompletedProcess:
+        umask: int | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run` for the commands `_forkable` accepts (the rest go to subprocess), plus
-    ``limit``: an address-space limit (bytes) for the child."""
+    ``limit``, an address-space limit (bytes), and ``umask`` for the child."""
     forkable, helper = _forkable(cmd, env), _get()
     if forkable is None or helper is None or kwargs:
-        def cap() -> None:
+        def before() -> None:
             if limit:
                 import resource
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            if umask is not None:
+                os.umask(umask)
 
         return subprocess.run(cmd, capture_output=capture_output, text=text, env=env,
                               cwd=cwd, timeout=timeout, input=input, check=check,
-                              preexec_fn=cap if limit else None, **kwargs)
+                              preexec_fn=before if limit or umask is not None else None,
+                              **kwargs)
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
         paths = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
         data = input if isinstance(input, bytes) or input is None else input.encode()
@@ -367,7 +373,7 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
         if not capture_output:  # the test's own streams are not files: nothing is kept
             streams["stdout"] = streams["stderr"] = os.devnull
         child = _Child(helper, cmd, *forkable, env=env, cwd=cwd, streams=streams, text=text,
-                       limit=limit)
+                       limit=limit, umask=umask)
         try:
             code = child.wait(timeout)
         except subprocess.TimeoutExpired:

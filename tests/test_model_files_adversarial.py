@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def cli(proxy, tmp_path):
     def run(*args: str, env: dict[str, str] | None = None, limit: int | None = None):
         full = {**proxy.env(), "PYTHONPATH": str(ROOT),
                 "MOE_STATE_DIR": str(tmp_path / "state"), **(env or {})}
-        return forkrun.cli(args, cwd=ROOT, timeout=300, env=full, limit=limit)
+        return forkrun.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, timeout=300,
+                           env=full, limit=limit, capture_output=True, text=True)
 
     yield run
     assert proxy.lines[before:] == [], "connections recorded"

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import forkrun
 import pytest
 
 from pipeline.settings import private_state_dir
@@ -48,9 +49,9 @@ def _env(state: Path) -> dict[str, str]:
 
 
 def _cli(args: list[str], state: Path, umask: int, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
-                          env=_env(state), capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: os.umask(umask))
+    return forkrun.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
+                       env=_env(state), capture_output=True, text=True, timeout=600,
+                       umask=umask)
 
 
 def _as_other_user(*command: str) -> subprocess.CompletedProcess:

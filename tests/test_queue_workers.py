@@ -76,7 +76,7 @@ class Stack:
         for spec in specs:
             kind, env, args = (spec, {}, ()) if isinstance(spec, str) else (*spec, ())[:3]
             log = self.tmp / f"{kind}-{len(self.procs)}.log"
-            proc = subprocess.Popen(
+            proc = forkrun.Popen(
                 [sys.executable, "-m", "pipeline.cli", "worker", kind, "--loglevel", "INFO",
                  *args],
                 cwd=self.tmp, env={**self.env, **env}, stdout=log.open("w"),
