@@ -150,6 +150,9 @@ def neo4j_current_server(tmp_path_factory):
                             tmp_path_factory.mktemp("neo4j-current"))
 
 
+TEST_COMMAND_TIMEOUT_S = 6.0
+
+
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory):
     """The embedded graph server of a state dir of its own (``server.root.parent``), one
@@ -157,9 +160,10 @@ def embedded_server(tmp_path_factory):
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     from pipeline.storage.embedded import LocalGraphServer
 
-    # Commands are cut at 15 s (120 s by default), so that the test of a runaway read is short;
-    # nothing else the suite sends takes a tenth of that.
-    server = LocalGraphServer(tmp_path_factory.mktemp("state"), command_timeout_s=15)
+    # Commands are cut at TEST_COMMAND_TIMEOUT_S (120 s by default), so that the test of a
+    # runaway read is short; nothing else the suite sends takes a fifth of that.
+    server = LocalGraphServer(tmp_path_factory.mktemp("state"),
+                              command_timeout_s=TEST_COMMAND_TIMEOUT_S)
     server.start()
     yield server
     server.stop()
@@ -185,7 +189,7 @@ def graph(request):
             "neo4j_server" if backend == "neo4j" else "neo4j_current_server")
         store = GraphStore.connect(server["uri"], server["user"], server["password"])
         # As the embedded test server's command timeout: the runaway-read test is short.
-        store.read_timeout_s = 15.0
+        store.read_timeout_s = TEST_COMMAND_TIMEOUT_S
     store.ensure_schema()
     yield store
     store.close()

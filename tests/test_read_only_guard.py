@@ -602,7 +602,7 @@ def test_the_reader_sees_and_ends_only_its_own_transactions(graph, embedded_serv
 
 def test_a_runaway_read_is_ended_by_the_server(graph, embedded_server):
     """The reader cannot end its own query, and a client that gives up leaves it running:
-    the server's command timeout ends it (15 s for the test session's server)."""
+    the server's command timeout ends it (6 s for the test session's servers)."""
     started = time.monotonic()
     with pytest.raises(QueryError, match="TransactionTimedOut|timeout"):
         graph.run_cypher("UNWIND range(1, 20000000) AS x UNWIND range(1, 20000000) AS y "
