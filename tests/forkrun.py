@@ -112,28 +112,38 @@ def _wait(children: dict[int, int | None], pid: int, timeout: float | None) -> i
 
 
 def _fork(req: dict) -> int:
+    """Fork a child and return its pid once it has its session, streams and directory (as
+    `subprocess.Popen` returns after its child's exec): a test may signal its group at once."""
     sys.stdout.flush()
     sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(ready_w)
+        os.read(ready_r, 1)  # a byte when set up; nothing (EOF) if it died first
+        os.close(ready_r)
         return pid
+    os.close(ready_r)
     code = 1
     try:
-        code = _child(req)
+        code = _child(req, ready_w)
     finally:
         os._exit(code)
 
 
-def _child(req: dict) -> int:
+def _child(req: dict, ready: int) -> int:
     import io
     import resource
     import runpy
     import traceback
 
-    os.closerange(3, 65536)  # a fresh interpreter holds only its standard streams
+    # A fresh interpreter holds only its standard streams.
+    os.closerange(3, ready)
+    os.closerange(ready + 1, 65536)
     if req.get("new_session"):
         os.setsid()
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+    # A fresh interpreter's signal handlers (it ignores SIGPIPE, as the helper still does).
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # What a fresh interpreter would have had on its standard streams.
@@ -151,6 +161,8 @@ def _child(req: dict) -> int:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    os.write(ready, b".")
+    os.close(ready)
     sys.argv = [req["script"] or "-m", *req["args"]]
     # `python SCRIPT` puts the script's folder first, `python -m` the working directory.
     first = os.path.dirname(os.path.abspath(req["script"])) if req["script"] else req["cwd"]
