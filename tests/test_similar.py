@@ -226,3 +226,19 @@ def test_each_item_says_which_insight_it_became_or_joined(seeded):
     founded = [r for r in rows if r["founded"]]
     assert len({r["insight"] for r in rows}) == len(founded)  # one founder per insight
     assert all(0.0 < r["score"] <= 1.0 and r["text"] for r in rows)
+
+
+def test_an_insight_deleted_by_a_users_write_is_gone_from_a_warm_cache(seeded):
+    """Last in the module: it deletes one of the seeded insights. A write through
+    `query --write` (`stream_cypher(write=True)`) moves every shard's forget count, so the
+    running Runtime's caches, warm from the questions above, drop the deleted insight."""
+    rt, notes, _ = seeded
+    note = notes[0]
+    before = stages.similar(rt, note["text"], k=3)
+    gone = before.hits[0]["node_id"]
+    with rt.graph.stream_cypher("MATCH (i:Insight {id: $id}) DETACH DELETE i",
+                                {"id": gone}, write=True) as rows:
+        assert list(rows) == []
+    after = stages.similar(rt, note["text"], k=3)
+    assert gone not in [h["node_id"] for h in after.hits]
+    assert after.hits, "the rest of the graph still answers"

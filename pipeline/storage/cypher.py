@@ -293,6 +293,13 @@ MATCH (c:{CONSTELLATION}) WHERE c.id IN $shards
 SET c.forgotten = coalesce(c.forgotten, 0) + 1
 """
 
+# A user's write (`query --write`, the API's write Cypher) may have removed or changed any
+# insight: every shard's count moves, so every cache re-reads what it holds.
+BUMP_ALL_EPOCHS = f"""
+MATCH (c:{CONSTELLATION})
+SET c.forgotten = coalesce(c.forgotten, 0) + 1
+"""
+
 # -- forgetting (`pipeline.retract`) --------------------------------------------------------
 # Each support edge of these sources, with the jobs and reports that back it; a source with no
 # edge has one row with a null insight.

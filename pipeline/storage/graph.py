@@ -361,7 +361,9 @@ class GraphStore:
         caller that stops early holds no more; the server's query type after the run is read
         from a result read to its end (stopped early, the guard, the READ transaction and
         the reader user still stand). A write runs whole, in a managed transaction the
-        driver may retry, so its rows cannot stream: it keeps the first ``write_rows``.
+        driver may retry, so its rows cannot stream: it keeps the first ``write_rows``. It
+        also moves every shard's forget count (`cypher.BUMP_ALL_EPOCHS`), in its transaction,
+        so that running caches drop what it removed or changed.
         """
         params = params or {}
         if write:
@@ -369,6 +371,8 @@ class GraphStore:
                 result = tx.run(query, params)
                 kept = [r.data() for r in itertools.islice(result, write_rows)]
                 result.consume()  # the rest of the write still runs, before the commit
+                # What it changed is not known here: every shard's cache re-reads.
+                tx.run(cypher.BUMP_ALL_EPOCHS).consume()
                 return kept
             with self._user_query():
                 kept = self._write(work, conflict_retries=0)  # a user's write: not ours to retry
