@@ -218,7 +218,8 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     elif not ids:
         raise PipelineError("forget: name at least one source id, a --file or a --job")
     graph, wv = rt.graph, rt.graph.with_vector
-    preview = graph.write(lambda tx: plan(tx, ids, job, wv, keep))
+    # The preview only reads: a read transaction (the reader user on the embedded server).
+    preview = graph.view(lambda view: plan(view.tx, ids, job, wv, keep))
     if dry_run:
         return ForgetResult(None, True, len(ids), preview.unknown if job is None else [],
                             preview.counts(), preview.touched)
