@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from factories import graph_settings
 from sqlalchemy import select
 
 from pipeline import inputs, stages
@@ -296,13 +297,6 @@ def _check_job(Session, graph, job_id: str, good_ids: list[str], expected: dict[
     assert sorted(r["id"] for r in found) == sorted(good_ids)
 
 
-def _settings(tmp_path, graph, url: str) -> Settings:
-    if graph.auth is None:
-        pytest.skip("this graph backend gives no credentials to configure a run with")
-    return Settings(state_dir=tmp_path, neo4j_uri=graph.uri, neo4j_username=graph.auth[0],
-                    neo4j_password=graph.auth[1], neo4j_database=graph.database,
-                    database_url=url, device="cpu")
-
 
 @pytest.mark.deployments
 def test_every_kind_in_one_local_job_keeps_every_good_item(tmp_path, graph, sql_url):
@@ -310,7 +304,7 @@ def test_every_kind_in_one_local_job_keeps_every_good_item(tmp_path, graph, sql_
 
     path = tmp_path / "strange.jsonl"
     good_ids, expected = _job_file(path, tmp_path.name)
-    settings = _settings(tmp_path, graph, sql_url)
+    settings = graph_settings(tmp_path, graph, sql_url)
     summary = run_local(path, settings, batch_size=10)
     assert summary.status == "completed_with_errors"
     # Every bad item is counted, the one that failed alone inside its batch included.
@@ -379,7 +373,7 @@ def test_a_report_the_graph_refuses_fails_its_item_not_its_part(tmp_path, graph)
     from pipeline.records import ShardPart
     from pipeline.runtime import Runtime
 
-    settings = _settings(tmp_path, graph, f"sqlite:///{tmp_path / 'runs.sqlite3'}")
+    settings = graph_settings(tmp_path, graph, f"sqlite:///{tmp_path / 'runs.sqlite3'}")
     prefix = tmp_path.name
     items, _ = read_items([{"id": f"{prefix}c{i}", "vector": _vector(200 + i)}
                            for i in range(12)])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import forkrun
 import pytest
+from factories import graph_settings
 from sqlalchemy import select
 
 import pipeline
@@ -22,14 +23,6 @@ from pipeline.storage.sql import Forget, ItemError, Job, session_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _settings(tmp_path: Path, graph, sql_url: str | None = None) -> Settings:
-    if graph.auth is None:
-        pytest.skip("this graph backend gives no credentials to configure a run with")
-    return Settings(state_dir=tmp_path, neo4j_uri=graph.uri, neo4j_username=graph.auth[0],
-                    neo4j_password=graph.auth[1], neo4j_database=graph.database,
-                    database_url=sql_url or f"sqlite:///{tmp_path / 'runs.sqlite3'}",
-                    device="cpu")
 
 
 def _febrl(limit: int) -> list[dict]:
@@ -69,7 +62,7 @@ def _shards(settings: Settings) -> list[str]:
 @pytest.mark.backends("embedded", "neo4j")
 def test_the_graph_after_forgetting_equals_a_clean_run_without_the_sources(tmp_path, graph):
     items = _febrl(240)
-    settings = _settings(tmp_path, graph)
+    settings = graph_settings(tmp_path, graph)
     shards = _shards(settings)
     ids = [i["id"] for i in items]
     gone = ids[::10]  # 10%: originals and duplicates alike
@@ -101,7 +94,7 @@ def test_the_graph_after_forgetting_equals_a_clean_run_without_the_sources(tmp_p
 def test_similar_never_returns_a_forgotten_insight_from_any_cache(tmp_path, graph):
     from pipeline import stages
 
-    settings = _settings(tmp_path, graph)
+    settings = graph_settings(tmp_path, graph)
     shards = _shards(settings)
     items = [{"id": f"fg-{n}", "text": text} for n, text in enumerate([
         "the tide tables for the northern harbour are printed each spring",
@@ -144,7 +137,7 @@ def _cli(settings: Settings, *args: str, env: dict | None = None
 @pytest.mark.deployments
 def test_forget_by_job_by_file_dry_run_and_unknown_ids_on_both_sql_backends(
         tmp_path, graph, sql_url):
-    settings = _settings(tmp_path, graph, sql_url)
+    settings = graph_settings(tmp_path, graph, sql_url)
     shards = _shards(settings)
     items = _febrl(60)
     ids = [i["id"] for i in items]
@@ -186,7 +179,7 @@ def test_forget_by_job_by_file_dry_run_and_unknown_ids_on_both_sql_backends(
 @pytest.mark.backends("embedded")
 def test_a_changed_source_replaces_its_old_support_and_the_same_content_changes_nothing(
         tmp_path, graph):
-    settings = _settings(tmp_path, graph)
+    settings = graph_settings(tmp_path, graph)
     shards = _shards(settings)
     items = _febrl(20)
     ids = [i["id"] for i in items]
@@ -210,7 +203,7 @@ def test_a_changed_source_replaces_its_old_support_and_the_same_content_changes_
 
 @pytest.mark.backends("embedded")
 def test_a_forget_killed_mid_transaction_finishes_when_run_again(tmp_path, graph):
-    settings = _settings(tmp_path, graph)
+    settings = graph_settings(tmp_path, graph)
     shards = _shards(settings)
     items = _febrl(80)
     ids = [i["id"] for i in items]

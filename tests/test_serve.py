@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,13 @@ from pathlib import Path
 
 import forkrun
 import pytest
+from factories import free_port, graph_settings
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient
 
 from pipeline import tokens
 from pipeline.service import create_app
-from pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = ["the tide tables for the northern harbour are printed each spring",
@@ -26,13 +25,6 @@ NOTES = ["the tide tables for the northern harbour are printed each spring",
          "the violin concerto was first performed in leipzig in 1845",
          "glaciers carve u-shaped valleys as they slowly flow downhill"]
 
-
-def _settings(tmp_path: Path, graph, sql_url: str) -> Settings:
-    if graph.auth is None:
-        pytest.skip("this graph backend gives no credentials to configure a run with")
-    return Settings(state_dir=tmp_path, neo4j_uri=graph.uri, neo4j_username=graph.auth[0],
-                    neo4j_password=graph.auth[1], neo4j_database=graph.database,
-                    database_url=sql_url, device="cpu")
 
 
 def _wait(client: TestClient, job_id: str, headers: dict, timeout_s: float = 120) -> dict:
@@ -49,7 +41,7 @@ def _wait(client: TestClient, job_id: str, headers: dict, timeout_s: float = 120
 @pytest.mark.deployments
 def test_the_api_runs_a_job_answers_questions_and_forgets_on_both_sql_backends(
         tmp_path, graph, sql_url):
-    settings = _settings(tmp_path, graph, sql_url)
+    settings = graph_settings(tmp_path, graph, sql_url)
     read = {"Authorization": f"Bearer {tokens.token(tmp_path, 'read')}"}
     write = {"Authorization": f"Bearer {tokens.token(tmp_path, 'write')}"}
     ids = [f"api-{n}-{os.getpid()}" for n in range(len(NOTES))]
@@ -123,7 +115,7 @@ def test_the_api_runs_a_job_answers_questions_and_forgets_on_both_sql_backends(
 
 @pytest.mark.backends("embedded")
 def test_limits_tokens_the_openapi_document_and_the_page(tmp_path, graph):
-    settings = _settings(tmp_path, graph, f"sqlite:///{tmp_path / 'runs.sqlite3'}")
+    settings = graph_settings(tmp_path, graph, f"sqlite:///{tmp_path / 'runs.sqlite3'}")
     write = {"Authorization": f"Bearer {tokens.token(tmp_path, 'write')}"}
     with TestClient(create_app(settings, max_body_mb=0.001)) as client:
         big = client.post("/jobs", content="x" * 4096, headers=write)
@@ -143,17 +135,12 @@ def test_limits_tokens_the_openapi_document_and_the_page(tmp_path, graph):
     assert oct((tmp_path / tokens.FILE).stat().st_mode & 0o777) == "0o600"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.backends("embedded")
 def test_serve_listens_on_loopback_and_token_prints_the_kept_token(tmp_path, graph):
     import httpx
 
-    settings = _settings(tmp_path, graph, f"sqlite:///{tmp_path / 'runs.sqlite3'}")
+    settings = graph_settings(tmp_path, graph, f"sqlite:///{tmp_path / 'runs.sqlite3'}")
     env = {**os.environ, "MOE_STATE_DIR": str(tmp_path), "NEO4J_URI": settings.neo4j_uri,
            "NEO4J_USERNAME": settings.neo4j_username,
            "NEO4J_PASSWORD": settings.neo4j_password or "",
@@ -162,7 +149,7 @@ def test_serve_listens_on_loopback_and_token_prints_the_kept_token(tmp_path, gra
     first = forkrun.run(cli + ["token"], env=env, cwd=ROOT, capture_output=True, text=True)
     again = forkrun.run(cli + ["token"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0 and first.stdout == again.stdout  # kept, not made anew
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(cli + ["serve", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

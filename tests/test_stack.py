@@ -34,6 +34,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 import yaml
 from conftest import _postgres_admin_url, pg_prefix
+from factories import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,11 +70,6 @@ def stack_section_commands() -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines()
             if line.startswith("moe-pipeline ")]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NativeStack:

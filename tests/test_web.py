@@ -35,8 +35,8 @@ def _browser() -> str:
 @pytest.mark.backends("embedded")
 def test_the_page_submits_searches_opens_an_insight_expands_it_and_runs_cypher(
         tmp_path, graph):
+    from factories import free_port
     from playwright.sync_api import sync_playwright
-    from test_serve import _free_port
 
     chromium = _browser()
     if graph.auth is None:
@@ -47,7 +47,7 @@ def test_the_page_submits_searches_opens_an_insight_expands_it_and_runs_cypher(
     env = {**os.environ, "MOE_STATE_DIR": str(state), "NEO4J_URI": graph.uri,
            "NEO4J_USERNAME": graph.auth[0], "NEO4J_PASSWORD": graph.auth[1] or "",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'runs.sqlite3'}", "MOE_DEVICE": "cpu"}
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port",
                                str(port)], env=env, cwd=ROOT, stderr=subprocess.PIPE,
                               text=True)
