@@ -50,6 +50,20 @@ PRELOAD = ("numpy", "torch", "transformers", "sentence_transformers", "sqlalchem
            "kombu", "redis", "click", "pydantic", "pydantic_settings", "neo4j")
 
 
+# Variables read when the interpreter starts or a preloaded library is imported: a command
+# whose value differs from the helper's runs plainly (PYTHONPATH and PYTHONUNBUFFERED are
+# honoured in the child, see `_child`).
+STARTUP_PREFIXES = ("PYTHON", "LANG", "LC_", "HF_", "HUGGINGFACE", "TRANSFORMERS_", "TORCH",
+                    "TRITON_", "OMP_", "MKL_", "CUDA_", "TOKENIZERS_", "SENTENCE_TRANSFORMERS",
+                    "NUMEXPR_", "OPENBLAS_")
+HONOURED = ("PYTHONPATH", "PYTHONUNBUFFERED")
+
+
+def _startup_env(env) -> dict[str, str]:
+    return {k: v for k, v in env.items()
+            if k.startswith(STARTUP_PREFIXES) and k not in HONOURED}
+
+
 # -- the helper process ---------------------------------------------------------------------
 
 def _serve() -> None:
@@ -57,23 +71,28 @@ def _serve() -> None:
     import importlib
 
     global _BASE_PATH
+    startup = _startup_env(os.environ)  # before the imports (some set variables of their own)
     requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "w", buffering=1)
     # The interpreter's own path (standard library, site-packages, .pth entries): a child
     # puts its script's folder and its own PYTHONPATH in front, as its interpreter would.
     ours = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
     _BASE_PATH = [p for p in sys.path[1:] if os.path.abspath(p) not in ours]
-    with tempfile.TemporaryFile() as noise:
-        saved = os.dup(2)
+    with tempfile.TemporaryFile() as noise:  # what the imports print, on either stream
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(noise.fileno(), 1)
         os.dup2(noise.fileno(), 2)
         for name in PRELOAD:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, old in zip((1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
         noise.seek(0)
         printed = noise.read().decode(errors="replace")
-    replies.write(json.dumps({"ready": not printed, "printed": printed[-2000:]}) + "\n")
+    replies.write(json.dumps({"ready": not printed, "printed": printed[-2000:],
+                              "env": startup}) + "\n")
     if printed:
         return
     children: dict[int, int | None] = {}
@@ -135,7 +154,6 @@ def _child(req: dict, ready: int) -> int:
     import io
     import resource
     import runpy
-    import traceback
 
     # A fresh interpreter holds only its standard streams.
     os.closerange(3, ready)
@@ -153,7 +171,18 @@ def _child(req: dict, ready: int) -> int:
         opened = os.open(path, mode)
         os.dup2(opened, fd)
         os.close(opened)
+    # Standard streams as a fresh interpreter makes them for files: stdout block-buffered
+    # (unbuffered under the child's PYTHONUNBUFFERED), stderr line-buffered.
+    unbuffered = bool(req["env"].get("PYTHONUNBUFFERED"))
     sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, closefd=False)))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False) if unbuffered else
+                                  io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                  write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False) if unbuffered else
+                                  io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                  errors="backslashreplace", line_buffering=True,
+                                  write_through=unbuffered)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     if req.get("umask") is not None:
         os.umask(req["umask"])
     if req.get("limit"):
@@ -182,26 +211,43 @@ def _child(req: dict, ready: int) -> int:
         else:
             print(e.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:  # a fresh interpreter ends by the signal itself
+        sys.excepthook(*sys.exc_info())
+        code = -signal.SIGINT
     except BaseException:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         code = 1
+    # The interpreter's shutdown: wait for non-daemon threads, then the atexit handlers.
+    with contextlib.suppress(BaseException):
+        threading._shutdown()  # type: ignore[attr-defined]
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BaseException):
             stream.flush()
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
     return code
 
 
 # -- the test side ---------------------------------------------------------------------------
 
 class _Helper:
-    def __init__(self) -> None:
+    """A helper started with ``startup`` as its start-up variables (`STARTUP_PREFIXES`)."""
+
+    def __init__(self, startup: dict[str, str]) -> None:
         self.lock = threading.Lock()
+        env = {**{k: v for k, v in os.environ.items() if k not in _startup_env(os.environ)},
+               **startup}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, cwd=ROOT)
-        hello = json.loads(self.proc.stdout.readline() or b'{"ready": false}')
+                                     stdout=subprocess.PIPE, cwd=ROOT, env=env)
+        try:
+            hello = json.loads(self.proc.stdout.readline() or b'{"ready": false}')
+        except ValueError:
+            hello = {"ready": False, "printed": "an unreadable first line"}
         self.ready = bool(hello.get("ready"))
+        self.env: dict[str, str] = hello.get("env", {})
         if not self.ready:
             print(f"forkrun: the helper is not used: {hello.get('printed', '')[-500:]}",
                   file=sys.stderr)
@@ -222,30 +268,37 @@ class _Helper:
             self.proc.wait(timeout=10)
 
 
-_helper: _Helper | None = None
-_helper_lock = threading.Lock()
+_helpers: dict[tuple[tuple[str, str], ...], _Helper] = {}
+_helpers_lock = threading.Lock()
+MAX_HELPERS = 3  # start-up environments beyond these run plainly
 
 
-def _get() -> _Helper | None:
-    global _helper
+def _get(env=None) -> _Helper | None:
+    """The helper for ``env``'s start-up variables (default this process's), started on
+    first use; None where forking is off or that helper could not start cleanly."""
     if os.environ.get("MOE_TEST_FORK", "1").lower() in ("0", "false", "no", "off"):
         return None
-    with _helper_lock:
-        if _helper is None or _helper.proc.poll() is not None:
-            _helper = _Helper()
-            atexit.register(_helper.close)
-        return _helper if _helper.ready else None
+    startup = _startup_env(os.environ if env is None else env)
+    key = tuple(sorted(startup.items()))
+    with _helpers_lock:
+        helper = _helpers.get(key)
+        if helper is None or (helper.ready and helper.proc.poll() is not None):
+            if helper is None and len(_helpers) >= MAX_HELPERS:
+                return None
+            helper = _helpers[key] = _Helper(startup)  # one not ready is not tried again
+            atexit.register(helper.close)
+        return helper if helper.ready else None
 
 
-def _forkable(cmd: Sequence[str | os.PathLike],
-              env) -> tuple[str | None, str | None, list[str]] | None:
-    """(module, script, arguments) of ``python -m MODULE ...`` or ``python SCRIPT ...``.
-
-    Not a command that sets TRITON_INTERPRET: Triton reads it when it is imported, and the
-    helper has imported it (sentence-transformers does)."""
-    if len(cmd) < 2 or str(cmd[0]) != sys.executable:
+def _forkable(cmd: Sequence[str | os.PathLike], env,
+              helper: _Helper | None) -> tuple[str | None, str | None, list[str]] | None:
+    """(module, script, arguments) of ``python -m MODULE ...`` or ``python SCRIPT ...``,
+    when ``helper`` can fork it: ``env``'s variables read at start-up (`STARTUP_PREFIXES`:
+    TRITON_INTERPRET, OMP_NUM_THREADS, PYTHONHASHSEED, HF_HOME...) must be the ones the
+    helper started with (`_get` finds or starts the helper of each set, a few at most)."""
+    if helper is None or len(cmd) < 2 or str(cmd[0]) != sys.executable:
         return None
-    if "TRITON_INTERPRET" in (os.environ if env is None else env):
+    if _startup_env(os.environ if env is None else env) != helper.env:
         return None
     first, rest = str(cmd[1]), [str(a) for a in cmd[2:]]
     if first == "-m" and rest:
@@ -300,11 +353,15 @@ class _Child:
 
     def _done(self) -> None:
         if self.returncode is not None:
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError, OSError, ValueError):
                 self.helper.ask(op="forget", pid=self.pid)
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
+        try:
+            alive = self.poll() is None
+        except (RuntimeError, OSError, ValueError):  # the helper is gone: signal it anyway
+            alive = True
+        if alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
@@ -320,7 +377,7 @@ class Popen(_Child):
     give (an open file, PIPE, DEVNULL, STDOUT); anything else goes to `subprocess.Popen`."""
 
     def __new__(cls, cmd, **kwargs):
-        if (_forkable(cmd, kwargs.get("env")) is None or _get() is None
+        if (_forkable(cmd, kwargs.get("env"), _get(kwargs.get("env"))) is None
                 or set(kwargs) - {"env", "cwd", "stdout", "stderr", "stdin",
                                   "start_new_session", "text"}
                 or kwargs.get("stdout") is None or kwargs.get("stderr") is None
@@ -330,21 +387,24 @@ class Popen(_Child):
 
     def __init__(self, cmd, *, env=None, cwd=None, stdout=None, stderr=None, stdin=None,
                  start_new_session: bool = False, text: bool = False) -> None:
-        module, script, args = _forkable(cmd, env)
+        helper = _get(env)
+        module, script, args = _forkable(cmd, env, helper)
+        if cwd is not None and not os.path.isdir(cwd):
+            raise FileNotFoundError(2, "No such file or directory", str(cwd))
         self._tmp = tempfile.TemporaryDirectory(prefix="forkrun-")
         tmp = Path(self._tmp.name)
         self._out = _target(stdout, tmp, "stdout") if stdout == subprocess.PIPE else None
         self._err = _target(stderr, tmp, "stderr") if stderr == subprocess.PIPE else None
         streams = {"stdin": os.devnull, "stdout": _target(stdout, tmp, "stdout"),
                    "stderr": _target(stderr, tmp, "stderr")}
-        super().__init__(_get(), cmd, module, script, args, env=env, cwd=cwd, streams=streams,
+        super().__init__(helper, cmd, module, script, args, env=env, cwd=cwd, streams=streams,
                          text=text, new_session=start_new_session)
 
     def _read(self, path: str | None):
         if path is None:
             return None
         data = Path(path).read_bytes()
-        return data.decode(errors="replace") if self.text else data
+        return data.decode() if self.text else data
 
     def communicate(self, input=None, timeout: float | None = None):
         self.wait(timeout)
@@ -362,7 +422,8 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
         umask: int | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run` for the commands `_forkable` accepts (the rest go to subprocess), plus
     ``limit``, an address-space limit (bytes), and ``umask`` for the child."""
-    forkable, helper = _forkable(cmd, env), _get()
+    helper = _get(env)
+    forkable = _forkable(cmd, env, helper)
     if forkable is None or helper is None or kwargs:
         def before() -> None:
             if limit:
@@ -375,6 +436,8 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
                               cwd=cwd, timeout=timeout, input=input, check=check,
                               preexec_fn=before if limit or umask is not None else None,
                               **kwargs)
+    if cwd is not None and not os.path.isdir(cwd):
+        raise FileNotFoundError(2, "No such file or directory", str(cwd))
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
         paths = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
         data = input if isinstance(input, bytes) or input is None else input.encode()
@@ -382,8 +445,9 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
         for name in ("stdout", "stderr"):
             paths[name].touch()
         streams: dict[str, str | None] = {k: str(p) for k, p in paths.items()}
-        if not capture_output:  # the test's own streams are not files: nothing is kept
-            streams["stdout"] = streams["stderr"] = os.devnull
+        if not capture_output:  # the test's own streams (pytest captures them to files)
+            streams["stdout"] = f"/proc/{os.getpid()}/fd/1"
+            streams["stderr"] = f"/proc/{os.getpid()}/fd/2"
         child = _Child(helper, cmd, *forkable, env=env, cwd=cwd, streams=streams, text=text,
                        limit=limit, umask=umask)
         try:
@@ -397,7 +461,9 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
             if not capture_output:
                 return None
             raw = paths[name].read_bytes()
-            return raw.decode(errors="replace") if text else raw
+            # Strict, as subprocess decodes; line ends are kept as written (subprocess's
+            # text mode would turn a stray \r into \n).
+            return raw.decode() if text else raw
 
         done = subprocess.CompletedProcess(list(cmd), code, read("stdout"), read("stderr"))
     if check:

@@ -76,10 +76,28 @@ def test_a_left_running_child_is_killed_and_reaped_like_popen(tmp_path):
 
 
 def test_commands_it_cannot_fork_run_plainly():
-    assert forkrun._forkable([sys.executable, "-c", "pass"], None) is None
-    assert forkrun._forkable([sys.executable, "-W", "error", "-m", "x"], None) is None
-    assert forkrun._forkable(["echo", "x"], None) is None
-    assert forkrun._forkable([*CLI, "run"], {"TRITON_INTERPRET": "1"}) is None
+    helper = forkrun._get()
+    assert forkrun._forkable([*CLI, "run"], None, helper) is not None
+    assert forkrun._forkable([sys.executable, "-c", "pass"], None, helper) is None
+    assert forkrun._forkable([sys.executable, "-W", "error", "-m", "x"], None, helper) is None
+    assert forkrun._forkable(["echo", "x"], None, helper) is None
+    for name in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "PYTHONHASHSEED", "HF_HOME"):
+        changed = {**os.environ, name: os.environ.get(name, "") + "1"}
+        assert forkrun._forkable([*CLI, "run"], changed, helper) is None, name
+
+
+def test_a_start_up_variable_of_its_own_gets_a_helper_started_with_it(tmp_path):
+    """OMP_NUM_THREADS is read when torch is imported: a command that sets it is forked from
+    a helper that started with it, and sees torch use that many threads."""
+    code = tmp_path / "threads.py"
+    code.write_text("import torch\nprint(torch.get_num_threads())\n")
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        fresh = subprocess.run([sys.executable, str(code)], env=env, capture_output=True,
+                               text=True, timeout=120)
+        forked = forkrun.run([sys.executable, str(code)], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert forked.stdout == fresh.stdout == f"{threads}\n", (forked, fresh)
     done = forkrun.run([sys.executable, "-c", "import sys; print(sys.argv)"],
                        capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "['-c']"

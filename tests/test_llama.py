@@ -9,7 +9,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import forkrun
 import pytest
 import torch
 
@@ -308,10 +307,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """``moe-pipeline generate ARGS``, a FutureWarning (transformers' old cache API) fatal."""
-    return forkrun.run([sys.executable, "-W", "error::FutureWarning", "-m", "pipeline.cli",
-                        "generate", *args],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run([sys.executable, "-W", "error::FutureWarning", "-m", "pipeline.cli",
+                           "generate", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.integration  # the CLI in a subprocess

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHARS = " abcdefghijklmnopqrstuvwxyz.,"
 BYTES = [f"<0x{b:02X}>".encode() for b in range(256)]
 PIECES = [b"<unk>", b"<s>", b"</s>", *BYTES, *(c.encode() for c in CHARS)]
-ADDRESS_SPACE = 6 << 30  # torch's import maps ~2 GB of address space; the models need MBs
+ADDRESS_SPACE = 6 << 30  # the fork helper's imports map ~3.8 GB of address space; models MBs
 
 
 class RecordingProxy:

@@ -26,8 +26,8 @@ def _tables(url: str) -> set[str]:
 def test_migrations_started_together_all_succeed(sql_url):
     """Four processes migrating one empty database at once (four workers starting, or
     submits racing): each waits for the one that holds the lock, and all end at head."""
-    procs = [forkrun.Popen([sys.executable, "-c", MIGRATE, sql_url], stderr=subprocess.PIPE,
-                           text=True) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, sql_url], stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
     errors = [p.communicate(timeout=180)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
     assert {"jobs", "batches", "alembic_version"} <= _tables(sql_url)
