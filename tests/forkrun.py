@@ -308,6 +308,18 @@ def _forkable(cmd: Sequence[str | os.PathLike], env,
     return None
 
 
+def _decode(raw: bytes, text: bool) -> str | bytes:
+    """As subprocess reads a stream: strictly decoded in text mode, except that line ends
+    are kept as written (subprocess's text mode would turn a stray \r into \n)."""
+    return raw.decode() if text else raw
+
+
+def _check_cwd(cwd) -> None:
+    """As subprocess refuses a working directory that is not there, before any child."""
+    if cwd is not None and not os.path.isdir(cwd):
+        raise FileNotFoundError(2, "No such file or directory", str(cwd))
+
+
 def _target(spec, tmp: Path, name: str) -> str | None:
     """Where a child's stream goes: a path (PIPE: a file of ours), or None (STDOUT)."""
     if spec == subprocess.PIPE:
@@ -389,22 +401,19 @@ class Popen(_Child):
                  start_new_session: bool = False, text: bool = False) -> None:
         helper = _get(env)
         module, script, args = _forkable(cmd, env, helper)
-        if cwd is not None and not os.path.isdir(cwd):
-            raise FileNotFoundError(2, "No such file or directory", str(cwd))
+        _check_cwd(cwd)
         self._tmp = tempfile.TemporaryDirectory(prefix="forkrun-")
         tmp = Path(self._tmp.name)
-        self._out = _target(stdout, tmp, "stdout") if stdout == subprocess.PIPE else None
-        self._err = _target(stderr, tmp, "stderr") if stderr == subprocess.PIPE else None
         streams = {"stdin": os.devnull, "stdout": _target(stdout, tmp, "stdout"),
                    "stderr": _target(stderr, tmp, "stderr")}
+        # What communicate() returns: the streams given as PIPE, read from our files.
+        self._out = streams["stdout"] if stdout == subprocess.PIPE else None
+        self._err = streams["stderr"] if stderr == subprocess.PIPE else None
         super().__init__(helper, cmd, module, script, args, env=env, cwd=cwd, streams=streams,
                          text=text, new_session=start_new_session)
 
     def _read(self, path: str | None):
-        if path is None:
-            return None
-        data = Path(path).read_bytes()
-        return data.decode() if self.text else data
+        return None if path is None else _decode(Path(path).read_bytes(), self.text)
 
     def communicate(self, input=None, timeout: float | None = None):
         self.wait(timeout)
@@ -424,7 +433,7 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
     ``limit``, an address-space limit (bytes), and ``umask`` for the child."""
     helper = _get(env)
     forkable = _forkable(cmd, env, helper)
-    if forkable is None or helper is None or kwargs:
+    if forkable is None or kwargs:
         def before() -> None:
             if limit:
                 import resource
@@ -436,8 +445,7 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
                               cwd=cwd, timeout=timeout, input=input, check=check,
                               preexec_fn=before if limit or umask is not None else None,
                               **kwargs)
-    if cwd is not None and not os.path.isdir(cwd):
-        raise FileNotFoundError(2, "No such file or directory", str(cwd))
+    _check_cwd(cwd)
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
         paths = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
         data = input if isinstance(input, bytes) or input is None else input.encode()
@@ -448,6 +456,7 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
         if not capture_output:  # the test's own streams (pytest captures them to files)
             streams["stdout"] = f"/proc/{os.getpid()}/fd/1"
             streams["stderr"] = f"/proc/{os.getpid()}/fd/2"
+        assert helper is not None  # forkable: there is a helper
         child = _Child(helper, cmd, *forkable, env=env, cwd=cwd, streams=streams, text=text,
                        limit=limit, umask=umask)
         try:
@@ -457,15 +466,9 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
             child.wait()
             raise
 
-        def read(name: str):
-            if not capture_output:
-                return None
-            raw = paths[name].read_bytes()
-            # Strict, as subprocess decodes; line ends are kept as written (subprocess's
-            # text mode would turn a stray \r into \n).
-            return raw.decode() if text else raw
-
-        done = subprocess.CompletedProcess(list(cmd), code, read("stdout"), read("stderr"))
+        out, err = ((_decode(paths[n].read_bytes(), text) for n in ("stdout", "stderr"))
+                    if capture_output else (None, None))
+        done = subprocess.CompletedProcess(list(cmd), code, out, err)
     if check:
         done.check_returncode()
     return done
