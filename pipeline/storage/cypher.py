@@ -323,8 +323,34 @@ RETURN collect(DISTINCT s.id) AS ids
 INSIGHT_SUPPORTS = f"""
 UNWIND $ids AS id
 MATCH (i:{INSIGHT} {{id: id}})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
-RETURN i.id AS id, i.shard AS shard, i.dim AS dim, i.text AS text, i.summary AS summary,
+RETURN i.id AS id, i.shard AS shard, i.dim AS dim, i.model AS model, i.seq AS seq,
+       i.text AS text, i.summary AS summary,
        collect([s.id, e.embedding, s.text, coalesce(e.reports, [e.report_id])]) AS supports
+"""
+
+# A forget's merge: what supports an insight keeps, and the experts that produced it, move to
+# the insight its new founder restates (which keeps the larger weight of an expert); the
+# insight itself then goes (`DROP_INSIGHTS`), its SIMILAR_TO edges with it.
+MOVE_SUPPORTS = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.merged}})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
+MATCH (j:{INSIGHT} {{id: r.into}})
+MERGE (j)-[f:{SUPPORTED_BY}]->(s)
+ON CREATE SET f.report_id = e.report_id, f.weight = e.weight, f.job_id = e.job_id,
+              f.jobs = e.jobs, f.reports = e.reports, f.embedding = e.embedding
+ON MATCH SET f.jobs = coalesce(f.jobs, []) + [x IN coalesce(e.jobs, []) WHERE NOT x IN
+                                              coalesce(f.jobs, [])],
+             f.reports = coalesce(f.reports, [f.report_id]) + [x IN coalesce(e.reports,
+                         [e.report_id]) WHERE NOT x IN coalesce(f.reports, [f.report_id])]
+"""
+
+MOVE_PRODUCED = f"""
+UNWIND $rows AS r
+MATCH (i:{INSIGHT} {{id: r.merged}})-[p:{PRODUCED_BY}]->(x:{EXPERT})
+MATCH (j:{INSIGHT} {{id: r.into}})
+MERGE (j)-[q:{PRODUCED_BY}]->(x)
+SET q.weight = CASE WHEN q.weight IS NULL OR q.weight < p.weight THEN p.weight
+                    ELSE q.weight END
 """
 
 DROP_SUPPORTS = f"""
@@ -356,17 +382,19 @@ WHERE support = 0
 DETACH DELETE s
 """
 
+# A row without an embedding changes the text only: the insight keeps the one it has (SET to
+# null would remove it, and a cache reading the shard would then lack a row).
 REPRESENT = f"""
 UNWIND $rows AS r
 MATCH (i:{INSIGHT} {{id: r.id}})
-SET i.text = r.text, i.summary = r.summary, i.embedding = r.embedding
+SET i.text = r.text, i.summary = r.summary, i.embedding = coalesce(r.embedding, i.embedding)
 """
 
 REPRESENT_VECTOR = f"""
 UNWIND $rows AS r
 MATCH (i:{INSIGHT} {{id: r.id}})
-SET i.text = r.text, i.summary = r.summary, i.embedding = r.embedding,
-    i.embedding_vector = r.vector
+SET i.text = r.text, i.summary = r.summary, i.embedding = coalesce(r.embedding, i.embedding),
+    i.embedding_vector = coalesce(r.vector, i.embedding_vector)
 """
 
 # The stored content of sources about to be ingested again: a changed one is retracted first.
