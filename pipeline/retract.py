@@ -145,18 +145,21 @@ def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
                 p.represent.append(new)
                 touched.add(row["shard"])
     if rule is not None:
-        redecide(tx, p, remaining, rule)
+        joined = redecide(tx, p, remaining, rule)
+        locked |= joined  # a merge into another shard needs its lock too
+        touched |= joined
     p.locked, p.touched = sorted(locked), sorted(touched)
     return p
 
 
 def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[Any]]]],
-             rule: Rule) -> None:
-    """Each insight founded anew (its founding report was forgotten) decided again against
-    its shard, as the librarian decides a new report: where its new founder restates another
-    insight of the shard (of the same model) under the dedup ``rule``, it merges into that
-    one, which then reads as the medoid of both insights' supports. Insights are taken in seq
-    order, each against the shard as the forget leaves it so far.
+             rule: Rule) -> set[str]:
+    """Each insight founded anew (its founding report was forgotten) decided again, as the
+    librarian decides a new report (`dedup.decide`): where its new founder restates another
+    insight of the same model under the dedup ``rule`` (its own shard first, then the
+    others), it merges into that one, which then reads as the medoid of both insights'
+    supports. Insights are taken in seq order, each against the graph as the forget leaves
+    it so far. Returns the shards merged into.
 
     A fresh run could still have decided differently: a remaining supporter that joined the
     forgotten founder but would not join the new one stays, and later reports that the old
@@ -164,39 +167,56 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
     """
     founded = {r["id"]: r for r in p.represent if r["embedding"] is not None}
     if not founded:
-        return
+        return set()
     dropped = set(p.insights)
-    groups: dict[tuple[str, int, str | None], list[str]] = {}
+    names = sorted(tx.run(cypher.CONSTELLATIONS).single(strict=True)["ids"])
+    groups: dict[tuple[int, str | None], list[str]] = {}
     for iid in founded:
         row = kept[iid][0]
-        groups.setdefault((row["shard"], int(row["dim"]), row["model"]), []).append(iid)
+        groups.setdefault((int(row["dim"]), row["model"]), []).append(iid)
     into: dict[str, str] = {}
-    for (shard, dim, model), iids in sorted(groups.items(), key=lambda g: str(g[0])):
-        rows_ = CurateTx(tx).read_shard(shard, dim, model=model)
-        if not len(rows_):
+    shard_of: dict[str, str] = {}
+    for (dim, model), iids in sorted(groups.items(), key=lambda g: str(g[0])):
+        parts = [CurateTx(tx).read_shard(name, dim, model=model) for name in names]
+        ids = [i for part in parts for i in part.ids]
+        if not ids:
             continue
-        at = {iid: n for n, iid in enumerate(rows_.ids)}
-        emb = rows_.embeddings.astype(np.float32)
-        texts = list(rows_.summaries)
-        alive = np.array([iid not in dropped for iid in rows_.ids])
-        for iid, r in founded.items():  # the new founders, as the graph will hold them
-            if iid in at and kept[iid][0]["shard"] == shard:
-                emb[at[iid]] = decode_embeddings([r["embedding"]], dim)[0]
-                texts[at[iid]] = r["summary"]
+        home = np.concatenate([np.full(len(part), n) for n, part in enumerate(parts)])
+        at = {iid: n for n, iid in enumerate(ids)}
+        emb = np.concatenate([part.embeddings for part in parts]).astype(np.float32)
+        texts = [t for part in parts for t in part.summaries]
+        alive = np.array([iid not in dropped for iid in ids])
+        for iid in iids:  # the new founders, as the graph will hold them
+            if iid in at:
+                emb[at[iid]] = decode_embeddings([founded[iid]["embedding"]], dim)[0]
+                texts[at[iid]] = founded[iid]["summary"]
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        grams = [shingles(t) if t else frozenset() for t in texts]
+        grams: dict[int, frozenset[str]] = {}  # shingled when first needed
         for iid in sorted((i for i in iids if i in at), key=lambda i: kept[i][0]["seq"]):
             me = at[iid]
             cos = emb @ emb[me]
             cos[~alive] = -np.inf
             cos[me] = -np.inf
-            score = scores(cos[None, :], [grams[me]], grams, rule)[0]
-            best = int(np.argmax(score))
-            if score[best] >= rule.threshold:
-                into[iid] = rows_.ids[best]
+            own = home == home[me]
+            best, score = -1, -np.inf
+            for where in (own, ~own):  # its own shard first, as `dedup.decide` looks
+                # the rule on the top 32 by cosine, as the librarian applies it to a cache
+                cand = np.flatnonzero(where)
+                cand = cand[np.argsort(-cos[cand])[:32]]
+                if not cand.size:
+                    continue
+                sc = scores(cos[cand][None, :], [_gram(texts, grams, me)],
+                            [_gram(texts, grams, int(c)) for c in cand], rule)[0]
+                top = int(np.argmax(sc))
+                if sc[top] >= rule.threshold:
+                    best, score = int(cand[top]), float(sc[top])
+                    break
+            if best >= 0 and score >= rule.threshold:
+                into[iid] = ids[best]
+                shard_of[ids[best]] = names[int(home[best])]
                 alive[me] = False
     if not into:
-        return
+        return set()
 
     def final(iid: str) -> str:
         while iid in into:
@@ -225,6 +245,14 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
         elif text != row["text"]:
             p.represent.append({"id": target, "text": text, "summary": row["summary"],
                                 "embedding": None, "vector": None})
+    return {shard_of[t] for t in targets}
+
+
+def _gram(texts: list[str], memo: dict[int, frozenset[str]], n: int) -> frozenset[str]:
+    """Row ``n``'s character shingles, computed once."""
+    if n not in memo:
+        memo[n] = shingles(texts[n]) if texts[n] else frozenset()
+    return memo[n]
 
 
 def represent(row: dict[str, Any], rest: list[list[Any]],
@@ -313,7 +341,8 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     graph, wv = rt.graph, rt.graph.with_vector
     rule = rt.librarian().rule  # the served model's dedup rule decides merges
     # The preview only reads: a read transaction (the reader user on the embedded server).
-    preview = graph.view(lambda view: plan(view.tx, ids, job, wv, keep, rule))
+    preview = graph.view(lambda view: plan(view.tx, ids, job, wv, keep,
+                                           rule if dry_run else None))
     if dry_run:
         return ForgetResult(None, True, len(ids), preview.unknown if job is None else [],
                             preview.counts(), preview.touched)

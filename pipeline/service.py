@@ -81,6 +81,8 @@ class Service:
         self.registry = CollectorRegistry()
         self.latency = Histogram("moe_request_seconds", "request latency by route",
                                  ["route"], registry=self.registry)
+        self.lot_size = Histogram("moe_similar_lot_size", "similar questions answered together",
+                                  buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.requests = Counter("moe_requests", "requests by route and status",
                                 ["route", "status"], registry=self.registry)
         self.gauges = {name: Gauge(f"moe_{name}", text, labels, registry=self.registry)
@@ -124,6 +126,7 @@ class Service:
                 with self._asking:
                     lot = self._pending[:SIMILAR_BATCH]
                     del self._pending[:SIMILAR_BATCH]
+                self.lot_size.observe(len(lot))
                 answers: list[Any] = stages.similar_many(self.rt, [a.question for a in lot])
             if len(answers) != len(lot):
                 raise RuntimeError(f"{len(answers)} answers to {len(lot)} questions")

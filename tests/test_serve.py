@@ -106,6 +106,8 @@ def test_the_api_runs_a_job_answers_questions_and_forgets_on_both_sql_backends(
 
         metrics = client.get("/metrics", headers=read).text
         assert "moe_jobs{" in metrics and "moe_request_seconds_bucket" in metrics
+        # two /similar questions above, each answered in a lot of its own
+        assert "moe_similar_lot_size_count 2.0" in metrics
         for text in (metrics, json.dumps(client.get("/jobs", headers=read).json())):
             assert read["Authorization"][7:] not in text
             assert write["Authorization"][7:] not in text
