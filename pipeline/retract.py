@@ -7,7 +7,8 @@ What forgetting a source means (the README's "Forgetting" section says the same)
 - an insight that keeps support is re-represented from what remains: its text is what a run
   of the remaining sources alone gives it (the medoid of their texts, or the one source's
   text), and where the report that founded it came from a forgotten source, its embedding
-  and summary become the remaining medoid's report's;
+  and summary become the remaining medoid's report's, and it is decided again (`redecide`):
+  it merges into another insight that its new founder restates;
 - each shard whose insights were removed or changed counts one more forget (on its
   ``Constellation`` node): every cache replica, in any process, reads the shard anew at its
   next catch-up, which comes before any dedup decision or similarity answer; this process's
@@ -192,25 +193,20 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
                 texts[at[iid]] = founded[iid]["summary"]
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         grams: dict[int, frozenset[str]] = {}  # shingled when first needed
-        for iid in sorted((i for i in iids if i in at), key=lambda i: kept[i][0]["seq"]):
+        # seq counts per shard: shard and id break its ties, the same on every server
+        order = sorted((i for i in iids if i in at),
+                       key=lambda i: (kept[i][0]["seq"], kept[i][0]["shard"], i))
+        for iid in order:
             me = at[iid]
             cos = emb @ emb[me]
             cos[~alive] = -np.inf
             cos[me] = -np.inf
-            own = home == home[me]
-            best, score = -1, -np.inf
-            for where in (own, ~own):  # its own shard first, as `dedup.decide` looks
-                # the rule on the top 32 by cosine, as the librarian applies it to a cache
-                cand = np.flatnonzero(where)
-                cand = cand[np.argsort(-cos[cand])[:32]]
-                if not cand.size:
-                    continue
-                sc = scores(cos[cand][None, :], [_gram(texts, grams, me)],
-                            [_gram(texts, grams, int(c)) for c in cand], rule)[0]
-                top = int(np.argmax(sc))
-                if sc[top] >= rule.threshold:
-                    best, score = int(cand[top]), float(sc[top])
-                    break
+            # its own shard first; else the best of each other shard's, as `dedup.decide`
+            best, score = _best_in(home == home[me], me, cos, texts, grams, rule)
+            if score < rule.threshold:
+                away = [_best_in(home == h, me, cos, texts, grams, rule)
+                        for h in range(len(parts)) if h != home[me]]
+                best, score = max(away, key=lambda b: b[1], default=(-1, -np.inf))
             if best >= 0 and score >= rule.threshold:
                 into[iid] = ids[best]
                 shard_of[ids[best]] = names[int(home[best])]
@@ -230,22 +226,44 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
     missing = [t for t in targets if t not in kept]
     for row in tx.run(cypher.INSIGHT_SUPPORTS, ids=missing) if missing else []:
         kept[row["id"]] = (dict(row), list(row["supports"]))
-    pooled: dict[str, list[list[Any]]] = {t: list(kept[t][1]) for t in targets if t in kept}
+    # One support per source: where a merged insight and its target share a source, the
+    # graph keeps the target's edge (MOVE_SUPPORTS merges onto it).
+    pooled: dict[str, dict[str, list[Any]]] = {
+        t: {s[0]: s for s in kept[t][1]} for t in targets if t in kept}
     for m in p.merge:
-        pooled.setdefault(m["into"], []).extend(kept[m["merged"]][1])
+        into_ = pooled.setdefault(m["into"], {})
+        for s in kept[m["merged"]][1]:
+            into_.setdefault(s[0], s)
     p.represent = [r for r in p.represent if r["id"] not in into]
-    for target, supports in pooled.items():
+    for target, by_source in pooled.items():
         row = kept[target][0]
-        pairs = [s for s in supports if s[1] is not None and s[2]]
+        # a re-founded target's summary is its new founder's, not the one read before
+        summary = new_by_id[target]["summary"] if target in new_by_id else row["summary"]
+        pairs = [s for s in by_source.values() if s[1] is not None and s[2]]
         text = (pairs[rows.medoid([s[1] for s in pairs], int(row["dim"]),
                                   [s[2] for s in pairs])][2] if len(pairs) >= 2
-                else row["summary"])
+                else summary)
         if target in new_by_id:
             new_by_id[target]["text"] = text
         elif text != row["text"]:
-            p.represent.append({"id": target, "text": text, "summary": row["summary"],
+            p.represent.append({"id": target, "text": text, "summary": summary,
                                 "embedding": None, "vector": None})
     return {shard_of[t] for t in targets}
+
+
+def _best_in(where: np.ndarray, me: int, cos: np.ndarray, texts: list[str],
+             grams: dict[int, frozenset[str]], rule: Rule) -> tuple[int, float]:
+    """Row ``me``'s best candidate under ``rule`` among the rows ``where`` (row, score): the
+    rule applied to the top 32 by cosine ``cos``, as the librarian applies it to a cache."""
+    cand = np.flatnonzero(where)
+    cand = cand[np.argsort(-cos[cand], kind="stable")[:32]]
+    if not cand.size:
+        return -1, -np.inf
+    lexical = rule.lexical is not None
+    sc = scores(cos[cand][None, :], [_gram(texts, grams, me)] if lexical else None,
+                [_gram(texts, grams, int(c)) for c in cand] if lexical else None, rule)[0]
+    top = int(np.argmax(sc))
+    return int(cand[top]), float(sc[top])
 
 
 def _gram(texts: list[str], memo: dict[int, frozenset[str]], n: int) -> frozenset[str]:
@@ -324,7 +342,8 @@ def job_item_ids(rt: Runtime, job: str) -> list[str]:
 
 
 def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
-           dry_run: bool = False, keep: dict[str, str] | None = None) -> ForgetResult:
+           dry_run: bool = False, keep: dict[str, str] | None = None,
+           rule: Rule | None = None) -> ForgetResult:
     """Take back ``sources`` (ids), or what ``job`` filed, from the graph, every cache and
     SQL (see the module's docstring); with ``dry_run``, only say what would change.
 
@@ -332,6 +351,8 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     known id at all is a `PipelineError`, unless it finishes a forget that was cut off.
     ``keep`` (id -> content hash) spares a source that already holds that content: how a
     librarian retracts a changed source's old content without undoing another's new one.
+    ``rule`` decides the merges of re-founded insights (`redecide`; default: the served
+    model's dedup rule).
     """
     ids = list(dict.fromkeys(str(i) for i in sources))
     if job is not None:
@@ -339,7 +360,9 @@ def forget(rt: Runtime, sources: Iterable[str] = (), job: str | None = None,
     elif not ids:
         raise PipelineError("forget: name at least one source id, a --file or a --job")
     graph, wv = rt.graph, rt.graph.with_vector
-    rule = rt.librarian().rule  # the served model's dedup rule decides merges
+    # The dedup rule that decides merges: the curating librarian's for a changed source, else
+    # the served model's.
+    rule = rule or rt.librarian().rule
     # The preview only reads: a read transaction (the reader user on the embedded server).
     preview = graph.view(lambda view: plan(view.tx, ids, job, wv, keep,
                                            rule if dry_run else None))

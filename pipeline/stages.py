@@ -293,7 +293,7 @@ def _curate(rt: Runtime, part: ShardPart) -> tuple[CurateResult, list[BadItem], 
             # the locks of every shard it reached), then the part is curated again.
             if attempt == 2:
                 raise
-            forget(rt, changed.ids, keep=changed.keep)
+            forget(rt, changed.ids, keep=changed.keep, rule=librarian.rule)
     bad = [BadItem(None, r.item_id, "text" if r.text else "vector",
                    f"curate failed: {describe(err)}") for r, err in step.failed]
     return step.result, bad, time.perf_counter() - t

@@ -338,8 +338,8 @@ MATCH (j:{INSIGHT} {{id: r.into}})
 MERGE (j)-[f:{SUPPORTED_BY}]->(s)
 ON CREATE SET f.report_id = e.report_id, f.weight = e.weight, f.job_id = e.job_id,
               f.jobs = e.jobs, f.reports = e.reports, f.embedding = e.embedding
-ON MATCH SET f.jobs = coalesce(f.jobs, []) + [x IN coalesce(e.jobs, []) WHERE NOT x IN
-                                              coalesce(f.jobs, [])],
+ON MATCH SET f.jobs = coalesce(f.jobs, [f.job_id]) + [x IN coalesce(e.jobs, [e.job_id])
+                                                     WHERE NOT x IN coalesce(f.jobs, [f.job_id])],
              f.reports = coalesce(f.reports, [f.report_id]) + [x IN coalesce(e.reports,
                          [e.report_id]) WHERE NOT x IN coalesce(f.reports, [f.report_id])]
 """
