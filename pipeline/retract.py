@@ -239,10 +239,7 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
         row = kept[target][0]
         # a re-founded target's summary is its new founder's, not the one read before
         summary = new_by_id[target]["summary"] if target in new_by_id else row["summary"]
-        pairs = [s for s in by_source.values() if s[1] is not None and s[2]]
-        text = (pairs[rows.medoid([s[1] for s in pairs], int(row["dim"]),
-                                  [s[2] for s in pairs])][2] if len(pairs) >= 2
-                else summary)
+        text = medoid_text(list(by_source.values()), int(row["dim"]), summary)
         if target in new_by_id:
             new_by_id[target]["text"] = text
         elif text != row["text"]:
@@ -273,14 +270,23 @@ def _gram(texts: list[str], memo: dict[int, frozenset[str]], n: int) -> frozense
     return memo[n]
 
 
+def medoid_text(supports: list[list[Any]], dim: int, summary: str) -> str:
+    """The text of ``supports`` ([source, embedding bytes, text, reports] each) as curating
+    them makes it: the medoid of the texts where two or more have an embedding (what
+    `rows.medoid_rows` keeps an insight's text at), else ``summary``."""
+    pairs = [s for s in supports if s[1] is not None and s[2]]
+    if len(pairs) < 2:
+        return summary
+    return pairs[rows.medoid([s[1] for s in pairs], dim, [s[2] for s in pairs])][2]
+
+
 def represent(row: dict[str, Any], rest: list[list[Any]],
               with_vector: bool) -> dict[str, Any] | None:
     """An insight's text (and, if its founder is gone, embedding and summary) from its
     remaining supports ``rest`` ([source, embedding bytes, text, reports] each), as curating
     them alone would have made it; None when nothing changes.
 
-    The text is the medoid of the remaining texts where two or more have an embedding (what
-    `rows.medoid_rows` keeps an insight's text at), else the summary. An insight whose
+    The text is `medoid_text` of the remaining supports. An insight whose
     founding report is among the forgotten is founded anew by the remaining medoid: its
     report's embedding and its text's first 280 characters (the summary a new insight has).
     """
@@ -291,9 +297,7 @@ def represent(row: dict[str, Any], rest: list[list[Any]],
     founder = (usable[rows.medoid([s[1] for s in usable], dim, [s[2] or s[0] for s in usable])]
                if usable else rest[0])
     summary = row["summary"] if founded else (founder[2] or "")[:280]
-    pairs = [s for s in usable if s[2]]
-    text = (pairs[rows.medoid([s[1] for s in pairs], dim, [s[2] for s in pairs])][2]
-            if len(pairs) >= 2 else summary)
+    text = medoid_text(rest, dim, summary)
     if founded and text == row["text"]:
         return None
     out: dict[str, Any] = {"id": iid, "text": text, "summary": summary, "embedding": None,
