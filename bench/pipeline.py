@@ -285,6 +285,7 @@ class Remote:
         return json.loads(line)
 
     def close(self) -> None:
+        """Ends the tree's process (which stops its workers), then its graph server."""
         with contextlib.suppress(BrokenPipeError, OSError):
             self.proc.stdin.close()
         try:
@@ -298,6 +299,15 @@ class Remote:
                             "MOE_STATE_DIR": self.state}, timeout=120)
 
 
+def close(remotes: list[Remote]) -> None:
+    """Every tree closed at once: each waits on its workers' shutdown and its server's."""
+    threads = [threading.Thread(target=r.close) for r in remotes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def export(ref: str) -> str:
     """The ``pipeline`` package of git ``ref``, in a temporary directory."""
     where = tempfile.mkdtemp(prefix="moe-bench-before-")
@@ -308,12 +318,14 @@ def export(ref: str) -> str:
 
 
 def measure(trees: dict[str, Remote], modes: tuple[str, ...], n: int, batch_size: int,
-            rounds: int) -> dict[str, dict[str, list[float]]]:
-    """items/s of every (tree, mode, kind), the trees taking turns on the same items."""
+            rounds: int, warm_up: bool = True) -> dict[str, dict[str, list[float]]]:
+    """items/s of every (tree, mode, kind), the trees taking turns on the same items; each
+    (mode, kind) first warmed up on every tree unless ``warm_up`` is off (--quick, whose
+    figures are a smoke test, not a measurement)."""
     rates: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for mode in modes:
         for kind in KINDS:
-            for tree in trees.values():  # warm up: model, encoder, caches, workers
+            for tree in trees.values() if warm_up else ():  # model, encoder, caches, workers
                 tree.ask(op="run", mode=mode, kind=kind, n=min(n, 64), seed=900,
                          batch_size=batch_size)
             for r in range(rounds):
@@ -363,10 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "queued" in modes:
             for tree in trees.values():
                 tree.ask(op="workers")
-        rates = measure(trees, modes, n, args.batch_size, rounds)
+        rates = measure(trees, modes, n, args.batch_size, rounds, warm_up=not args.quick)
     finally:
-        for tree in trees.values():
-            tree.close()
+        close(list(trees.values()))
         for name, url in brokers.items():
             drop_redis_keys(url, prefixes[name], present[name])
     med = {name: {k: round(statistics.median(v), 1) for k, v in r.items()}

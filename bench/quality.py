@@ -253,8 +253,36 @@ def _items(data: Dataset, tag: str, with_labels: bool = False) -> list[dict[str,
 def _settings(state: Path, **kw: Any) -> Any:
     from pipeline.settings import Settings
 
-    return Settings(state_dir=state, device="cpu", neo4j_uri=None, database_url=None,
-                    redis_url=None, celery_broker_url=None, model_path=None, **kw)
+    return Settings(**{"state_dir": state, "device": "cpu", "neo4j_uri": None,
+                       "database_url": None, "redis_url": None, "celery_broker_url": None,
+                       "model_path": None, **kw})
+
+
+class OneGraph:
+    """The bench's one embedded graph server (a state dir of its own), emptied before each
+    run into it. Each run brings its model (``model_path``) and a SQLite file of its own.
+    A server per run cost each run a start (about 3 s) and a cold JVM."""
+
+    def __init__(self, root: Path) -> None:
+        self.state = root / "graph"
+        self.runs = 0
+
+    def settings(self, model_path: Path | None = None) -> Any:
+        """Settings for the next run, the graph emptied for it."""
+        from pipeline.storage.connect import open_graph
+
+        self.runs += 1
+        settings = _settings(self.state, model_path=model_path,
+                             database_url=f"sqlite:///{self.state}/run-{self.runs}.sqlite3")
+        if self.runs > 1:
+            with open_graph(settings) as graph:
+                graph.run_cypher("MATCH (n) DETACH DELETE n", write=True)
+        return settings
+
+    def stop(self) -> None:
+        from pipeline.storage.embedded import LocalGraphServer
+
+        LocalGraphServer(self.state).stop()
 
 
 @torch.no_grad()
@@ -275,7 +303,8 @@ def _routing_scores(tag: str, kind: str, truth: list[str], pred: list[str]) -> d
             f"{tag}_{kind}_accuracy": round(accuracy(truth, pred), 4)}
 
 
-def measure_routing(tag: str, data: Dataset, tmp: Path, quick: bool) -> dict[str, float]:
+def measure_routing(tag: str, data: Dataset, tmp: Path, quick: bool, graph: OneGraph
+                    ) -> dict[str, float]:
     """Zero-shot (descriptions only), supervised and unsupervised ``train``, each routed
     through the served model; trained models are scored on the items training held out."""
     from pipeline import serving, training
@@ -317,7 +346,7 @@ def measure_routing(tag: str, data: Dataset, tmp: Path, quick: bool) -> dict[str
         if kind.startswith("supervised"):
             # As a user reads it: the held-out notes run into the graph, each note's
             # constellation read back by name.
-            filed = _graph_names(st, held_items)
+            filed = _graph_names(graph.settings(result.path), held_items)
             out[f"{tag}_{kind}_graph_name_accuracy"] = round(accuracy(
                 held_truth, [filed.get(it["id"], "") for it in held_items]), 4)
         if kind == "unsupervised":
@@ -326,41 +355,33 @@ def measure_routing(tag: str, data: Dataset, tmp: Path, quick: bool) -> dict[str
 
 
 def _graph_names(settings: Any, items: list[dict[str, Any]]) -> dict[str, str]:
-    """Run ``items`` into the state dir's embedded graph: item id -> the name of the
-    constellation its insight is filed under, read back with Cypher."""
+    """Run ``items`` into the embedded graph: item id -> the name of the constellation its
+    insight is filed under, read back with Cypher."""
     from pipeline.jobs import run_local
     from pipeline.storage.connect import open_graph
-    from pipeline.storage.embedded import LocalGraphServer
 
-    try:
-        run_local(items, settings)
-        with open_graph(settings) as graph:
-            rows = graph.run_cypher(
-                "MATCH (c:Constellation)<-[:IN_CONSTELLATION]-(:Insight)-[:SUPPORTED_BY]->"
-                "(s:Source) RETURN s.id AS item, c.id AS name")
-    finally:
-        LocalGraphServer(settings.state_dir).stop()
+    run_local(items, settings)
+    with open_graph(settings) as graph:
+        rows = graph.run_cypher(
+            "MATCH (c:Constellation)<-[:IN_CONSTELLATION]-(:Insight)-[:SUPPORTED_BY]->"
+            "(s:Source) RETURN s.id AS item, c.id AS name")
     return {r["item"]: r["name"] for r in rows}
 
 
-def measure_dedup(tag: str, data: Dataset, tmp: Path) -> dict[str, float]:
+def measure_dedup(tag: str, data: Dataset, graph: OneGraph) -> dict[str, float]:
     """The items through the real pipeline (``run_local``: model, librarian, embedded graph
     server), then each item's insight read back with Cypher: pair P/R/F1 against the true
     groups."""
     from pipeline.jobs import run_local
     from pipeline.storage.connect import open_graph
-    from pipeline.storage.embedded import LocalGraphServer
 
-    settings = _settings(tmp / f"{tag}-dedup")
+    settings = graph.settings()
     items = _items(data, tag)
     start = time.perf_counter()
-    try:
-        summary = run_local(items, settings)
-        with open_graph(settings) as graph:
-            rows = graph.run_cypher("MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source) "
-                                    "RETURN s.id AS item, i.id AS insight")
-    finally:
-        LocalGraphServer(settings.state_dir).stop()
+    summary = run_local(items, settings)
+    with open_graph(settings) as store:
+        rows = store.run_cypher("MATCH (i:Insight)-[:SUPPORTED_BY]->(s:Source) "
+                                "RETURN s.id AS item, i.id AS insight")
     insight = {r["item"]: r["insight"] for r in rows}
     pred = [insight.get(it["id"], it["id"]) for it in items]
     p, r, f = pair_prf(pred, data.groups)
@@ -375,11 +396,15 @@ def measure_ours(datasets: dict[str, Dataset], quick: bool) -> dict[str, float]:
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="moe-quality-") as tmp:
-        for tag, data in datasets.items():
-            if data.domains is not None:
-                out.update(measure_routing(tag, data, Path(tmp), quick))
-            if data.groups is not None:
-                out.update(measure_dedup(tag, data, Path(tmp)))
+        graph = OneGraph(Path(tmp))
+        try:
+            for tag, data in datasets.items():
+                if data.domains is not None:
+                    out.update(measure_routing(tag, data, Path(tmp), quick, graph))
+                if data.groups is not None:
+                    out.update(measure_dedup(tag, data, graph))
+        finally:
+            graph.stop()
     return out
 
 

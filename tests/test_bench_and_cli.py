@@ -175,7 +175,7 @@ def test_pipeline_bench_quick_compares_this_code_with_an_earlier_commit(redis_ur
     pytest.importorskip("arcadedb_embedded", reason="the graph extra is not installed")
     # Both trees queue in the suite's Redis database, under the bench's own key prefix (the
     # older tree, which predates it, on plain keys the bench deletes after).
-    proc = _run("bench/pipeline.py", "--quick", "--items", "64",
+    proc = _run("bench/pipeline.py", "--quick", "--items", "64", "--count-items", "32",
                 BENCH_REDIS_URL=redis_url, BENCH_REDIS_BEFORE_URL=redis_url)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)

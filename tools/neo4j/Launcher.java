@@ -28,7 +28,9 @@ import org.neo4j.configuration.GraphDatabaseSettings;
 import org.neo4j.configuration.connectors.BoltConnector;
 import org.neo4j.configuration.connectors.HttpConnector;
 import org.neo4j.configuration.helpers.SocketAddress;
+import org.neo4j.graphdb.config.Setting;
 import org.neo4j.harness.Neo4j;
+import org.neo4j.harness.Neo4jBuilder;
 import org.neo4j.harness.Neo4jBuilders;
 import org.neo4j.kernel.internal.Version;
 
@@ -41,7 +43,7 @@ public class Launcher {
         Path dir = Path.of(args[0]).toAbsolutePath();
         Files.createDirectories(dir);
         int port = freePort();
-        Neo4j neo4j = Neo4jBuilders.newInProcessBuilder(dir)
+        Neo4j neo4j = stopQuickly(Neo4jBuilders.newInProcessBuilder(dir))
                 .withDisabledServer() // no HTTP: the pipeline speaks Bolt only
                 .withConfig(BoltConnector.enabled, true)
                 .withConfig(BoltConnector.listen_address, new SocketAddress("127.0.0.1", port))
@@ -77,6 +79,27 @@ public class Launcher {
             // discard input
         }
         System.exit(0);
+    }
+
+    // Bolt's event loops wait a quiet period before they end (10 s a stop in all): a test
+    // server has no client left to wait for. The settings are internal, and their type
+    // changed between releases (seconds, then a Duration), so they are set where they exist.
+    @SuppressWarnings("unchecked")
+    static Neo4jBuilder stopQuickly(Neo4jBuilder builder) {
+        for (String name : List.of("netty_server_shutdown_quiet_period",
+                "netty_server_shutdown_timeout")) {
+            try {
+                Setting<Object> setting = (Setting<Object>)
+                        GraphDatabaseInternalSettings.class.getField(name).get(null);
+                boolean timeout = name.endsWith("timeout");
+                Object value = setting.defaultValue() instanceof Duration
+                        ? Duration.ofSeconds(timeout ? 2 : 0) : (Object) Integer.valueOf(timeout ? 2 : 0);
+                builder = builder.withConfig(setting, value);
+            } catch (ReflectiveOperationException | ClassCastException absent) {
+                // another release: keep its defaults
+            }
+        }
+        return builder;
     }
 
     static int freePort() throws IOException {
