@@ -19,6 +19,7 @@ from pipeline.jobs import run_local
 from pipeline.retract import forget
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
+from pipeline.storage.locks import LocalShardLock
 from pipeline.storage.sql import Forget, ItemError, Job, session_factory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,83 @@ def test_an_insight_founded_anew_merges_into_the_one_its_new_founder_restates(
     assert any(set(ids[::2]) <= set(srcs) for _, srcs in after)
     _wipe(graph, shards, ids)
     run_local([items[0], items[2]], settings, batch_size=8)
+    assert after == _view(graph, shards), "forgetting differs from never having ingested"
+    _wipe(graph, shards, ids)
+
+
+def _insight_of(graph, source: str) -> dict:
+    """The one insight ``source`` supports: its id and shard."""
+    rows = graph.run_cypher("MATCH (i:Insight)-[:SUPPORTED_BY]->(:Source {id: $id}) "
+                            "RETURN i.id AS id, i.shard AS shard", {"id": source})
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_a_re_founded_insight_merges_into_another_shard_under_that_shards_lock_too(
+        tmp_path, graph):
+    # One person's four records (FEBRL 3 rec-255): dup-0 is routed to one constellation and
+    # founds an insight there; dup-1 goes to another, too far from dup-0 to join it across
+    # shards, and founds a second one, which dup-2 and the original join. Without dup-1,
+    # dup-2 (routed there too) restates dup-0 across the shards: a fresh run files the three
+    # under dup-0's insight, and so must forgetting dup-1. The forget first plans without
+    # the other shard, so it must take that shard's lock as well before it writes.
+    items = _by_id("febrl3", ["rec-255-dup-0", "rec-255-dup-1", "rec-255-dup-2",
+                              "rec-255-org"])
+    ids = [i["id"] for i in items]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    alone, founded = _insight_of(graph, ids[0]), _insight_of(graph, ids[1])
+    assert alone["shard"] != founded["shard"]  # the case: two insights, two shards
+    assert _insight_of(graph, ids[3])["id"] == founded["id"]
+    dry = forget(Runtime.from_settings(settings), [ids[1]], dry_run=True)
+    rt, taken = Runtime.from_settings(settings), []
+
+    class Recorded(LocalShardLock):  # the shard locks the forget takes, in order
+        def __call__(self, shard: str):
+            taken.append(shard)
+            return super().__call__(shard)
+
+    rt._locks = Recorded()
+    done = forget(rt, [ids[1]])
+    assert done.counts["insights_merged"] == dry.counts["insights_merged"] == 1
+    assert {alone["shard"], founded["shard"]} <= set(done.shards)
+    assert taken[-2:] == sorted([alone["shard"], founded["shard"]]), taken
+    after = _view(graph, shards)
+    assert after == [(after[0][0], tuple(sorted(ids[:1] + ids[2:])))]
+    assert _insight_of(graph, ids[3])["id"] == alone["id"]  # the older insight stays
+    _wipe(graph, shards, ids)
+    run_local([items[0]] + items[2:], settings, batch_size=8)
+    assert after == _view(graph, shards), "forgetting differs from never having ingested"
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_two_insights_founded_anew_in_one_forget_become_one(tmp_path, graph):
+    # FEBRL 3 rec-1493: dup-0 and dup-2 make one insight, dup-1 founds another in another
+    # shard that dup-3 and the original join. Forgetting both founders in one request leaves
+    # both insights founded anew, each restating the other: the older merges into the newer
+    # one, itself founded anew (its text is then the medoid of the pooled supports, never a
+    # forgotten founder's), and the graph equals a run of the other three.
+    items = _by_id("febrl3", ["rec-1493-dup-0", "rec-1493-dup-1", "rec-1493-dup-2",
+                              "rec-1493-dup-3", "rec-1493-org"])
+    ids = [i["id"] for i in items]
+    gone = [ids[1], ids[2]]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    assert _insight_of(graph, ids[0])["shard"] != _insight_of(graph, ids[1])["shard"]
+    done = forget(Runtime.from_settings(settings), gone)
+    assert done.counts["insights_merged"] == 1 and done.counts["insights_removed"] == 0
+    after = _view(graph, shards)
+    kept = [i for i in items if i["id"] not in gone]
+    assert [srcs for _, srcs in after] == [tuple(sorted(i["id"] for i in kept))]
+    assert after[0][0] not in {i["text"] for i in items if i["id"] in gone}
+    _wipe(graph, shards, ids)
+    run_local(kept, settings, batch_size=8)
     assert after == _view(graph, shards), "forgetting differs from never having ingested"
     _wipe(graph, shards, ids)
 
