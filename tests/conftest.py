@@ -34,6 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
     pg_prefix()  # a bad MOE_TEST_PG_PREFIX stops the run in one line, before any test
+    config.pluginmanager.register(_StopCurrentNeo4jEarly(), "moe-stop-current-neo4j-early")
     os.environ["MOE_STATE_DIR"] = tempfile.mkdtemp(prefix="moe-test-state-")
 
 
@@ -130,9 +131,39 @@ def _neo4j_enabled() -> None:
 def _serve_neo4j(version: str | None, workdir: Path):
     _neo4j_enabled()
     server = _start_neo4j(version, workdir)
+    _HARNESSES[version] = server
     yield {"uri": server.uri, "user": server.user, "password": server.password,
            "version": server.server_version}
     server.stop()
+
+
+# The current release serves three modules only: its server stops after the last test that
+# uses it (found once the run's order is known), not with the session, so that an idle JVM
+# does not hold a gigabyte and a share of a core through the rest of the run.
+_HARNESSES: dict[str | None, Neo4jHarness] = {}
+
+
+class _StopCurrentNeo4jEarly:
+    """Registered by `pytest_configure`: a plugin of its own, because its ordering hook must
+    run last (once pytest has ordered the tests by their fixtures), and this module's own
+    must run before the `-m` selection reads the markers it adds."""
+
+    last: str | None = None
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        on_current = [item.nodeid for item in items
+                      if getattr(getattr(item, "callspec", None), "params", {}).get("graph")
+                      == "neo4j-current"]
+        self.last = on_current[-1] if on_current else None
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item):
+        yield
+        if item.nodeid == self.last:
+            current = os.environ.get("MOE_TEST_NEO4J_CURRENT", CURRENT_NEO4J)
+            if current in _HARNESSES:
+                _HARNESSES.pop(current).stop()
 
 
 @pytest.fixture(scope="session")
