@@ -290,22 +290,30 @@ def _get(env=None) -> _Helper | None:
         return helper if helper.ready else None
 
 
+def _shaped(cmd: Sequence[str | os.PathLike]) -> bool:
+    """``python -m MODULE ...`` or ``python SCRIPT ...``: a command a helper could fork."""
+    return len(cmd) >= 2 and str(cmd[0]) == sys.executable and (
+        str(cmd[1]) == "-m" and len(cmd) > 2 or not str(cmd[1]).startswith("-"))
+
+
+def _helper_for(cmd: Sequence[str | os.PathLike], env) -> _Helper | None:
+    """The helper that could fork ``cmd``; none, and none started (that takes seconds), for a
+    command of another shape (``python -c``, another program)."""
+    return _get(env) if _shaped(cmd) else None
+
+
 def _forkable(cmd: Sequence[str | os.PathLike], env,
               helper: _Helper | None) -> tuple[str | None, str | None, list[str]] | None:
     """(module, script, arguments) of ``python -m MODULE ...`` or ``python SCRIPT ...``,
     when ``helper`` can fork it: ``env``'s variables read at start-up (`STARTUP_PREFIXES`:
     TRITON_INTERPRET, OMP_NUM_THREADS, PYTHONHASHSEED, HF_HOME...) must be the ones the
     helper started with (`_get` finds or starts the helper of each set, a few at most)."""
-    if helper is None or len(cmd) < 2 or str(cmd[0]) != sys.executable:
+    if helper is None or not _shaped(cmd):
         return None
     if _startup_env(os.environ if env is None else env) != helper.env:
         return None
     first, rest = str(cmd[1]), [str(a) for a in cmd[2:]]
-    if first == "-m" and rest:
-        return rest[0], None, rest[1:]
-    if not first.startswith("-"):
-        return None, first, rest
-    return None
+    return (rest[0], None, rest[1:]) if first == "-m" else (None, first, rest)
 
 
 def _decode(raw: bytes, text: bool) -> str | bytes:
@@ -389,7 +397,7 @@ class Popen(_Child):
     give (an open file, PIPE, DEVNULL, STDOUT); anything else goes to `subprocess.Popen`."""
 
     def __new__(cls, cmd, **kwargs):
-        if (_forkable(cmd, kwargs.get("env"), _get(kwargs.get("env"))) is None
+        if (_forkable(cmd, kwargs.get("env"), _helper_for(cmd, kwargs.get("env"))) is None
                 or set(kwargs) - {"env", "cwd", "stdout", "stderr", "stdin",
                                   "start_new_session", "text"}
                 or kwargs.get("stdout") is None or kwargs.get("stderr") is None
@@ -399,7 +407,7 @@ class Popen(_Child):
 
     def __init__(self, cmd, *, env=None, cwd=None, stdout=None, stderr=None, stdin=None,
                  start_new_session: bool = False, text: bool = False) -> None:
-        helper = _get(env)
+        helper = _helper_for(cmd, env)
         module, script, args = _forkable(cmd, env, helper)
         _check_cwd(cwd)
         self._tmp = tempfile.TemporaryDirectory(prefix="forkrun-")
@@ -431,7 +439,7 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
         umask: int | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run` for the commands `_forkable` accepts (the rest go to subprocess), plus
     ``limit``, an address-space limit (bytes), and ``umask`` for the child."""
-    helper = _get(env)
+    helper = _helper_for(cmd, env)
     forkable = _forkable(cmd, env, helper)
     if forkable is None or kwargs:
         def before() -> None:
