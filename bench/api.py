@@ -68,17 +68,23 @@ def questions(items: list[dict], n: int) -> list[str]:
 
 def ask_in_turn(base: str, auth: dict[str, str], mine: list[str], go: Any, out: Any) -> None:
     """One client: its questions in turn on one HTTP connection, once ``go`` is set; puts
-    ``(seconds, status, text of a failure)`` for each on ``out``, as one list."""
+    ``(seconds, status, text of a failure)`` for each on ``out``, as one list, always (a
+    request that raises ends the client with a row of status 0 and the error)."""
     go.wait()
-    rows = []
-    with httpx.Client(base_url=base, headers=auth, timeout=120) as c:
-        for q in mine:
-            t0 = time.perf_counter()
-            answer = c.get("/similar", params={"text": q, "k": 10})
-            took = time.perf_counter() - t0
-            rows.append((took, answer.status_code,
-                         answer.text[:200] if answer.status_code != 200 else ""))
-    out.put(rows)
+    rows: list[tuple[float, int, str]] = []
+    t0 = time.perf_counter()
+    try:
+        with httpx.Client(base_url=base, headers=auth, timeout=120) as c:
+            for q in mine:
+                t0 = time.perf_counter()
+                answer = c.get("/similar", params={"text": q, "k": 10})
+                took = time.perf_counter() - t0
+                rows.append((took, answer.status_code,
+                             answer.text[:200] if answer.status_code != 200 else ""))
+    except Exception as err:  # a timeout, the server gone: a failure row
+        rows.append((time.perf_counter() - t0, 0, f"{type(err).__name__}: {err}"[:200]))
+    finally:
+        out.put(rows)
 
 
 def percentile(values: list[float], q: float) -> float:

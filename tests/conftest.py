@@ -143,19 +143,28 @@ def _serve_neo4j(version: str | None, workdir: Path):
 _HARNESSES: dict[str | None, Neo4jHarness] = {}
 
 
+def _uses_current_neo4j(item: pytest.Item) -> bool:
+    """Whether ``item`` needs the current release's server: as its `graph` backend, as a
+    fixture it names, or as a parameter naming that fixture (a test that fetches it with
+    ``request.getfixturevalue``)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (params.get("graph") == "neo4j-current"
+            or "neo4j_current_server" in getattr(item, "fixturenames", ())
+            or any(isinstance(v, str) and v == "neo4j_current_server"
+                   for v in params.values()))
+
+
 class _StopCurrentNeo4jEarly:
-    """Registered by `pytest_configure`: a plugin of its own, because its ordering hook must
-    run last (once pytest has ordered the tests by their fixtures), and this module's own
-    must run before the `-m` selection reads the markers it adds."""
+    """Registered by `pytest_configure`: finds the last test of the run that needs the current
+    release's server once the order is final (after every reordering plugin, `--ff` and `--nf`
+    included), and stops that server after it."""
 
     last: str | None = None
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        on_current = [item.nodeid for item in items
-                      if getattr(getattr(item, "callspec", None), "params", {}).get("graph")
-                      == "neo4j-current"]
-        self.last = on_current[-1] if on_current else None
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        users = [item.nodeid for item in session.items if _uses_current_neo4j(item)]
+        self.last = users[-1] if users else None
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item):

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 import pipeline
 from pipeline.jobs import run_local
+from pipeline.records import insight_id
 from pipeline.retract import forget
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
@@ -171,6 +172,15 @@ def test_an_insight_founded_anew_merges_into_the_one_its_new_founder_restates(
     _wipe(graph, shards, ids)
 
 
+def _founder(graph, insight: str) -> str:
+    """The source whose report founded ``insight`` (its id is made from that report's)."""
+    rows = graph.run_cypher(
+        "MATCH (i:Insight {id: $id})-[e:SUPPORTED_BY]->(s:Source) RETURN i.shard AS shard, "
+        "s.id AS source, coalesce(e.reports, [e.report_id]) AS reports", {"id": insight})
+    return next(r["source"] for r in rows
+                if any(insight_id(r["shard"], rep) == insight for rep in r["reports"]))
+
+
 def _insight_of(graph, source: str) -> dict:
     """The one insight ``source`` supports: its id and shard."""
     rows = graph.run_cypher("MATCH (i:Insight)-[:SUPPORTED_BY]->(:Source {id: $id}) "
@@ -222,11 +232,12 @@ def test_a_re_founded_insight_merges_into_another_shard_under_that_shards_lock_t
 
 @pytest.mark.backends("embedded", "neo4j")
 def test_two_insights_founded_anew_in_one_forget_become_one(tmp_path, graph):
-    # FEBRL 3 rec-1493: dup-0 and dup-2 make one insight, dup-1 founds another in another
-    # shard that dup-3 and the original join. Forgetting both founders in one request leaves
-    # both insights founded anew, each restating the other: the older merges into the newer
-    # one, itself founded anew (its text is then the medoid of the pooled supports, never a
-    # forgotten founder's), and the graph equals a run of the other three.
+    # FEBRL 3 rec-1493: two insights in two shards, one founded by dup-1 (which dup-3 and
+    # the original join), the other by dup-2 (which dup-0 joins). Forgetting both founders
+    # in one request leaves both insights founded anew, each restating the other: the older
+    # merges into the newer one, itself founded anew (its text is then the medoid of the
+    # pooled supports, never a forgotten founder's), and the graph equals a run of the other
+    # three.
     items = _by_id("febrl3", ["rec-1493-dup-0", "rec-1493-dup-1", "rec-1493-dup-2",
                               "rec-1493-dup-3", "rec-1493-org"])
     ids = [i["id"] for i in items]
@@ -235,7 +246,10 @@ def test_two_insights_founded_anew_in_one_forget_become_one(tmp_path, graph):
     shards = _shards(settings)
     _wipe(graph, shards, ids)
     run_local(items, settings, batch_size=8)
-    assert _insight_of(graph, ids[0])["shard"] != _insight_of(graph, ids[1])["shard"]
+    one, two = _insight_of(graph, ids[0]), _insight_of(graph, ids[1])
+    assert one["shard"] != two["shard"]
+    # the case: each insight was founded by a record the request forgets
+    assert {_founder(graph, one["id"]), _founder(graph, two["id"])} == set(gone)
     done = forget(Runtime.from_settings(settings), gone)
     assert done.counts["insights_merged"] == 1 and done.counts["insights_removed"] == 0
     after = _view(graph, shards)
