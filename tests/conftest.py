@@ -161,6 +161,21 @@ class _StopCurrentNeo4jEarly:
 
     last: str | None = None
 
+    @pytest.hookimpl(trylast=True)  # once pytest has grouped the tests by their fixtures
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """The few tests that fetch the server by name (not as a `graph` backend) move to
+        just after the `graph` group that uses it, so that it is not kept for them alone."""
+        group = [n for n, item in enumerate(items) if getattr(
+            getattr(item, "callspec", None), "params", {}).get("graph") == "neo4j-current"]
+        if not group:
+            return
+        named = [item for n, item in enumerate(items)
+                 if n > group[-1] and _uses_current_neo4j(item)]
+        if named:
+            rest = [item for item in items if item not in named]
+            at = rest.index(items[group[-1]]) + 1
+            items[:] = rest[:at] + named + rest[at:]
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> None:
         users = [item.nodeid for item in session.items if _uses_current_neo4j(item)]
