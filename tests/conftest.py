@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # PostgreSQL (the stack); each backend still runs once.
     keep, dropped = [], []
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
+        params = _params(item)
         backend, sql = params.get("graph"), params.get("sql_url")
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         only = item.get_closest_marker("backends")
@@ -137,18 +137,27 @@ def _serve_neo4j(version: str | None, workdir: Path):
     server.stop()
 
 
-# The current release serves three modules only: its server stops after the last test that
+# The current release serves a few modules only: its server stops after the last test that
 # uses it (found once the run's order is known), not with the session, so that an idle JVM
 # does not hold a gigabyte and a share of a core through the rest of the run.
 _HARNESSES: dict[str | None, Neo4jHarness] = {}
+
+
+def _params(item: pytest.Item) -> dict:
+    """The item's parameters ({} for a test that has none)."""
+    return getattr(getattr(item, "callspec", None), "params", {})
+
+
+def _on_current_graph(item: pytest.Item) -> bool:
+    return _params(item).get("graph") == "neo4j-current"
 
 
 def _uses_current_neo4j(item: pytest.Item) -> bool:
     """Whether ``item`` needs the current release's server: as its `graph` backend, as a
     fixture it names, or as a parameter naming that fixture (a test that fetches it with
     ``request.getfixturevalue``)."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return (params.get("graph") == "neo4j-current"
+    params = _params(item)
+    return (_on_current_graph(item)
             or "neo4j_current_server" in getattr(item, "fixturenames", ())
             or any(isinstance(v, str) and v == "neo4j_current_server"
                    for v in params.values()))
@@ -165,8 +174,7 @@ class _StopCurrentNeo4jEarly:
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """The few tests that fetch the server by name (not as a `graph` backend) move to
         just after the `graph` group that uses it, so that it is not kept for them alone."""
-        group = [n for n, item in enumerate(items) if getattr(
-            getattr(item, "callspec", None), "params", {}).get("graph") == "neo4j-current"]
+        group = [n for n, item in enumerate(items) if _on_current_graph(item)]
         if not group:
             return
         named = [item for n, item in enumerate(items)
