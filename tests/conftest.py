@@ -31,9 +31,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # Every test runs against a state dir of its own session, never the user's own
     # (~/.local/share/moe-pipeline) nor the one the set-up command filled: a test that
     # builds `Settings()` with no state dir of its own writes here.
+    import getpass
     import tempfile
 
     pg_prefix()  # a bad MOE_TEST_PG_PREFIX stops the run in one line, before any test
+    # The suite runs offline from its start, as every command that loads a model makes itself
+    # (`force_offline`). Set now, before a test loads one in process, the start-up variables
+    # that the tests' commands inherit are the same from the first test to the last, so one
+    # fork helper serves them all (tests/forkrun.py) and starts while the tests are collected.
+    # The proxy test of test_model_files_adversarial removes them again: there the command
+    # must go offline by itself.
+    # For the same reason the inductor's cache dir is named now: torch sets the variable
+    # (to this default) the first time a test compiles.
+    from pipeline.moe.offline import force_offline
+
+    force_offline()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
     config.pluginmanager.register(_StopCurrentNeo4jEarly(), "moe-stop-current-neo4j-early")
     os.environ["MOE_STATE_DIR"] = tempfile.mkdtemp(prefix="moe-test-state-")
 

@@ -109,6 +109,10 @@ def _serve() -> None:
         elif op == "forget":
             children.pop(req["pid"], None)
             replies.write("{}\n")
+    # The suite is done with it: leave without the interpreter's teardown of torch and the
+    # rest (seconds, at the end of every run). Its children are processes of their own.
+    replies.flush()
+    os._exit(0)
 
 
 def _wait(children: dict[int, int | None], pid: int, timeout: float | None) -> int | None:
@@ -234,7 +238,9 @@ def _child(req: dict, ready: int) -> int:
 # -- the test side ---------------------------------------------------------------------------
 
 class _Helper:
-    """A helper started with ``startup`` as its start-up variables (`STARTUP_PREFIXES`)."""
+    """A helper started with ``startup`` as its start-up variables (`STARTUP_PREFIXES`). Its
+    process starts at once; its first line (ready or not) is read on first use, so that a
+    helper started early (`prestart`) imports its libraries while the tests are collected."""
 
     def __init__(self, startup: dict[str, str]) -> None:
         self.lock = threading.Lock()
@@ -242,15 +248,27 @@ class _Helper:
                **startup}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=ROOT, env=env)
-        try:
-            hello = json.loads(self.proc.stdout.readline() or b'{"ready": false}')
-        except ValueError:
-            hello = {"ready": False, "printed": "an unreadable first line"}
-        self.ready = bool(hello.get("ready"))
-        self.env: dict[str, str] = hello.get("env", {})
-        if not self.ready:
-            print(f"forkrun: the helper is not used: {hello.get('printed', '')[-500:]}",
-                  file=sys.stderr)
+        self._hello: dict | None = None
+
+    def _greeted(self) -> dict:
+        with self.lock:
+            if self._hello is None:
+                try:
+                    self._hello = json.loads(self.proc.stdout.readline() or b'{"ready": false}')
+                except ValueError:
+                    self._hello = {"ready": False, "printed": "an unreadable first line"}
+                if not self._hello.get("ready"):
+                    print("forkrun: the helper is not used: "
+                          f"{self._hello.get('printed', '')[-500:]}", file=sys.stderr)
+        return self._hello
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._greeted().get("ready"))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self._greeted().get("env", {})
 
     def ask(self, **req) -> dict:
         with self.lock:
@@ -262,6 +280,8 @@ class _Helper:
         return json.loads(line)
 
     def close(self) -> None:
+        if self._hello is None:  # never used (started early for a run that forked nothing)
+            self.proc.kill()
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -288,6 +308,29 @@ def _get(env=None) -> _Helper | None:
             helper = _helpers[key] = _Helper(startup)  # one not ready is not tried again
             atexit.register(helper.close)
         return helper if helper.ready else None
+
+
+def prestart() -> None:
+    """Start this process's helper now without waiting for it (a test module that runs
+    commands calls this when it is imported, so the helper's imports overlap the rest of the
+    collection on the other core); a no-op where forking is off or it already runs."""
+    if os.environ.get("MOE_TEST_FORK", "1").lower() in ("0", "false", "no", "off"):
+        return
+    key = tuple(sorted(_startup_env(os.environ).items()))
+    with _helpers_lock:
+        if key not in _helpers and len(_helpers) < MAX_HELPERS:
+            helper = _helpers[key] = _Helper(dict(key))
+            atexit.register(helper.close)
+
+
+def retire(env) -> None:
+    """Stop the helper of ``env``'s start-up variables, if one runs: a test that needed a helper
+    of its own gives its place back (`MAX_HELPERS`)."""
+    key = tuple(sorted(_startup_env(env).items()))
+    with _helpers_lock:
+        helper = _helpers.pop(key, None)
+    if helper is not None:
+        helper.close()
 
 
 def _shaped(cmd: Sequence[str | os.PathLike]) -> bool:
@@ -484,3 +527,5 @@ def run(cmd, *, capture_output: bool = False, text: bool = False, env=None, cwd=
 
 if __name__ == "__main__":
     _serve()
+else:  # imported by a test module: that module runs commands
+    prestart()

@@ -98,6 +98,7 @@ def test_a_start_up_variable_of_its_own_gets_a_helper_started_with_it(tmp_path):
         forked = forkrun.run([sys.executable, str(code)], env=env, capture_output=True,
                              text=True, timeout=120)
         assert forked.stdout == fresh.stdout == f"{threads}\n", (forked, fresh)
+        forkrun.retire(env)
     done = forkrun.run([sys.executable, "-c", "import sys; print(sys.argv)"],
                        capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "['-c']"

@@ -29,6 +29,7 @@ pytest.importorskip("transformers", reason="the llama extra (transformers) is no
 from pipeline.moe import budget, checkpoint
 from pipeline.moe.config import MoEConfig
 from pipeline.moe.llama2c import write_llama2c, write_tokenizer
+from pipeline.moe.offline import OFFLINE_VARIABLES
 from pipeline.moe.system import MixtureOfExpertsSystem
 
 pytestmark = pytest.mark.integration  # the CLI in subprocesses
@@ -84,9 +85,12 @@ def cli(proxy, tmp_path):
     dir; asserts afterwards that nothing connected."""
     before = len(proxy.lines)
 
-    def run(*args: str, env: dict[str, str] | None = None, limit: int | None = None):
+    def run(*args: str, env: dict[str, str] | None = None, limit: int | None = None,
+            hub_switches: bool = True):
         full = {**proxy.env(), "PYTHONPATH": str(ROOT),
                 "MOE_STATE_DIR": str(tmp_path / "state"), **(env or {})}
+        if not hub_switches:  # not even the offline switches the suite sets (conftest)
+            full = {k: v for k, v in full.items() if k not in OFFLINE_VARIABLES}
         return forkrun.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, timeout=300,
                            env=full, limit=limit, capture_output=True, text=True)
 
@@ -160,13 +164,15 @@ def edited(hf_dir: Path, tmp_path: Path, **fields) -> Path:
 # -- 1. offline means offline --------------------------------------------------------------
 
 def test_sound_models_load_and_train_with_nothing_connecting(cli, hf_dir, corpus):
-    proc = cli("generate", str(hf_dir), "--max-new-tokens", "4", "--prompt", "the")
+    # Without the Hub's offline switches in the environment: each command sets them itself.
+    proc = cli("generate", str(hf_dir), "--max-new-tokens", "4", "--prompt", "the",
+               hub_switches=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "converted layers [0, 1] of 2" in proc.stdout
-    proc = cli("generate", "--tiny", "--max-new-tokens", "4")
+    proc = cli("generate", "--tiny", "--max-new-tokens", "4", hub_switches=False)
     assert proc.returncode == 0 and "converted layers [0, 1, 2, 3] of 4" in proc.stdout
     proc = cli("train", str(corpus), "--epochs", "1", "--constellations", "a",
-               "--constellations", "b")
+               "--constellations", "b", hub_switches=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "served model now" in proc.stdout
 
