@@ -69,7 +69,27 @@ if [ -z "$dir" ]; then
 else
   mkdir -p "$dir"  # the user's folder: its mode is theirs; the env file is 0600 itself
 fi
+# The launcher compiled once per source and JDK (javac takes seconds of two cores; running
+# the .java file directly compiled it on every start), where the JDK has javac; else the
+# source file runs as it is.
+main=("$here/Launcher.java")
+javac="$(dirname "$(readlink -f "$java")")/javac"
+if [ -x "$javac" ]; then
+  key=$( { cat "$here/Launcher.java"; "$java" -version 2>&1; cat "$classpath_file"; } | sha256sum | cut -c1-16)
+  classes="$cache/launcher-$key"
+  if [ ! -f "$classes/Launcher.class" ]; then
+    building=$(mktemp -d "$cache/launcher-build.XXXXXX")
+    if "$javac" -nowarn -d "$building" -cp "$(cat "$classpath_file")" "$here/Launcher.java" \
+        >"$cache/javac.log" 2>&1; then
+      mv -T "$building" "$classes" 2>/dev/null || rm -rf "$building"  # another start won
+    else
+      rm -rf "$building"
+    fi
+  fi
+  [ -f "$classes/Launcher.class" ] && main=(-cp "$classes:$(cat "$classpath_file")" Launcher)
+fi
+[ "${main[0]}" = -cp ] || main=(-cp "$(cat "$classpath_file")" "$here/Launcher.java")
 # Neo4j's own log lines go to stderr and its files; stdout carries only the ready line.
 "$java" -Xms256m -Xmx1g -XX:+UseParallelGC --add-opens=java.base/java.nio=ALL-UNNAMED \
   --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/sun.nio.ch=ALL-UNNAMED \
-  -cp "$(cat "$classpath_file")" "$here/Launcher.java" "$dir"
+  "${main[@]}" "$dir"
