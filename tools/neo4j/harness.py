@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import selectors
 import shutil
 import subprocess
@@ -25,8 +26,9 @@ class Neo4jUnavailable(RuntimeError):
 class Neo4jHarness:
     """One Neo4j server started by launcher.sh (version: the compose pin when None)."""
 
-    def __init__(self, version: str | None = None, workdir: Path | None = None) -> None:
-        self.version = version
+    def __init__(self, version: str | None = None, workdir: Path | None = None,
+                 java_opts: str = "") -> None:
+        self.version, self.java_opts = version, java_opts
         self.owned = workdir is None  # a folder of our own: removed by stop()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-neo4j-harness-"))
         self.log = self.workdir / "launcher.log"
@@ -39,7 +41,8 @@ class Neo4jHarness:
             args += ["--version", self.version]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=log)
+                                         stderr=log, env={**os.environ,
+                                                          "MOE_NEO4J_JAVA_OPTS": self.java_opts})
         selector = selectors.DefaultSelector()
         selector.register(self.proc.stdout, selectors.EVENT_READ)
         line = self.proc.stdout.readline() if selector.select(timeout_s) else b""

@@ -10,6 +10,8 @@
 # or newer: the first such JDK found (JAVA_HOME, then /usr/lib/jvm) runs them. Jars stay in
 # Maven's local repository and the resolved classpath is cached, so a second start needs no
 # network. Exit status 3 means no JDK or Maven fit the version (the tests then skip Neo4j).
+# MOE_NEO4J_JAVA_OPTS adds JVM options (the test suite's short-lived servers use
+# -XX:TieredStopAtLevel=1).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -90,6 +92,6 @@ if [ -x "$javac" ]; then
 fi
 [ "${main[0]}" = -cp ] || main=(-cp "$(cat "$classpath_file")" "$here/Launcher.java")
 # Neo4j's own log lines go to stderr and its files; stdout carries only the ready line.
-"$java" -Xms256m -Xmx1g -XX:+UseParallelGC --add-opens=java.base/java.nio=ALL-UNNAMED \
+"$java" -Xms256m -Xmx1g -XX:+UseParallelGC ${MOE_NEO4J_JAVA_OPTS:-} --add-opens=java.base/java.nio=ALL-UNNAMED \
   --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/sun.nio.ch=ALL-UNNAMED \
   "${main[@]}" "$dir"
