@@ -293,42 +293,51 @@ _helpers_lock = threading.Lock()
 MAX_HELPERS = 3  # start-up environments beyond these run plainly
 
 
+def _key(env) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(_startup_env(env).items()))
+
+
+def _start(key: tuple[tuple[str, str], ...]) -> _Helper | None:
+    """The helper of ``key``, started now unless `MAX_HELPERS` run (call with the lock held)."""
+    if key not in _helpers and len(_helpers) >= MAX_HELPERS:
+        return None
+    helper = _helpers[key] = _Helper(dict(key))
+    atexit.register(helper.close)
+    return helper
+
+
+def _forking() -> bool:
+    return os.environ.get("MOE_TEST_FORK", "1").lower() not in ("0", "false", "no", "off")
+
+
 def _get(env=None) -> _Helper | None:
     """The helper for ``env``'s start-up variables (default this process's), started on
     first use; None where forking is off or that helper could not start cleanly."""
-    if os.environ.get("MOE_TEST_FORK", "1").lower() in ("0", "false", "no", "off"):
+    if not _forking():
         return None
-    startup = _startup_env(os.environ if env is None else env)
-    key = tuple(sorted(startup.items()))
+    key = _key(os.environ if env is None else env)
     with _helpers_lock:
         helper = _helpers.get(key)
         if helper is None or (helper.ready and helper.proc.poll() is not None):
-            if helper is None and len(_helpers) >= MAX_HELPERS:
-                return None
-            helper = _helpers[key] = _Helper(startup)  # one not ready is not tried again
-            atexit.register(helper.close)
-        return helper if helper.ready else None
+            helper = _start(key)  # one not ready is not tried again
+        return helper if helper is not None and helper.ready else None
 
 
 def prestart() -> None:
     """Start this process's helper now without waiting for it (a test module that runs
     commands calls this when it is imported, so the helper's imports overlap the rest of the
     collection on the other core); a no-op where forking is off or it already runs."""
-    if os.environ.get("MOE_TEST_FORK", "1").lower() in ("0", "false", "no", "off"):
-        return
-    key = tuple(sorted(_startup_env(os.environ).items()))
-    with _helpers_lock:
-        if key not in _helpers and len(_helpers) < MAX_HELPERS:
-            helper = _helpers[key] = _Helper(dict(key))
-            atexit.register(helper.close)
+    if _forking():
+        with _helpers_lock:
+            if _key(os.environ) not in _helpers:
+                _start(_key(os.environ))
 
 
 def retire(env) -> None:
     """Stop the helper of ``env``'s start-up variables, if one runs: a test that needed a helper
     of its own gives its place back (`MAX_HELPERS`)."""
-    key = tuple(sorted(_startup_env(env).items()))
     with _helpers_lock:
-        helper = _helpers.pop(key, None)
+        helper = _helpers.pop(_key(env), None)
     if helper is not None:
         helper.close()
 

@@ -74,7 +74,7 @@ fi
 # The launcher compiled once per source and JDK (javac takes seconds of two cores; running
 # the .java file directly compiled it on every start), where the JDK has javac; else the
 # source file runs as it is.
-main=("$here/Launcher.java")
+main=(-cp "$(cat "$classpath_file")" "$here/Launcher.java")
 javac="$(dirname "$(readlink -f "$java")")/javac"
 if [ -x "$javac" ]; then
   key=$( { cat "$here/Launcher.java"; "$java" -version 2>&1; cat "$classpath_file"; } | sha256sum | cut -c1-16)
@@ -90,7 +90,6 @@ if [ -x "$javac" ]; then
   fi
   [ -f "$classes/Launcher.class" ] && main=(-cp "$classes:$(cat "$classpath_file")" Launcher)
 fi
-[ "${main[0]}" = -cp ] || main=(-cp "$(cat "$classpath_file")" "$here/Launcher.java")
 # Neo4j's own log lines go to stderr and its files; stdout carries only the ready line.
 "$java" -Xms256m -Xmx1g -XX:+UseParallelGC ${MOE_NEO4J_JAVA_OPTS:-} --add-opens=java.base/java.nio=ALL-UNNAMED \
   --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/sun.nio.ch=ALL-UNNAMED \
