@@ -151,6 +151,9 @@ class Support:
     source_text: str = ""
     embedding: np.ndarray | None = None  # (dim,) the report's, for the insight's medoid text
     content_hash: str = ""  # the source's (`content_hash`), kept on its node
+    # when it arrived: microseconds since the epoch at curation, plus its place in the batch
+    # (a forget that splits an insight replays its supports in this order)
+    at: int | None = None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ What forgetting a source means (the README's "Forgetting" section says the same)
 - an insight that keeps support is re-represented from what remains: its text is what a run
   of the remaining sources alone gives it (the medoid of their texts, or the one source's
   text), and where the report that founded it came from a forgotten source, its embedding
-  and summary become the remaining medoid's report's, and it is decided again (`redecide`):
-  it merges into another insight that its new founder restates;
+  and summary become those of the earliest remaining report, and its remaining supports are
+  replayed in the order they arrived (`arrivals`): one that restates none of the founders
+  before it founds an insight of its own (a split). Each insight so founded is decided again
+  (`redecide`): it merges into another insight that its new founder restates;
 - each shard whose insights were removed or changed counts one more forget (on its
   ``Constellation`` node): every cache replica, in any process, reads the shard anew at its
   next catch-up, which comes before any dedup decision or similarity answer; this process's
@@ -19,9 +21,9 @@ What forgetting a source means (the README's "Forgetting" section says the same)
 Forgetting a job (``job=``) takes back what that job filed: a source that another job filed
 too keeps its support, less the job's reports, as it would had the job never run.
 
-One graph transaction holds the whole change, under the locks of every shard the sources
-reach (taken in order, as librarians take them), so a forget killed part-way changed nothing
-in the graph, and running it again finishes it.
+One graph transaction holds the whole change, under the locks of every shard (taken in order;
+a librarian takes its own shard's, and may file a report into another shard's insight), so a
+forget killed part-way changed nothing in the graph, and running it again finishes it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ from pipeline.storage.sql import Batch, Forget, ItemError, Job
 # Statuses of a job still filing items (a local job whose process is gone is not).
 LIVE = ("queued", "running")
 
+# The fields of a support as `cypher.INSIGHT_SUPPORTS` lists them: its source's id, the stored
+# report embedding, the source's text, the reports behind it, when it arrived (None on edges
+# written before arrivals were kept) and the jobs that filed it.
+SOURCE, EMBEDDING, TEXT, REPORTS, AT, JOBS = range(6)
+
 
 @dataclass
 class Plan:
@@ -62,15 +69,21 @@ class Plan:
     sources: list[str] = field(default_factory=list)  # Source nodes removed
     insights: list[str] = field(default_factory=list)  # insights left with no support
     represent: list[dict[str, Any]] = field(default_factory=list)  # new text / embedding
-    merge: list[dict[str, str]] = field(default_factory=list)  # {"merged", "into"} insights
-    locked: list[str] = field(default_factory=list)  # shards the sources' supports are in
+    merge: list[dict[str, Any]] = field(default_factory=list)  # {"merged", "into"} insights
+    # insights split off a re-founded one ({"id", "from", "shard", "props", "sources"}), and
+    # split-off supports that join another insight instead ({"merged", "into", "sources"})
+    split: list[dict[str, Any]] = field(default_factory=list)
+    moves: list[dict[str, Any]] = field(default_factory=list)
+    similar: list[dict[str, Any]] = field(default_factory=list)  # a split-off's neighbours
+    locked: list[str] = field(default_factory=list)  # shard locks taken: all, if it changes any
     touched: list[str] = field(default_factory=list)  # shards whose insights changed
 
     def counts(self) -> dict[str, int]:
         return {"sources": len(self.sources), "supports": len(self.drop),
                 "supports_thinned": len(self.thin), "insights_removed": len(self.insights),
                 "insights_rerepresented": len(self.represent),
-                "insights_merged": len(self.merge), "unknown": len(self.unknown)}
+                "insights_merged": len(self.merge), "insights_split": len(self.split),
+                "unknown": len(self.unknown)}
 
 
 @dataclass
@@ -133,44 +146,165 @@ def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
     p.sources = sorted(known - kept)
     touched = set()
     remaining: dict[str, tuple[dict[str, Any], list[list[Any]]]] = {}  # insight: (row, rest)
-    if gone:
-        for row in tx.run(cypher.INSIGHT_SUPPORTS, ids=sorted(gone)):
-            rest = [s for s in row["supports"] if s[0] not in gone[row["id"]]]
-            if not rest:
-                p.insights.append(row["id"])
-                touched.add(row["shard"])
-                continue
-            remaining[row["id"]] = (dict(row), rest)
-            new = represent(row, rest, with_vector)
-            if new is not None:
-                p.represent.append(new)
-                touched.add(row["shard"])
+    found_rows = tx.run(cypher.INSIGHT_SUPPORTS, ids=sorted(gone)).data() if gone else []
+    shards = shard_names(tx) if found_rows and rule is not None else []
+    for row in found_rows:
+        rest = [s for s in row["supports"] if s[SOURCE] not in gone[row["id"]]]
+        if not rest:
+            p.insights.append(row["id"])
+            touched.add(row["shard"])
+            continue
+        groups = arrivals(row, rest, rule, shards) if rule is not None else None
+        if groups is not None and len(groups) > 1:
+            rest = split_off(tx, p, row, groups, remaining, with_vector, shards)
+        remaining[row["id"]] = (dict(row), rest)
+        new = represent(row, rest, with_vector)
+        if new is not None:
+            p.represent.append(new)
+            touched.add(row["shard"])
+    locked |= {x["shard"] for x in p.split}
+    touched |= {x["shard"] for x in p.split}
     if rule is not None:
         joined = redecide(tx, p, remaining, rule)
         locked |= joined  # a merge into another shard needs its lock too
         touched |= joined
+    if locked:
+        # Every shard's lock, not only those the sources reach: a librarian files a report
+        # into another shard's insight (a cross-shard join) under its own shard's lock
+        # alone, so a forget that merged or removed that insight meanwhile would lose it.
+        locked |= set(shards or shard_names(tx))
     p.locked, p.touched = sorted(locked), sorted(touched)
     return p
 
 
+def founder_kept(row: dict[str, Any], rest: list[list[Any]]) -> bool:
+    """Whether the report that founded the insight of ``row`` is among its supports ``rest``
+    (an insight is named by its shard and that report, `insight_id`)."""
+    return any(insight_id(row["shard"], rep) == row["id"] for s in rest
+               for rep in (s[REPORTS] or []) if rep is not None)
+
+
+def shard_names(tx: Any) -> list[str]:
+    """Every constellation (shard) of the graph, sorted."""
+    return sorted(tx.run(cypher.CONSTELLATIONS).single(strict=True)["ids"])
+
+
+def filed_in(s: list[Any], names: list[str]) -> tuple[str, str] | None:
+    """The shard a support's report was filed in, and that report (a report is named by its
+    job, source and constellation: `report_id`); None where none of ``names`` gives one."""
+    for job in s[JOBS] or []:
+        for name in names:
+            if (rep := report_id(job, s[SOURCE], name)) in (s[REPORTS] or []):
+                return name, rep
+    return None
+
+
+def arrivals(row: dict[str, Any], rest: list[list[Any]], rule: Rule,
+             names: list[str]) -> list[list[list[Any]]] | None:
+    """The supports ``rest`` of an insight whose founder is forgotten, replayed in the order
+    they arrived as the librarian would have filed them without it: the earliest founds the
+    insight anew; each later one joins a group whose founder it restates under the dedup
+    ``rule`` (its report against the founder's summary, as against a cache), the best of
+    those filed in its own shard first, else the best of the others (as `dedup.decide`), or
+    founds a group of its own. Groups in order, each founder first; None where nothing is
+    replayed (the founder kept, one support, or an edge without its arrival or embedding:
+    written before arrivals were kept).
+
+    Only the insight's own supports are replayed: one that would have joined an insight
+    elsewhere is found by `redecide`, which decides each group's founder against the graph.
+    """
+    if len(rest) < 2 or founder_kept(row, rest):
+        return None
+    if any(s[AT] is None or s[EMBEDDING] is None for s in rest):
+        return None
+    order = sorted(rest, key=lambda s: (int(s[AT]), str(s[SOURCE])))
+    emb = decode_embeddings([s[EMBEDDING] for s in order], int(row["dim"])).astype(np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    lexical = rule.lexical is not None
+    shard = [(filed_in(s, names) or (row["shard"], ""))[0] for s in order]
+    heads: list[int] = []  # the founder of each group, as an index into ``order``
+    groups: list[list[list[Any]]] = []
+    for n, s in enumerate(order):
+        if heads:
+            report = [shingles((s[TEXT] or "")[:280])] if lexical else None
+            founders = ([shingles((order[h][TEXT] or "")[:280]) for h in heads] if lexical
+                        else None)
+            sc = scores((emb[heads] @ emb[n])[None, :], report, founders, rule)[0]
+            home = np.array([shard[h] == shard[n] for h in heads])
+            mine = np.where(home, sc, -np.inf)
+            best = int(np.argmax(mine if mine.max() >= rule.threshold else sc))
+            if sc[best] >= rule.threshold:
+                groups[best].append(s)
+                continue
+        heads.append(n)
+        groups.append([s])
+    return groups
+
+
+def split_off(tx: Any, p: Plan, row: dict[str, Any], groups: list[list[list[Any]]],
+              kept: dict[str, tuple[dict[str, Any], list[list[Any]]]],
+              with_vector: bool, names: list[str]) -> list[list[Any]]:
+    """Each group of ``groups`` but the first becomes an insight of its own (`Plan.split`):
+    named, as the librarian names one, by the shard its founder's report was filed in and
+    that report, with the next seq there; its summary and embedding the founder's, its text
+    the group's medoid. Returns the supports the insight of ``row`` keeps: the first group,
+    and any group whose name an insight has already (left where it was)."""
+    dim, first = int(row["dim"]), list(groups[0])
+    for group in groups[1:]:
+        founder = group[0]
+        shard, report = (filed_in(founder, names)
+                         or (row["shard"], str((founder[REPORTS] or [""])[0])))
+        iid = insight_id(shard, report)
+        if (any(x["id"] == iid for x in p.split)
+                or tx.run(cypher.INSIGHT_EXISTS, id=iid).single(strict=True)["n"]):
+            first += group
+            continue
+        seq = max([int(x["props"]["seq"]) for x in p.split if x["shard"] == shard]
+                  + [_max_seq(tx, shard)]) + 1
+        summary = (founder[TEXT] or "")[:280]
+        props: dict[str, Any] = {
+            "id": iid, "shard": shard, "seq": seq, "run_id": row["run_id"],
+            "embedding": founder[EMBEDDING], "dim": dim, "summary": summary,
+            "text": medoid_text(group, dim, summary), "created_at": row["created_at"]}
+        if row["model"] is not None:
+            props["model"] = row["model"]
+        if with_vector:
+            props["embedding_vector"] = [float(v) for v in
+                                         decode_embeddings([founder[EMBEDDING]], dim)[0]]
+        p.split.append({"id": iid, "from": row["id"], "shard": shard, "props": props,
+                        "sources": [s[SOURCE] for s in group]})
+        kept[iid] = ({"id": iid, "shard": shard, "dim": dim, "model": row["model"],
+                      "seq": seq, "text": props["text"], "summary": summary}, group)
+    return first
+
+
+def _max_seq(tx: Any, shard: str) -> int:
+    seq = tx.run(cypher.MAX_SEQ, shard=shard).single(strict=True)["seq"]
+    return -1 if seq is None else int(seq)
+
+
 def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[Any]]]],
              rule: Rule) -> set[str]:
-    """Each insight founded anew (its founding report was forgotten) decided again, as the
-    librarian decides a new report (`dedup.decide`): where its new founder restates another
-    insight of the same model under the dedup ``rule`` (its own shard first, then the
-    others), it merges into that one, which then reads as the medoid of both insights'
-    supports. Insights are taken in seq order, each against the graph as the forget leaves
-    it so far. Returns the shards merged into.
+    """Each insight founded anew (its founding report was forgotten, or it was split off one
+    that was) decided again, as the librarian decides a new report (`dedup.decide`): where
+    its new founder restates another insight of the same model under the dedup ``rule``
+    (its own shard first, then the others), it merges into that one, which then reads as the
+    medoid of both insights' supports; a split-off one is then never created, its supports
+    move to that insight (`Plan.moves`). Insights are taken in seq order, each against the
+    graph as the forget leaves it so far. Returns the shards merged into.
 
-    A fresh run could still have decided differently: a remaining supporter that joined the
-    forgotten founder but would not join the new one stays, and later reports that the old
-    founder drew are not decided again.
+    A fresh run could still have decided differently: reports that a forgotten founder drew
+    into another insight are not decided again.
     """
-    founded = {r["id"]: r for r in p.represent if r["embedding"] is not None}
+    founded = {r["id"]: (r["embedding"], r["summary"]) for r in p.represent
+               if r["embedding"] is not None}
+    new = {x["id"]: x for x in p.split}
+    founded.update({x["id"]: (x["props"]["embedding"], x["props"]["summary"])
+                    for x in p.split})
     if not founded:
         return set()
     dropped = set(p.insights)
-    names = sorted(tx.run(cypher.CONSTELLATIONS).single(strict=True)["ids"])
+    names = shard_names(tx)
     groups: dict[tuple[int, str | None], list[str]] = {}
     for iid in founded:
         row = kept[iid][0]
@@ -179,18 +313,23 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
     shard_of: dict[str, str] = {}
     for (dim, model), iids in sorted(groups.items(), key=lambda g: str(g[0])):
         parts = [CurateTx(tx).read_shard(name, dim, model=model) for name in names]
-        ids = [i for part in parts for i in part.ids]
+        # the split-off insights, not in the graph yet, in their shards
+        extra = [i for i in iids if i in new and new[i]["shard"] in names]
+        ids = [i for part in parts for i in part.ids] + extra
         if not ids:
             continue
-        home = np.concatenate([np.full(len(part), n) for n, part in enumerate(parts)])
+        home = np.concatenate([np.full(len(part), n) for n, part in enumerate(parts)]
+                              + [np.array([names.index(new[i]["shard"]) for i in extra],
+                                          dtype=np.int64)])
         at = {iid: n for n, iid in enumerate(ids)}
-        emb = np.concatenate([part.embeddings for part in parts]).astype(np.float32)
-        texts = [t for part in parts for t in part.summaries]
+        emb = np.concatenate([part.embeddings for part in parts]
+                             + [np.zeros((len(extra), dim), np.float16)]).astype(np.float32)
+        texts = [t for part in parts for t in part.summaries] + [""] * len(extra)
         alive = np.array([iid not in dropped for iid in ids])
         for iid in iids:  # the new founders, as the graph will hold them
             if iid in at:
-                emb[at[iid]] = decode_embeddings([founded[iid]["embedding"]], dim)[0]
-                texts[at[iid]] = founded[iid]["summary"]
+                emb[at[iid]] = decode_embeddings([founded[iid][0]], dim)[0]
+                texts[at[iid]] = founded[iid][1]
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         grams: dict[int, frozenset[str]] = {}  # shingled when first needed
         # seq counts per shard: shard and id break its ties, the same on every server
@@ -211,6 +350,8 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
                 into[iid] = ids[best]
                 shard_of[ids[best]] = names[int(home[best])]
                 alive[me] = False
+            elif iid in new:  # a new insight: its near neighbours, as the librarian links
+                p.similar += _neighbours(iid, cos, home == home[me], ids, rule)
     if not into:
         return set()
 
@@ -219,9 +360,12 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
             iid = into[iid]
         return iid
 
-    p.merge = [{"merged": iid, "into": final(iid)} for iid in sorted(into)]
+    p.merge = [{"merged": iid, "into": final(iid), "sources": None}
+               for iid in sorted(into) if iid not in new]
+    p.moves = [{"merged": new[x]["from"], "into": final(x), "sources": new[x]["sources"]}
+               for x in sorted(into) if x in new and new[x]["from"] != final(x)]
     # The targets' texts: the medoid of their supports and the merged ones' (as `represent`).
-    targets = sorted({m["into"] for m in p.merge})
+    targets = sorted({final(iid) for iid in into})
     new_by_id = {r["id"]: r for r in p.represent}
     missing = [t for t in targets if t not in kept]
     for row in tx.run(cypher.INSIGHT_SUPPORTS, ids=missing) if missing else []:
@@ -229,23 +373,40 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
     # One support per source: where a merged insight and its target share a source, the
     # graph keeps the target's edge (MOVE_SUPPORTS merges onto it).
     pooled: dict[str, dict[str, list[Any]]] = {
-        t: {s[0]: s for s in kept[t][1]} for t in targets if t in kept}
-    for m in p.merge:
-        into_ = pooled.setdefault(m["into"], {})
-        for s in kept[m["merged"]][1]:
-            into_.setdefault(s[0], s)
+        t: {s[SOURCE]: s for s in kept[t][1]} for t in targets if t in kept}
+    for iid in sorted(into):
+        into_ = pooled.setdefault(final(iid), {})
+        for s in kept[iid][1]:
+            into_.setdefault(s[SOURCE], s)
     p.represent = [r for r in p.represent if r["id"] not in into]
+    p.split = [x for x in p.split if x["id"] not in into]
     for target, by_source in pooled.items():
         row = kept[target][0]
         # a re-founded target's summary is its new founder's, not the one read before
-        summary = new_by_id[target]["summary"] if target in new_by_id else row["summary"]
+        summary = founded[target][1] if target in founded else row["summary"]
         text = medoid_text(list(by_source.values()), int(row["dim"]), summary)
-        if target in new_by_id:
+        if target in new:
+            new[target]["props"]["text"] = text
+        elif target in new_by_id:
             new_by_id[target]["text"] = text
         elif text != row["text"]:
             p.represent.append({"id": target, "text": text, "summary": summary,
                                 "embedding": None, "vector": None})
     return {shard_of[t] for t in targets}
+
+
+def _neighbours(iid: str, cos: np.ndarray, mine: np.ndarray, ids: list[str],
+                rule: Rule, k: int = 5) -> list[dict[str, Any]]:
+    """SIMILAR_TO rows from a new insight to its near neighbours (``rule.related`` <= cosine
+    < ``rule.threshold``): the ``k`` nearest in its own shard (rows ``mine``) and the ``k``
+    nearest in the others, as `dedup.decide` links an inserted report."""
+    near = (cos >= rule.related) & (cos < rule.threshold)
+    rows_ = []
+    for where in (near & mine, near & ~mine):
+        cand = np.flatnonzero(where)
+        rows_ += [{"insight": iid, "b": ids[j], "score": float(cos[j])}
+                  for j in cand[np.argsort(-cos[cand], kind="stable")[:k]]]
+    return rows_
 
 
 def _best_in(where: np.ndarray, me: int, cos: np.ndarray, texts: list[str],
@@ -271,41 +432,48 @@ def _gram(texts: list[str], memo: dict[int, frozenset[str]], n: int) -> frozense
 
 
 def medoid_text(supports: list[list[Any]], dim: int, summary: str) -> str:
-    """The text of ``supports`` ([source, embedding bytes, text, reports] each) as curating
+    """The text of ``supports`` (`INSIGHT_SUPPORTS` rows: `SOURCE`, `EMBEDDING`, ...) as curating
     them makes it: the medoid of the texts where two or more have an embedding (what
     `rows.medoid_rows` keeps an insight's text at), else ``summary``."""
-    pairs = [s for s in supports if s[1] is not None and s[2]]
+    pairs = [s for s in supports if s[EMBEDDING] is not None and s[TEXT]]
     if len(pairs) < 2:
         return summary
-    return pairs[rows.medoid([s[1] for s in pairs], dim, [s[2] for s in pairs])][2]
+    return pairs[rows.medoid([s[EMBEDDING] for s in pairs], dim,
+                             [s[TEXT] for s in pairs])][TEXT]
 
 
 def represent(row: dict[str, Any], rest: list[list[Any]],
               with_vector: bool) -> dict[str, Any] | None:
     """An insight's text (and, if its founder is gone, embedding and summary) from its
-    remaining supports ``rest`` ([source, embedding bytes, text, reports] each), as curating
+    remaining supports ``rest`` (`INSIGHT_SUPPORTS` rows), as curating
     them alone would have made it; None when nothing changes.
 
-    The text is `medoid_text` of the remaining supports. An insight whose
-    founding report is among the forgotten is founded anew by the remaining medoid: its
-    report's embedding and its text's first 280 characters (the summary a new insight has).
+    The text is `medoid_text` of the remaining supports. An insight whose founding report is
+    among the forgotten is founded anew by the earliest remaining report (the one a run
+    without the forgotten would have founded it with; the medoid where the edges do not say
+    when they arrived): its embedding and its text's first 280 characters (the summary a new
+    insight has).
     """
-    iid, shard, dim = row["id"], row["shard"], int(row["dim"])
-    founded = any(insight_id(shard, rep) == iid for s in rest for rep in (s[3] or [])
-                  if rep is not None)
-    usable = [s for s in rest if s[1] is not None]
-    founder = (usable[rows.medoid([s[1] for s in usable], dim, [s[2] or s[0] for s in usable])]
-               if usable else rest[0])
-    summary = row["summary"] if founded else (founder[2] or "")[:280]
+    iid, dim = row["id"], int(row["dim"])
+    founded = founder_kept(row, rest)
+    usable = [s for s in rest if s[EMBEDDING] is not None]
+    if usable and all(s[AT] is not None for s in rest):
+        founder = min(usable, key=lambda s: (int(s[AT]), str(s[SOURCE])))
+    elif usable:
+        founder = usable[rows.medoid([s[EMBEDDING] for s in usable], dim,
+                                     [s[TEXT] or s[SOURCE] for s in usable])]
+    else:
+        founder = rest[0]
+    summary = row["summary"] if founded else (founder[TEXT] or "")[:280]
     text = medoid_text(rest, dim, summary)
     if founded and text == row["text"]:
         return None
     out: dict[str, Any] = {"id": iid, "text": text, "summary": summary, "embedding": None,
                            "vector": None}
-    if not founded and founder[1] is not None:
-        out["embedding"] = founder[1]
+    if not founded and founder[EMBEDDING] is not None:
+        out["embedding"] = founder[EMBEDDING]
         if with_vector:
-            out["vector"] = [float(v) for v in decode_embeddings([founder[1]], dim)[0]]
+            out["vector"] = [float(v) for v in decode_embeddings([founder[EMBEDDING]], dim)[0]]
     return out
 
 
@@ -319,6 +487,19 @@ def apply(tx: Any, p: Plan, with_vector: bool) -> None:
         tx.run(cypher.DROP_INSIGHTS, ids=p.insights).consume()
     if p.sources:
         tx.run(cypher.DROP_BARE_SOURCES, ids=p.sources).consume()
+    if p.split:  # created first: a merge or a move may go into one
+        tx.run(cypher.SPLIT_INSIGHTS, rows=[{"shard": x["shard"], "props": x["props"]}
+                                            for x in p.split]).consume()
+        moved = [{"merged": x["from"], "into": x["id"], "sources": x["sources"]}
+                 for x in p.split]
+        tx.run(cypher.SPLIT_DISCOVERED, rows=moved).consume()
+        tx.run(cypher.MOVE_PRODUCED, rows=moved).consume()
+        tx.run(cypher.MOVE_SUPPORTS, rows=moved).consume()
+    if p.similar:
+        tx.run(cypher.MERGE_SIMILAR, rows=p.similar).consume()
+    if p.moves:
+        tx.run(cypher.MOVE_SUPPORTS, rows=p.moves).consume()
+        tx.run(cypher.MOVE_PRODUCED, rows=p.moves).consume()
     if p.merge:
         tx.run(cypher.MOVE_SUPPORTS, rows=p.merge).consume()
         tx.run(cypher.MOVE_PRODUCED, rows=p.merge).consume()

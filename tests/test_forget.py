@@ -67,6 +67,18 @@ def _view(graph, shards: list[str]) -> list[tuple[str, tuple[str, ...]]]:
     return sorted((r["text"], tuple(sorted(r["sources"]))) for r in rows)
 
 
+def _links(graph, shards: list[str]) -> list[tuple[tuple[str, ...], tuple[str, ...], float]]:
+    """The shards' SIMILAR_TO edges as a user reads them: the sources behind each end, and
+    the score."""
+    rows = graph.run_cypher(
+        "MATCH (a:Insight)-[r:SIMILAR_TO]->(b:Insight) WHERE a.shard IN $shards "
+        "MATCH (a)-[:SUPPORTED_BY]->(x:Source) MATCH (b)-[:SUPPORTED_BY]->(y:Source) "
+        "RETURN collect(DISTINCT x.id) AS a, collect(DISTINCT y.id) AS b, r.score AS score",
+        {"shards": shards})
+    return sorted((tuple(sorted(r["a"])), tuple(sorted(r["b"])), round(r["score"], 3))
+                  for r in rows)
+
+
 def _shards(settings: Settings) -> list[str]:
     with Runtime.from_settings(settings) as rt:
         return list(rt.system.constellation.names)
@@ -196,8 +208,8 @@ def test_a_re_founded_insight_merges_into_another_shard_under_that_shards_lock_t
     # founds an insight there; dup-1 goes to another, too far from dup-0 to join it across
     # shards, and founds a second one, which dup-2 and the original join. Without dup-1,
     # dup-2 (routed there too) restates dup-0 across the shards: a fresh run files the three
-    # under dup-0's insight, and so must forgetting dup-1. The forget first plans without
-    # the other shard, so it must take that shard's lock as well before it writes.
+    # under dup-0's insight, and so must forgetting dup-1. The forget takes every shard's
+    # lock, in order, that other shard's included, before it writes.
     items = _by_id("febrl3", ["rec-255-dup-0", "rec-255-dup-1", "rec-255-dup-2",
                               "rec-255-org"])
     ids = [i["id"] for i in items]
@@ -220,7 +232,7 @@ def test_a_re_founded_insight_merges_into_another_shard_under_that_shards_lock_t
     done = forget(rt, [ids[1]])
     assert done.counts["insights_merged"] == dry.counts["insights_merged"] == 1
     assert {alone["shard"], founded["shard"]} <= set(done.shards)
-    assert taken[-2:] == sorted([alone["shard"], founded["shard"]]), taken
+    assert taken == sorted(set(taken)) and set(shards) <= set(taken), taken
     after = _view(graph, shards)
     assert after == [(after[0][0], tuple(sorted(ids[:1] + ids[2:])))]
     assert _insight_of(graph, ids[3])["id"] == alone["id"]  # the older insight stays
@@ -259,6 +271,45 @@ def test_two_insights_founded_anew_in_one_forget_become_one(tmp_path, graph):
     _wipe(graph, shards, ids)
     run_local(kept, settings, batch_size=8)
     assert after == _view(graph, shards), "forgetting differs from never having ingested"
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded", "neo4j")
+def test_a_re_founded_insight_splits_where_its_founder_alone_held_two_groups(tmp_path, graph):
+    # FEBRL 3 rec-7, five records: dup-1 founds an insight that the original and dup-2 join
+    # in its shard, and dup-0 and dup-3, filed in another shard (dup-3 joining dup-0 there),
+    # join across the shards. Without dup-1 those two groups restate nothing of each other:
+    # a fresh run makes two insights, one per shard, and so must forgetting dup-1.
+    items = _by_id("febrl3", ["rec-7-dup-0", "rec-7-dup-1", "rec-7-dup-2", "rec-7-dup-3",
+                              "rec-7-org"])
+    ids = [i["id"] for i in items]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    whole = _insight_of(graph, ids[0])
+    assert _founder(graph, whole["id"]) == ids[1]  # the case: one insight, dup-1 its founder
+    assert all(_insight_of(graph, i)["id"] == whole["id"] for i in ids)
+    dry = forget(Runtime.from_settings(settings), [ids[1]], dry_run=True)
+    done = forget(Runtime.from_settings(settings), [ids[1]])
+    assert done.counts["insights_split"] == dry.counts["insights_split"] == 1
+    assert done.counts["insights_removed"] == done.counts["insights_merged"] == 0
+    after = _view(graph, shards)
+    assert sorted(srcs for _, srcs in after) == [(ids[0], ids[3]), (ids[2], ids[4])]
+    split = _insight_of(graph, ids[0])
+    assert split["shard"] != whole["shard"] and _founder(graph, split["id"]) == ids[0]
+    # a user reads the new insight like any other: its producing experts, its run, its shard
+    # and its near neighbour (the other half, as a fresh run links them)
+    for edge in ("PRODUCED_BY", "DISCOVERED_IN", "IN_CONSTELLATION", "SIMILAR_TO"):
+        assert graph.run_cypher(f"MATCH (:Insight {{id: $id}})-[:{edge}]->(x) RETURN x",
+                                {"id": split["id"]}), edge
+    assert not graph.run_cypher("MATCH (i:Insight) WHERE i.shard IN $shards AND "
+                                "i.embedding IS NULL RETURN i.id", {"shards": shards})
+    links = _links(graph, shards)
+    _wipe(graph, shards, ids)
+    run_local([i for i in items if i["id"] != ids[1]], settings, batch_size=8)
+    assert after == _view(graph, shards), "forgetting differs from never having ingested"
+    assert links == _links(graph, shards)
     _wipe(graph, shards, ids)
 
 
