@@ -218,7 +218,7 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
     for li, (other, row, _) in decision.foreign.items():
         new_ids[li] = (others or {})[other].ids[row]  # joins an insight of another shard
     now = time.time()
-    arrived = int(now * 1_000_000)  # a support's arrival: this, plus its place in the batch
+    arrived = int(now * 1_000_000)  # the part's arrival, on each support with its place
     insights = [Insight(new_ids[li], shard, next_seq + k,
                         np.asarray(reports[li].embedding, np.float32), run_id,
                         summary=reports[li].text[:280], created_at=now, model=model)
@@ -231,7 +231,7 @@ def build_batch(shard: str, reports: Sequence[DraftReport], decision: Decision,
         batch.supports.append(Support(target, report.item_id, report.id, report.job_id,
                                       report.score, report.text,
                                       np.asarray(report.embedding, np.float32),
-                                      report.content, arrived + i))
+                                      report.content, arrived, i))
         for expert, weight in report.experts.items():
             key = (target, expert)
             produced[key] = max(weight, produced.get(key, weight))

@@ -151,9 +151,10 @@ class Support:
     source_text: str = ""
     embedding: np.ndarray | None = None  # (dim,) the report's, for the insight's medoid text
     content_hash: str = ""  # the source's (`content_hash`), kept on its node
-    # when it arrived: microseconds since the epoch at curation, plus its place in the batch
-    # (a forget that splits an insight replays its supports in this order)
+    # when it arrived: the curated part's time (microseconds since the epoch) and the report's
+    # place in it (a forget replays an insight's supports in this order, part by part)
     at: int | None = None
+    pos: int | None = None
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,14 @@ What forgetting a source means (the README's "Forgetting" section says the same)
 
 - its ``SUPPORTED_BY`` edges go, and its ``Source`` node;
 - an insight left with no support goes, with all its edges;
-- an insight that keeps support is re-represented from what remains: its text is what a run
-  of the remaining sources alone gives it (the medoid of their texts, or the one source's
-  text), and where the report that founded it came from a forgotten source, its embedding
-  and summary become those of the earliest remaining report, and its remaining supports are
-  replayed in the order they arrived (`arrivals`): one that restates none of the founders
-  before it founds an insight of its own (a split). Each insight so founded is decided again
-  (`redecide`): it merges into another insight that its new founder restates;
+- an insight that keeps support has its remaining supports replayed in the order they
+  arrived, as the librarian would have filed them without the forgotten ones (`arrivals`):
+  where a forgotten report founded it, or led others of its part into it, those may now
+  found an insight of their own (a split). It is re-represented from what remains: its
+  text is what a run of its remaining sources alone gives it (the medoid of their texts,
+  or the one source's text), and where its founder was forgotten, its embedding and
+  summary become those of the earliest remaining report. Each insight so founded is
+  decided again (`redecide`): it merges into another insight that its new founder restates;
 - each shard whose insights were removed or changed counts one more forget (on its
   ``Constellation`` node): every cache replica, in any process, reads the shard anew at its
   next catch-up, which comes before any dedup decision or similarity answer; this process's
@@ -53,9 +54,10 @@ from pipeline.storage.sql import Batch, Forget, ItemError, Job
 LIVE = ("queued", "running")
 
 # The fields of a support as `cypher.INSIGHT_SUPPORTS` lists them: its source's id, the stored
-# report embedding, the source's text, the reports behind it, when it arrived (None on edges
-# written before arrivals were kept) and the jobs that filed it.
-SOURCE, EMBEDDING, TEXT, REPORTS, AT, JOBS = range(6)
+# report embedding, the source's text, the reports behind it, when it arrived (its part's time;
+# None on edges written before arrivals were kept), the jobs that filed it and its place in
+# its part.
+SOURCE, EMBEDDING, TEXT, REPORTS, AT, JOBS, POS = range(7)
 
 
 @dataclass
@@ -201,44 +203,74 @@ def filed_in(s: list[Any], names: list[str]) -> tuple[str, str] | None:
 
 def arrivals(row: dict[str, Any], rest: list[list[Any]], rule: Rule,
              names: list[str]) -> list[list[list[Any]]] | None:
-    """The supports ``rest`` of an insight whose founder is forgotten, replayed in the order
-    they arrived as the librarian would have filed them without it: the earliest founds the
-    insight anew; each later one joins a group whose founder it restates under the dedup
-    ``rule`` (its report against the founder's summary, as against a cache), the best of
-    those filed in its own shard first, else the best of the others (as `dedup.decide`), or
-    founds a group of its own. Groups in order, each founder first; None where nothing is
-    replayed (the founder kept, one support, or an edge without its arrival or embedding:
-    written before arrivals were kept).
+    """The supports ``rest`` that an insight keeps, replayed as the librarian would have filed
+    them without the forgotten ones: part by part in the order they arrived, each part's
+    reports first grouped behind the earlier report of the part they restate best (its
+    leader; `dedup.dedup_in_batch`), then each leader joining a group whose founder it
+    restates under the dedup ``rule`` (report against the founder's summary, as against a
+    cache; the best of those filed in its shard first, else of the others: `dedup.decide`),
+    or founding a group of its own. A forgotten report may have been the founder, or the
+    leader that drew others in: without it they may stand apart (a split).
 
-    Only the insight's own supports are replayed: one that would have joined an insight
-    elsewhere is found by `redecide`, which decides each group's founder against the graph.
+    Groups in order, the founder first in each and the insight's own founder's (if kept)
+    first; None where nothing is replayed (one support, or an edge without its arrival or
+    embedding: written before arrivals were kept). Reports a forgotten one drew into an
+    insight elsewhere are decided again only as founders (`redecide`).
     """
-    if len(rest) < 2 or founder_kept(row, rest):
+    if len(rest) < 2 or any(s[AT] is None or s[POS] is None or s[EMBEDDING] is None
+                            for s in rest):
         return None
-    if any(s[AT] is None or s[EMBEDDING] is None for s in rest):
-        return None
-    order = sorted(rest, key=lambda s: (int(s[AT]), str(s[SOURCE])))
-    emb = decode_embeddings([s[EMBEDDING] for s in order], int(row["dim"])).astype(np.float32)
+    filed = [(filed_in(s, names) or (row["shard"], ""))[0] for s in rest]
+    order = sorted(range(len(rest)), key=lambda n: (int(rest[n][AT]), filed[n],
+                                                    int(rest[n][POS]), str(rest[n][SOURCE])))
+    emb = decode_embeddings([rest[n][EMBEDDING] for n in order], int(row["dim"]))
+    emb = emb.astype(np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    lexical = rule.lexical is not None
-    shard = [(filed_in(s, names) or (row["shard"], ""))[0] for s in order]
-    heads: list[int] = []  # the founder of each group, as an index into ``order``
-    groups: list[list[list[Any]]] = []
-    for n, s in enumerate(order):
-        if heads:
-            report = [shingles((s[TEXT] or "")[:280])] if lexical else None
-            founders = ([shingles((order[h][TEXT] or "")[:280]) for h in heads] if lexical
-                        else None)
-            sc = scores((emb[heads] @ emb[n])[None, :], report, founders, rule)[0]
-            home = np.array([shard[h] == shard[n] for h in heads])
-            mine = np.where(home, sc, -np.inf)
-            best = int(np.argmax(mine if mine.max() >= rule.threshold else sc))
-            if sc[best] >= rule.threshold:
-                groups[best].append(s)
-                continue
-        heads.append(n)
-        groups.append([s])
-    return groups
+    texts = [(rest[n][TEXT] or "")[:280] for n in order]  # as reports and summaries hold it
+    grams = [shingles(t) if t else frozenset() for t in texts] if rule.lexical else None
+    shard = [filed[n] for n in order]
+
+    def score(a: int, b: list[int]) -> np.ndarray:
+        cos = (emb[b] @ emb[a])[None, :]
+        return scores(cos, None if grams is None else [grams[a]],
+                      None if grams is None else [grams[x] for x in b], rule)[0]
+
+    heads: list[int] = []  # the founder of each group (an index into ``order``)
+    group_of: dict[int, int] = {}
+    start = 0
+    while start < len(order):  # one curated part at a time: same arrival, same shard
+        key = (int(rest[order[start]][AT]), shard[start])
+        end = start
+        while end < len(order) and (int(rest[order[end]][AT]), shard[end]) == key:
+            end += 1
+        leaders: list[int] = []
+        follows: dict[int, int] = {}
+        for n in range(start, end):
+            if leaders:
+                sc = score(n, leaders)
+                best = int(np.argmax(sc))
+                if sc[best] >= rule.threshold:
+                    follows[n] = leaders[best]
+                    continue
+            leaders.append(n)
+        for n in leaders:
+            if heads:
+                sc = score(n, heads)
+                mine = np.where([shard[h] == shard[n] for h in heads], sc, -np.inf)
+                best = int(np.argmax(mine if mine.max() >= rule.threshold else sc))
+                if sc[best] >= rule.threshold:
+                    group_of[n] = best
+                    continue
+            group_of[n] = len(heads)
+            heads.append(n)
+        for n, leader in follows.items():
+            group_of[n] = group_of[leader]
+        start = end
+    groups: list[list[list[Any]]] = [[] for _ in heads]
+    for n in range(len(order)):  # each group's founder first: it is its earliest member
+        groups[group_of[n]].append(rest[order[n]])
+    own = next((g for g, members in enumerate(groups) if founder_kept(row, members)), 0)
+    return [groups[own]] + groups[:own] + groups[own + 1:]
 
 
 def split_off(tx: Any, p: Plan, row: dict[str, Any], groups: list[list[list[Any]]],
@@ -458,7 +490,7 @@ def represent(row: dict[str, Any], rest: list[list[Any]],
     founded = founder_kept(row, rest)
     usable = [s for s in rest if s[EMBEDDING] is not None]
     if usable and all(s[AT] is not None for s in rest):
-        founder = min(usable, key=lambda s: (int(s[AT]), str(s[SOURCE])))
+        founder = min(usable, key=lambda s: (int(s[AT]), int(s[POS] or 0), str(s[SOURCE])))
     elif usable:
         founder = usable[rows.medoid([s[EMBEDDING] for s in usable], dim,
                                      [s[TEXT] or s[SOURCE] for s in usable])]

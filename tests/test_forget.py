@@ -314,6 +314,35 @@ def test_a_re_founded_insight_splits_where_its_founder_alone_held_two_groups(tmp
 
 
 @pytest.mark.backends("embedded", "neo4j")
+def test_records_a_forgotten_leader_drew_in_stand_apart_again(tmp_path, graph):
+    # FEBRL 3 rec-503, six records: dup-1 founds an insight in one shard; in another, dup-0
+    # leads its part and joins that insight across the shards, and dup-2, dup-4 and the
+    # original follow dup-0 there. The founder stays when dup-0 is forgotten, but without
+    # dup-0 those three restate nothing of dup-1: a fresh run files them as an insight of
+    # their own, and so must the forget.
+    items = _by_id("febrl3", ["rec-503-dup-0", "rec-503-dup-1", "rec-503-dup-2",
+                              "rec-503-dup-3", "rec-503-dup-4", "rec-503-org"])
+    ids = [i["id"] for i in items]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    whole = _insight_of(graph, ids[0])
+    assert _founder(graph, whole["id"]) == ids[1]  # the case: the founder is not forgotten
+    assert all(_insight_of(graph, i)["id"] == whole["id"] for i in ids)
+    done = forget(Runtime.from_settings(settings), [ids[0]])
+    assert done.counts["insights_split"] == 1
+    after, links = _view(graph, shards), _links(graph, shards)
+    assert sorted(srcs for _, srcs in after) == [(ids[1], ids[3]), (ids[2], ids[4], ids[5])]
+    assert _insight_of(graph, ids[1])["id"] == whole["id"]  # the founder's insight stays
+    _wipe(graph, shards, ids)
+    run_local(items[1:], settings, batch_size=8)
+    assert after == _view(graph, shards), "forgetting differs from never having ingested"
+    assert links == _links(graph, shards)
+    _wipe(graph, shards, ids)
+
+
+@pytest.mark.backends("embedded", "neo4j")
 def test_similar_never_returns_a_forgotten_insight_from_any_cache(tmp_path, graph):
     from pipeline import stages
 

@@ -113,7 +113,8 @@ UNWIND supports AS s
 MERGE (src:{SOURCE} {{id: s.source}})
 ON CREATE SET src.text = s.text, src.hash = s.hash
 CREATE (i)-[e:{SUPPORTED_BY} {{report_id: s.report, weight: s.weight, job_id: s.job,
-                                jobs: s.jobs, reports: s.reports, at: s.at}}]->(src)
+                                jobs: s.jobs, reports: s.reports, at: s.at,
+                                pos: s.pos}}]->(src)
 SET e.embedding = s.embedding
 WITH DISTINCT i, produced, similar
 UNWIND produced AS p
@@ -132,7 +133,8 @@ MERGE (s:{SOURCE} {{id: r.source}})
 ON CREATE SET s.text = r.text, s.hash = r.hash
 MERGE (i)-[e:{SUPPORTED_BY}]->(s)
 ON CREATE SET e.report_id = r.report, e.weight = r.weight, e.job_id = r.job,
-              e.jobs = r.jobs, e.reports = r.reports, e.embedding = r.embedding, e.at = r.at
+              e.jobs = r.jobs, e.reports = r.reports, e.embedding = r.embedding, e.at = r.at,
+              e.pos = r.pos
 ON MATCH SET e.jobs = coalesce(e.jobs, []) + [j IN r.jobs WHERE NOT j IN coalesce(e.jobs, [])],
              e.reports = coalesce(e.reports, [e.report_id])
                          + [x IN r.reports WHERE NOT x IN coalesce(e.reports, [e.report_id])]
@@ -319,15 +321,15 @@ RETURN collect(DISTINCT s.id) AS ids
 """
 
 # Everything an insight's representation is made of: each support's source, stored report
-# embedding and text, the reports behind it (the founder's among them), when it arrived and
-# the jobs that filed it.
+# embedding and text, the reports behind it (the founder's among them), when it arrived (its
+# part's time), the jobs that filed it and its place in the part.
 INSIGHT_SUPPORTS = f"""
 UNWIND $ids AS id
 MATCH (i:{INSIGHT} {{id: id}})-[e:{SUPPORTED_BY}]->(s:{SOURCE})
 RETURN i.id AS id, i.shard AS shard, i.dim AS dim, i.model AS model, i.seq AS seq,
        i.text AS text, i.summary AS summary, i.run_id AS run_id, i.created_at AS created_at,
        collect([s.id, e.embedding, s.text, coalesce(e.reports, [e.report_id]), e.at,
-                coalesce(e.jobs, [e.job_id])]) AS supports
+                coalesce(e.jobs, [e.job_id]), e.pos]) AS supports
 """
 
 # A forget's split: the insights a re-founded one's later supports found without its old
@@ -355,7 +357,7 @@ MERGE (i)-[:{DISCOVERED_IN}]->(run)
 
 # A forget's merge: what supports an insight keeps (those of ``sources``, where a row names
 # them: a split), and the experts that produced it, move to the insight its new founder
-# restates (which keeps the larger weight of an expert, and the earlier arrival of a source);
+# restates (which keeps the larger weight of an expert);
 # a merged insight itself then goes (`DROP_INSIGHTS`), its SIMILAR_TO edges with it.
 MOVE_SUPPORTS = f"""
 UNWIND $rows AS r
@@ -364,9 +366,9 @@ WHERE r.sources IS NULL OR s.id IN r.sources
 MATCH (j:{INSIGHT} {{id: r.into}})
 MERGE (j)-[f:{SUPPORTED_BY}]->(s)
 ON CREATE SET f.report_id = e.report_id, f.weight = e.weight, f.job_id = e.job_id,
-              f.jobs = e.jobs, f.reports = e.reports, f.embedding = e.embedding, f.at = e.at
-ON MATCH SET f.at = CASE WHEN f.at IS NULL OR e.at < f.at THEN e.at ELSE f.at END,
-             f.jobs = coalesce(f.jobs, [f.job_id]) + [x IN coalesce(e.jobs, [e.job_id])
+              f.jobs = e.jobs, f.reports = e.reports, f.embedding = e.embedding, f.at = e.at,
+              f.pos = e.pos
+ON MATCH SET f.jobs = coalesce(f.jobs, [f.job_id]) + [x IN coalesce(e.jobs, [e.job_id])
                                                      WHERE NOT x IN coalesce(f.jobs, [f.job_id])],
              f.reports = coalesce(f.reports, [f.report_id]) + [x IN coalesce(e.reports,
                          [e.report_id]) WHERE NOT x IN coalesce(f.reports, [f.report_id])]

@@ -43,7 +43,7 @@ def insight_row(insight: Insight, with_vector: bool = False) -> Row:
 def support_row(s: Support) -> Row:
     return {"insight": s.insight_id, "source": s.source_id, "report": s.report_id,
             "job": s.job_id, "weight": float(s.weight), "text": s.source_text,
-            "hash": s.content_hash or None, "at": s.at,
+            "hash": s.content_hash or None, "at": s.at, "pos": s.pos,
             "embedding": None if s.embedding is None else encode_embedding(s.embedding)}
 
 
