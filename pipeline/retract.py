@@ -72,8 +72,8 @@ class Plan:
     insights: list[str] = field(default_factory=list)  # insights left with no support
     represent: list[dict[str, Any]] = field(default_factory=list)  # new text / embedding
     merge: list[dict[str, Any]] = field(default_factory=list)  # {"merged", "into"} insights
-    # insights split off a re-founded one ({"id", "from", "shard", "props", "sources"}), and
-    # split-off supports that join another insight instead ({"merged", "into", "sources"})
+    # insights split off one that keeps support ({"id", "from", "shard", "props", "sources"}),
+    # and split-off supports that join another insight instead ({"merged", "into", "sources"})
     split: list[dict[str, Any]] = field(default_factory=list)
     moves: list[dict[str, Any]] = field(default_factory=list)
     similar: list[dict[str, Any]] = field(default_factory=list)  # a split-off's neighbours

@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 
 import forkrun
+import numpy as np
 import pytest
 from factories import graph_settings
 from sqlalchemy import select
 
 import pipeline
+from pipeline.dedup import Rule
 from pipeline.jobs import run_local
-from pipeline.records import insight_id
-from pipeline.retract import forget
+from pipeline.records import encode_embedding, insight_id, report_id
+from pipeline.retract import arrivals, forget
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.storage.locks import LocalShardLock
@@ -77,6 +79,35 @@ def _links(graph, shards: list[str]) -> list[tuple[tuple[str, ...], tuple[str, .
         {"shards": shards})
     return sorted((tuple(sorted(r["a"])), tuple(sorted(r["b"])), round(r["score"], 3))
                   for r in rows)
+
+
+def _support(source: str, shard: str, at: int | None, pos: int, *vector: float) -> list:
+    """A support as `cypher.INSIGHT_SUPPORTS` reads it: filed in ``shard`` by job ``j``, in
+    the part curated at ``at`` (at place ``pos``)."""
+    rep = report_id("j", source, shard)
+    return [source, encode_embedding(np.array(vector, np.float32)), source, [rep], at, ["j"],
+            pos]
+
+
+def _replayed(founder: str, shard: str, rest: list[list]) -> list[list[str]] | None:
+    row = {"id": insight_id(shard, report_id("j", founder, shard)), "shard": shard, "dim": 3}
+    groups = arrivals(row, rest, Rule(0.85, 0.5), ["arts", "maths"])
+    return None if groups is None else [[s[0] for s in g] for g in groups]
+
+
+def test_a_replay_follows_parts_and_their_leaders_and_keeps_the_founder_first():
+    # "k" founded the insight in maths; a later part in arts was led by "l" (forgotten):
+    # "b" and its follower "c" restate "k" no more once "l" is gone, and stand apart.
+    k = _support("k", "maths", 10, 0, 1, 0, 0)
+    b, c = _support("b", "arts", 20, 1, 0, 1, 0), _support("c", "arts", 20, 2, 0, 0.99, 0.1)
+    assert _replayed("k", "maths", [c, b, k]) == [["k"], ["b", "c"]]
+    # "b" restating "k" joins it; "c", restating neither, leads a group of its own
+    close = _support("b", "arts", 20, 1, 0.95, 0.3, 0)
+    assert _replayed("k", "maths", [c, close, k]) == [["k", "b"], ["c"]]
+    # the founder forgotten: the earliest report founds the insight anew, parts in order
+    assert _replayed("gone", "maths", [c, b]) == [["b", "c"]]
+    # edges written before arrivals were kept are not replayed
+    assert _replayed("gone", "maths", [_support("b", "arts", None, 0, 0, 1, 0), c]) is None
 
 
 def _shards(settings: Settings) -> list[str]:
