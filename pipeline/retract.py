@@ -148,7 +148,8 @@ def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
     p.sources = sorted(known - kept)
     touched = set()
     remaining: dict[str, tuple[dict[str, Any], list[list[Any]]]] = {}  # insight: (row, rest)
-    found_rows = tx.run(cypher.INSIGHT_SUPPORTS, ids=sorted(gone)).data() if gone else []
+    # records as the driver gives them: `Result.data()` walks every byte of the embeddings
+    found_rows = list(tx.run(cypher.INSIGHT_SUPPORTS, ids=sorted(gone))) if gone else []
     shards = shard_names(tx) if found_rows and rule is not None else []
     for row in found_rows:
         rest = [s for s in row["supports"] if s[SOURCE] not in gone[row["id"]]]

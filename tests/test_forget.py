@@ -51,6 +51,18 @@ def _by_id(dataset: str, ids: list[str]) -> list[dict]:
             for rec in ids]
 
 
+def _filed(tmp_path, graph, dataset: str, recs: list[str]):
+    """Records of one person (`_by_id`) run in one job into this test's emptied corner of the
+    graph: the items, their ids, the settings and the model's shards."""
+    items = _by_id(dataset, recs)
+    ids = [i["id"] for i in items]
+    settings = graph_settings(tmp_path, graph)
+    shards = _shards(settings)
+    _wipe(graph, shards, ids)
+    run_local(items, settings, batch_size=8)
+    return items, ids, settings, shards
+
+
 def _wipe(graph, shards: list[str], ids: list[str]) -> None:
     """This test's corner of the shared graph, emptied: the model's shards and the items'
     sources (the suite's graph server lives for the whole session)."""
@@ -166,12 +178,8 @@ def test_a_text_only_rerepresentation_keeps_the_embedding_every_cache_reads(
     # A duplicate filed first founds the insight; the original joins it and, its text being
     # the smaller of two equally typical ones, gives the insight its text. Forgetting the
     # original changes the text only: the embedding (the founder's) must stay.
-    items = _by_id("febrl2", ["rec-1096-dup-0", "rec-1096-org"])
-    ids = [i["id"] for i in items]
-    settings = graph_settings(tmp_path, graph)
-    shards = _shards(settings)
-    _wipe(graph, shards, ids)
-    run_local(items, settings, batch_size=8)
+    items, ids, settings, shards = _filed(
+        tmp_path, graph, "febrl2", ["rec-1096-dup-0", "rec-1096-org"])
     text = "MATCH (i:Insight)-[:SUPPORTED_BY]->(:Source {id: $id}) RETURN i.text AS t"
     assert {r["t"] for r in graph.run_cypher(text, {"id": ids[0]})} == {items[1]["text"]}
     with Runtime.from_settings(settings) as reader:
@@ -194,12 +202,8 @@ def test_an_insight_founded_anew_merges_into_the_one_its_new_founder_restates(
     # insight. Forgetting the second leaves that insight founded by the third, which restates
     # the first: a run without the second files the third under the first's insight, and so
     # must the forget.
-    items = _by_id("febrl3", ["rec-141-dup-1", "rec-141-dup-2", "rec-141-org"])
-    ids = [i["id"] for i in items]
-    settings = graph_settings(tmp_path, graph)
-    shards = _shards(settings)
-    _wipe(graph, shards, ids)
-    run_local(items, settings, batch_size=8)
+    items, ids, settings, shards = _filed(
+        tmp_path, graph, "febrl3", ["rec-141-dup-1", "rec-141-dup-2", "rec-141-org"])
     first, last = ({r["i"] for r in graph.run_cypher(
         "MATCH (i:Insight)-[:SUPPORTED_BY]->(:Source {id: $id}) RETURN i.id AS i", {"id": s})}
         for s in (ids[0], ids[2]))
@@ -241,13 +245,9 @@ def test_a_re_founded_insight_merges_into_another_shard_under_that_shards_lock_t
     # dup-2 (routed there too) restates dup-0 across the shards: a fresh run files the three
     # under dup-0's insight, and so must forgetting dup-1. The forget takes every shard's
     # lock, in order, that other shard's included, before it writes.
-    items = _by_id("febrl3", ["rec-255-dup-0", "rec-255-dup-1", "rec-255-dup-2",
-                              "rec-255-org"])
-    ids = [i["id"] for i in items]
-    settings = graph_settings(tmp_path, graph)
-    shards = _shards(settings)
-    _wipe(graph, shards, ids)
-    run_local(items, settings, batch_size=8)
+    items, ids, settings, shards = _filed(
+        tmp_path, graph, "febrl3", ["rec-255-dup-0", "rec-255-dup-1", "rec-255-dup-2",
+        "rec-255-org"])
     alone, founded = _insight_of(graph, ids[0]), _insight_of(graph, ids[1])
     assert alone["shard"] != founded["shard"]  # the case: two insights, two shards
     assert _insight_of(graph, ids[3])["id"] == founded["id"]
@@ -311,13 +311,9 @@ def test_a_re_founded_insight_splits_where_its_founder_alone_held_two_groups(tmp
     # in its shard, and dup-0 and dup-3, filed in another shard (dup-3 joining dup-0 there),
     # join across the shards. Without dup-1 those two groups restate nothing of each other:
     # a fresh run makes two insights, one per shard, and so must forgetting dup-1.
-    items = _by_id("febrl3", ["rec-7-dup-0", "rec-7-dup-1", "rec-7-dup-2", "rec-7-dup-3",
-                              "rec-7-org"])
-    ids = [i["id"] for i in items]
-    settings = graph_settings(tmp_path, graph)
-    shards = _shards(settings)
-    _wipe(graph, shards, ids)
-    run_local(items, settings, batch_size=8)
+    items, ids, settings, shards = _filed(
+        tmp_path, graph, "febrl3", ["rec-7-dup-0", "rec-7-dup-1", "rec-7-dup-2", "rec-7-dup-3",
+        "rec-7-org"])
     whole = _insight_of(graph, ids[0])
     assert _founder(graph, whole["id"]) == ids[1]  # the case: one insight, dup-1 its founder
     assert all(_insight_of(graph, i)["id"] == whole["id"] for i in ids)
@@ -351,13 +347,9 @@ def test_records_a_forgotten_leader_drew_in_stand_apart_again(tmp_path, graph):
     # original follow dup-0 there. The founder stays when dup-0 is forgotten, but without
     # dup-0 those three restate nothing of dup-1: a fresh run files them as an insight of
     # their own, and so must the forget.
-    items = _by_id("febrl3", ["rec-503-dup-0", "rec-503-dup-1", "rec-503-dup-2",
-                              "rec-503-dup-3", "rec-503-dup-4", "rec-503-org"])
-    ids = [i["id"] for i in items]
-    settings = graph_settings(tmp_path, graph)
-    shards = _shards(settings)
-    _wipe(graph, shards, ids)
-    run_local(items, settings, batch_size=8)
+    items, ids, settings, shards = _filed(
+        tmp_path, graph, "febrl3", ["rec-503-dup-0", "rec-503-dup-1", "rec-503-dup-2",
+        "rec-503-dup-3", "rec-503-dup-4", "rec-503-org"])
     whole = _insight_of(graph, ids[0])
     assert _founder(graph, whole["id"]) == ids[1]  # the case: the founder is not forgotten
     assert all(_insight_of(graph, i)["id"] == whole["id"] for i in ids)

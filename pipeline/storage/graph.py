@@ -567,8 +567,9 @@ def _write_batch(tx: ManagedTransaction, batch: CuratedBatch,
             tx.run(statement, rows=params[key]).consume()
     grown = sorted({s.insight_id for s in batch.supports})
     if grown:
-        found_ = tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
-                        cap=rows.MEDOID_MAX_SUPPORT).data()
+        # dict(record), not record.data(): that copies the embeddings' bytes one by one
+        found_ = [dict(r) for r in tx.run(cypher.SUPPORT_EMBEDDINGS, ids=grown,
+                                          cap=rows.MEDOID_MAX_SUPPORT)]
         texts = [r for f in found_ for r in rows.medoid_rows([f], int(f["dim"]))]
         if texts:
             tx.run(cypher.SET_TEXTS, rows=texts).consume()
