@@ -168,7 +168,7 @@ def plan(tx: Any, ids: Sequence[str], job: str | None, with_vector: bool,
     locked |= {x["shard"] for x in p.split}
     touched |= {x["shard"] for x in p.split}
     if rule is not None:
-        joined = redecide(tx, p, remaining, rule)
+        joined = redecide(tx, p, remaining, rule, shards)
         locked |= joined  # a merge into another shard needs its lock too
         touched |= joined
     if locked:
@@ -289,7 +289,7 @@ def split_off(tx: Any, p: Plan, row: dict[str, Any], groups: list[list[list[Any]
                          or (row["shard"], str((founder[REPORTS] or [""])[0])))
         iid = insight_id(shard, report)
         if (any(x["id"] == iid for x in p.split)
-                or tx.run(cypher.INSIGHT_EXISTS, id=iid).single(strict=True)["n"]):
+                or tx.run(cypher.EXISTING_INSIGHTS, ids=[iid]).single(strict=True)["ids"]):
             first += group
             continue
         seq = max([int(x["props"]["seq"]) for x in p.split if x["shard"] == shard]
@@ -317,14 +317,15 @@ def _max_seq(tx: Any, shard: str) -> int:
 
 
 def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[Any]]]],
-             rule: Rule) -> set[str]:
+             rule: Rule, names: list[str]) -> set[str]:
     """Each insight founded anew (its founding report was forgotten, or it was split off one
     that was) decided again, as the librarian decides a new report (`dedup.decide`): where
     its new founder restates another insight of the same model under the dedup ``rule``
     (its own shard first, then the others), it merges into that one, which then reads as the
     medoid of both insights' supports; a split-off one is then never created, its supports
     move to that insight (`Plan.moves`). Insights are taken in seq order, each against the
-    graph as the forget leaves it so far. Returns the shards merged into.
+    graph as the forget leaves it so far; ``names`` are the graph's shards, sorted. Returns
+    the shards merged into.
 
     A fresh run could still have decided differently: reports that a forgotten founder drew
     into another insight are not decided again.
@@ -337,7 +338,6 @@ def redecide(tx: Any, p: Plan, kept: dict[str, tuple[dict[str, Any], list[list[A
     if not founded:
         return set()
     dropped = set(p.insights)
-    names = shard_names(tx)
     groups: dict[tuple[int, str | None], list[str]] = {}
     for iid in founded:
         row = kept[iid][0]

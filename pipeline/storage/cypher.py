@@ -343,11 +343,6 @@ SET i = r.props
 CREATE (i)-[:{IN_CONSTELLATION}]->(c)
 """
 
-INSIGHT_EXISTS = f"""
-OPTIONAL MATCH (i:{INSIGHT} {{id: $id}})
-RETURN count(i) AS n
-"""
-
 SPLIT_DISCOVERED = f"""
 UNWIND $rows AS r
 MATCH (:{INSIGHT} {{id: r.merged}})-[:{DISCOVERED_IN}]->(run:{RUN})
